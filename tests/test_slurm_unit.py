@@ -1,0 +1,291 @@
+"""Unit tests of batchgen.slurm and batchgen.status (no cluster needed)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from batchgen import slurm
+from batchgen.status import read_progress, render_table, status_command, summarize
+
+
+# ------------------------------------------------------------------------- helpers
+def write_job(tmp_path: Path, out: str = "out") -> Path:
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "model:\n  path: some-model\n"
+        "input:\n  files: [in.jsonl]\n"
+        "prompt:\n  column: prompt\n"
+        f"output:\n  path: {out}\n"
+    )
+    return job
+
+
+def dry_run(job: Path, *args: str) -> str:
+    r = CliRunner().invoke(slurm.submit_command, [str(job), *args, "--dry-run"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def sbatch_lines(script: str) -> list[str]:
+    return [ln[len("#SBATCH "):] for ln in script.splitlines() if ln.startswith("#SBATCH ")]
+
+
+# ------------------------------------------------------------------------- the sbatch script
+def test_dry_run_script(tmp_path):
+    job = write_job(tmp_path)
+    script = dry_run(job, "--tasks", "4", "--gpus-per-task", "2", "--cpus-per-task", "8", "--partition", "gpu",
+                     "--time", "4:00:00", "--max-parallel", "2", "--sbatch-arg=--mem=64G",
+                     "--sbatch-arg", "--account=abc", "--grace", "300")
+    assert script.startswith("#!/bin/bash\n")
+    opts = sbatch_lines(script)
+    out = (tmp_path / "out").resolve()
+    assert "--array=0-3%2" in opts
+    assert "--requeue" in opts
+    assert "--signal=B:USR1@300" in opts
+    assert f"--output={out}/_slurm/logs/%A_%a.log" in opts  # one log per task, beside the output
+    assert "--open-mode=append" in opts  # a requeued task appends to its log
+    assert "--gres=gpu:2" in opts and "--cpus-per-task=8" in opts
+    assert "--partition=gpu" in opts and "--time=4:00:00" in opts
+    assert opts[-2:] == ["--mem=64G", "--account=abc"]  # user's args last: they win
+    last = [ln for ln in script.splitlines() if ln.strip()][-1]
+    assert last.startswith("exec /") and last.endswith(f"run {job.resolve()}")
+    cmd = last.split()[1]
+    assert os.path.isabs(cmd)
+    # dry run writes nothing
+    assert not (tmp_path / "out").exists()
+    # and bash can parse it
+    p = tmp_path / "s.sh"
+    p.write_text(script)
+    subprocess.run(["bash", "-n", str(p)], check=True)
+
+
+def test_dry_run_cpu_only_and_defaults(tmp_path):
+    script = dry_run(write_job(tmp_path), "--tasks", "3", "--gpus-per-task", "0")
+    opts = sbatch_lines(script)
+    assert "--array=0-2" in opts
+    assert not any(o.startswith(("--gres", "--gpus")) for o in opts)
+    assert not any(o.startswith(("--partition", "--time", "--cpus-per-task")) for o in opts)
+    assert f"--signal=B:USR1@{slurm.DEFAULT_GRACE_S}" in opts
+
+
+def test_batchgen_command_is_absolute(monkeypatch, tmp_path):
+    fake = tmp_path / "bin" / "batchgen"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(fake), "submit"])
+    assert slurm.batchgen_command() == [str(fake)]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bin/batchgen", "submit"])
+    assert slurm.batchgen_command() == [str(fake)]
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    cmd = slurm.batchgen_command()
+    assert os.path.isabs(cmd[0])
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--tasks", "0"], "--tasks"),
+    (["--tasks", "2", "--gpus-per-task", "-1"], "--gpus-per-task"),
+    (["--tasks", "2", "--max-parallel", "0"], "--max-parallel"),
+    (["--tasks", "2", "--time", "1", "--grace", "120"], "grace"),
+])
+def test_submit_rejects(tmp_path, args, msg):
+    r = CliRunner().invoke(slurm.submit_command, [str(write_job(tmp_path)), *args, "--dry-run"])
+    assert r.exit_code == 2 and msg in r.output
+
+
+def test_submit_bad_job_file(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("model:\n  path: m\n")
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2", "--dry-run"])
+    assert r.exit_code == 1 and "input" in r.output
+
+
+def test_submit_refuses_other_task_count(tmp_path):
+    job = write_job(tmp_path)
+    write_progress(tmp_path / "out", [dict(task_id=0, num_tasks=4, state="running", rows_done=1)])
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "3", "--dry-run"])
+    assert r.exit_code == 2 and "--tasks 4" in r.output
+    dry_run(job, "--tasks", "4")
+
+
+def test_submit_writes_script_and_calls_sbatch(tmp_path, monkeypatch):
+    job = write_job(tmp_path)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/sbatch.args\necho "4242;cluster"\n')
+    (bindir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2", "--gpus-per-task", "0"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines()[-1] == "4242"
+    scripts = list((tmp_path / "out" / "_slurm").glob("*.sbatch"))
+    assert len(scripts) == 1 and os.access(scripts[0], os.X_OK)
+    assert (tmp_path / "sbatch.args").read_text().split() == ["--parsable", str(scripts[0])]
+    assert (tmp_path / "out" / "_slurm" / "logs").is_dir()
+
+
+@pytest.mark.parametrize("t, s", [("10", 600), ("1:30", 90), ("2:00:00", 7200), ("1-0", 86400),
+                                  ("1-2:03", 93780), ("1-2:03:04", 93784), ("INFINITE", None), ("x", None)])
+def test_time_limit_seconds(t, s):
+    assert slurm.time_limit_seconds(t) == s
+
+
+# ------------------------------------------------------------------------- identity
+def test_task_identity():
+    assert slurm.task_identity(environ={}) == (0, 1)
+    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0",
+           "SLURM_ARRAY_TASK_MAX": "3"}
+    assert slurm.task_identity(environ=env) == (2, 4)
+    assert slurm.task_identity(1, 3, environ=env) == (1, 3)  # flags win
+    with pytest.raises(ValueError):
+        slurm.task_identity(environ={**env, "SLURM_ARRAY_TASK_MIN": "1"})  # not 0-based
+    with pytest.raises(ValueError):
+        slurm.task_identity(4, 4, environ={})
+    assert slurm.restart_count({"SLURM_RESTART_COUNT": "3"}) == 3
+    assert slurm.restart_count({}) == 0
+    assert slurm.own_slurm_job({"SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "2", "SLURM_JOB_ID": "9"}) == "7_2"
+    assert slurm.own_slurm_job({"SLURM_JOB_ID": "9"}) == "9"
+    assert slurm.own_slurm_job({}) is None
+
+
+# ------------------------------------------------------------------------- graceful stop
+def test_graceful_stop_is_idempotent(monkeypatch):
+    calls, logs = [], []
+    stop = slurm.GracefulStop(log=logs.append).install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # before any hook: remembered
+        assert stop.requested and stop.signum == signal.SIGTERM
+        stop.add_hook(calls.append)
+        assert calls == [signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGUSR1)  # a second signal changes nothing
+        assert calls == [signal.SIGTERM] and stop.signum == signal.SIGTERM
+        assert any("again" in m for m in logs)
+    finally:
+        stop.uninstall()
+    requeued = []
+    monkeypatch.setattr(slurm, "requeue_self", lambda *a, **k: requeued.append(1) or True)
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    assert stop.finish() == slurm.EXIT_STOPPED and requeued == []  # TERM: no self-requeue
+
+
+def test_graceful_stop_requeues_on_usr1_once(monkeypatch):
+    requeued = []
+    monkeypatch.setattr(slurm, "requeue_self", lambda *a, **k: requeued.append(1) or True)
+    env = {"SLURM_ARRAY_JOB_ID": "3", "SLURM_ARRAY_TASK_ID": "1"}
+    stop = slurm.GracefulStop(log=lambda m: None).install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.finish(env) == slurm.EXIT_STOPPED
+        assert stop.finish(env) == slurm.EXIT_STOPPED
+        assert requeued == [1]
+    finally:
+        stop.uninstall()
+    outside = slurm.GracefulStop(log=lambda m: None)
+    outside._handle(signal.SIGUSR1)
+    assert outside.finish({}) == slurm.EXIT_STOPPED and requeued == [1]  # no Slurm: no requeue
+
+
+def test_requeue_self_runs_scontrol(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/args\n')
+    (bindir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    assert slurm.requeue_self({"SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3"}, log=lambda m: None)
+    assert (tmp_path / "args").read_text() == "requeue 12_3\n"
+    assert not slurm.requeue_self({}, log=lambda m: None)
+    (bindir / "scontrol").write_text("#!/bin/sh\necho nope >&2; exit 1\n")
+    msgs = []
+    assert not slurm.requeue_self({"SLURM_JOB_ID": "4"}, log=msgs.append)
+    assert "nope" in msgs[0]
+
+
+# ------------------------------------------------------------------------- status
+def write_progress(out: Path, tasks: list[dict]) -> None:
+    d = out / "_progress"
+    d.mkdir(parents=True, exist_ok=True)
+    for t in tasks:
+        (d / f"task-{t['task_id']:05d}.json").write_text(json.dumps(t))
+
+
+def run_status(out: Path, *args: str):
+    return CliRunner().invoke(status_command, [str(out), *args], catch_exceptions=False)
+
+
+def test_status_all_complete(tmp_path):
+    now = time.time()
+    write_progress(tmp_path, [
+        dict(task_id=i, num_tasks=3, state="complete", rows_done=10, rows_total=10, shards=2,
+             output_tokens=160, tok_per_s=0.0, updated_at=now - 5) for i in range(3)])
+    r = run_status(tmp_path)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split()[:3] == ["task", "state", "rows"]
+    assert len([ln for ln in lines if ln.split() and ln.split()[0].isdigit()]) == 3
+    total = lines[-1]
+    assert total.startswith("total") and "3/3 complete" in total and "30/30 (100%)" in total
+    assert "480" in total and "ETA done" in total
+    assert " 6 " in total  # shards
+
+
+def test_status_partial_eta_and_missing_task(tmp_path):
+    now = time.time()
+    write_progress(tmp_path, [
+        dict(task_id=0, num_tasks=3, state="complete", rows_done=100, rows_total=100, shards=1,
+             output_tokens=1000, updated_at=now),
+        dict(task_id=1, num_tasks=3, state="running", rows_done=50, rows_total=100, shards=1,
+             output_tokens=500, tok_per_s=10.0, updated_at=now),  # 1 row/s
+    ])
+    r = run_status(tmp_path)
+    assert r.exit_code == 1
+    assert "pending" in r.output  # task 2 has no file yet
+    s = summarize(read_progress(tmp_path), now=now)
+    assert s.num_tasks == 3 and s.missing == [2] and not s.complete
+    assert s.rows_total is None and s.eta_s is None  # task 2's total is unknown
+    # once task 2 reports its total, the ETA is remaining rows / row rate
+    write_progress(tmp_path, [dict(task_id=2, num_tasks=3, state="running", rows_done=0, rows_total=100,
+                                   tok_per_s=10.0, output_tokens=0, updated_at=now)])
+    s = summarize(read_progress(tmp_path), now=now)
+    assert s.rows_total == 300 and s.eta_s == pytest.approx(150 / 1.0)
+    assert "ETA 2m30s" in render_table(s, now=now)
+
+
+def test_status_stale_failed_and_unreadable(tmp_path):
+    now = time.time()
+    write_progress(tmp_path, [
+        dict(task_id=0, num_tasks=2, state="running", rows_done=1, rows_total=4, updated_at=now - 3600),
+        dict(task_id=1, num_tasks=2, state="failed", rows_done=0, rows_total=4, updated_at=now),
+    ])
+    r = run_status(tmp_path)
+    assert r.exit_code == 1 and "(stale)" in r.output and "failed" in r.output
+    (tmp_path / "_progress" / "task-00001.json").write_text("{not json")
+    r = run_status(tmp_path)
+    assert r.exit_code == 1 and "unreadable" in r.output
+
+
+def test_status_expected_tasks_and_json(tmp_path):
+    write_progress(tmp_path, [dict(task_id=0, state="complete", rows_done=3, rows_total=3)])
+    assert run_status(tmp_path).exit_code == 0  # one task, none declared: complete
+    r = run_status(tmp_path, "--tasks", "2")
+    assert r.exit_code == 1
+    r = run_status(tmp_path, "--json")
+    data = json.loads(r.output)
+    assert data["complete"] and data["rows_done"] == 3
+
+
+def test_status_empty_and_missing_dir(tmp_path):
+    r = run_status(tmp_path)
+    assert r.exit_code == 1 and "no progress" in r.output
+    r = CliRunner().invoke(status_command, [str(tmp_path / "nope")])
+    assert r.exit_code != 0
