@@ -1,0 +1,69 @@
+"""Triton attention backend: paged decode (split-K), paged varlen prefill/mixed, K/V cache writes.
+
+    from batchgen.engine.attention.triton_backend import make_triton_backend, triton_supported
+    ok, why = triton_supported(head_dim, dtype, device)
+    backend = make_triton_backend()          # raises RuntimeError if triton is not importable
+
+Everything here is CUDA-graph capturable: no host reads of device values, grids from host bounds
+(number of sequences, number of tokens, meta.max_seq_len), early exit beyond a sequence's length.
+For decode, meta.max_seq_len only caps the number of splits; a tight bound is not required for
+correctness, and the split length is derived per sequence on the device.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .base import AttentionBackend, AttentionMetadata
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_supported(head_dim: int, dtype: torch.dtype, device: torch.device | str) -> tuple[bool, str]:
+    """Whether the Triton kernels run this configuration (and why not)."""
+    device = torch.device(device)
+    if not _triton_importable():
+        return False, "triton is not installed"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, f"triton kernels need a CUDA device (got {device.type})"
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        return False, f"head_dim {head_dim} is not a power of two in [16, 256]"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False, f"dtype {dtype} not supported"
+    return True, ""
+
+
+class TritonAttention(AttentionBackend):
+    name = "triton"
+
+    def __init__(self, decode_num_splits: int | None = None) -> None:
+        from .triton_kernels import cache_ops, decode, prefill  # lazy: needs triton
+
+        self._cache_ops, self._decode, self._prefill = cache_ops, decode, prefill
+        self.decode_num_splits = decode_num_splits
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        self._cache_ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if meta.decode_only:
+            return self._decode.paged_decode(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                meta.max_seq_len, scale, window=window, num_splits=self.decode_num_splits)
+        return self._prefill.paged_prefill(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale, window=window)
+
+
+def make_triton_backend(**kwargs) -> TritonAttention:
+    """kwargs: decode_num_splits (None = heuristic from batch size, kv heads and SM count)."""
+    if not _triton_importable():
+        raise RuntimeError("attention='triton' needs the `triton` package")
+    return TritonAttention(**kwargs)

@@ -1,0 +1,6 @@
+"""Triton kernels for the paged KV cache (imported only where `triton` is installed).
+
+- cache_ops.write_kv: scatter the step's new K/V rows into the paged caches (slot -1 = skip).
+- decode.paged_decode: one query token per sequence, split over the KV length (flash-decoding).
+- prefill.paged_prefill: varlen queries (prefill chunks and mixed steps) over block tables.
+"""

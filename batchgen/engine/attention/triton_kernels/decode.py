@@ -1,0 +1,196 @@
+"""Paged decode attention (one query token per sequence), split over the KV length.
+
+Grid (B, kv_heads, NUM_SPLITS). Program (b, h, s) handles every query head of kv head h (GQA: K/V
+are loaded once for the whole group) over the s-th of NUM_SPLITS equal pieces of sequence b's
+attended range. The piece length is computed in the kernel from the sequence's own length, so
+every sequence uses all splits however loose the host's max_seq_len bound is (CUDA graphs).
+With NUM_SPLITS == 1 the program writes the output directly; otherwise it writes a normalised
+partial output and its log-sum-exp, and a reduce kernel (grid (B, heads)) merges the splits.
+
+No host reads of device values: the grid depends only on B, kv_heads and the host bound
+max_seq_len; programs past a sequence's end exit early.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2, window,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = 0
+    if USE_WINDOW:
+        start = tl.maximum(seq_len - window, 0)
+    length = seq_len - start
+    part = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = start + s * part
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * G + g
+    gmask = g < G
+    if lo >= seq_len:
+        if NUM_SPLITS == 1:  # empty sequence (graph padding): write zeros, not garbage
+            t = tl.load(qsl_ptr + b).to(tl.int64)
+            tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                     tl.zeros([G_PAD, HEAD_DIM], tl.float32).to(out_ptr.dtype.element_ty),
+                     mask=gmask[:, None])
+        return
+    hi = tl.minimum(lo + part, seq_len)
+    t = tl.load(qsl_ptr + b).to(tl.int64)
+    q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    q = q.to(k_cache_ptr.dtype.element_ty)
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < hi
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        tok = offs_n % BLOCK_SIZE
+        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + tok[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+                    mask=nmask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vt + kvh * stride_vh + d[None, :],
+                    mask=nmask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    else:
+        H = tl.num_programs(1) * G
+        row = (b.to(tl.int64) * H + heads) * NUM_SPLITS + s  # [G_PAD]
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
+        tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=gmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, qsl_ptr, window,
+    stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    H = tl.num_programs(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = 0
+    if USE_WINDOW:
+        start = tl.maximum(seq_len - window, 0)
+    length = seq_len - start
+    part = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    n_valid = tl.cdiv(length, tl.maximum(part, 1))
+    s = tl.arange(0, S_PAD)
+    smask = s < n_valid
+    d = tl.arange(0, HEAD_DIM)
+    row = (b.to(tl.int64) * H + h) * NUM_SPLITS + s
+    lse = tl.load(part_lse_ptr + row, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    w = tl.where(smask, w, 0.0)
+    po = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None], other=0.0)
+    denom = tl.sum(w, 0)
+    o = tl.sum(po * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    t = tl.load(qsl_ptr + b).to(tl.int64)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device,
+                      block_n: int, programs_per_sm: int = 4, min_part: int = 128) -> int:
+    """Host-only heuristic: enough programs to fill the GPU, pieces of at least min_part tokens."""
+    base = max(batch * kv_heads, 1)
+    want = -(-programs_per_sm * _sm_count(device) // base)
+    cap = max(-(-max_len // max(min_part, block_n)), 1)
+    n = max(1, min(want, cap, 64))
+    return 1 << (n - 1).bit_length() if n > 1 else 1  # power of 2 (fewer compiled variants)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_seq_len: int, scale: float,
+                 window: int | None = None, out: torch.Tensor | None = None,
+                 num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                 num_stages: int | None = None) -> torch.Tensor:
+    """q: [T, H, D] with sequence b's query at row query_start_loc[b]; returns out [T, H, D] (rows of
+    sequences b < B written; other rows untouched). max_seq_len: host upper bound of seq_lens."""
+    T, H, D = q.shape
+    B = seq_lens.shape[0]
+    nb, bs, kvh, d2 = k_cache.shape
+    assert D == d2 and H % kvh == 0 and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    G = H // kvh
+    if out is None:
+        out = torch.empty_like(q)
+    if B == 0:
+        return out
+    fp32 = k_cache.dtype == torch.float32
+    if block_n is None:
+        block_n = 32 if fp32 else 64
+    max_len = min(max_seq_len, window) if window else max_seq_len
+    if num_splits is None:
+        num_splits = choose_num_splits(B, kvh, max_len, q.device, block_n)
+    use_window = bool(window)
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    if num_splits > 1:
+        part_out = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    _decode_split_kernel[(B, kvh, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        out, part_out, part_lse,
+        scale * _LOG2E, window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_SIZE=bs,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=use_window,
+        DOT_PREC="ieee" if fp32 else "tf32", num_warps=num_warps, **extra,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(B, H)](
+            out, part_out, part_lse, seq_lens, query_start_loc, window or 0,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_N=block_n, NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)),
+            USE_WINDOW=use_window, num_warps=4,
+        )
+    return out

@@ -1,0 +1,323 @@
+"""Triton kernels (attention + fused ops) against the torch reference backend / plain torch.
+
+CUDA tests run only with a CUDA device and triton. The CPU test runs a small suite of the same
+checks in a subprocess under the Triton interpreter (TRITON_INTERPRET=1); it is skipped when
+triton is not installed (as in CI).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in output (unwritten or bad)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+TOL = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 1.5e-2}
+
+
+def make_case(seqs, heads, kv_heads, head_dim, block_size, dtype, device, seed=0, extra_blocks=3):
+    """seqs: list of (seq_len, q_len). Returns dict of tensors + metadata (random block placement)."""
+    from batchgen.engine.attention.base import AttentionMetadata
+
+    g = torch.Generator().manual_seed(seed)
+    B = len(seqs)
+    nblk = [-(-sl // block_size) for sl, _ in seqs]
+    max_blocks = max(nblk) + 2
+    total = sum(nblk) + extra_blocks
+    perm = torch.randperm(total, generator=g)
+    bt = torch.zeros(B, max_blocks, dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(nblk):
+        bt[b, :n] = perm[i:i + n].to(torch.int32)
+        i += n
+    kc = torch.randn(total, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    vc = torch.randn(total, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    q_lens = [ql for _, ql in seqs]
+    T = sum(q_lens)
+    qsl = torch.zeros(B + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(torch.tensor(q_lens), 0)
+    slots = []
+    for b, (sl, ql) in enumerate(seqs):
+        for p in range(sl - ql, sl):
+            slots.append(int(bt[b, p // block_size]) * block_size + p % block_size)
+    q = torch.randn(T, heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(T, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(T, kv_heads, head_dim, generator=g).to(dtype)
+    dev = torch.device(device)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+        query_start_loc=qsl.to(dev), seq_lens=torch.tensor([sl for sl, _ in seqs], dtype=torch.int32, device=dev),
+        block_tables=bt.to(dev), max_query_len=max(q_lens), max_seq_len=max(sl for sl, _ in seqs),
+        decode_only=all(ql == 1 for ql in q_lens))
+    return dict(q=q.to(dev), k=k.to(dev), v=v.to(dev), k_cache=kc.to(dev), v_cache=vc.to(dev), meta=meta)
+
+
+def reference_attend(case, scale, window=None):
+    """TorchAttention on float32 copies (the project's reference backend), K/V written first."""
+    from batchgen.engine.attention.base import AttentionMetadata
+    from batchgen.engine.attention.torch_backend import TorchAttention
+
+    m = case["meta"]
+    cpu = lambda t: t.detach().cpu()  # noqa: E731
+    meta = AttentionMetadata(cpu(m.slot_mapping), cpu(m.query_start_loc), cpu(m.seq_lens), cpu(m.block_tables),
+                             m.max_query_len, m.max_seq_len, m.decode_only)
+    kc, vc = cpu(case["k_cache"]).float(), cpu(case["v_cache"]).float()
+    be = TorchAttention()
+    be.write_kv(cpu(case["k"]).float(), cpu(case["v"]).float(), kc, vc, meta)
+    return be.attend(cpu(case["q"]).float(), kc, vc, meta, scale, window)
+
+
+def check_attention(seqs, heads, kv_heads, head_dim, block_size, dtype, device, window=None, seed=0,
+                    num_splits=None, force_prefill_kernel=False):
+    from batchgen.engine.attention.triton_kernels import cache_ops, decode, prefill
+
+    case = make_case(seqs, heads, kv_heads, head_dim, block_size, dtype, device, seed)
+    meta = case["meta"]
+    scale = head_dim ** -0.5
+    ref = reference_attend(case, scale, window)
+    kc, vc = case["k_cache"].clone(), case["v_cache"].clone()
+    cache_ops.write_kv(case["k"], case["v"], kc, vc, meta.slot_mapping)
+    out = torch.full_like(case["q"], float("nan"))  # poisoned: every row must be written
+    if meta.decode_only and not force_prefill_kernel:
+        decode.paged_decode(case["q"], kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                            meta.max_seq_len, scale, window=window, out=out, num_splits=num_splits)
+    else:
+        prefill.paged_prefill(case["q"], kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                              scale, window=window, out=out)
+    err = _rel(out.cpu(), ref)
+    assert err < TOL[dtype], f"rel err {err:.3e} seqs={seqs} H={heads}/{kv_heads} bs={block_size} {dtype} w={window}"
+    return err
+
+
+def check_write_kv(T, kv_heads, head_dim, block_size, dtype, device, seed=0):
+    from batchgen.engine.attention.triton_kernels import cache_ops
+
+    g = torch.Generator().manual_seed(seed)
+    nb = -(-T // block_size) + 4
+    kc = torch.full((nb, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
+    vc = kc.clone()
+    slots = torch.randperm(nb * block_size, generator=g)[:T]
+    slots[::3] = -1  # padding rows are skipped
+    k = torch.randn(T, kv_heads, head_dim, generator=g).to(dtype).to(device)
+    v = torch.randn(T, kv_heads, head_dim, generator=g).to(dtype).to(device)
+    cache_ops.write_kv(k, v, kc, vc, slots.to(device))
+    flat_k, flat_v = kc.view(-1, kv_heads, head_dim).cpu(), vc.view(-1, kv_heads, head_dim).cpu()
+    keep = slots >= 0
+    assert torch.equal(flat_k[slots[keep]], k.cpu()[keep]) and torch.equal(flat_v[slots[keep]], v.cpu()[keep])
+    written = torch.zeros(nb * block_size, dtype=torch.bool)
+    written[slots[keep]] = True
+    assert torch.isnan(flat_k[~written].float()).all() and torch.isnan(flat_v[~written].float()).all()
+
+
+def check_fused_ops(device, dtype, seed=0):
+    from batchgen.engine import fused_ops as F
+
+    g = torch.Generator().manual_seed(seed)
+    dev = torch.device(device)
+    tol = TOL[dtype] * 2
+    # rms norm, with and without residual
+    for shape in [(7, 64), (33, 1024), (5, 3, 128)]:
+        x = torch.randn(*shape, generator=g).to(dtype).to(dev)
+        r = torch.randn(*shape, generator=g).to(dtype).to(dev)
+        w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype).to(dev)
+        out = F.rms_norm(x, w, 1e-6, force="triton")
+        ref = F.rms_norm(x, w, 1e-6, force="torch")
+        assert _rel(out.cpu(), ref.cpu()) < tol
+        o2, nr = F.rms_norm(x, w, 1e-6, residual=r, force="triton")
+        r2, nr2 = F.rms_norm(x, w, 1e-6, residual=r, force="torch")
+        assert _rel(o2.cpu(), r2.cpu()) < tol and _rel(nr.cpu(), nr2.cpu()) < tol
+    # silu and mul
+    x = torch.randn(9, 2 * 384, generator=g).to(dtype).to(dev)
+    assert _rel(F.silu_and_mul(x, force="triton").cpu(), F.silu_and_mul(x, force="torch").cpu()) < tol
+    # rope in place, on non-contiguous q/k views of a packed qkv tensor, neox and interleaved, partial rotary
+    for D, rot, interleaved in [(64, 64, False), (128, 128, False), (128, 64, False), (64, 64, True)]:
+        T, H, KVH = 11, 4, 2
+        qkv = torch.randn(T, (H + 2 * KVH) * D, generator=g).to(dtype).to(dev)
+        cache = F.rope_cos_sin_cache(F.rope_inv_freq(rot, 10000.0), 512, device=dev)
+        pos = torch.randint(0, 512, (T,), generator=g).to(dev)
+        q, k, _ = qkv.view(T, H + 2 * KVH, D).split([H, KVH, KVH], dim=1)
+        q2, k2 = q.clone(), k.clone()
+        F.apply_rope(q, k, pos, cache, interleaved=interleaved, force="triton")
+        F.apply_rope(q2, k2, pos, cache, interleaved=interleaved, force="torch")
+        assert _rel(q.cpu(), q2.cpu()) < tol and _rel(k.cpu(), k2.cpu()) < tol
+
+
+# ----------------------------------------------------------------------------------------- CUDA
+DECODE_LENS = [1, 2, 17, 100, 255, 1024, 4097, 6000]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("gqa", [1, 2, 4, 8])
+def test_decode_cuda(dtype, gqa):
+    for block_size in (16, 32, 64):
+        seqs = [(n, 1) for n in DECODE_LENS]
+        check_attention(seqs, 8 * gqa if gqa < 8 else 32, 8 if gqa < 8 else 4, 128, block_size, dtype, "cuda")
+
+
+@cuda_only
+@pytest.mark.parametrize("num_splits", [1, 2, 8, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_splits_cuda(num_splits, head_dim):
+    seqs = [(n, 1) for n in (1, 5, 300, 5000)]
+    check_attention(seqs, 16, 4, head_dim, 16, torch.bfloat16, "cuda", num_splits=num_splits)
+
+
+@cuda_only
+@pytest.mark.parametrize("window", [1, 64, 1000])
+def test_decode_window_cuda(window):
+    seqs = [(n, 1) for n in (1, 63, 64, 65, 999, 3000)]
+    check_attention(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", window=window)
+    check_attention(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", window=window, num_splits=1)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gqa", [1, 2, 4, 8])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_prefill_cuda(dtype, gqa, block_size):
+    # fresh prompts, chunks with cached context, decode rows mixed in (mixed step)
+    seqs = [(1, 1), (37, 37), (300, 129), (1000, 1), (2100, 700), (64, 16)]
+    check_attention(seqs, 8 * gqa, 8, 128, block_size, dtype, "cuda")
+    check_attention([(5000, 4096)], 4 * gqa, 4, 64, block_size, dtype, "cuda")
+
+
+@cuda_only
+@pytest.mark.parametrize("window", [1, 100, 4096])
+def test_prefill_window_cuda(window):
+    seqs = [(37, 37), (300, 129), (1000, 1), (2100, 700)]
+    check_attention(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", window=window)
+
+
+@cuda_only
+def test_prefill_kernel_on_decode_batch_cuda():
+    seqs = [(n, 1) for n in DECODE_LENS]
+    check_attention(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", force_prefill_kernel=True)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+def test_write_kv_cuda(dtype, block_size):
+    check_write_kv(300, 8, 128, block_size, dtype, "cuda")
+    check_write_kv(7, 2, 64, block_size, dtype, "cuda")
+
+
+@cuda_only
+def test_backend_cuda_graph_decode():
+    """TritonAttention.forward captured in a CUDA graph, replayed with new lengths/tables in place."""
+    from batchgen.engine.attention.triton_backend import make_triton_backend
+
+    be = make_triton_backend()
+    seqs = [(100, 1), (2000, 1), (7, 1), (1, 1)]
+    case = make_case(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=1, extra_blocks=200)
+    meta = case["meta"]
+    meta.max_seq_len = 4096  # host upper bound, as a graph runner passes
+    kc, vc = case["k_cache"].clone(), case["v_cache"].clone()
+    scale = 128 ** -0.5
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        be.forward(case["q"], case["k"], case["v"], kc, vc, meta, scale)  # warm-up / compile
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = be.forward(case["q"], case["k"], case["v"], kc, vc, meta, scale)
+    # new step: same shapes, different lengths and tables, and a padded (skipped) slot
+    new = make_case([(1500, 1), (3, 1), (4000, 1), (64, 1)], 32, 8, 128, 16, torch.bfloat16, "cuda", seed=2,
+                    extra_blocks=200)
+    nm = new["meta"]
+    for name in ("q", "k", "v"):
+        case[name].copy_(new[name])
+    kc.copy_(new["k_cache"]); vc.copy_(new["v_cache"])  # noqa: E702
+    meta.slot_mapping.copy_(nm.slot_mapping); meta.seq_lens.copy_(nm.seq_lens)  # noqa: E702
+    meta.block_tables.zero_()
+    meta.block_tables[:, :nm.block_tables.shape[1]].copy_(nm.block_tables)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _rel(out.cpu(), reference_attend(new, scale)) < TOL[torch.bfloat16]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_ops_cuda(dtype):
+    check_fused_ops("cuda", dtype)
+
+
+# ----------------------------------------------------------------------------------------- CPU (interpreter)
+def _patch_interpreter():
+    """Work around two triton 3.6 interpreter bugs: bf16 dot operands are multiplied as raw uint16
+    (upcast them first), and a scalar used as a loop bound fails under numpy >= 2.4 (1-element array)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as ti
+
+    orig_patch = ti._patch_lang_tensor
+
+    def patch_tensor(tensor, scope):
+        orig_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    ti._patch_lang_tensor = patch_tensor
+
+    orig = ti.InterpreterBuilder.create_dot
+
+    def up(h):
+        if h.dtype.scalar == tl.bfloat16:
+            return ti.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    ti.InterpreterBuilder.create_dot = lambda self, a, b, d, *args: orig(self, up(a), up(b), d, *args)
+
+
+def interpreter_suite():
+    _patch_interpreter()
+    results = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        results.append(check_attention([(1, 1), (40, 1), (300, 1)], 8, 2, 64, 16, dtype, "cpu"))
+    results.append(check_attention([(1, 1), (40, 1), (300, 1)], 8, 8, 64, 32, torch.float32, "cpu", num_splits=4))
+    results.append(check_attention([(9, 1), (200, 1)], 16, 2, 64, 16, torch.float32, "cpu", window=50))
+    results.append(check_attention([(200, 1)], 16, 2, 64, 16, torch.float32, "cpu", window=50, num_splits=1))
+    for gqa in (1, 4):
+        results.append(check_attention([(1, 1), (37, 37), (150, 70), (90, 1)], 4 * gqa, 4, 64, 16,
+                                       torch.float32, "cpu"))
+    results.append(check_attention([(37, 37), (150, 70)], 8, 2, 64, 32, torch.bfloat16, "cpu"))
+    results.append(check_attention([(37, 37), (150, 70), (90, 1)], 8, 2, 64, 16, torch.float32, "cpu", window=20))
+    results.append(check_attention([(40, 1), (300, 1)], 8, 2, 64, 16, torch.float32, "cpu",
+                                   force_prefill_kernel=True))
+    check_write_kv(20, 2, 64, 16, torch.bfloat16, "cpu")
+    check_write_kv(20, 4, 64, 32, torch.float32, "cpu")
+    if os.environ.get("SKIP_FUSED") != "1":
+        check_fused_ops("cpu", torch.float32)
+        check_fused_ops("cpu", torch.bfloat16)
+    print("interpreter suite ok", " ".join(f"{e:.1e}" for e in results))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (for its CPU interpreter)")
+def test_kernels_triton_interpreter_cpu():
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, __file__, "--interpret"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "interpreter suite ok" in proc.stdout
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    interpreter_suite()
