@@ -2,9 +2,9 @@
 
 How a batchgen array job behaves (the contract the tests check):
 
-- `batchgen submit job.yaml --tasks N` writes OUT/_slurm/<name>-<stamp>.sbatch and submits it:
+- `batchgen submit job.yaml --tasks N` writes OUT/.batchgen/slurm/<name>-<stamp>.sbatch and submits it:
   `--array=0-(N-1)[%M]`, `--requeue`, `--signal=B:USR1@<grace>`, one log per task
-  (OUT/_slurm/logs/<arrayjob>_<task>.log, appended across requeues) and a last line that
+  (OUT/.batchgen/slurm/logs/<arrayjob>_<task>.log, appended across requeues) and a last line that
   `exec`s the absolute path of the batchgen that submitted it, so the batchgen process *is*
   the batch shell and receives the signals that Slurm sends to it.
 - Each task reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (`task_identity`).
@@ -41,7 +41,7 @@ import click
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early on a signal, progress committed, resumable
 DEFAULT_GRACE_S = 120
-SLURM_DIR = "_slurm"
+SLURM_DIR = ".batchgen/slurm"  # hidden, like the rest of OUT/.batchgen: only shards are visible
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -422,9 +422,11 @@ def submit_command(job_file: Path, tasks: int, gpus_per_task: int, cpus_per_task
 
 def _check_task_count(out: Path, tasks: int) -> None:
     """Refuse to resubmit into an output that was partitioned for another number of tasks."""
-    from batchgen.status import read_progress
+    from batchgen.status import manifest_num_tasks, read_progress
 
     seen = {p.num_tasks for p in read_progress(out) if p.num_tasks}
+    if manifest_num_tasks(out):
+        seen.add(manifest_num_tasks(out))
     if seen and seen != {tasks}:
         raise click.UsageError(
             f"{out} was started with --tasks {', '.join(map(str, sorted(seen)))}; the partition depends on it, "

@@ -1,6 +1,7 @@
 """`batchgen status OUT`: per-task progress of a (possibly array) run, totals and an ETA.
 
-Reads OUT/_progress/task-*.json (written by the run loop). Exit code 0 when every task is
+Reads OUT/.batchgen/progress/task-*.json (written by the run loop) and the task count from
+OUT/.batchgen/manifest.json. Exit code 0 when every task is
 complete, 1 otherwise (a task missing, pending, running, stopped or failed).
 """
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any, Iterable
 
 import click
 
-PROGRESS_DIR = "_progress"
+META_DIR = ".batchgen"  # batchgen.sink.META_DIR
+PROGRESS_DIR = f"{META_DIR}/progress"
+LEGACY_PROGRESS_DIRS = ("_progress",)
 COMPLETE_STATES = {"complete", "completed", "done", "finished"}
 RUNNING_STATES = {"running", "started", "loading", "starting", "stopping"}
 FAILED_STATES = {"failed", "error"}
@@ -112,6 +115,9 @@ def parse_progress(data: dict, path: Path | None = None) -> TaskProgress:
 def read_progress(out: Path) -> list[TaskProgress]:
     """Every task's progress under OUT (sorted by task id); unreadable files become 'unreadable'."""
     d = Path(out) / PROGRESS_DIR
+    for legacy in LEGACY_PROGRESS_DIRS:
+        if not d.is_dir() and (Path(out) / legacy).is_dir():
+            d = Path(out) / legacy
     if not d.is_dir():
         return []
     tasks = []
@@ -125,6 +131,16 @@ def read_progress(out: Path) -> list[TaskProgress]:
             digits = "".join(c for c in p.stem if c.isdigit())
             tasks.append(TaskProgress(task_id=int(digits or 0), state="unreadable", path=p, raw={"error": str(e)}))
     return sorted(tasks, key=lambda t: t.task_id)
+
+
+def manifest_num_tasks(out: Path) -> int | None:
+    """The task count the output was started with (OUT/.batchgen/manifest.json), if any."""
+    try:
+        data = json.loads((Path(out) / META_DIR / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = data.get("num_tasks") if isinstance(data, dict) else None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 @dataclass
@@ -266,10 +282,10 @@ def status_command(out: Path, num_tasks: int | None, as_json: bool) -> None:
     if not out.is_dir():
         raise click.ClickException(f"{out}: no such output directory")
     tasks = read_progress(out)
-    if not tasks and not num_tasks:
+    if not tasks and not (num_tasks or manifest_num_tasks(out)):
         click.echo(f"{out}: no progress yet ({out / PROGRESS_DIR} is empty or missing)", err=True)
         sys.exit(1)
-    s = summarize(tasks, num_tasks)
+    s = summarize(tasks, num_tasks or manifest_num_tasks(out))
     if as_json:
         click.echo(json.dumps(summary_json(s), indent=2))
     else:

@@ -51,7 +51,7 @@ def test_dry_run_script(tmp_path):
     assert "--array=0-3%2" in opts
     assert "--requeue" in opts
     assert "--signal=B:USR1@300" in opts
-    assert f"--output={out}/_slurm/logs/%A_%a.log" in opts  # one log per task, beside the output
+    assert f"--output={out}/.batchgen/slurm/logs/%A_%a.log" in opts  # one log per task, beside the output
     assert "--open-mode=append" in opts  # a requeued task appends to its log
     assert "--gres=gpu:2" in opts and "--cpus-per-task=8" in opts
     assert "--partition=gpu" in opts and "--time=4:00:00" in opts
@@ -129,10 +129,10 @@ def test_submit_writes_script_and_calls_sbatch(tmp_path, monkeypatch):
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().splitlines()[-1] == "4242"
-    scripts = list((tmp_path / "out" / "_slurm").glob("*.sbatch"))
+    scripts = list((tmp_path / "out" / ".batchgen" / "slurm").glob("*.sbatch"))
     assert len(scripts) == 1 and os.access(scripts[0], os.X_OK)
     assert (tmp_path / "sbatch.args").read_text().split() == ["--parsable", str(scripts[0])]
-    assert (tmp_path / "out" / "_slurm" / "logs").is_dir()
+    assert (tmp_path / "out" / ".batchgen" / "slurm" / "logs").is_dir()
 
 
 @pytest.mark.parametrize("t, s", [("10", 600), ("1:30", 90), ("2:00:00", 7200), ("1-0", 86400),
@@ -213,7 +213,7 @@ def test_requeue_self_runs_scontrol(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------- status
 def write_progress(out: Path, tasks: list[dict]) -> None:
-    d = out / "_progress"
+    d = out / ".batchgen" / "progress"
     d.mkdir(parents=True, exist_ok=True)
     for t in tasks:
         (d / f"task-{t['task_id']:05d}.json").write_text(json.dumps(t))
@@ -269,7 +269,7 @@ def test_status_stale_failed_and_unreadable(tmp_path):
     ])
     r = run_status(tmp_path)
     assert r.exit_code == 1 and "(stale)" in r.output and "failed" in r.output
-    (tmp_path / "_progress" / "task-00001.json").write_text("{not json")
+    (tmp_path / ".batchgen" / "progress" / "task-00001.json").write_text("{not json")
     r = run_status(tmp_path)
     assert r.exit_code == 1 and "unreadable" in r.output
 
@@ -289,3 +289,14 @@ def test_status_empty_and_missing_dir(tmp_path):
     assert r.exit_code == 1 and "no progress" in r.output
     r = CliRunner().invoke(status_command, [str(tmp_path / "nope")])
     assert r.exit_code != 0
+
+
+def test_status_and_submit_use_the_manifest_task_count(tmp_path):
+    job = write_job(tmp_path)
+    out = tmp_path / "out"
+    write_progress(out, [dict(task_id=0, state="complete", rows_done=3, rows_total=3)])
+    (out / ".batchgen" / "manifest.json").write_text(json.dumps({"num_tasks": 3, "fingerprint": "f"}))
+    r = run_status(out)
+    assert r.exit_code == 1 and r.output.count("pending") == 2
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2", "--dry-run"])
+    assert r.exit_code == 2 and "--tasks 3" in r.output
