@@ -88,7 +88,7 @@ def parse_progress(data: dict, path: Path | None = None) -> TaskProgress:
     if task is None and path is not None:
         digits = "".join(c for c in path.stem if c.isdigit())
         task = int(digits) if digits else 0
-    updated = _as_time(_first(data, "updated_at", "last_update", "updated", "time"))
+    updated = _as_time(_first(data, "updated_unix", "updated_at", "last_update", "updated", "time"))
     if updated is None and path is not None:
         try:
             updated = path.stat().st_mtime
