@@ -323,3 +323,31 @@ def test_cpu_cuda_agree():
     u_cpu = uniform_noise(torch.tensor([3, 4]), torch.tensor([5, 6]), v)
     u_gpu = uniform_noise(torch.tensor([3, 4], device="cuda"), torch.tensor([5, 6], device="cuda"), v)
     assert torch.equal(u_cpu, u_gpu.cpu())
+
+
+def test_top_k_bound_hint_matches_full_sort():
+    import dataclasses
+
+    from batchgen.engine.sampler import top_k_bound_hint
+
+    assert top_k_bound_hint([-1, 5, 20], [1.0, 0.9, 1.0]) == 20
+    assert top_k_bound_hint([-1, 5], [0.9, 1.0]) == 0  # a top-p row without top-k needs the full sort
+    assert top_k_bound_hint([-1, 0], [1.0, 1.0]) == 0
+    torch.manual_seed(10)
+    b, v = 96, 3000
+    logits = torch.randn(b, v) * 2
+    kw = dict(temperature=[[0.0, 0.5, 1.0, 2.0][i % 4] for i in range(b)], seeds=list(range(b)),
+              positions=[9] * b, top_k=[[-1, 5, 40, 1, 3000, 100000][i % 6] for i in range(b)],
+              top_p=[[1.0, 0.7, 0.95, 1.0, 0.5, 1.0][i % 6] for i in range(b)],
+              min_p=[[0.0, 0.0, 0.1][i % 3] for i in range(b)])
+    batch = SamplingBatch.build(**kw)
+    assert batch.top_k_bound == 100000  # >= V: full sort
+    s = Sampler(v, b, "cpu")
+    ref, _ = s(logits, batch)
+    kw["top_k"] = [[-1, 5, 40, 1, 30, 17][i % 6] for i in range(b)]
+    batch = SamplingBatch.build(**kw)
+    assert batch.top_k_bound == 40
+    fast, _ = s(logits, batch)
+    full, _ = s(logits, dataclasses.replace(batch, top_k_bound=0))
+    assert torch.equal(fast, full)
+    assert torch.equal(fast[0::6], ref[0::6])  # rows with neither top-k nor top-p are untouched by the bound

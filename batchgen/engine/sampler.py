@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingBatch", "Sampler", "row_keys", "uniform_noise", "gumbel_noise"]
+__all__ = ["SamplingBatch", "Sampler", "row_keys", "top_k_bound_hint", "uniform_noise", "gumbel_noise"]
 
 _M64 = (1 << 64) - 1
 
@@ -131,6 +131,9 @@ class SamplingBatch:
     any_min_p: bool = False
     any_penalty: bool = False
     want_logprobs: bool = False
+    # optional host hint: 0 = unknown (full sort). K > 0 promises that every row with top-k on has top_k <= K and
+    # every row with top-p on also has top-k on; then one torch.topk(K) replaces the full-vocabulary sort.
+    top_k_bound: int = 0
 
     @classmethod
     def build(
@@ -180,7 +183,16 @@ class SamplingBatch:
             any_min_p=any(p > 0.0 for p in min_p),
             any_penalty=any(r != 1.0 for r in rep),
             want_logprobs=want_logprobs,
+            top_k_bound=top_k_bound_hint(top_k, top_p),
         )
+
+
+def top_k_bound_hint(top_k: Sequence[int], top_p: Sequence[float]) -> int:
+    """The SamplingBatch.top_k_bound hint for these per-row settings (0 when a full sort is needed)."""
+    ks = [k for k in top_k if k > 0]
+    if not ks or any(p < 1.0 and k <= 0 for k, p in zip(top_k, top_p)):
+        return 0
+    return max(ks)
 
 
 class Sampler:
@@ -258,12 +270,17 @@ class Sampler:
         v = x.shape[1]
         thr = None
         if batch.any_top_k or batch.any_top_p:
-            s = torch.sort(x, dim=-1, descending=True).values  # [B, V]
+            bound = int(batch.top_k_bound)
+            if 0 < bound < v:
+                s = torch.topk(x, bound, dim=-1, sorted=True).values  # [B, K] descending
+            else:
+                s = torch.sort(x, dim=-1, descending=True).values  # [B, V]
+            width = s.shape[1]
             k = batch.top_k.to(torch.int64)
             k = torch.where((k <= 0) | (k > v), v, k)  # [B] number kept by top-k
             if batch.any_top_p:
                 if batch.any_top_k:
-                    cols = torch.arange(v, device=x.device)
+                    cols = torch.arange(width, device=x.device)
                     s_k = s.masked_fill(cols.unsqueeze(0) >= k.unsqueeze(1), -math.inf)
                     probs = torch.softmax(s_k, dim=-1)
                     del s_k
@@ -276,7 +293,9 @@ class Sampler:
                 del probs
                 n = torch.where(batch.top_p >= 1.0, v, n)
                 k = torch.minimum(k, n).clamp(1, v)
-            thr = s.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+            thr = s.gather(1, (k.clamp(max=width) - 1).unsqueeze(1)).squeeze(1)
+            if width < v:  # rows keeping more than the top `bound` tokens (top-k and top-p off): no threshold
+                thr = torch.where(k > width, -math.inf, thr)
             del s
         if batch.any_min_p:
             mp = batch.min_p.to(torch.float32)
