@@ -1,0 +1,108 @@
+"""Fused elementwise ops for the model code: Triton on CUDA, plain torch elsewhere (same signatures).
+
+    normed = rms_norm(x, weight, eps)                        # x: [..., N]
+    normed, new_residual = rms_norm(x, weight, eps, residual=r)   # new_residual = x + r (model dtype),
+                                                                  # normed = rms_norm(new_residual)
+    y = silu_and_mul(x)                                      # x: [..., 2I] -> silu(x[..., :I]) * x[..., I:]
+    cache = rope_cos_sin_cache(inv_freq, max_pos, device)    # [max_pos, rot_dim] fp32: cos | sin
+    apply_rope(q, k, positions, cache, interleaved=False)    # in place; q [T, H, D], k [T, KVH, D]
+                                                             # (views of a packed qkv are fine: last dim
+                                                             # contiguous); rotates the first rot_dim dims
+
+Numerics follow the HF implementations (RMSNorm: normalise in fp32, cast to the model dtype, then
+multiply by the weight; SiLU: act(gate) rounded to the model dtype, then * up). RoPE is computed
+in fp32 and rounded once (HF rounds cos/sin to the model dtype first: differences are ~1 ulp).
+
+`force="torch"|"triton"` overrides the automatic choice (tests and benchmarks). The automatic
+choice uses Triton on CUDA only for the ops listed in USE_TRITON, i.e. those measured faster than
+the torch version on H100 (benchmarks/kernels.py, notes/KERNELS.md).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+# ops measured faster with Triton than with eager torch on H100 (see notes/KERNELS.md)
+USE_TRITON = {"rms_norm": True, "silu_and_mul": True, "apply_rope": True}
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(op: str, t: torch.Tensor, force: str | None) -> bool:
+    if force is not None:
+        if force not in ("torch", "triton"):
+            raise ValueError(f"force must be 'torch' or 'triton', not {force!r}")
+        return force == "triton"
+    if not (_HAS_TRITON and USE_TRITON.get(op, False)):
+        return False
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fused():
+    from .attention.triton_kernels import fused
+
+    return fused
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             *, force: str | None = None):
+    if _use_triton("rms_norm", x, force):
+        return _fused().rms_norm(x, weight, eps, residual, _out_dtype(x, weight))
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = (weight * h.to(x.dtype)).to(_out_dtype(x, weight))
+    return (out, x) if residual is not None else out
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    return x.dtype  # HF: weight * h.to(input_dtype); weights are loaded in the model dtype
+
+
+# ----------------------------------------------------------------------------- SiLU-and-mul
+def silu_and_mul(x: torch.Tensor, *, force: str | None = None) -> torch.Tensor:
+    if _use_triton("silu_and_mul", x, force):
+        return _fused().silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_inv_freq(rot_dim: int, base: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """Plain RoPE frequencies; for scaled variants (llama3, yarn...) pass HF's inv_freq instead
+    (transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS[rope_type](config, device))."""
+    return 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
+
+
+def rope_cos_sin_cache(inv_freq: torch.Tensor, max_pos: int, device: torch.device | str | None = None,
+                       attention_scaling: float = 1.0) -> torch.Tensor:
+    """[max_pos, 2 * len(inv_freq)] float32: cos in the first half, sin in the second."""
+    inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+    t = torch.arange(max_pos, dtype=torch.float32, device=inv_freq.device)
+    freqs = torch.outer(t, inv_freq)
+    return torch.cat([freqs.cos() * attention_scaling, freqs.sin() * attention_scaling], dim=-1).contiguous()
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+               interleaved: bool = False, *, force: str | None = None) -> None:
+    """Rotate q [T, H, D] and k [T, KVH, D] in place (first rot_dim = cos_sin_cache.shape[-1] dims)."""
+    if _use_triton("apply_rope", q, force) and q.stride(-1) == 1 and k.stride(-1) == 1:
+        _fused().apply_rope(q, k, positions, cos_sin_cache, interleaved)
+        return
+    rot = cos_sin_cache.shape[-1]
+    half = rot // 2
+    cs = cos_sin_cache[positions.long()]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    for x in (q, k):
+        xr = x[..., :rot].float()
+        if interleaved:
+            x1, x2 = xr[..., 0::2], xr[..., 1::2]
+            o = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        else:
+            x1, x2 = xr[..., :half], xr[..., half:]
+            o = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        x[..., :rot].copy_(o.to(x.dtype))
