@@ -1,0 +1,11 @@
+from .request import CompletionOutput, GenerationRequest, RequestOutput, SamplingParams
+
+__all__ = ["Engine", "SamplingParams", "GenerationRequest", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name: str):
+    if name == "Engine":  # torch and transformers load only when the engine is used
+        from .engine import Engine
+
+        return Engine
+    raise AttributeError(name)

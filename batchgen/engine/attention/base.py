@@ -1,0 +1,47 @@
+"""The attention backend interface: one call per layer over the step's flat token batch.
+
+A step holds B sequences; sequence b contributes q_len[b] new tokens (its prefill chunk, or 1
+for decode), laid out contiguously in a flat batch of T tokens. K/V of the new tokens are written
+into the paged cache first (at slot_mapping), then each query attends causally to its sequence's
+cached context [0, seq_len[b]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
+    query_start_loc: torch.Tensor  # [B + 1] int32: cumulative query lengths
+    seq_lens: torch.Tensor  # [B] int32: context length after this step (cached + new)
+    block_tables: torch.Tensor  # [B, max_blocks_per_seq] int32, padded with 0
+    max_query_len: int  # host ints, known when the batch is built (CUDA graphs pass upper bounds)
+    max_seq_len: int
+    decode_only: bool  # every sequence has exactly one query token
+    cache: dict = field(default_factory=dict)  # per-step derived tensors a backend computes once for all layers
+
+
+class AttentionBackend:
+    """Stateless per-layer attention over a paged KV cache."""
+
+    name: str = "base"
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        """k, v: [T, kv_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim]."""
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+        """q: [T, heads, head_dim] -> [T, heads, head_dim] (GQA: heads % kv_heads == 0).
+        window: sliding-window layers attend only to the `window` most recent positions (incl. self)."""
+        raise NotImplementedError
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                window: int | None = None) -> torch.Tensor:
+        self.write_kv(k, v, k_cache, v_cache, meta)
+        return self.attend(q, k_cache, v_cache, meta, scale, window)

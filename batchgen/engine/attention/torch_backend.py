@@ -1,0 +1,71 @@
+"""Portable attention in plain PyTorch: correct on CPU and CUDA, the reference for fast backends.
+
+Each step gathers every sequence's context from the paged cache into a padded [B, S] batch and
+runs one scaled-dot-product attention with a causal (and optional sliding-window) mask. Memory
+grows with B * max_seq_len, which is fine for a reference and for CPU work.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import AttentionBackend, AttentionMetadata
+
+
+class _PaddedLayout:
+    """Per-step index tensors shared by every layer: flat tokens <-> padded [B, max_q] queries."""
+
+    def __init__(self, meta: AttentionMetadata, device: torch.device) -> None:
+        qsl = meta.query_start_loc.long()
+        q_lens = qsl[1:] - qsl[:-1]
+        B = q_lens.numel()
+        max_q = meta.max_query_len
+        offs = torch.arange(max_q, device=device)
+        self.valid = offs[None, :] < q_lens[:, None]  # [B, max_q]
+        # flat index of padded query (b, i); padded entries point at the sequence's first token
+        self.flat_index = (qsl[:-1, None] + torch.where(self.valid, offs[None, :], 0)).reshape(-1)
+        seq_lens = meta.seq_lens.long()
+        self.q_pos = (seq_lens - q_lens)[:, None] + offs[None, :]  # absolute position of each query
+        self.B, self.max_q = B, max_q
+
+
+def _mask(q_pos: torch.Tensor, key_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    k_pos = torch.arange(key_len, device=device)
+    allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, max_q, S]
+    if window is not None:
+        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - window
+    return allowed[:, None]  # [B, 1, max_q, S]
+
+
+class TorchAttention(AttentionBackend):
+    name = "torch"
+
+    def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        nb, bs, kvh, d = k_cache.shape
+        slots = meta.slot_mapping.long()
+        k_cache.view(nb * bs, kvh, d).index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.view(nb * bs, kvh, d).index_copy_(0, slots, v.to(v_cache.dtype))
+
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+               window: int | None = None) -> torch.Tensor:
+        layout = meta.cache.get("torch_layout")
+        if layout is None:
+            layout = meta.cache["torch_layout"] = _PaddedLayout(meta, q.device)
+        nb, bs, kvh, d = k_cache.shape
+        B, max_q = layout.B, layout.max_q
+        n_blk = -(-meta.max_seq_len // bs)
+        tables = meta.block_tables[:, :n_blk].long()
+        S = n_blk * bs
+        keys = k_cache[tables].reshape(B, S, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
+        vals = v_cache[tables].reshape(B, S, kvh, d).transpose(1, 2)
+        heads = q.shape[1]
+        qp = q[layout.flat_index].view(B, max_q, heads, d).transpose(1, 2)  # [B, H, max_q, d]
+        mask = meta.cache.get(("torch_mask", window, S))
+        if mask is None:
+            mask = meta.cache[("torch_mask", window, S)] = _mask(layout.q_pos, S, window, q.device)
+        if kvh != heads:  # GQA: repeat kv heads (enable_gqa is not on every torch >= 2.5 path)
+            keys = keys.repeat_interleave(heads // kvh, dim=1)
+            vals = vals.repeat_interleave(heads // kvh, dim=1)
+        out = F.scaled_dot_product_attention(qp, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask, scale=scale)
+        out = out.transpose(1, 2)  # [B, max_q, H, d]
+        return out[layout.valid]  # [T, H, d] in flat token order

@@ -1,0 +1,292 @@
+"""Engine: loads a model, owns the KV cache, scheduler and runner, and runs the step loop.
+
+The loop is overlapped on CUDA: step N+1 is scheduled, staged and launched before the host
+waits for step N's sampled tokens, so the GPU never idles on the host. On the CPU (or with
+overlap=False) each step's results are processed right after it runs.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .attention import get_backend
+from .kv_cache import BlockManager
+from .loader import load_model
+from .request import GenerationRequest, RequestOutput, SamplingParams
+from .runner import ModelRunner, StepHandle
+from .scheduler import Scheduler
+from .sequence import RequestGroup, Sequence, Status
+
+_MASK63 = (1 << 63) - 1
+
+
+def _mix(*parts: int) -> int:
+    """splitmix64 over the parts: a well-spread 63-bit stream key."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & _MASK63
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto",
+                 max_num_seqs: int = 256, max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
+                 block_size: int = 16, prefix_caching: bool = True, gpu_memory_fraction: float = 0.9,
+                 overlap: bool = True, cuda_graphs: bool = True, attention: str = "auto",
+                 max_model_len: int | None = None, seed: int = 0, model: Any = None) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        self.model_dir = Path(model_dir)
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if device == "auto" else device))
+        if model is None:
+            model, raw_config = load_model(self.model_dir, self.device, dtype)
+        else:  # a model built elsewhere (benchmarks: random weights of a named shape)
+            raw_config = {}
+        self.model = model
+        cfg = model.cfg
+        self.dtype = next(model.parameters()).dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir) if (self.model_dir / "tokenizer_config.json").exists() or (self.model_dir / "tokenizer.json").exists() else None
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(self.model_dir)
+        except OSError:
+            self.generation_config = None
+        self.eos_token_ids = self._eos_ids(raw_config)
+        self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
+        self.block_size, self.seed = block_size, seed
+        self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
+        num_blocks = self._num_blocks(kv_cache_tokens, gpu_memory_fraction)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
+        self.backend = get_backend(attention, self.device)
+        self.runner = ModelRunner(model, self.backend, self.device, self.dtype, num_blocks, block_size,
+                                  max_num_seqs, self.max_model_len)
+        self.overlap = overlap and self.device.type == "cuda"
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._arrivals = itertools.count()
+        self._reset_stats()
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str, **kwargs: Any) -> "Engine":
+        from .model_source import resolve_model_dir
+
+        return cls(resolve_model_dir(path_or_hub_id), **kwargs)
+
+    # ------------------------------------------------------------------ set-up
+    def _eos_ids(self, raw: dict) -> list[int]:
+        ids = getattr(self.generation_config, "eos_token_id", None)
+        if ids is None:
+            ids = raw.get("eos_token_id")
+        if ids is None and self.tokenizer is not None:
+            ids = self.tokenizer.eos_token_id
+        if ids is None:
+            return []
+        return [ids] if isinstance(ids, int) else list(ids)
+
+    def _num_blocks(self, kv_cache_tokens: int | None, fraction: float) -> int:
+        cfg = self.model.cfg
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
+        if kv_cache_tokens is not None:
+            tokens = kv_cache_tokens
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # room for activations of a full step and the sampler's [seqs, vocab] temporaries
+            act = self.max_batch_tokens * (6 * cfg.hidden_size + 3 * cfg.intermediate_size
+                                           + 3 * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) * 4
+            act += self.max_num_seqs * cfg.vocab_size * 4 * 6
+            budget = total * fraction - (total - free) - act
+            tokens = int(budget // per_token)
+        else:  # CPU: what max_num_seqs full-length sequences need, at most 4 GiB
+            tokens = min(self.max_num_seqs * self.max_model_len, (4 << 30) // per_token)
+        if tokens < self.block_size:
+            raise ValueError(f"KV cache would hold {tokens} tokens: not enough memory for this model and settings")
+        return -(-tokens // self.block_size) + 1  # + the scratch block
+
+    def _reset_stats(self) -> None:
+        self._stats = dict(steps=0, prompt_tokens=0, output_tokens=0, requests=0, errors=0, wall_s=0.0,
+                           host_s=0.0, busy_ms=0.0)
+        self._gpu_first: torch.cuda.Event | None = None
+        self._gpu_last: torch.cuda.Event | None = None
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        s = self._stats
+        busy = None
+        if self._gpu_first is not None and self._gpu_last is not None:
+            span = self._gpu_first.elapsed_time(self._gpu_last)
+            busy = min(1.0, s["busy_ms"] / span) if span > 0 else None
+        return dict(steps=s["steps"], requests=s["requests"], errors=s["errors"], prompt_tokens=s["prompt_tokens"],
+                    output_tokens=s["output_tokens"], wall_s=s["wall_s"], gpu_busy_fraction=busy,
+                    host_ms_per_step=1000 * s["host_s"] / max(1, s["steps"]),
+                    output_tok_s=s["output_tokens"] / s["wall_s"] if s["wall_s"] else 0.0,
+                    preemptions=self.scheduler.preemptions, prefix_cache_hit_tokens=self.blocks.hit_tokens,
+                    kv_cache_tokens=self.blocks.usable_blocks * self.block_size)
+
+    # ------------------------------------------------------------------ requests
+    def _decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special) if self.tokenizer is not None else ""
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids")
+        return self.tokenizer.encode(text)
+
+    def _make_group(self, req: GenerationRequest | str | list[int], default: SamplingParams | None) -> RequestGroup:
+        arrival = next(self._arrivals)
+        if not isinstance(req, GenerationRequest):
+            req = GenerationRequest(req, default or SamplingParams())
+        rid = arrival if req.request_id is None else req.request_id
+        params = req.params
+        group = RequestGroup(rid, [], params)
+        try:
+            ids = self._encode(req.prompt) if isinstance(req.prompt, str) else [int(t) for t in req.prompt]
+        except Exception as e:  # a bad prompt fails its own request only
+            ids, error = [], f"could not tokenize prompt: {e}"
+        else:
+            error = self._check(ids, params)
+        group.prompt_ids = ids
+        base = params.seed if params.seed is not None else _mix(self.seed, arrival)
+        stop = frozenset(([] if params.ignore_eos else self.eos_token_ids) + list(params.stop_token_ids))
+        max_tokens = min(len(ids) + params.max_new_tokens, self.max_model_len)
+        for j in range(params.n):
+            seq = Sequence(group, j, _mix(base, j), stop, max_tokens, list(ids))
+            seq.logprobs = [] if params.logprobs else None
+            seq.error = error
+            group.seqs.append(seq)
+        return group
+
+    def _check(self, ids: list[int], p: SamplingParams) -> str | None:
+        if not ids:
+            return "empty prompt"
+        vocab = self.model.cfg.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            return f"prompt holds token ids outside the vocabulary [0, {vocab})"
+        total = len(ids) + p.max_new_tokens
+        if total > self.max_model_len:
+            return (f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) = {total} exceeds the "
+                    f"model's maximum length ({self.max_model_len})")
+        cap = self.blocks.usable_blocks * self.block_size
+        if -(-total // self.block_size) > self.blocks.usable_blocks:
+            return f"prompt + max_new_tokens = {total} tokens does not fit the KV cache ({cap} tokens)"
+        return None
+
+    def _enqueue(self, group: RequestGroup) -> None:
+        self._stats["requests"] += 1
+        self._stats["prompt_tokens"] += len(group.prompt_ids)
+        share = self.blocks.prefix_caching and len(group.seqs) > 1
+        for seq in group.seqs[:1] if share else group.seqs:  # siblings follow the first sample's prefill
+            self.scheduler.add(seq)
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts: list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        reqs = [GenerationRequest(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        outs: list[RequestOutput | None] = [None] * len(reqs)
+        for out in self.stream(reqs):
+            outs[out.request_id] = out
+        return outs  # type: ignore[return-value]
+
+    def stream(self, requests: Iterable[GenerationRequest | str | list[int]],
+               params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Pull requests lazily, yield each RequestOutput as soon as all its samples finish."""
+        source = iter(requests)
+        exhausted = False
+        lookahead = 2 * self.max_num_seqs
+        inflight: StepHandle | None = None
+        t0 = time.perf_counter()
+        try:
+            while True:
+                while not exhausted and len(self.scheduler.waiting) < lookahead:
+                    try:
+                        group = self._make_group(next(source), params)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    if group.seqs[0].error is not None:
+                        self._stats["errors"] += 1
+                        yield group.output(self._decode)
+                    else:
+                        self._enqueue(group)
+                h0 = time.perf_counter()
+                batch = self.scheduler.schedule()
+                handle = None
+                if batch is not None:
+                    step = self.runner.prepare(batch)
+                    self._stats["host_s"] += time.perf_counter() - h0
+                    handle = self.runner.execute(step)
+                    self._stats["steps"] += 1
+                if inflight is not None:
+                    yield from self._process(inflight)
+                inflight = handle
+                if inflight is not None and not self.overlap:
+                    yield from self._process(inflight)
+                    inflight = None
+                if inflight is None and batch is None:
+                    if exhausted and not self.scheduler.has_work():
+                        return
+                    if self.scheduler.has_work() and not self.scheduler.running:
+                        raise RuntimeError("scheduler stalled with waiting requests and nothing running")
+        finally:
+            self._stats["wall_s"] += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ results
+    def _process(self, handle: StepHandle) -> Iterator[RequestOutput]:
+        tokens, logprobs = self.runner.collect(handle)
+        h0 = time.perf_counter()
+        if handle.started is not None:
+            self._stats["busy_ms"] += handle.started.elapsed_time(handle.done)
+            self._gpu_first = self._gpu_first or handle.started
+            self._gpu_last = handle.done
+        done: list[RequestGroup] = []
+        for seq, tok, lp in zip(handle.seqs, tokens.tolist(), logprobs.tolist() if logprobs is not None else itertools.repeat(None)):
+            if seq.status is Status.FINISHED:
+                continue  # finished a step earlier; this extra token (overlap) is dropped
+            seq.token_ids.append(tok)
+            if seq.logprobs is not None:
+                seq.logprobs.append(lp)
+            reason = self._finish_reason(seq, tok)
+            if reason is not None:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq)
+                self._stats["output_tokens"] += seq.num_generated
+                seq.group.num_finished += 1
+                if seq.group.num_finished == len(seq.group.seqs):
+                    done.append(seq.group)
+        self._stats["host_s"] += time.perf_counter() - h0
+        for group in done:
+            yield group.output(self._decode)
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        n = seq.num_generated
+        if tok in seq.stop_ids and n > p.min_new_tokens:  # the sampler suppresses stop ids before that
+            return "stop"
+        if n >= p.max_new_tokens or len(seq.token_ids) >= seq.max_tokens:
+            return "length"
+        if p.stop and n >= p.min_new_tokens and self._hits_stop_string(seq):
+            return "stop"
+        return None
+
+    def _hits_stop_string(self, seq: Sequence) -> bool:
+        stops = seq.params.stop
+        window = max(len(s) for s in stops) + 8  # tokens are at least one character, mostly
+        tail = self._decode(seq.token_ids[max(seq.num_prompt, len(seq.token_ids) - window):],
+                            seq.params.skip_special_tokens)
+        return any(s in tail for s in stops)
+
+    def close(self) -> None:
+        self.runner = None  # type: ignore[assignment]
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

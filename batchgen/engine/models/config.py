@@ -1,0 +1,82 @@
+"""The model description the engine needs, read from a Hugging Face config.json dict."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# model_type -> our implementation (all share the Llama-style decoder in llama.py)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # rope_type and its parameters (None: plain RoPE)
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qk_norm: bool  # Qwen3: RMSNorm over each head's q and k before RoPE
+    layer_windows: tuple[int | None, ...]  # sliding window per layer (None: full attention)
+    torch_dtype: str | None
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            archs = d.get("architectures") or [mt]
+            raise UnsupportedModelError(
+                f"unsupported model architecture {archs[0]!r} (model_type {mt!r}); batchgen supports "
+                "Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5, Qwen3 and SmolLM2 "
+                f"(model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
+        heads = d["num_attention_heads"]
+        hidden = d["hidden_size"]
+        layers = d["num_hidden_layers"]
+        # transformers >= 5 keeps rope settings in rope_parameters (theta included); 4.x in rope_theta/rope_scaling
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None if rope_type in (None, "default") else {**rope, "rope_type": rope_type}
+        return cls(
+            model_type=mt,
+            vocab_size=d["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=d["intermediate_size"],
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or hidden // heads,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qk_norm=mt == "qwen3",
+            layer_windows=_layer_windows(d, layers),
+            torch_dtype=d.get("dtype") or d.get("torch_dtype"),
+        )
+
+
+def _layer_windows(d: dict[str, Any], layers: int) -> tuple[int | None, ...]:
+    window = d.get("sliding_window")
+    types = d.get("layer_types")
+    if types:
+        return tuple(window if t == "sliding_attention" and window else None for t in types)
+    if d.get("model_type") in ("qwen2", "qwen3"):
+        # Qwen: sliding window only when use_sliding_window, on layers >= max_window_layers
+        if not d.get("use_sliding_window") or not window:
+            return (None,) * layers
+        first = d.get("max_window_layers", layers)
+        return tuple(window if i >= first else None for i in range(layers))
+    return (window,) * layers if window else (None,) * layers

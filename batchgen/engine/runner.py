@@ -1,0 +1,222 @@
+"""Runs scheduled steps on the device: builds step inputs (vectorised over the batch), runs the
+model, samples on the device, and hands sampled tokens back without blocking the host.
+
+Sampled tokens are also written to a device buffer indexed by slot; the next step gathers its
+decode input ids from it, so a token is used before the host has even seen it. On CUDA the host
+inputs go through pinned staging buffers (alternating, so staging step N+1 never overwrites what
+step N is still copying) and tokens come back with a non-blocking copy and an event.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .attention.base import AttentionBackend, AttentionMetadata
+from .models.llama import LlamaModel
+from .sampler import Sampler, SamplingBatch, top_k_bound_hint
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+
+@dataclass
+class PreparedStep:
+    """Host work of one step, done: device inputs staged, metadata ready, sampling rows chosen."""
+    dev: dict[str, torch.Tensor]
+    meta: AttentionMetadata
+    needs_gather: bool  # some input ids are still on the device (token_buf)
+    sample_seqs: list[Sequence]
+    sampling: SamplingBatch | None
+
+
+@dataclass
+class StepHandle:
+    seqs: list[Sequence]  # the sequences that sample this step, in row order
+    tokens: torch.Tensor | None  # host (pinned on CUDA) [S] int64, valid once `done` has fired
+    logprobs: torch.Tensor | None
+    done: torch.cuda.Event | None
+    started: torch.cuda.Event | None
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
+                 num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int) -> None:
+        cfg = model.cfg
+        self.model, self.backend, self.device, self.dtype = model, backend, device, dtype
+        self.block_size = block_size
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(cfg.num_layers)]
+        self.sampler = Sampler(cfg.vocab_size, max_num_seqs, device)
+        self.token_buf = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        self.cuda = device.type == "cuda"
+        max_blocks = -(-max_model_len // block_size)
+        self.table = np.zeros((max_num_seqs, max_blocks), dtype=np.int64)
+        self.table_len = np.zeros(max_num_seqs, dtype=np.int64)
+        # per-slot sampling settings, set once when a sequence takes a slot
+        self.temperature = np.zeros(max_num_seqs, np.float32)
+        self.top_k = np.full(max_num_seqs, -1, np.int64)
+        self.top_p = np.ones(max_num_seqs, np.float32)
+        self.min_p = np.zeros(max_num_seqs, np.float32)
+        self.penalty = np.ones(max_num_seqs, np.float32)
+        self.stream_key = np.zeros(max_num_seqs, np.int64)
+        self.logprobs = np.zeros(max_num_seqs, bool)
+        self.min_new_end = np.zeros(max_num_seqs, np.int64)  # position before which stop ids are suppressed
+        self.stop_ids: list[list[int]] = [[] for _ in range(max_num_seqs)]
+        self._staging: list[torch.Tensor | None] = [None] * 4  # (step parity, dtype)
+        self._flip = 0
+
+    # ------------------------------------------------------------------ slots
+    def admit(self, seqs: list[Sequence]) -> None:
+        reset: list[Sequence] = []
+        for s in seqs:
+            p, k = s.params, s.slot
+            self.table[k, : len(s.blocks)] = s.blocks
+            self.table_len[k] = len(s.blocks)
+            self.temperature[k], self.top_k[k], self.top_p[k] = p.temperature, p.top_k, p.top_p
+            self.min_p[k], self.penalty[k], self.stream_key[k] = p.min_p, p.repetition_penalty, s.stream_key
+            self.logprobs[k] = p.logprobs
+            self.min_new_end[k] = s.num_prompt + p.min_new_tokens
+            self.stop_ids[k] = sorted(s.stop_ids)
+            if p.repetition_penalty != 1.0:
+                reset.append(s)
+        if reset:
+            self.sampler.enable_penalty_history()
+            self.sampler.reset_slots([s.slot for s in reset], [s.token_ids for s in reset])
+
+    # ------------------------------------------------------------------ one step
+    def launch(self, batch: ScheduledBatch) -> StepHandle:
+        return self.execute(self.prepare(batch))
+
+    def prepare(self, batch: ScheduledBatch) -> PreparedStep:
+        """Everything the host does for a step, vectorised over the batch where it can be."""
+        seqs, B = batch.seqs, len(batch.seqs)
+        self.admit(batch.admitted)
+        starts = np.array(batch.starts, dtype=np.int64)
+        lens = np.array(batch.lens, dtype=np.int64)
+        slots = np.fromiter((s.slot for s in seqs), np.int64, B)
+        ids: list[int] = []
+        for s, st, n in zip(seqs, batch.starts, batch.lens):
+            if len(s.blocks) != self.table_len[s.slot]:  # grew by a block (admitted rows were synced above)
+                self.table[s.slot, : len(s.blocks)] = s.blocks
+                self.table_len[s.slot] = len(s.blocks)
+            known = s.token_ids[st:st + n]
+            ids += known
+            if len(known) < n:  # the last token is still on the device: gathered there by slot
+                ids += [-1] * (n - len(known))
+        qsl = np.zeros(B + 1, np.int64)
+        np.cumsum(lens, out=qsl[1:])
+        tok_seq = np.repeat(np.arange(B), lens)
+        positions = np.arange(qsl[-1]) - qsl[tok_seq] + starts[tok_seq]
+        tok_slot = slots[tok_seq]
+        bs = self.block_size
+        slot_mapping = self.table[tok_slot, positions // bs] * bs + positions % bs
+        seq_lens = starts + lens
+        max_seq_len = int(seq_lens.max())
+        tables = self.table[slots, : -(-max_seq_len // bs)]
+        rows = np.flatnonzero(np.array(batch.samples, dtype=bool))
+        s_slots = slots[rows]
+        s_pos = seq_lens[rows]  # index of the token being sampled
+        ids_np = np.array(ids, dtype=np.int64)
+        dev = self._upload({
+            "ids": ids_np, "pos": positions, "slot_mapping": slot_mapping, "tok_slot": tok_slot, "qsl": qsl,
+            "seq_lens": seq_lens, "tables": tables, "logit_rows": qsl[1:][rows] - 1, "s_slots": s_slots,
+            "s_pos": s_pos, "top_k": self.top_k[s_slots], "keys": self.stream_key[s_slots],
+            "temperature": self.temperature[s_slots], "top_p": self.top_p[s_slots],
+            "min_p": self.min_p[s_slots], "penalty": self.penalty[s_slots]})
+        meta = AttentionMetadata(
+            slot_mapping=dev["slot_mapping"], query_start_loc=dev["qsl"].to(torch.int32),
+            seq_lens=dev["seq_lens"].to(torch.int32), block_tables=dev["tables"].to(torch.int32),
+            max_query_len=int(lens.max()), max_seq_len=max_seq_len, decode_only=bool((lens == 1).all()))
+        sampling = self._sampling_batch(dev, s_slots, s_pos) if len(rows) else None
+        return PreparedStep(dev, meta, bool((ids_np < 0).any()), [seqs[i] for i in rows], sampling)
+
+    @torch.inference_mode()
+    def execute(self, step: PreparedStep) -> StepHandle:
+        """Enqueue the step on the device; returns at once on CUDA."""
+        dev = step.dev
+        started = done = None
+        if self.cuda:
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
+        input_ids = dev["ids"]
+        if step.needs_gather:
+            input_ids = torch.where(input_ids >= 0, input_ids, self.token_buf[dev["tok_slot"]])
+        hidden = self.model(input_ids, dev["pos"], self.kv_caches, step.meta, self.backend)
+        tokens_host = logprobs_host = None
+        if step.sampling is not None:
+            logits = self.model.logits(hidden[dev["logit_rows"]])
+            tokens, logprobs = self.sampler(logits, step.sampling)
+            self.token_buf[dev["s_slots"]] = tokens
+            self.sampler.record(dev["s_slots"], tokens)
+            tokens_host = self._download(tokens)
+            logprobs_host = self._download(logprobs) if logprobs is not None else None
+        if self.cuda:
+            done = torch.cuda.Event(enable_timing=True)
+            done.record()
+        return StepHandle(step.sample_seqs, tokens_host, logprobs_host, done, started)
+
+    def _sampling_batch(self, dev: dict[str, torch.Tensor], s_slots: np.ndarray, s_pos: np.ndarray) -> SamplingBatch:
+        temp, top_k, top_p = self.temperature[s_slots], self.top_k[s_slots], self.top_p[s_slots]
+        suppress = None
+        under_min = s_pos < self.min_new_end[s_slots]
+        if under_min.any():  # only early tokens of requests with min_new_tokens pay for this
+            lists = [self.stop_ids[k] if m else [] for k, m in zip(s_slots, under_min)]
+            width = max(len(x) for x in lists) or 1
+            arr = np.full((len(lists), width), -1, np.int64)
+            for i, x in enumerate(lists):
+                arr[i, : len(x)] = x
+            suppress = torch.from_numpy(arr).to(self.device)
+        return SamplingBatch(
+            temperature=dev["temperature"], top_k=dev["top_k"], top_p=dev["top_p"], min_p=dev["min_p"],
+            repetition_penalty=dev["penalty"], seeds=dev["keys"], positions=dev["s_pos"], slots=dev["s_slots"],
+            suppress_ids=suppress, all_greedy=bool((temp == 0).all()), any_top_k=bool((top_k > 0).any()),
+            any_top_p=bool((top_p < 1).any()), any_min_p=bool((self.min_p[s_slots] > 0).any()),
+            any_penalty=bool((self.penalty[s_slots] != 1).any()), want_logprobs=bool(self.logprobs[s_slots].any()),
+            top_k_bound=top_k_bound_hint(top_k.tolist(), top_p.tolist()) if (top_k > 0).any() else 0)
+
+    # ------------------------------------------------------------------ host <-> device
+    def _upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """One host->device copy per dtype: int64 arrays packed together, float32 ones together."""
+        if not self.cuda:
+            return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        out: dict[str, torch.Tensor] = {}
+        self._flip ^= 1
+        for dtype in (np.int64, np.float32):
+            items = [(k, v) for k, v in arrays.items() if v.dtype == dtype]
+            flat = np.concatenate([v.ravel() for _, v in items])
+            staged = self._stage(flat, self._flip * 2 + (dtype is np.float32))
+            gpu = staged.to(self.device, non_blocking=True)
+            off = 0
+            for k, v in items:
+                out[k] = gpu[off: off + v.size].view(v.shape)
+                off += v.size
+        return out
+
+    def _stage(self, flat: np.ndarray, key: int) -> torch.Tensor:
+        """Copy into a pinned buffer; buffers alternate so the previous step's copy is never overwritten."""
+        buf = self._staging[key]
+        if buf is None or buf.numel() < flat.size:
+            buf = torch.empty(max(flat.size, 1 << 16), dtype=torch.from_numpy(flat[:0]).dtype, pin_memory=True)
+            self._staging[key] = buf
+        view = buf[: flat.size]
+        view.numpy()[:] = flat
+        return view
+
+    def _download(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    @staticmethod
+    def collect(handle: StepHandle) -> tuple[np.ndarray, np.ndarray | None]:
+        """Wait for one step's sampled tokens (the only host-device sync of the loop)."""
+        if handle.done is not None:
+            handle.done.synchronize()
+        if handle.tokens is None:
+            return np.empty(0, np.int64), None
+        lp = handle.logprobs.numpy() if handle.logprobs is not None else None
+        return handle.tokens.numpy(), lp

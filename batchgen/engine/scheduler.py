@@ -1,0 +1,148 @@
+"""Which sequences run this step and how many tokens each: continuous batching under a token
+budget, prefill and decode mixed, long prompts chunked, preemption by recompute.
+
+Running sequences go first, in admission order, each taking what it still needs (1 token when
+decoding, a chunk when prefilling). When blocks run out, the most recently admitted running
+sequence is preempted (blocks freed, recomputed later from its known tokens). Waiting sequences
+are admitted while the budget, max_num_seqs and free blocks allow; their prompts first reuse
+cached prefix blocks.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    starts: list[int]  # num_computed before this step
+    lens: list[int]  # tokens computed this step
+    samples: list[bool]  # the step samples a new token for this sequence
+    admitted: list[Sequence] = field(default_factory=list)  # newly placed in a slot this step
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batch_tokens: int) -> None:
+        self.bm = blocks
+        self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.preemptions = 0
+        # keep a few blocks free at admission so running sequences can grow without thrashing
+        self.watermark = max(1, blocks.usable_blocks // 100)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.bm.block_size)
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = Status.WAITING
+        (self.waiting.appendleft if front else self.waiting.append)(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        batch = ScheduledBatch([], [], [], [])
+        budget = self.max_batch_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if seq.capped:
+                i += 1
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            need = self.blocks_for(seq.num_computed + n) - len(seq.blocks)
+            while need > self.bm.num_free:
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break
+            if need > 0:
+                seq.blocks += self.bm.allocate(need)
+            self._take(batch, seq, n)
+            budget -= n
+            i += 1
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if len(seq.token_ids) < seq.num_tokens:  # preempted with a token still on the device
+                break
+            if not seq.blocks:  # reuse cached full blocks of its known tokens (keep >= 1 token to compute)
+                seq.blocks, seq.last_hash = self.bm.match_prefix(seq.token_ids, seq.num_tokens - 1)
+                seq.num_computed = seq.num_hashed = len(seq.blocks)
+                seq.num_computed *= self.bm.block_size
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            need = self.blocks_for(seq.num_computed + n) - len(seq.blocks)
+            if need + self.watermark > self.bm.num_free and self.running:
+                self._unmatch(seq)
+                break
+            if need > self.bm.num_free:  # nothing running and still no room: cannot happen for admitted sizes
+                self._unmatch(seq)
+                break
+            seq.blocks += self.bm.allocate(need)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            seq.slot = self.free_slots.pop()
+            self.running.append(seq)
+            batch.admitted.append(seq)
+            self._take(batch, seq, n)
+            budget -= n
+        return batch if batch.seqs else None
+
+    def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        start = seq.num_computed
+        seq.num_computed += n
+        samples = seq.num_computed == seq.num_tokens
+        if samples:
+            seq.num_tokens += 1  # the sampled token is pending on the device until results come back
+        batch.seqs.append(seq)
+        batch.starts.append(start)
+        batch.lens.append(n)
+        batch.samples.append(samples)
+        self._name_full_blocks(seq)
+        if seq.index == 0 and start < seq.num_prompt <= seq.num_computed:
+            self._release_siblings(seq)
+
+    def _name_full_blocks(self, seq: Sequence) -> None:
+        bs = self.bm.block_size
+        known = min(seq.num_computed, len(seq.token_ids))
+        while (seq.num_hashed + 1) * bs <= known:
+            j = seq.num_hashed
+            seq.last_hash = self.bm.register(seq.blocks[j], seq.last_hash, tuple(seq.token_ids[j * bs:(j + 1) * bs]))
+            seq.num_hashed += 1
+
+    def _release_siblings(self, leader: Sequence) -> None:
+        """Samples 1..n-1 wait until the first sample's prompt is scheduled, then share its prefix blocks."""
+        for sib in reversed(leader.group.seqs[1:]):
+            if sib.status is Status.WAITING and sib not in self.waiting:
+                self.waiting.appendleft(sib)
+
+    def _unmatch(self, seq: Sequence) -> None:
+        self.bm.release(seq.blocks)
+        seq.blocks, seq.num_computed, seq.num_hashed, seq.last_hash = [], 0, 0, 0
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._unmatch(seq)
+        self.free_slots.append(seq.slot)
+        seq.slot = -1
+        self.preemptions += 1
+        self.add(seq, front=True)
+
+    def finish(self, seq: Sequence) -> None:
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._unmatch(seq)
+        seq.status = Status.FINISHED
