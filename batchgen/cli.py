@@ -1,0 +1,138 @@
+"""The `batchgen` command line. Thin: parse, call, print. torch and the engine are imported only
+inside commands that need them, so `batchgen --help` is fast.
+
+Other modules add commands without editing this file: LAZY_COMMANDS maps a command name to
+"module:attribute" (a click command), imported only when that command runs or help lists it;
+a module that isn't there (yet) simply has no command.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Any
+
+import click
+
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "submit": ("batchgen.slurm", "submit_command"),
+    "status": ("batchgen.status", "status_command"),
+    "bench": ("batchgen.bench", "bench_command"),
+}
+
+
+class _LazyGroup(click.Group):
+    def _lazy(self, name: str) -> click.Command | None:
+        spec = LAZY_COMMANDS.get(name)
+        if spec is None:
+            return None
+        mod_name, attr = spec
+        try:
+            if importlib.util.find_spec(mod_name) is None:
+                return None
+        except (ImportError, ValueError):
+            return None
+        mod = importlib.import_module(mod_name)
+        cmd = getattr(mod, attr, None)
+        return cmd if isinstance(cmd, click.Command) else None
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = set(super().list_commands(ctx))
+        for name, (mod_name, _) in LAZY_COMMANDS.items():
+            try:
+                if importlib.util.find_spec(mod_name) is not None:
+                    names.add(name)
+            except (ImportError, ValueError):
+                pass
+        return sorted(names)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is not None:
+            return cmd
+        try:
+            return self._lazy(name)
+        except Exception as e:  # noqa: BLE001 - a broken optional module must not break the CLI
+            raise click.ClickException(f"command '{name}' is unavailable: {type(e).__name__}: {e}") from None
+
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="batchgen", message="batchgen %(version)s")
+def cli() -> None:
+    """Offline batch generation: a job file in, sharded Parquet out, resumable exactly once."""
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+@cli.command("run")
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--dry-run", is_flag=True, help="Validate, render the first prompts with token counts and estimate the "
+              "total tokens; loads only the tokenizer.")
+@click.option("--overwrite", is_flag=True, help="Replace the output of a different (changed) job at output.path.")
+@click.option("--task-id", type=int, default=None, envvar=None,
+              help="This task's index, 0-based (default: $SLURM_ARRAY_TASK_ID, else 0).")
+@click.option("--num-tasks", type=int, default=None,
+              help="Number of tasks the input is split into (default: $SLURM_ARRAY_TASK_COUNT, else 1).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a job-file key, e.g. --set sampling.temperature=0 (repeatable; YAML values).")
+@click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True,
+              help="auto: a bar on a terminal, log lines otherwise.")
+@click.option("--log-interval", type=float, default=30.0, show_default=True, metavar="SECONDS",
+              help="Seconds between progress log lines (when not a bar).")
+@click.option("--preview", type=int, default=3, show_default=True, help="Rows to print with --dry-run.")
+def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | None, num_tasks: int | None,
+                overrides: tuple[str, ...], progress: str, log_interval: float, preview: int) -> None:
+    """Run JOB_FILE (YAML): stream its input through the model into Parquet shards.
+
+    Interrupted runs (kill, SIGTERM, Ctrl-C) resume where they stopped when the same command is
+    run again; the output holds every input row exactly once. See jobs/example.yaml."""
+    from .config import ConfigError, load_job
+    from .job import task_from_env
+
+    env_task, env_n = task_from_env()
+    tid = env_task if task_id is None else task_id
+    n = env_n if num_tasks is None else num_tasks
+    if num_tasks is not None and task_id is None and env_n == 1:
+        tid = 0
+    if n < 1:
+        _fail(f"--num-tasks must be >= 1, got {n}")
+    if not 0 <= tid < n:
+        _fail(f"--task-id {tid} is out of range for --num-tasks {n} (task ids are 0..{n - 1})")
+    try:
+        cfg = load_job(job_file, list(overrides))
+    except ConfigError as e:
+        _fail(str(e))
+        return
+    from .sink import OutputError
+
+    try:
+        if dry_run:
+            from .job import dry_run as do_dry_run
+
+            do_dry_run(cfg, task_id=tid, num_tasks=n, preview=preview)
+            return
+        from .job import Job
+
+        code = Job(cfg, task_id=tid, num_tasks=n, overwrite=overwrite, progress=progress,
+                   log_every=log_interval).run()
+    except (ConfigError, OutputError) as e:
+        _fail(str(e))
+        return
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+        return
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return cli.main(args=argv, prog_name="batchgen")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Row -> prompt token ids: template, system prompt, chat template, the too-long policy.
+
+`PromptBuilder.build(row)` never raises for bad data: it returns a `Prompt` whose `error` says
+what is wrong with the row (null/empty/non-string prompt, malformed messages, too long with
+on_too_long: skip). on_too_long: error raises `PromptTooLong`, which stops the job.
+"""
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ConfigError, JobConfig
+from .sources import ROW_ERROR
+
+
+class PromptTooLong(RuntimeError):
+    """on_too_long: error and a prompt is over the limit: the job stops."""
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int] | None
+    text: str | None = None  # the rendered prompt (for --dry-run and error messages)
+    error: str | None = None
+    truncated: bool = False
+    too_long: bool = False
+    n_tokens: int | None = None  # prompt tokens (also for a too-long prompt)
+
+
+class _NoneAsEmpty(string.Formatter):
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        return "" if value is None else super().format_field(value, format_spec)
+
+
+_FMT = _NoneAsEmpty()
+
+
+def load_tokenizer(cfg: JobConfig) -> Any:
+    """The model's tokenizer, without loading the model. ConfigError when the model is missing."""
+    path = model_location(cfg)
+    try:
+        from .engine import model_source
+    except ImportError:  # pragma: no cover - engine package not there yet
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return model_source.load_tokenizer(str(path))
+    except model_source.ModelSourceError as e:
+        raise ConfigError(f"{cfg.source_path}: model.path: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{cfg.source_path}: model.path: can't load a tokenizer from '{cfg.model.path}': {_first_line(e)}") from None
+
+
+def model_location(cfg: JobConfig) -> str:
+    """model.path as the loader should see it: a local path resolved against the job file's
+    directory when it exists there, else the value unchanged (alias or hub id). Raises
+    ConfigError for a path that clearly names a local file or directory that is missing."""
+    from .config import resolve_path
+
+    value = cfg.model.path
+    try:
+        from .engine.model_source import ALIASES
+    except ImportError:  # pragma: no cover
+        ALIASES = {}
+    if value in ALIASES:
+        return value
+    p = resolve_path(cfg, value, must_exist=True)
+    if p.exists():
+        return str(p)
+    looks_local = (
+        value.startswith(("/", "./", "../", "~"))
+        or value.endswith(".gguf")
+        or value.count("/") > 1
+        or "\\" in value
+    )
+    if looks_local:
+        raise ConfigError(f"{cfg.source_path}: model.path: no such file or directory: {p}")
+    return value
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+class PromptBuilder:
+    def __init__(self, cfg: JobConfig, tokenizer: Any, max_model_len: int | None = None) -> None:
+        self.cfg = cfg
+        self.pc = cfg.prompt
+        self.tok = tokenizer
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        ct = self.pc.chat_template
+        if ct is True and not has_template:
+            raise ConfigError(
+                f"{cfg.source_path}: prompt.chat_template: true, but the tokenizer of '{cfg.model.path}' has no chat template"
+            )
+        self.use_chat = has_template if ct == "auto" else bool(ct)
+        # longest prompt: prompt.max_tokens, and room for max_new_tokens in the model's context
+        limit = self.pc.max_tokens
+        if max_model_len:
+            room = max_model_len - cfg.sampling.max_new_tokens
+            if room < 1:
+                raise ConfigError(
+                    f"{cfg.source_path}: sampling.max_new_tokens: {cfg.sampling.max_new_tokens} leaves no room "
+                    f"for a prompt in the model's context of {max_model_len} tokens"
+                )
+            limit = min(limit, room)
+        self.limit = limit
+
+    # ------------------------------------------------------------------ rendering
+    def _messages(self, row: dict) -> tuple[list[dict] | None, str | None]:
+        """The chat messages of a row, or (None, error)."""
+        pc = self.pc
+        if pc.messages_column is not None:
+            msgs = row.get(pc.messages_column)
+            if isinstance(msgs, str):
+                try:
+                    msgs = json.loads(msgs)
+                except ValueError:
+                    return None, f"{pc.messages_column} is a string, not a list of messages"
+            if msgs is None:
+                return None, f"{pc.messages_column} is null"
+            if hasattr(msgs, "tolist"):
+                msgs = msgs.tolist()
+            if not isinstance(msgs, (list, tuple)) or not msgs:
+                return None, f"{pc.messages_column} must be a non-empty list of {{role, content}}, got {_kind_of(msgs)}"
+            out = []
+            for i, m in enumerate(msgs):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                    return None, f"{pc.messages_column}[{i}] is not a {{role, content}} mapping"
+                content = m["content"]
+                if content is None:
+                    return None, f"{pc.messages_column}[{i}].content is null"
+                if not isinstance(content, (str, list)):
+                    return None, f"{pc.messages_column}[{i}].content must be a string, got {_kind_of(content)}"
+                out.append({"role": m["role"], "content": content})
+            if pc.system is not None and out[0]["role"] != "system":
+                out.insert(0, {"role": "system", "content": pc.system})
+            if not any(isinstance(m["content"], list) or m["content"].strip() for m in out if m["role"] != "system"):
+                return None, f"{pc.messages_column} has only empty messages"
+            return out, None
+        value = row.get(pc.column)  # type: ignore[arg-type]
+        if value is None:
+            return None, f"prompt column '{pc.column}' is null"
+        if not isinstance(value, str):
+            return None, f"prompt column '{pc.column}' must be a string, got {_kind_of(value)}"
+        if not value.strip():
+            return None, f"prompt column '{pc.column}' is empty"
+        if pc.template is not None:
+            try:
+                value = _FMT.format(pc.template, **row)
+            except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+                return None, f"prompt.template can't be filled from this row: {type(e).__name__}: {e}"
+        msgs = [{"role": "user", "content": value}]
+        if pc.system is not None:
+            msgs.insert(0, {"role": "system", "content": pc.system})
+        return msgs, None
+
+    def render(self, msgs: list[dict]) -> tuple[str, bool]:
+        """(prompt text, whether it already holds the special tokens)."""
+        if self.use_chat:
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return text, True
+        if self.pc.messages_column is None:
+            parts = [m["content"] for m in msgs]
+            return "\n\n".join(parts), False
+        lines = [f"{m['role']}: {_content_text(m['content'])}" for m in msgs]
+        return "\n".join(lines) + "\nassistant:", False
+
+    def _encode(self, text: str, has_specials: bool) -> list[int]:
+        return list(self.tok(text, add_special_tokens=not has_specials)["input_ids"])
+
+    def build(self, row: dict) -> Prompt:
+        if ROW_ERROR in row:
+            return Prompt(None, error=row[ROW_ERROR])
+        msgs, err = self._messages(row)
+        if err is not None:
+            return Prompt(None, error=err)
+        assert msgs is not None
+        try:
+            text, specials = self.render(msgs)
+            ids = self._encode(text, specials)
+        except Exception as e:  # noqa: BLE001 - a template or tokenizer error is this row's problem
+            return Prompt(None, error=f"can't render the prompt: {type(e).__name__}: {_first_line(e)}")
+        if not ids:
+            return Prompt(None, text=text, error="the prompt is empty after tokenization")
+        if len(ids) <= self.limit:
+            return Prompt(ids, text=text, n_tokens=len(ids))
+        n = len(ids)
+        policy = self.pc.on_too_long
+        if policy == "error":
+            raise PromptTooLong(f"{n} tokens > prompt.max_tokens limit of {self.limit}")
+        if policy == "skip":
+            return Prompt(None, text=text, n_tokens=n, too_long=True,
+                          error=f"prompt too long: {n} tokens > limit of {self.limit} (on_too_long: skip)")
+        return self._truncate(msgs, n, text)
+
+    def _truncate(self, msgs: list[dict], n: int, text: str) -> Prompt:
+        """Cut the end of the longest non-system message until the rendered prompt fits;
+        the template around it (instructions, chat markup) stays whole."""
+        idx = max(
+            (i for i, m in enumerate(msgs) if isinstance(m["content"], str) and m["role"] != "system"),
+            key=lambda i: len(msgs[i]["content"]),
+            default=None,
+        )
+        if idx is None:
+            return Prompt(None, text=text, n_tokens=n, too_long=True,
+                          error=f"prompt too long: {n} tokens > limit of {self.limit} and nothing to truncate")
+        content = msgs[idx]["content"]
+        c_ids = list(self.tok(content, add_special_tokens=False)["input_ids"])
+        over = n - self.limit
+        for _ in range(6):
+            keep = len(c_ids) - over
+            if keep <= 0:
+                break
+            msgs = [dict(m) for m in msgs]
+            msgs[idx]["content"] = self.tok.decode(c_ids[:keep], skip_special_tokens=True)
+            text, specials = self.render(msgs)
+            ids = self._encode(text, specials)
+            if len(ids) <= self.limit:
+                return Prompt(ids, text=text, n_tokens=len(ids), truncated=True)
+            over += len(ids) - self.limit + 1
+        return Prompt(None, text=text, n_tokens=n, too_long=True,
+                      error=f"prompt too long: {n} tokens > limit of {self.limit}, and truncating the text can't make it fit")
+
+
+def _content_text(c: Any) -> str:
+    if isinstance(c, list):
+        return " ".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in c)
+    return str(c)
+
+
+def _kind_of(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return f"a number ({v})"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, str):
+        return "a string"
+    return type(v).__name__
+
+
+def row_seed(job_seed: int, row_id: Any) -> int:
+    """The per-row sampling seed: a stable hash of (job seed, id); the engine derives sample j
+    from (seed, j), so (job seed, id, sample_index) fixes each sample's random stream."""
+    import hashlib
+
+    tag = "i" if isinstance(row_id, int) and not isinstance(row_id, bool) else "s"
+    key = f"{job_seed}\0{tag}\0{row_id}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
