@@ -1,0 +1,191 @@
+"""Job file validation: every bad job file fails before the model loads, with one clear line
+that names the key (exit code 2, no traceback)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from batchgen.cli import cli
+from batchgen.config import ConfigError, job_fingerprint, load_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_job(tmp_path: Path, text: str, rows: int = 3) -> Path:
+    data = tmp_path / "data.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"prompt": f"hi {i}", "cat": i}) + "\n" for i in range(rows)))
+    job = tmp_path / "job.yaml"
+    job.write_text(textwrap.dedent(text))
+    return job
+
+
+GOOD = """\
+model: {path: smollm2-135m-instruct}
+input:
+  files: [data.jsonl]
+  columns: [cat]
+prompt:
+  column: prompt
+output:
+  path: out
+"""
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    r = CliRunner().invoke(cli, list(args))
+    return r.exit_code, r.output
+
+
+def test_good_job_loads_with_defaults(tmp_path: Path) -> None:
+    cfg = load_job(write_job(tmp_path, GOOD))
+    assert cfg.sampling.max_new_tokens == 512 and cfg.sampling.temperature == 0.7
+    assert cfg.output.rows_per_shard == 10000 and cfg.output.compression == "zstd"
+    assert cfg.engine.max_num_seqs == 256 and cfg.prompt.on_too_long == "skip"
+    assert cfg.input.columns == ["cat"] and cfg.cost_per_hour is None
+
+
+def test_example_and_demo_jobs_are_valid() -> None:
+    for name in ("example.yaml", "demo.yaml"):
+        cfg = load_job(ROOT / "jobs" / name)
+        assert cfg.model.path
+
+
+@pytest.mark.parametrize(
+    "patch, expect",
+    [
+        ("sampling: {temprature: 0.5}\n", ["sampling.temprature", "unknown key", "did you mean 'temperature'"]),
+        ("outptu: {path: x}\n", ["outptu", "did you mean 'output'"]),
+        ("sampling: {max_new_tokens: many}\n", ["sampling.max_new_tokens", "must be an integer", "many"]),
+        ("sampling: {temperature: -1}\n", ["sampling.temperature", ">= 0"]),
+        ("sampling: {top_p: 0}\n", ["sampling.top_p", "> 0"]),
+        ("sampling: {n: true}\n", ["sampling.n", "must be an integer"]),
+        ("engine: {overlap: maybe}\n", ["engine.overlap", "true or false"]),
+        ("engine: {attention: trition}\n", ["engine.attention", "did you mean 'triton'"]),
+        ("output: {path: out, compression: zip}\n", ["output.compression", "'zip'"]),
+        ("prompt: {column: prompt, on_too_long: cut}\n", ["prompt.on_too_long", "'cut'"]),
+        ("prompt: {column: prompt, messages_column: m}\n", ["prompt", "exactly one of prompt.column and prompt.messages_column"]),
+        ("prompt: {template: 'x {prompt}'}\n", ["prompt", "neither is set"]),
+        ("input: {files: [data.jsonl], dataset: foo/bar}\n", ["input", "exactly one of input.dataset and input.files"]),
+        ("input: {files: [data.jsonl], split: train}\n", ["input.split", "only applies to input.dataset"]),
+        ("input: {files: [data.jsonl], limit: -3}\n", ["input.limit", ">= 0"]),
+        ("prompt: {column: prompt, template: 'a {} b'}\n", ["prompt.template", "name a column"]),
+        ("cost_per_hour: cheap\n", ["cost_per_hour", "must be a number"]),
+        ("model: 5\n", ["model", "must be a mapping"]),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, patch: str, expect: list[str]) -> None:
+    base = {k: v for k, v in [("model", "model: {path: smollm2-135m-instruct}\n"),
+                              ("input", "input: {files: [data.jsonl]}\n"),
+                              ("prompt", "prompt: {column: prompt}\n"),
+                              ("output", "output: {path: out}\n")]}
+    key = patch.split(":", 1)[0]
+    if key in base:
+        base[key] = patch
+        text = "".join(base.values())
+    else:
+        text = "".join(base.values()) + patch
+    job = write_job(tmp_path, text)
+    with pytest.raises(ConfigError) as ei:
+        load_job(job)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    for e in expect:
+        assert e in msg, msg
+    code, out = run_cli("run", str(job))
+    assert code == 2
+    assert out.strip().startswith("error: ") and "Traceback" not in out
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_yaml_syntax_error_gives_line(tmp_path: Path) -> None:
+    job = write_job(tmp_path, "model: {path: x}\ninput:\n  files: [data.jsonl\nprompt: {column: prompt}\n")
+    code, out = run_cli("run", str(job))
+    assert code == 2 and "YAML syntax error" in out and "job.yaml:" in out
+    with pytest.raises(ConfigError, match=r"job\.yaml:\d+: YAML syntax error"):
+        load_job(job)
+
+
+def test_duplicate_key_and_line_numbers(tmp_path: Path) -> None:
+    job = write_job(tmp_path, GOOD + "sampling:\n  n: 2\n  n: 3\n")
+    with pytest.raises(ConfigError, match="duplicate key 'n'"):
+        load_job(job)
+    job = write_job(tmp_path, GOOD + "sampling:\n  seed: 1\n  tempreature: 0\n")
+    with pytest.raises(ConfigError, match=r"job\.yaml:11: sampling\.tempreature"):
+        load_job(job)
+
+
+def test_missing_sections_and_required_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="output: missing section"):
+        load_job(write_job(tmp_path, "model: {path: x}\ninput: {files: [data.jsonl]}\nprompt: {column: prompt}\n"))
+    with pytest.raises(ConfigError, match=r"model\.path: missing"):
+        load_job(write_job(tmp_path, "model: {dtype: auto}\ninput: {files: [data.jsonl]}\nprompt: {column: prompt}\noutput: {path: o}\n"))
+    with pytest.raises(ConfigError, match="empty"):
+        load_job(write_job(tmp_path, ""))
+    with pytest.raises(ConfigError, match="no such job file"):
+        load_job(tmp_path / "nope.yaml")
+
+
+def test_missing_input_file_and_column(tmp_path: Path) -> None:
+    job = write_job(tmp_path, GOOD.replace("data.jsonl", "missing.jsonl"))
+    code, out = run_cli("run", str(job))
+    assert code == 2 and "input.files" in out and "no such file" in out
+    job = write_job(tmp_path, GOOD.replace("data.jsonl", "nomatch/*.parquet"))
+    code, out = run_cli("run", str(job))
+    assert code == 2 and "matches no file" in out
+    job = write_job(tmp_path, GOOD.replace("column: prompt", "column: promt"))
+    code, out = run_cli("run", str(job))
+    assert code == 2 and "prompt.column" in out and "'promt'" in out
+    assert "available columns: prompt, cat" in out and "did you mean 'prompt'" in out
+    job = write_job(tmp_path, GOOD.replace("columns: [cat]", "columns: [cat, dog]"))
+    code, out = run_cli("run", str(job))
+    assert code == 2 and "input.columns" in out and "'dog'" in out
+    job = write_job(tmp_path, GOOD.replace("column: prompt", "column: prompt\n  template: '{prompt} {lang}'"))
+    code, out = run_cli("run", str(job))
+    assert code == 2 and "prompt.template" in out and "'lang'" in out
+
+
+def test_missing_model_fails_before_loading(tmp_path: Path) -> None:
+    job = write_job(tmp_path, GOOD.replace("smollm2-135m-instruct", "./models/nothing-here"))
+    code, out = run_cli("run", str(job))
+    assert code == 2 and "model.path" in out and "no such file" in out, out
+    job = write_job(tmp_path, GOOD.replace("smollm2-135m-instruct", "weights/missing.gguf"))
+    code, out = run_cli("run", "--dry-run", str(job))
+    assert code == 2 and "model.path" in out, out
+
+
+def test_set_overrides_and_fingerprint(tmp_path: Path) -> None:
+    job = write_job(tmp_path, GOOD)
+    a = load_job(job)
+    b = load_job(job, ["sampling.temperature=0", "input.limit=2", "output.rows_per_shard=7"])
+    assert b.sampling.temperature == 0.0 and b.input.limit == 2 and b.output.rows_per_shard == 7
+    # limit, output and engine settings don't change what is generated
+    assert job_fingerprint(a) == job_fingerprint(load_job(job, ["input.limit=2", "engine.max_num_seqs=3"]))
+    assert job_fingerprint(a) != job_fingerprint(b)
+    assert job_fingerprint(a) != job_fingerprint(load_job(job, ["prompt.system=Be brief."]))
+    with pytest.raises(ConfigError, match="sampling.temprature"):
+        load_job(job, ["sampling.temprature=0"])
+
+
+def test_paths_relative_to_job_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchgen.config import output_dir
+
+    job = write_job(tmp_path, GOOD)
+    monkeypatch.chdir("/")
+    cfg = load_job(job)
+    assert output_dir(cfg) == (tmp_path / "out").resolve()
+
+
+def test_cli_error_is_one_line_in_a_real_process(tmp_path: Path) -> None:
+    job = write_job(tmp_path, GOOD.replace("column: prompt", "colum: prompt"))
+    r = subprocess.run([sys.executable, "-m", "batchgen.cli", "run", str(job)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {job}:6: prompt.colum: unknown key (did you mean 'column'?)"
+    assert r.stdout == ""
