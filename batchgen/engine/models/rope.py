@@ -55,10 +55,3 @@ def cos_sin_table(head_dim: int, theta: float, scaling: dict | None, max_positio
     freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
     return torch.cat([freqs.cos() * attn_scale, freqs.sin() * attn_scale], dim=-1)
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim // 2] (HF 'rotate_half' layout)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # HF multiplies in the input dtype
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
