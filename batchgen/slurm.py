@@ -1,26 +1,27 @@
-"""Slurm: array-task identity, the sbatch script of `batchgen submit`, graceful stop and requeue.
+"""Slurm: array-task identity, the sbatch script of `batchgen submit`, stop and self-requeue.
 
 How a batchgen array job behaves (the contract the tests check):
 
-- `batchgen submit job.yaml --tasks N` writes OUT/.batchgen/slurm/<name>-<stamp>.sbatch and submits it:
-  `--array=0-(N-1)[%M]`, `--requeue`, `--signal=B:USR1@<grace>`, one log per task
-  (OUT/.batchgen/slurm/logs/<arrayjob>_<task>.log, appended across requeues) and a last line that
-  `exec`s the absolute path of the batchgen that submitted it, so the batchgen process *is*
-  the batch shell and receives the signals that Slurm sends to it.
-- Each task reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (`task_identity`).
-- USR1 (the time-limit warning asked for by `--signal=B:USR1@grace`): stop admitting, commit
-  what is complete, then `scontrol requeue <arrayjob>_<task>` and exit EXIT_STOPPED.
+- `batchgen submit job.yaml --tasks N` writes OUT/.batchgen/slurm/<name>-<stamp>.sbatch and
+  submits it: `--array=0-(N-1)[%M]`, `--requeue`, `--signal=B:USR1@<grace>`, one log per task
+  (OUT/.batchgen/slurm/logs/<arrayjob>_<task>.log, appended across requeues) and a last line
+  that `exec`s the absolute path of the batchgen that submitted it, so the batchgen process
+  *is* the batch shell and receives the signals Slurm sends to it.
+- Each task reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (batchgen.job.task_from_env).
+- USR1 (the time-limit warning asked for by `--signal=B:USR1@grace`): the run stops admitting,
+  commits what is complete, then (`requeue_on_usr1`, a Job.on_stop callback) runs
+  `scontrol requeue <arrayjob>_<task>` and exits 138 (128 + USR1).
 - TERM (preemption, `scontrol requeue` by anyone, scancel, the time limit itself): stop
-  admitting, commit, exit EXIT_STOPPED. No self-requeue: when Slurm is requeueing the task
+  admitting, commit, exit 143. No self-requeue: when Slurm is requeueing the task
   (preemption with PreemptMode=REQUEUE, scontrol requeue) it restarts it on its own, and
   after a scancel the user wants it to stay stopped.
-- Requeueing sends TERM to the task itself: the handlers are idempotent (the first signal
-  decides; later ones are only logged) and the requeue happens only after the final commit.
-- A restarted task (SLURM_RESTART_COUNT > 0) resumes from its own progress file.
+- Requeueing sends TERM to the task itself, after the final commit: a second signal while
+  stopping only makes the stop "hard" (nothing left to abandon by then).
+- A restarted task (SLURM_RESTART_COUNT > 0) resumes from its committed shards.
 
-Exit codes of `batchgen run`: 0 = this task's part is complete; EXIT_STOPPED (75, EX_TEMPFAIL)
-= stopped by a signal with everything complete committed (rerun or requeue resumes it);
-anything else = an error.
+Exit codes of `batchgen run`: 0 = this task's part is complete; 128 + signal (138 USR1,
+143 TERM, 130 INT) = stopped by that signal with everything complete committed (a rerun or
+requeue resumes); 1 = failed; 2 = refused (bad job file, output of another job).
 """
 from __future__ import annotations
 
@@ -32,17 +33,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import click
 
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early on a signal, progress committed, resumable
 DEFAULT_GRACE_S = 120
 SLURM_DIR = ".batchgen/slurm"  # hidden, like the rest of OUT/.batchgen: only shards are visible
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+EXIT_USR1 = 128 + signal.SIGUSR1  # 138: stopped by the time-limit warning (and requeued)
 
 
 # ---------------------------------------------------------------------------------------
@@ -56,33 +55,6 @@ def _int_env(env: Mapping[str, str], key: str) -> int | None:
         return int(v)
     except ValueError:
         return None
-
-
-def task_identity(task_id: int | None = None, num_tasks: int | None = None,
-                  environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """(task_id, num_tasks): explicit values win, then SLURM_ARRAY_TASK_ID/COUNT, then (0, 1).
-
-    The array must be 0-based and dense (`--array=0-(N-1)`), which is what `batchgen submit`
-    writes; anything else is an error rather than a silently wrong partition.
-    """
-    env = os.environ if environ is None else environ
-    if task_id is None:
-        task_id = _int_env(env, "SLURM_ARRAY_TASK_ID")
-    if num_tasks is None:
-        num_tasks = _int_env(env, "SLURM_ARRAY_TASK_COUNT")
-        if num_tasks is not None and task_id is not None:
-            lo, hi = _int_env(env, "SLURM_ARRAY_TASK_MIN"), _int_env(env, "SLURM_ARRAY_TASK_MAX")
-            if lo not in (None, 0) or (hi is not None and hi != num_tasks - 1):
-                raise ValueError(
-                    f"the Slurm array must be 0..N-1 (got min={lo} max={hi} count={num_tasks}); "
-                    "submit with `batchgen submit` or pass --task-id/--num-tasks")
-    task_id = 0 if task_id is None else task_id
-    num_tasks = 1 if num_tasks is None else num_tasks
-    if num_tasks < 1:
-        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-    if not 0 <= task_id < num_tasks:
-        raise ValueError(f"task id {task_id} is outside 0..{num_tasks - 1}")
-    return task_id, num_tasks
 
 
 def restart_count(environ: Mapping[str, str] | None = None) -> int:
@@ -103,83 +75,28 @@ def own_slurm_job(environ: Mapping[str, str] | None = None) -> str | None:
 # ---------------------------------------------------------------------------------------
 # graceful stop
 # ---------------------------------------------------------------------------------------
-@dataclass
-class GracefulStop:
-    """USR1/TERM handlers that ask the running job to stop; idempotent.
-
-        stop = GracefulStop().install()
-        stop.add_hook(job.request_stop)        # called once, at the first signal
-        result = job.run()                     # returns after the final commit
-        if stop.signum is not None and not result.complete:
-            sys.exit(stop.finish())            # requeue on USR1, then EXIT_STOPPED
-
-    A signal that comes before a hook is added (e.g. while the model loads) is remembered and
-    the hook is called as soon as it is added; `stop.requested` can be polled as well.
-    """
-
-    signals: Sequence[int] = STOP_SIGNALS
-    signum: int | None = None
-    log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
-    _hooks: list = field(default_factory=list)
-    _previous: dict = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _finished: bool = False
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def install(self) -> "GracefulStop":
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for s, prev in self._previous.items():
-            signal.signal(s, prev)
-        self._previous.clear()
-
-    def add_hook(self, hook: Callable[[int], object] | Callable[[], object]) -> None:
-        with self._lock:
-            self._hooks.append(hook)
-            signum = self.signum
-        if signum is not None:
-            _call_hook(hook, signum)
-
-    def _handle(self, signum: int, frame=None) -> None:  # runs in the main thread
-        name = signal.Signals(signum).name
-        if self.signum is not None:
-            self.log(f"batchgen: got {name} again while stopping (first: "
-                     f"{signal.Signals(self.signum).name}); still committing")
-            return
-        self.signum = signum
-        self.log(f"batchgen: got {name}: no new rows, committing what is complete"
-                 + (", then requeueing" if signum == signal.SIGUSR1 and own_slurm_job() else ""))
-        for hook in list(self._hooks):
-            _call_hook(hook, signum)
-
-    def finish(self, environ: Mapping[str, str] | None = None) -> int:
-        """After the final commit of a stopped run: requeue own task on USR1 (inside Slurm)
-        and return the exit code (EXIT_STOPPED). Call once; later calls just return it."""
-        if self._finished or self.signum is None:
-            return EXIT_STOPPED
-        self._finished = True
-        if self.signum == signal.SIGUSR1 and own_slurm_job(environ):
-            requeue_self(environ, log=self.log)
-        return EXIT_STOPPED
+def attach_to_job(job: Any, environ: Mapping[str, str] | None = None) -> Any:
+    """Make a batchgen.job.Job stop gracefully on USR1 too, and requeue itself afterwards when
+    it runs inside Slurm. Called by `batchgen run` before job.run(); harmless outside Slurm
+    (USR1 then just stops the run, exit 138)."""
+    job.stop_signals.setdefault(signal.SIGUSR1, EXIT_USR1)
+    job.on_stop.append(lambda j: requeue_on_usr1(j, environ))
+    return job
 
 
-def _call_hook(hook, signum: int) -> None:
-    try:
-        hook(signum)
-    except TypeError:
-        hook()
+def requeue_on_usr1(job: Any, environ: Mapping[str, str] | None = None) -> bool:
+    """Job.on_stop callback (runs after the final commit of a stopped run): on USR1 inside
+    Slurm, `scontrol requeue` this task. Returns whether it requeued."""
+    if getattr(job, "stopped_by", None) != signal.SIGUSR1 or not own_slurm_job(environ):
+        return False
+    log = getattr(job, "say", None) or (lambda m: print(m, file=sys.stderr, flush=True))
+    return requeue_self(environ, log=log)
 
 
 def requeue_self(environ: Mapping[str, str] | None = None, timeout: float = 60,
                  log: Callable[[str], None] | None = None) -> bool:
-    """`scontrol requeue` this task. Slurm then sends TERM to it (ignored by GracefulStop
-    once stopping) and runs it again later with SLURM_RESTART_COUNT+1. True on success."""
+    """`scontrol requeue` this task. Slurm then sends TERM to it (the run is already stopping,
+    its output committed) and runs it again later with SLURM_RESTART_COUNT+1. True on success."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     job = own_slurm_job(environ)
     if not job:
@@ -329,7 +246,7 @@ def render_sbatch_script(job_file: Path, output_dir: Path, opts: SubmitOptions,
         "export TOKENIZERS_PARALLELISM=false",
         f"cd {q(str(workdir))}",
         "# exec: batchgen becomes the batch shell, so USR1 (--signal=B:...) and TERM reach it;",
-        "# it stops admitting, commits, requeues itself on USR1 and exits 75 (0 when done).",
+        "# it stops admitting, commits, requeues itself on USR1 and exits (0 only when done).",
         f"exec {run}",
         "",
     ]

@@ -142,16 +142,7 @@ def test_time_limit_seconds(t, s):
 
 
 # ------------------------------------------------------------------------- identity
-def test_task_identity():
-    assert slurm.task_identity(environ={}) == (0, 1)
-    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0",
-           "SLURM_ARRAY_TASK_MAX": "3"}
-    assert slurm.task_identity(environ=env) == (2, 4)
-    assert slurm.task_identity(1, 3, environ=env) == (1, 3)  # flags win
-    with pytest.raises(ValueError):
-        slurm.task_identity(environ={**env, "SLURM_ARRAY_TASK_MIN": "1"})  # not 0-based
-    with pytest.raises(ValueError):
-        slurm.task_identity(4, 4, environ={})
+def test_identity_helpers():
     assert slurm.restart_count({"SLURM_RESTART_COUNT": "3"}) == 3
     assert slurm.restart_count({}) == 0
     assert slurm.own_slurm_job({"SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "2", "SLURM_JOB_ID": "9"}) == "7_2"
@@ -159,41 +150,35 @@ def test_task_identity():
     assert slurm.own_slurm_job({}) is None
 
 
-# ------------------------------------------------------------------------- graceful stop
-def test_graceful_stop_is_idempotent(monkeypatch):
-    calls, logs = [], []
-    stop = slurm.GracefulStop(log=logs.append).install()
-    try:
-        os.kill(os.getpid(), signal.SIGTERM)  # before any hook: remembered
-        assert stop.requested and stop.signum == signal.SIGTERM
-        stop.add_hook(calls.append)
-        assert calls == [signal.SIGTERM]
-        os.kill(os.getpid(), signal.SIGUSR1)  # a second signal changes nothing
-        assert calls == [signal.SIGTERM] and stop.signum == signal.SIGTERM
-        assert any("again" in m for m in logs)
-    finally:
-        stop.uninstall()
-    requeued = []
-    monkeypatch.setattr(slurm, "requeue_self", lambda *a, **k: requeued.append(1) or True)
-    monkeypatch.setenv("SLURM_JOB_ID", "5")
-    assert stop.finish() == slurm.EXIT_STOPPED and requeued == []  # TERM: no self-requeue
+# ------------------------------------------------------------------------- stop and requeue
+class FakeJob:
+    def __init__(self):
+        self.stop_signals = {signal.SIGTERM: 143, signal.SIGINT: 130}
+        self.on_stop = []
+        self.stopped_by = None
+        self.said = []
+
+    def say(self, m):
+        self.said.append(m)
 
 
-def test_graceful_stop_requeues_on_usr1_once(monkeypatch):
-    requeued = []
-    monkeypatch.setattr(slurm, "requeue_self", lambda *a, **k: requeued.append(1) or True)
+def test_attach_requeues_only_on_usr1_inside_slurm(monkeypatch):
+    calls = []
+    monkeypatch.setattr(slurm, "requeue_self", lambda env=None, **k: calls.append(env) or True)
     env = {"SLURM_ARRAY_JOB_ID": "3", "SLURM_ARRAY_TASK_ID": "1"}
-    stop = slurm.GracefulStop(log=lambda m: None).install()
-    try:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.finish(env) == slurm.EXIT_STOPPED
-        assert stop.finish(env) == slurm.EXIT_STOPPED
-        assert requeued == [1]
-    finally:
-        stop.uninstall()
-    outside = slurm.GracefulStop(log=lambda m: None)
-    outside._handle(signal.SIGUSR1)
-    assert outside.finish({}) == slurm.EXIT_STOPPED and requeued == [1]  # no Slurm: no requeue
+    job = slurm.attach_to_job(FakeJob(), env)
+    assert job.stop_signals[signal.SIGUSR1] == 128 + signal.SIGUSR1
+    assert job.stop_signals[signal.SIGTERM] == 143  # left as the pipeline set it
+    (cb,) = job.on_stop
+    job.stopped_by = signal.SIGTERM
+    cb(job)
+    assert calls == []  # TERM: Slurm requeues (or the user cancelled): no self-requeue
+    job.stopped_by = signal.SIGUSR1
+    cb(job)
+    assert calls == [env]
+    outside = slurm.attach_to_job(FakeJob(), {})
+    outside.stopped_by = signal.SIGUSR1
+    assert outside.on_stop[0](outside) is False and calls == [env]  # not in Slurm: just stop
 
 
 def test_requeue_self_runs_scontrol(tmp_path, monkeypatch):
