@@ -37,14 +37,14 @@ def _mix(*parts: int) -> int:
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto",
+    def __init__(self, model_dir: str | Path | None, device: str = "auto", dtype: str | torch.dtype = "auto",
                  max_num_seqs: int = 256, max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  block_size: int = 16, prefix_caching: bool = True, gpu_memory_fraction: float = 0.9,
                  overlap: bool = True, cuda_graphs: bool = True, attention: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, model: Any = None) -> None:
         from transformers import AutoTokenizer, GenerationConfig
 
-        self.model_dir = Path(model_dir)
+        self.model_dir = Path(model_dir) if model_dir is not None else None
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
         if model is None:
@@ -54,11 +54,12 @@ class Engine:
         self.model = model
         cfg = model.cfg
         self.dtype = next(model.parameters()).dtype
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir) if (self.model_dir / "tokenizer_config.json").exists() or (self.model_dir / "tokenizer.json").exists() else None
-        try:
+        has_tokenizer = self.model_dir is not None and any(
+            (self.model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir) if has_tokenizer else None
+        self.generation_config = None
+        if self.model_dir is not None and (self.model_dir / "generation_config.json").exists():
             self.generation_config = GenerationConfig.from_pretrained(self.model_dir)
-        except OSError:
-            self.generation_config = None
         self.eos_token_ids = self._eos_ids(raw_config)
         self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
         self.block_size, self.seed = block_size, seed
@@ -70,9 +71,11 @@ class Engine:
         self.runner = ModelRunner(model, self.backend, self.device, self.dtype, num_blocks, block_size,
                                   max_num_seqs, self.max_model_len)
         self.overlap = overlap and self.device.type == "cuda"
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # decode graphs need an attention backend whose launches depend only on host bounds
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend.name != "torch"
+        self.graph_capture_s = self.runner.capture_graphs(max_num_seqs) if self.cuda_graphs else 0.0
         self._arrivals = itertools.count()
-        self._reset_stats()
+        self.reset_stats()
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, **kwargs: Any) -> "Engine":
@@ -110,9 +113,9 @@ class Engine:
             raise ValueError(f"KV cache would hold {tokens} tokens: not enough memory for this model and settings")
         return -(-tokens // self.block_size) + 1  # + the scratch block
 
-    def _reset_stats(self) -> None:
+    def reset_stats(self) -> None:
         self._stats = dict(steps=0, prompt_tokens=0, output_tokens=0, requests=0, errors=0, wall_s=0.0,
-                           host_s=0.0, busy_ms=0.0)
+                           host_s=0.0, busy_ms=0.0, decode_steps=0, decode_busy_ms=0.0, decode_gap_ms=0.0)
         self._gpu_first: torch.cuda.Event | None = None
         self._gpu_last: torch.cuda.Event | None = None
 
@@ -127,6 +130,12 @@ class Engine:
                     output_tokens=s["output_tokens"], wall_s=s["wall_s"], gpu_busy_fraction=busy,
                     host_ms_per_step=1000 * s["host_s"] / max(1, s["steps"]),
                     output_tok_s=s["output_tokens"] / s["wall_s"] if s["wall_s"] else 0.0,
+                    decode_steps=s["decode_steps"],
+                    decode_gpu_busy_fraction=(s["decode_busy_ms"] / (s["decode_busy_ms"] + s["decode_gap_ms"])
+                                              if s["decode_busy_ms"] else None),
+                    mean_decode_step_ms=((s["decode_busy_ms"] + s["decode_gap_ms"]) / s["decode_steps"]
+                                         if s["decode_busy_ms"] else None),
+                    mean_decode_gpu_ms=s["decode_busy_ms"] / s["decode_steps"] if s["decode_busy_ms"] else None,
                     preemptions=self.scheduler.preemptions, prefix_cache_hit_tokens=self.blocks.hit_tokens,
                     kv_cache_tokens=self.blocks.usable_blocks * self.block_size)
 
@@ -244,8 +253,13 @@ class Engine:
     def _process(self, handle: StepHandle) -> Iterator[RequestOutput]:
         tokens, logprobs = self.runner.collect(handle)
         h0 = time.perf_counter()
-        if handle.started is not None:
-            self._stats["busy_ms"] += handle.started.elapsed_time(handle.done)
+        if handle.started is not None:  # GPU timeline: this step's busy time and the idle gap before it
+            busy = handle.started.elapsed_time(handle.done)
+            self._stats["busy_ms"] += busy
+            if handle.decode_only and self._gpu_last is not None:
+                self._stats["decode_steps"] += 1
+                self._stats["decode_busy_ms"] += busy
+                self._stats["decode_gap_ms"] += max(0.0, self._gpu_last.elapsed_time(handle.started))
             self._gpu_first = self._gpu_first or handle.started
             self._gpu_last = handle.done
         done: list[RequestGroup] = []

@@ -26,6 +26,7 @@ class PreparedStep:
     dev: dict[str, torch.Tensor]
     meta: AttentionMetadata
     needs_gather: bool  # some input ids are still on the device (token_buf)
+    all_sample: bool  # every sequence samples (logits rows == batch rows)
     sample_seqs: list[Sequence]
     sampling: SamplingBatch | None
 
@@ -37,6 +38,7 @@ class StepHandle:
     logprobs: torch.Tensor | None
     done: torch.cuda.Event | None
     started: torch.cuda.Event | None
+    decode_only: bool = False
 
 
 class ModelRunner:
@@ -66,6 +68,16 @@ class ModelRunner:
         self.stop_ids: list[list[int]] = [[] for _ in range(max_num_seqs)]
         self._staging: list[torch.Tensor | None] = [None] * 4  # (step parity, dtype)
         self._flip = 0
+        self.max_model_len = max_model_len
+        self.graphs = None  # DecodeGraphs once captured
+
+    def capture_graphs(self, max_batch: int) -> float:
+        """Capture decode CUDA graphs (needs a capturable attention backend); returns seconds spent."""
+        from .cuda_graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self, max_batch, self.max_model_len)
+        self.graphs.capture()
+        return self.graphs.capture_s
 
     # ------------------------------------------------------------------ slots
     def admit(self, seqs: list[Sequence]) -> None:
@@ -130,7 +142,7 @@ class ModelRunner:
             seq_lens=dev["seq_lens"].to(torch.int32), block_tables=dev["tables"].to(torch.int32),
             max_query_len=int(lens.max()), max_seq_len=max_seq_len, decode_only=bool((lens == 1).all()))
         sampling = self._sampling_batch(dev, s_slots, s_pos) if len(rows) else None
-        return PreparedStep(dev, meta, bool((ids_np < 0).any()), [seqs[i] for i in rows], sampling)
+        return PreparedStep(dev, meta, bool((ids_np < 0).any()), len(rows) == B, [seqs[i] for i in rows], sampling)
 
     @torch.inference_mode()
     def execute(self, step: PreparedStep) -> StepHandle:
@@ -140,13 +152,19 @@ class ModelRunner:
         if self.cuda:
             started = torch.cuda.Event(enable_timing=True)
             started.record()
-        input_ids = dev["ids"]
-        if step.needs_gather:
-            input_ids = torch.where(input_ids >= 0, input_ids, self.token_buf[dev["tok_slot"]])
-        hidden = self.model(input_ids, dev["pos"], self.kv_caches, step.meta, self.backend)
+        batch = step.meta.seq_lens.shape[0]
+        if self.graphs is not None and step.meta.decode_only and self.graphs.fits(batch):
+            logits = self.graphs.run(step, batch)
+            if not step.all_sample:
+                logits = logits[dev["logit_rows"]]
+        else:
+            input_ids = dev["ids"]
+            if step.needs_gather:
+                input_ids = torch.where(input_ids >= 0, input_ids, self.token_buf[dev["tok_slot"]])
+            hidden = self.model(input_ids, dev["pos"], self.kv_caches, step.meta, self.backend)
+            logits = self.model.logits(hidden[dev["logit_rows"]]) if step.sampling is not None else None
         tokens_host = logprobs_host = None
         if step.sampling is not None:
-            logits = self.model.logits(hidden[dev["logit_rows"]])
             tokens, logprobs = self.sampler(logits, step.sampling)
             self.token_buf[dev["s_slots"]] = tokens
             self.sampler.record(dev["s_slots"], tokens)
@@ -155,7 +173,7 @@ class ModelRunner:
         if self.cuda:
             done = torch.cuda.Event(enable_timing=True)
             done.record()
-        return StepHandle(step.sample_seqs, tokens_host, logprobs_host, done, started)
+        return StepHandle(step.sample_seqs, tokens_host, logprobs_host, done, started, step.meta.decode_only)
 
     def _sampling_batch(self, dev: dict[str, torch.Tensor], s_slots: np.ndarray, s_pos: np.ndarray) -> SamplingBatch:
         temp, top_k, top_p = self.temperature[s_slots], self.top_k[s_slots], self.top_p[s_slots]

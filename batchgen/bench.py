@@ -1,0 +1,173 @@
+"""`batchgen bench`: the workloads and model shapes of benchmarks.md on random weights, our engine
+and (optionally) transformers' continuous batching on the same work in the same run."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import random
+import time
+from typing import Any
+
+import click
+
+# HF config fields of the benchmark shapes (random weights: speed does not depend on values)
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen3-0.6b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=1024,
+                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True),
+}
+DEFAULT_SHAPE = {"seed": "llama-3.1-8b", "nanovllm": "qwen3-0.6b"}
+
+
+def workload(name: str) -> tuple[list[list[int]], list[int]]:
+    """Token-id prompts and new-token counts, generated exactly as benchmarks.md defines them."""
+    rng = random.Random(0)
+    if name == "seed":
+        return [[rng.randrange(100, 100000) for _ in range(256)] for _ in range(32)], [1024] * 32
+    if name == "nanovllm":
+        prompts = [[rng.randrange(100, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
+        return prompts, [rng.randint(100, 1024) for _ in range(256)]
+    raise click.BadParameter(f"unknown workload {name!r} (seed, nanovllm)")
+
+
+def _record(system: str, wl: str, shape: str, figures: dict[str, Any], **settings: Any) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return dict(system=system, workload=wl, shape=shape,
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                torch=torch.__version__, transformers=transformers.__version__,
+                date=_dt.date.today().isoformat(), **settings, **figures)
+
+
+def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attention: str,
+                 max_num_seqs: int, max_batch_tokens: int) -> dict[str, Any]:
+    import torch
+
+    from .engine.engine import Engine
+    from .engine.loader import build_model, init_random
+    from .engine.models.config import ModelConfig
+    from .engine.request import GenerationRequest, SamplingParams
+
+    prompts, new = workload(wl)
+    cfg = ModelConfig.from_hf(SHAPES[shape])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(cfg, device, dtype, qkv_bias=False)
+    init_random(model)
+    t0 = time.perf_counter()
+    engine = Engine(None, model=model, device=str(device), max_num_seqs=max_num_seqs,
+                    max_batch_tokens=max_batch_tokens, overlap=overlap, cuda_graphs=cuda_graphs,
+                    attention=attention, max_model_len=4096, prefix_caching=False)
+    startup = time.perf_counter() - t0
+    # warm-up: compile every kernel variant on a small mixed batch, then measure from scratch
+    engine.generate([p[:200] for p in prompts[:8]], SamplingParams(max_new_tokens=32, ignore_eos=True))
+    engine.reset_stats()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=n, ignore_eos=True), i)
+            for i, (p, n) in enumerate(zip(prompts, new))]
+    t0 = time.perf_counter()
+    outs = list(engine.stream(reqs))
+    wall = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert out_tokens == sum(new), f"expected {sum(new)} output tokens, got {out_tokens}"
+    s = engine.stats
+    figures = dict(requests=len(prompts), output_tokens=out_tokens, seconds=round(wall, 3),
+                   output_tok_s=round(out_tokens / wall, 1),
+                   total_tok_s=round((out_tokens + sum(map(len, prompts))) / wall, 1),
+                   mean_decode_step_ms=_r(s["mean_decode_step_ms"]), mean_decode_gpu_ms=_r(s["mean_decode_gpu_ms"]),
+                   gpu_busy_fraction=_r(s["gpu_busy_fraction"], 4),
+                   decode_gpu_busy_fraction=_r(s["decode_gpu_busy_fraction"], 4),
+                   host_ms_per_step=_r(s["host_ms_per_step"]), steps=s["steps"],
+                   peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                   startup_s=round(startup, 2), cuda_graph_capture_s=round(engine.graph_capture_s, 2),
+                   attention_backend=engine.backend.name, kv_cache_tokens=s["kv_cache_tokens"])
+    engine.close()
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return _record("batchgen", wl, shape, figures, overlap=engine.overlap, cuda_graphs=engine.cuda_graphs,
+                   max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def run_transformers(wl: str, shape: str, max_batch_tokens: int = 4096) -> dict[str, Any]:
+    """The anchor: transformers' generate_batch with async batching and CUDA graphs on."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import ContinuousBatchingConfig
+
+    prompts, new = workload(wl)
+    cfg = AutoConfig.for_model(**SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    blocks = sum((len(p) + o + 255) // 256 for p, o in zip(prompts, new)) + 8
+    cb = ContinuousBatchingConfig(use_cuda_graph=True, use_async_batching=True, num_blocks=blocks,
+                                  max_batch_tokens=max_batch_tokens)
+    gen = GenerationConfig(max_new_tokens=max(new), eos_token_id=-1, do_sample=False)
+    t0 = time.perf_counter()
+    if len(set(new)) == 1:
+        res = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb)
+        toks = sum(len(r.generated_tokens) for r in res.values())
+    else:  # per-request lengths go through add_request
+        mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+        mgr.start()
+        for i, (p, o) in enumerate(zip(prompts, new)):
+            mgr.add_request(p, request_id=f"r{i}", max_new_tokens=o)
+        toks = got = 0
+        while got < len(prompts):
+            r = mgr.get_result(timeout=600)
+            if r is None:
+                break
+            if r.is_finished():
+                got += 1
+                toks += len(r.generated_tokens)
+        mgr.stop(block=True)
+    wall = time.perf_counter() - t0
+    del model
+    torch.cuda.empty_cache()
+    figures = dict(requests=len(prompts), output_tokens=toks, seconds=round(wall, 3),
+                   output_tok_s=round(toks / wall, 1),
+                   total_tok_s=round((toks + sum(map(len, prompts))) / wall, 1))
+    return _record("transformers-cb", wl, shape, figures, overlap=True, cuda_graphs=True,
+                   max_batch_tokens=max_batch_tokens)
+
+
+@click.command("bench")
+@click.option("--workload", "wl", type=click.Choice(["seed", "nanovllm"]), default="nanovllm", show_default=True)
+@click.option("--shape", type=click.Choice(sorted(SHAPES)), default=None,
+              help="model shape (default: the workload's own: seed -> llama-3.1-8b, nanovllm -> qwen3-0.6b)")
+@click.option("--no-overlap", is_flag=True, help="synchronous step loop (ablation)")
+@click.option("--no-cuda-graphs", is_flag=True, help="run decode steps eagerly")
+@click.option("--attention", type=click.Choice(["auto", "torch", "triton", "flash"]), default="auto", show_default=True)
+@click.option("--max-num-seqs", type=int, default=256, show_default=True)
+@click.option("--max-batch-tokens", type=int, default=8192, show_default=True)
+@click.option("--compare", type=click.Choice(["transformers"]), default=None, help="also run the anchor, same workload")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="append JSON records here")
+def bench_command(wl: str, shape: str | None, no_overlap: bool, no_cuda_graphs: bool, attention: str,
+                  max_num_seqs: int, max_batch_tokens: int, compare: str | None, json_path: str | None) -> None:
+    """Throughput on random weights of a named shape (nothing is downloaded)."""
+    shape = shape or DEFAULT_SHAPE[wl]
+    records = [run_batchgen(wl, shape, not no_overlap, not no_cuda_graphs, attention, max_num_seqs, max_batch_tokens)]
+    click.echo(json.dumps(records[0]))
+    if compare == "transformers":
+        records.append(run_transformers(wl, shape))
+        click.echo(json.dumps(records[1]))
+        ratio = records[0]["output_tok_s"] / records[1]["output_tok_s"]
+        records[0]["ratio_vs_transformers"] = round(ratio, 2)
+        click.echo(f"batchgen / transformers-cb output tok/s: {ratio:.2f}x")
+    if json_path:
+        with open(json_path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
