@@ -199,6 +199,7 @@ class ModelRunner:
         """One host->device copy per dtype: int64 arrays packed together, float32 ones together."""
         if not self.cuda:
             return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        assert all(v.dtype in (np.int64, np.float32) for v in arrays.values()), "stage int64 / float32 only"
         out: dict[str, torch.Tensor] = {}
         self._flip ^= 1
         for dtype in (np.int64, np.float32):
