@@ -111,6 +111,21 @@ def gumbel_noise(seeds: Tensor, positions: Tensor, vocab_size: int, vocab_mul: T
     return u.neg_().log1p_().neg_().log_().neg_()
 
 
+def _noisy_argmax(x: Tensor, keys: Tensor, vocab_mul: Tensor, greedy: Tensor) -> Tensor:
+    """argmax(x + G) per row, G the counter-hash Gumbel noise (0 on greedy rows). Pure elementwise + reduction, so
+    torch.compile fuses it into one pass on GPU; the eager version materialises the noise."""
+    h = vocab_mul.unsqueeze(0) ^ keys.unsqueeze(1)
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _FM_C1
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _FM_C2
+    h = h ^ ((h >> 16) & 0xFFFF)
+    u = ((h & 0x7FFFFFFF).to(torch.float32) + 0.5) * (2.0**-31)
+    g = -torch.log(-torch.log1p(-u))
+    g = torch.where(greedy.unsqueeze(1), 0.0, g)
+    return torch.argmax(x + g, dim=-1)
+
+
 @dataclass
 class SamplingBatch:
     """Per-step sampling parameters; all tensors on the device, B = rows that sample this step."""
@@ -203,10 +218,20 @@ class Sampler:
     repetition penalty. While disabled, :meth:`reset_slots` and :meth:`record` are no-ops.
     """
 
-    def __init__(self, vocab_size: int, max_slots: int, device: torch.device | str):
+    def __init__(self, vocab_size: int, max_slots: int, device: torch.device | str, compile: bool | None = None):
+        """compile: fuse the noise + argmax with torch.compile (one pass over [B, V] instead of ~20).
+        None (default) = on for CUDA devices; falls back to eager if compilation fails."""
         self.vocab_size = int(vocab_size)
         self.max_slots = int(max_slots)
         self.device = torch.device(device)
+        if compile is None:
+            compile = self.device.type == "cuda"
+        self._compiled = None
+        if compile:
+            try:
+                self._compiled = torch.compile(_noisy_argmax, dynamic=True)
+            except Exception:  # noqa: BLE001 - torch.compile unavailable: stay eager
+                self._compiled = None
         self._vocab_mul = _vocab_mul(self.vocab_size, self.device)
         self._history: Tensor | None = None
 
@@ -331,17 +356,29 @@ class Sampler:
                     thr = self._threshold(x, batch)
                 if thr is not None:
                     x.masked_fill_(x < thr.unsqueeze(1), -math.inf)
-                g = gumbel_noise(batch.seeds, batch.positions, x.shape[1], self._vocab_mul_for(x))
-                g.masked_fill_(greedy.unsqueeze(1), 0.0)
-                x.add_(g)
-                del g
-                tokens = x.argmax(dim=-1)
+                tokens = self._sample(x, batch, greedy)
             del x
 
         logprobs = None
         if lse is not None:
             logprobs = logits.gather(1, tokens.unsqueeze(1)).squeeze(1).float() - lse
         return tokens, logprobs
+
+    def _sample(self, x: Tensor, batch: SamplingBatch, greedy: Tensor) -> Tensor:
+        vm = self._vocab_mul_for(x)
+        if self._compiled is not None:
+            try:
+                return self._compiled(x, row_keys(batch.seeds, batch.positions), vm, greedy)
+            except Exception as e:  # noqa: BLE001 - compilation failed (no compiler, unsupported op): eager from now on
+                import warnings
+
+                warnings.warn(f"sampler: torch.compile failed, using eager noise ({type(e).__name__}: {e})")
+                self._compiled = None
+        g = gumbel_noise(batch.seeds, batch.positions, x.shape[1], vm)
+        g.masked_fill_(greedy.unsqueeze(1), 0.0)
+        x.add_(g)
+        del g
+        return x.argmax(dim=-1)
 
     def _vocab_mul_for(self, x: Tensor) -> Tensor:
         v = x.shape[1]
