@@ -331,7 +331,11 @@ def submit_command(job_file: Path, tasks: int, gpus_per_task: int, cpus_per_task
         click.echo(text, nl=False)
         return
     script = write_sbatch_script(out, text, opts.job_name or f"batchgen-{job_file.stem}")
-    job_id = sbatch_submit(script)
+    try:
+        job_id = sbatch_submit(script)
+    except click.ClickException as e:
+        e.message += f" (the script is {script}: `sbatch {script}` submits it)"
+        raise
     click.echo(f"Submitted array job {job_id} ({tasks} tasks): {script}", err=True)
     click.echo(f"Logs: {out / SLURM_DIR / 'logs'}/{job_id}_<task>.log; progress: batchgen status {out}", err=True)
     click.echo(job_id)

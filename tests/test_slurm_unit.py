@@ -285,3 +285,11 @@ def test_status_and_submit_use_the_manifest_task_count(tmp_path):
     assert r.exit_code == 1 and r.output.count("pending") == 2
     r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2", "--dry-run"])
     assert r.exit_code == 2 and "--tasks 3" in r.output
+
+
+def test_submit_without_sbatch_keeps_the_script(tmp_path, monkeypatch):
+    job = write_job(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2"])
+    assert r.exit_code == 1 and "sbatch not found" in r.output and ".sbatch" in r.output
+    assert len(list((tmp_path / "out" / ".batchgen" / "slurm").glob("*.sbatch"))) == 1
