@@ -112,6 +112,9 @@ def test_array_job_requeued_mid_run_is_exact(slurm_cluster, tiny_checkpoint, tmp
                 signalled[t] = p["rows_done"]
         time.sleep(0.1)
 
+    mid = subprocess.run([*batchgen_cmd(), "status", str(out)], env=env, capture_output=True, text=True, timeout=60)
+    assert mid.returncode == 1, mid.stdout + mid.stderr  # not complete yet
+
     states = slurm_cluster.wait_for_jobs([job_id], timeout=240)
     logs = {t: (out / ".batchgen" / "slurm" / "logs" / f"{job_id}_{t}.log") for t in range(N_TASKS)}
     all_logs = "\n".join(f"--- task {t}\n{p.read_text() if p.exists() else '(no log)'}" for t, p in logs.items())

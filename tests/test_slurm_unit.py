@@ -293,3 +293,19 @@ def test_submit_without_sbatch_keeps_the_script(tmp_path, monkeypatch):
     r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2"])
     assert r.exit_code == 1 and "sbatch not found" in r.output and ".sbatch" in r.output
     assert len(list((tmp_path / "out" / ".batchgen" / "slurm").glob("*.sbatch"))) == 1
+
+
+def test_cluster_harness_skips_with_a_reason(monkeypatch, tmp_path):
+    try:
+        import slurm_cluster as sc
+    except ImportError:  # tests/ imported as a package
+        from tests import slurm_cluster as sc
+    monkeypatch.setattr(sc, "BINARIES", ("no-such-slurm-binary",))
+    reason = sc.slurm_unavailable_reason()
+    assert "not installed" in reason and "slurm-setup.sh" in reason
+    monkeypatch.delenv("BATCHGEN_REQUIRE_SLURM", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        sc.start_cluster(tmp_path)
+    monkeypatch.setenv("BATCHGEN_REQUIRE_SLURM", "1")
+    with pytest.raises(pytest.fail.Exception, match="BATCHGEN_REQUIRE_SLURM"):
+        sc.start_cluster(tmp_path)
