@@ -386,3 +386,33 @@ def test_cuda_compiled_matches_eager():
                                                    positions=[50] * 17, top_k=([-1, 40, -1, -1] * 5)[:17],
                                                    min_p=([0.0, 0.0, 0.02, 0.0] * 5)[:17], device="cuda"))
     assert torch.equal(t3, t1[:17])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_call_has_no_host_sync(compile):
+    b, v = 64, 32000
+    logits = torch.randn(b, v, device="cuda").bfloat16()
+    s = Sampler(v, b, "cuda", compile=compile)
+    s.enable_penalty_history()
+    s.reset_slots(list(range(b)), [[1, 2, 3]] * b)
+    batches = [
+        SamplingBatch.build(temperature=[0.0] * b, seeds=list(range(b)), positions=[5] * b, want_logprobs=True,
+                            device="cuda"),
+        SamplingBatch.build(temperature=[0.0, 1.0] * (b // 2), seeds=list(range(b)), positions=[5] * b,
+                            top_k=[-1, 20] * (b // 2), top_p=[1.0, 0.9] * (b // 2), min_p=[0.05] * b,
+                            repetition_penalty=[1.2] * b, suppress_ids=[[7, -1]] * b, want_logprobs=True,
+                            device="cuda"),
+        SamplingBatch.build(temperature=[0.8] * b, seeds=list(range(b)), positions=[5] * b, top_p=[0.9] * b,
+                            device="cuda"),
+    ]
+    for batch in batches:  # warm up (compilation may sync)
+        s(logits, batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches:
+            tok, _ = s(logits, batch)
+            s.record(batch.slots, tok)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
