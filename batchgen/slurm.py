@@ -75,13 +75,48 @@ def own_slurm_job(environ: Mapping[str, str] | None = None) -> str | None:
 # ---------------------------------------------------------------------------------------
 # graceful stop
 # ---------------------------------------------------------------------------------------
-def attach_to_job(job: Any, environ: Mapping[str, str] | None = None) -> Any:
+EARLY_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_saved_handlers: dict[int, Any] = {}
+
+
+def attach_to_job(job: Any, environ: Mapping[str, str] | None = None, *, early_handlers: bool = True) -> Any:
     """Make a batchgen.job.Job stop gracefully on USR1 too, and requeue itself afterwards when
     it runs inside Slurm. Called by `batchgen run` before job.run(); harmless outside Slurm
-    (USR1 then just stops the run, exit 138)."""
+    (USR1 then just stops the run, exit 138).
+
+    early_handlers: also catch USR1/TERM from now on, outside the part of run() where Job's
+    own handlers are installed (they cover only the generation loop): a signal while the model
+    loads would otherwise kill the task (USR1's default action) with no requeue, and the TERM
+    that `scontrol requeue` sends during the final commit would kill it mid-commit. Here they
+    just ask the job to stop (`job.request_stop`): it stops admitting as soon as it starts,
+    commits and runs its on_stop callbacks. Only from the main thread; `restore_signals()`
+    puts the previous handlers back.
+    """
     job.stop_signals.setdefault(signal.SIGUSR1, EXIT_USR1)
     job.on_stop.append(lambda j: requeue_on_usr1(j, environ))
+    if early_handlers and hasattr(job, "request_stop"):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum: int, frame: Any) -> None:
+                name = signal.Signals(signum).name
+                print(f"batchgen: got {name}; stopping (no new rows, commit, exit"
+                      + (", requeue" if signum == signal.SIGUSR1 and own_slurm_job(environ) else "") + ")",
+                      file=sys.stderr, flush=True)
+                job.request_stop(f"stopped by {name}", exit_code=job.stop_signals.get(signum, 128 + signum),
+                                 signum=signum)
+
+            for s in EARLY_SIGNALS:
+                prev = signal.signal(s, handler)
+                _saved_handlers.setdefault(s, prev)
     return job
+
+
+def restore_signals() -> None:
+    """Put back the handlers that attach_to_job replaced."""
+    while _saved_handlers:
+        s, prev = _saved_handlers.popitem()
+        signal.signal(s, prev if prev is not None else signal.SIG_DFL)
 
 
 def requeue_on_usr1(job: Any, environ: Mapping[str, str] | None = None) -> bool:

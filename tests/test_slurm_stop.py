@@ -76,10 +76,16 @@ def fake_scontrol(tmp: Path, monkeypatch) -> Path:
     return tmp / "scontrol.calls"
 
 
-def run_task(job_file: Path, tok: Any, task: int, engine: Any, env: dict) -> tuple[int, Job]:
-    job = Job(load_job(job_file), task_id=task, num_tasks=N_TASKS, engine=engine, tokenizer=tok, progress="off")
+def run_task(job_file: Path, tok: Any, task: int, engine: Any, env: dict, **kw: Any) -> tuple[int, Job]:
+    if kw.get("engine_factory"):
+        job = Job(load_job(job_file), task_id=task, num_tasks=N_TASKS, tokenizer=tok, progress="off", **kw)
+    else:
+        job = Job(load_job(job_file), task_id=task, num_tasks=N_TASKS, engine=engine, tokenizer=tok, progress="off")
     slurm.attach_to_job(job, env)
-    return job.run(), job
+    try:
+        return job.run(), job
+    finally:
+        slurm.restore_signals()
 
 
 def all_output(out: Path) -> list[tuple[str, int]]:
@@ -95,13 +101,13 @@ def test_usr1_commits_requeues_once_and_resumes(tmp_path, tok, monkeypatch):
     calls = fake_scontrol(tmp_path, monkeypatch)
     env = {"SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "43"}
 
-    # task 1 gets USR1 after 5 rows; its handler must not have been left installed afterwards
+    # task 1 gets USR1 after 5 rows
     code, job = run_task(job_file, tok, 1, SignallingEngine(tok, signal.SIGUSR1, 5), env)
     assert code == 128 + signal.SIGUSR1 and job.stopped_by == signal.SIGUSR1
     assert calls.read_text() == "requeue 41_1\n"  # once, after the final commit
     (p1,) = [p for p in read_progress(tmp_path / "out") if p.task_id == 1]
     assert p1.state == "stopped" and 5 <= p1.rows_done < 10
-    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)  # restore_signals()
 
     # task 2 gets TERM (preemption / scontrol requeue by someone else): no self-requeue
     code, job = run_task(job_file, tok, 2, SignallingEngine(tok, signal.SIGTERM, 3), env | {"SLURM_ARRAY_TASK_ID": "2"})
@@ -122,3 +128,27 @@ def test_usr1_commits_requeues_once_and_resumes(tmp_path, tok, monkeypatch):
     s = summarize(read_progress(tmp_path / "out"))
     assert s.complete and s.rows_done == N_ROWS and s.num_tasks == N_TASKS
     assert calls.read_text() == "requeue 41_1\n"
+
+
+def test_signal_while_the_model_loads_stops_and_requeues(tmp_path, tok, monkeypatch):
+    """USR1 before the generation loop (Job's own handlers are not installed yet): the task
+    must not die of USR1's default action; it stops, commits nothing, requeues, exits 138."""
+    job_file = make_job(tmp_path)
+    calls = fake_scontrol(tmp_path, monkeypatch)
+    env = {"SLURM_ARRAY_JOB_ID": "9", "SLURM_ARRAY_TASK_ID": "0"}
+
+    def slow_load(cfg):
+        os.kill(os.getpid(), signal.SIGUSR1)  # the time-limit warning, mid-load
+        return SignallingEngine(tok)
+
+    code, job = run_task(job_file, tok, 0, None, env, engine_factory=slow_load)
+    assert code == 128 + signal.SIGUSR1 and job.stopped_by == signal.SIGUSR1
+    assert calls.read_text() == "requeue 9_0\n"
+    assert all_output(tmp_path / "out") == []
+    # and a TERM during the final commit / after the requeue is harmless once attached
+    code, job = run_task(job_file, tok, 0, SignallingEngine(tok, signal.SIGTERM, 2), env)
+    assert code == 128 + signal.SIGTERM
+    code, _ = run_task(job_file, tok, 0, SignallingEngine(tok), env | {"SLURM_RESTART_COUNT": "2"})
+    assert code == 0
+    keys = all_output(tmp_path / "out")
+    assert len(keys) == len(set(keys)) == 10 * N_SAMPLES
