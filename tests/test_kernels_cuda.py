@@ -30,15 +30,16 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 TOL = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 1.5e-2}
 
 
-def make_case(seqs, heads, kv_heads, head_dim, block_size, dtype, device, seed=0, extra_blocks=3):
+def make_case(seqs, heads, kv_heads, head_dim, block_size, dtype, device, seed=0, extra_blocks=3,
+              max_blocks=None, num_blocks=None):
     """seqs: list of (seq_len, q_len). Returns dict of tensors + metadata (random block placement)."""
     from batchgen.engine.attention.base import AttentionMetadata
 
     g = torch.Generator().manual_seed(seed)
     B = len(seqs)
     nblk = [-(-sl // block_size) for sl, _ in seqs]
-    max_blocks = max(nblk) + 2
-    total = sum(nblk) + extra_blocks
+    max_blocks = max_blocks or max(nblk) + 2
+    total = num_blocks or sum(nblk) + extra_blocks
     perm = torch.randperm(total, generator=g)
     bt = torch.zeros(B, max_blocks, dtype=torch.int32)
     i = 0
@@ -73,13 +74,12 @@ def reference_attend(case, scale, window=None):
     from batchgen.engine.attention.torch_backend import TorchAttention
 
     m = case["meta"]
-    cpu = lambda t: t.detach().cpu()  # noqa: E731
-    meta = AttentionMetadata(cpu(m.slot_mapping), cpu(m.query_start_loc), cpu(m.seq_lens), cpu(m.block_tables),
+    meta = AttentionMetadata(m.slot_mapping, m.query_start_loc, m.seq_lens, m.block_tables,
                              m.max_query_len, m.max_seq_len, m.decode_only)
-    kc, vc = cpu(case["k_cache"]).float(), cpu(case["v_cache"]).float()
+    kc, vc = case["k_cache"].float(), case["v_cache"].float()  # float32 copies
     be = TorchAttention()
-    be.write_kv(cpu(case["k"]).float(), cpu(case["v"]).float(), kc, vc, meta)
-    return be.attend(cpu(case["q"]).float(), kc, vc, meta, scale, window)
+    be.write_kv(case["k"].float(), case["v"].float(), kc, vc, meta)
+    return be.attend(case["q"].float(), kc, vc, meta, scale, window).cpu()
 
 
 def check_attention(seqs, heads, kv_heads, head_dim, block_size, dtype, device, window=None, seed=0,
@@ -224,8 +224,8 @@ def test_backend_cuda_graph_decode():
     from batchgen.engine.attention.triton_backend import make_triton_backend
 
     be = make_triton_backend()
-    seqs = [(100, 1), (2000, 1), (7, 1), (1, 1)]
-    case = make_case(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=1, extra_blocks=200)
+    seqs = [(100, 1), (2000, 1), (7, 1), (1, 1), (10, 1)]
+    case = make_case(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=1, max_blocks=300, num_blocks=600)
     meta = case["meta"]
     meta.max_seq_len = 4096  # host upper bound, as a graph runner passes
     kc, vc = case["k_cache"].clone(), case["v_cache"].clone()
@@ -238,19 +238,20 @@ def test_backend_cuda_graph_decode():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = be.forward(case["q"], case["k"], case["v"], kc, vc, meta, scale)
-    # new step: same shapes, different lengths and tables, and a padded (skipped) slot
+    # next step: 4 real sequences with new lengths/tables + one padding entry (seq_len 0, slot -1)
     new = make_case([(1500, 1), (3, 1), (4000, 1), (64, 1)], 32, 8, 128, 16, torch.bfloat16, "cuda", seed=2,
-                    extra_blocks=200)
+                    max_blocks=300, num_blocks=600)
     nm = new["meta"]
     for name in ("q", "k", "v"):
-        case[name].copy_(new[name])
+        case[name][:4].copy_(new[name])
     kc.copy_(new["k_cache"]); vc.copy_(new["v_cache"])  # noqa: E702
-    meta.slot_mapping.copy_(nm.slot_mapping); meta.seq_lens.copy_(nm.seq_lens)  # noqa: E702
-    meta.block_tables.zero_()
-    meta.block_tables[:, :nm.block_tables.shape[1]].copy_(nm.block_tables)
+    meta.slot_mapping[:4].copy_(nm.slot_mapping); meta.slot_mapping[4] = -1  # noqa: E702
+    meta.seq_lens[:4].copy_(nm.seq_lens); meta.seq_lens[4] = 0  # noqa: E702
+    meta.block_tables[:4].copy_(nm.block_tables); meta.block_tables[4] = 0  # noqa: E702
     graph.replay()
     torch.cuda.synchronize()
-    assert _rel(out.cpu(), reference_attend(new, scale)) < TOL[torch.bfloat16]
+    assert _rel(out[:4].cpu(), reference_attend(new, scale)) < TOL[torch.bfloat16]
+    assert torch.all(out[4] == 0)
 
 
 @cuda_only
