@@ -55,7 +55,6 @@ class ModelRunner:
         self.cuda = device.type == "cuda"
         max_blocks = -(-max_model_len // block_size)
         self.table = np.zeros((max_num_seqs, max_blocks), dtype=np.int64)
-        self.table_len = np.zeros(max_num_seqs, dtype=np.int64)
         # per-slot sampling settings, set once when a sequence takes a slot
         self.temperature = np.zeros(max_num_seqs, np.float32)
         self.top_k = np.full(max_num_seqs, -1, np.int64)
@@ -85,7 +84,6 @@ class ModelRunner:
         for s in seqs:
             p, k = s.params, s.slot
             self.table[k, : len(s.blocks)] = s.blocks
-            self.table_len[k] = len(s.blocks)
             self.temperature[k], self.top_k[k], self.top_p[k] = p.temperature, p.top_k, p.top_p
             self.min_p[k], self.penalty[k], self.stream_key[k] = p.min_p, p.repetition_penalty, s.stream_key
             self.logprobs[k] = p.logprobs
@@ -105,18 +103,23 @@ class ModelRunner:
         """Everything the host does for a step, vectorised over the batch where it can be."""
         seqs, B = batch.seqs, len(batch.seqs)
         self.admit(batch.admitted)
+        for s in batch.grown:  # block tables change only when a sequence gets a new block
+            self.table[s.slot, : len(s.blocks)] = s.blocks
         starts = np.array(batch.starts, dtype=np.int64)
         lens = np.array(batch.lens, dtype=np.int64)
-        slots = np.fromiter((s.slot for s in seqs), np.int64, B)
         ids: list[int] = []
+        slot_list: list[int] = []
+        add, add_slot = ids.append, slot_list.append
         for s, st, n in zip(seqs, batch.starts, batch.lens):
-            if len(s.blocks) != self.table_len[s.slot]:  # grew by a block (admitted rows were synced above)
-                self.table[s.slot, : len(s.blocks)] = s.blocks
-                self.table_len[s.slot] = len(s.blocks)
-            known = s.token_ids[st:st + n]
-            ids += known
-            if len(known) < n:  # the last token is still on the device: gathered there by slot
+            add_slot(s.slot)
+            toks = s.token_ids
+            if n == 1:  # decode: the last token, or -1 when it is still on the device (gathered there by slot)
+                add(toks[st] if st < len(toks) else -1)
+            else:
+                known = toks[st:st + n]
+                ids += known
                 ids += [-1] * (n - len(known))
+        slots = np.array(slot_list, dtype=np.int64)
         qsl = np.zeros(B + 1, np.int64)
         np.cumsum(lens, out=qsl[1:])
         tok_seq = np.repeat(np.arange(B), lens)
@@ -142,7 +145,9 @@ class ModelRunner:
             seq_lens=dev["seq_lens"].to(torch.int32), block_tables=dev["tables"].to(torch.int32),
             max_query_len=int(lens.max()), max_seq_len=max_seq_len, decode_only=bool((lens == 1).all()))
         sampling = self._sampling_batch(dev, s_slots, s_pos) if len(rows) else None
-        return PreparedStep(dev, meta, bool((ids_np < 0).any()), len(rows) == B, [seqs[i] for i in rows], sampling)
+        all_sample = len(rows) == B
+        sample_seqs = seqs if all_sample else [seqs[i] for i in rows]
+        return PreparedStep(dev, meta, bool((ids_np < 0).any()), all_sample, sample_seqs, sampling)
 
     @torch.inference_mode()
     def execute(self, step: PreparedStep) -> StepHandle:

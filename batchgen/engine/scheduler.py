@@ -23,6 +23,7 @@ class ScheduledBatch:
     lens: list[int]  # tokens computed this step
     samples: list[bool]  # the step samples a new token for this sequence
     admitted: list[Sequence] = field(default_factory=list)  # newly placed in a slot this step
+    grown: list[Sequence] = field(default_factory=list)  # running sequences that got new blocks this step
 
 
 class Scheduler:
@@ -50,24 +51,27 @@ class Scheduler:
         batch = ScheduledBatch([], [], [], [])
         budget = self.max_batch_tokens
         preempted = False
+        bs, bm = self.bm.block_size, self.bm
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0:  # the hot loop: kept flat, one pass per running sequence
             seq = self.running[i]
-            if seq.capped:
+            nc, nt = seq.num_computed, seq.num_tokens
+            if nt >= seq.max_tokens and nc >= nt - 1:  # capped: waits for its last results
                 i += 1
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            need = self.blocks_for(seq.num_computed + n) - len(seq.blocks)
-            while need > self.bm.num_free:
-                victim = self.running[-1]
-                self.preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            if seq.status is not Status.RUNNING:
-                break
+            n = nt - nc if nt - nc <= budget else budget
+            need = (nc + n + bs - 1) // bs - len(seq.blocks)
             if need > 0:
-                seq.blocks += self.bm.allocate(need)
+                while need > bm.num_free:
+                    victim = self.running[-1]
+                    self.preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                if seq.status is not Status.RUNNING:
+                    break
+                seq.blocks += bm.allocate(need)
+                batch.grown.append(seq)
             self._take(batch, seq, n)
             budget -= n
             i += 1
@@ -99,16 +103,18 @@ class Scheduler:
 
     def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         start = seq.num_computed
-        seq.num_computed += n
-        samples = seq.num_computed == seq.num_tokens
+        seq.num_computed = end = start + n
+        samples = end == seq.num_tokens
         if samples:
             seq.num_tokens += 1  # the sampled token is pending on the device until results come back
         batch.seqs.append(seq)
         batch.starts.append(start)
         batch.lens.append(n)
         batch.samples.append(samples)
-        self._name_full_blocks(seq)
-        if seq.index == 0 and start < seq.num_prompt <= seq.num_computed:
+        bs = self.bm.block_size
+        if (seq.num_hashed + 1) * bs <= end:  # a block just filled up: name it if its tokens are known
+            self._name_full_blocks(seq)
+        if start < seq.num_prompt <= end and seq.index == 0 and len(seq.group.seqs) > 1:
             self._release_siblings(seq)
 
     def _name_full_blocks(self, seq: Sequence) -> None:

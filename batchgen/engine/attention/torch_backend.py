@@ -59,13 +59,14 @@ class TorchAttention(AttentionBackend):
         keys = k_cache[tables].reshape(B, S, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
         vals = v_cache[tables].reshape(B, S, kvh, d).transpose(1, 2)
         heads = q.shape[1]
-        qp = q[layout.flat_index].view(B, max_q, heads, d).transpose(1, 2)  # [B, H, max_q, d]
-        mask = meta.cache.get(("torch_mask", window, S))
+        group = heads // kvh
+        # GQA without copying K/V: fold each kv head's group of query heads into the query axis
+        qp = q[layout.flat_index].view(B, max_q, kvh, group, d).permute(0, 2, 3, 1, 4).reshape(B, kvh, group * max_q, d)
+        mask = meta.cache.get(("torch_mask", window, S, group))
         if mask is None:
-            mask = meta.cache[("torch_mask", window, S)] = _mask(layout.q_pos, S, window, q.device)
-        if kvh != heads:  # GQA: repeat kv heads (enable_gqa is not on every torch >= 2.5 path)
-            keys = keys.repeat_interleave(heads // kvh, dim=1)
-            vals = vals.repeat_interleave(heads // kvh, dim=1)
+            m = _mask(layout.q_pos, S, window, q.device)  # [B, 1, max_q, S]
+            mask = m[:, :, None].expand(B, 1, group, max_q, S).reshape(B, 1, group * max_q, S)
+            meta.cache[("torch_mask", window, S, group)] = mask
         out = F.scaled_dot_product_attention(qp, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask, scale=scale)
-        out = out.transpose(1, 2)  # [B, max_q, H, d]
+        out = out.view(B, kvh, group, max_q, d).permute(0, 3, 1, 2, 4).reshape(B, max_q, heads, d)
         return out[layout.valid]  # [T, H, d] in flat token order
