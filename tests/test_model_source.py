@@ -95,3 +95,25 @@ def test_alias_resolves_to_the_converted_package_gguf(smollm2_dir: Path) -> None
     assert smollm2_dir == ms.gguf_cache_path(ms.alias_gguf("smollm2-135m-instruct"))
     cfg = json.loads((smollm2_dir / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (576, 30, 49152)
+
+
+def test_hub_id_from_the_offline_cache(tiny_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id resolves from the local HF cache with HF_HUB_OFFLINE=1 (no network here)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--batchgen-test--tiny-llama"
+    shutil.copytree(tiny_checkpoint("llama"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+
+    d = resolve_model_dir("batchgen-test/tiny-llama")
+    assert d == repo / "snapshots" / commit and (d / "config.json").is_file()
+    assert load_tokenizer("batchgen-test/tiny-llama").eos_token == "<|im_end|>"
+    with pytest.raises(ModelSourceError, match="'batchgen-test/not-cached' is not a local directory"):
+        resolve_model_dir("batchgen-test/not-cached")
