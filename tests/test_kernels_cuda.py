@@ -309,6 +309,7 @@ def interpreter_suite():
     print("interpreter suite ok", " ".join(f"{e:.1e}" for e in results))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (for its CPU interpreter)")
 def test_kernels_triton_interpreter_cpu():
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
