@@ -87,7 +87,7 @@ def make_tiny_checkpoint(family: str, path: str | os.PathLike, seed: int = 0) ->
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     cfg = _family_config(family, VOCAB)
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3)
     model.save_pretrained(path)
     build_tokenizer(VOCAB).save_pretrained(path)
@@ -162,9 +162,13 @@ class Reference:
         from transformers import AutoModelForCausalLM
 
         self.path = path
-        self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32,
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                           attn_implementation="eager")
         self.model.eval()
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x: cache
 
     @torch.inference_mode()
     def logits_full(self, ids: list[int]) -> torch.Tensor:
@@ -181,8 +185,10 @@ class Reference:
         x = torch.tensor([prompt], dtype=torch.long)
         past = None
         for step in range(max_new_tokens):
-            out = self.model(input_ids=x, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = self.model(input_ids=x, use_cache=True, **{self._cache_kw: past})
+            past = getattr(out, self._cache_kw, None)
+            if past is None:
+                past = out.past_key_values
             logits = out.logits[0, -1].float().clone()
             if eos_ids and step < min_new_tokens:
                 logits[eos_ids] = float("-inf")
@@ -359,16 +365,20 @@ def greedy_params(max_new: list[int], **kw):
 def checkpoint_getter(request, tmp_path_factory):
     """family -> checkpoint path: conftest's tiny_checkpoint factory when it exists, else the
     private builder above."""
-    def get(family: str) -> str:
+    def get(family: str, **overrides) -> str:
         try:
             factory = request.getfixturevalue("tiny_checkpoint")
         except pytest_lookup_error():
             factory = None
         if factory is not None and family != "gpt2":
             try:
-                return str(factory(family))
+                return str(factory(family, **overrides))
             except (KeyError, ValueError):
                 pass
+        if overrides:
+            import pytest
+
+            pytest.skip(f"no tiny_checkpoint factory for {family} with {overrides}")
         global _FALLBACK_ROOT
         if _FALLBACK_ROOT is None:
             _FALLBACK_ROOT = str(tmp_path_factory.mktemp("engine_test_ckpts"))
@@ -383,3 +393,20 @@ def pytest_lookup_error():
     import pytest
 
     return pytest.FixtureLookupError
+
+
+# ----------------------------------------------------------------------------------------------
+# Threads: tiny models run fastest single-threaded; with 2+ threads on a busy 2-core box torch's
+# worker threads spin and a step gets ~10x slower. Tests use this around their work and restore.
+# ----------------------------------------------------------------------------------------------
+
+
+class single_thread:
+    def __enter__(self):
+        self.prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.prev)
+        return False

@@ -22,6 +22,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import reference as R  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with R.single_thread():
+        yield
+
 N_PROMPTS = 32
 SCENARIOS = {
     "one_batch": dict(max_num_seqs=256, max_batch_tokens=16384, kv_cache_tokens=16384),
@@ -34,6 +40,12 @@ SCENARIOS = {
 }
 FULL_FAMILIES = ["llama", "qwen3"]
 LIGHT_SCENARIOS = ["one_batch", "chunked_prefill"]
+# checkpoint variants: name -> (conftest family, config overrides)
+VARIANTS = {
+    # a window (48) much shorter than the prompts: masks in prefill chunks, decode and recompute
+    "mistral-sw48": ("mistral", {"sliding_window": 48}),
+}
+VARIANT_SCENARIOS = ["one_batch", "chunked_prefill", "preemption"]
 
 
 def _cases():
@@ -42,11 +54,23 @@ def _cases():
         for sc in SCENARIOS:
             if full or fam in FULL_FAMILIES or sc in LIGHT_SCENARIOS:
                 yield pytest.param(fam, sc, id=f"{fam}-{sc}")
+    for var in VARIANTS:
+        for sc in SCENARIOS:
+            if full or sc in VARIANT_SCENARIOS:
+                yield pytest.param(var, sc, id=f"{var}-{sc}")
 
 
 @pytest.fixture
 def ckpt(request, tmp_path_factory):
-    return R.checkpoint_getter(request, tmp_path_factory)
+    get = R.checkpoint_getter(request, tmp_path_factory)
+
+    def by_name(name: str) -> str:
+        if name in VARIANTS:
+            family, overrides = VARIANTS[name]
+            return get(family, **overrides)
+        return get(name)
+
+    return by_name
 
 
 def _prompts(path: str, scenario: str):

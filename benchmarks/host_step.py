@@ -1,0 +1,117 @@
+"""Host-side cost of one engine step in steady-state decode.
+
+Builds an Engine on the CPU with a tiny random-weight Llama checkpoint, puts N requests (default
+256) into steady-state decode (all prefilled, every running sequence decoding one token per step),
+then times, per step:
+  schedule  Scheduler.schedule()
+  prepare   ModelRunner.prepare(batch)  (input building: ids, positions, slot mapping, tables, sampling rows)
+  process   Engine._process(handle)     (appending sampled tokens, stop checks)
+The model forward itself (ModelRunner.execute) is run but not counted. Prints median / p90 ms.
+
+    .venv/bin/python benchmarks/host_step.py [--requests 256] [--steps 200] [--prompt-len 64]
+
+Target: schedule + prepare < 1 ms for 256 running decode requests.
+It drives the engine's internals the way Engine.stream does (Engine._make_group, _enqueue,
+scheduler.schedule, runner.prepare / execute, _process); adjust here if those names change.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_checkpoint(out: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    try:  # the shared test fixture builder (BPE tokenizer, same tiny shapes as the tests)
+        from conftest import build_checkpoint as build
+
+        return build("llama", out)
+    except ImportError:
+        from reference import make_tiny_checkpoint
+
+        return Path(make_tiny_checkpoint("llama", out))
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=200, help="timed decode steps")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed decode steps first")
+    ap.add_argument("--prompt-len", type=int, default=64, help="mean prompt length (uniform +-50%%)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the forward is not timed)")
+    ap.add_argument("--checkpoint", default=None, help="use this model dir instead of a tiny llama")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from batchgen import Engine, GenerationRequest, SamplingParams
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.checkpoint) if args.checkpoint else build_checkpoint(Path(tmp) / "llama")
+        n = args.requests
+        max_new = args.warmup + args.steps + 8
+        rng = random.Random(0)
+        lens = [max(1, int(args.prompt_len * rng.uniform(0.5, 1.5))) for _ in range(n)]
+        kv_tokens = sum(L + max_new + 16 for L in lens) + 1024
+        eng = Engine.from_pretrained(str(path), device="cpu", dtype="float32", cuda_graphs=False,
+                                     max_num_seqs=n, max_batch_tokens=max(8192, sum(lens) + n),
+                                     kv_cache_tokens=kv_tokens, max_model_len=max(lens) + max_new + 16)
+        vocab = eng.model.cfg.vocab_size
+        for i, L in enumerate(lens):
+            req = GenerationRequest([rng.randrange(3, vocab) for _ in range(L)],
+                                    SamplingParams(max_new_tokens=max_new, ignore_eos=True,
+                                                   temperature=0.0 if i % 2 else 0.8, top_p=0.95,
+                                                   seed=i),
+                                    request_id=i)
+            eng._enqueue(eng._make_group(req, None))
+
+        sched_ms, prep_ms, proc_ms, fwd_ms = [], [], [], []
+        decode_steps = 0
+        t_all = time.perf_counter()
+        while decode_steps < args.warmup + args.steps:
+            t0 = time.perf_counter()
+            batch = eng.scheduler.schedule()
+            t1 = time.perf_counter()
+            step = eng.runner.prepare(batch)
+            t2 = time.perf_counter()
+            handle = eng.runner.execute(step)
+            t3 = time.perf_counter()
+            finished = list(eng._process(handle))
+            t4 = time.perf_counter()
+            assert not finished, "a request finished before the timed steps ended"
+            steady = len(batch.seqs) == n and all(x == 1 for x in batch.lens)
+            if steady:
+                decode_steps += 1
+                if decode_steps > args.warmup:
+                    sched_ms.append(1e3 * (t1 - t0))
+                    prep_ms.append(1e3 * (t2 - t1))
+                    fwd_ms.append(1e3 * (t3 - t2))
+                    proc_ms.append(1e3 * (t4 - t3))
+        host = [a + b for a, b in zip(sched_ms, prep_ms)]
+        host_all = [a + b + c for a, b, c in zip(sched_ms, prep_ms, proc_ms)]
+        print(f"host step, {n} running decode requests, {len(host)} steps, torch {torch.__version__} "
+              f"(CPU, {args.threads} thread(s)); total loop {time.perf_counter() - t_all:.1f}s")
+        print(f"{'part':<28}{'median ms':>10}{'p90 ms':>10}")
+        for name, xs in (("schedule()", sched_ms), ("runner.prepare()", prep_ms),
+                         ("schedule + prepare", host), ("_process() (token bookkeeping)", proc_ms),
+                         ("host total", host_all), ("forward+sample (not host)", fwd_ms)):
+            print(f"{name:<28}{statistics.median(xs):>10.3f}{pct(xs, 0.9):>10.3f}")
+        ok = statistics.median(host) < 1.0
+        print(f"target schedule + prepare < 1 ms: {'MET' if ok else 'NOT MET'} "
+              f"(median {statistics.median(host):.3f} ms)")
+        eng.close()
+
+
+if __name__ == "__main__":
+    main()
