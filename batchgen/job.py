@@ -28,7 +28,7 @@ import pyarrow as pa
 from . import sink as sinkmod
 from .config import ConfigError, JobConfig, job_fingerprint, job_identity, output_dir
 from .progress import Progress, format_summary, summary_dict, write_task_progress
-from .prompts import PromptBuilder, PromptTooLong, load_tokenizer, model_location, row_seed
+from .prompts import PromptBuilder, load_tokenizer, model_location, row_seed
 from .sink import IntervalSet, Ledger, OutputDir, OutputError, ShardWriter, output_schema
 from .sources import Source, open_source
 
@@ -142,6 +142,7 @@ class Job:
         self._in_stream = False
         self._fatal: str | None = None
         self._lock = threading.Lock()
+        self.tokenize_batch = 64  # rows rendered and tokenized together
 
     # ------------------------------------------------------------------ stopping
     def request_stop(self, reason: str, *, exit_code: int = EXIT_FAILED, hard: bool = False, signum: int | None = None) -> None:
@@ -372,19 +373,15 @@ class Job:
                 for j in range(n)
             ]
 
-        def requests() -> Iterator[Any]:
-            start = led.done.prefix_end()
-            for pos, idx, row in source.iter_rows(start=start):
+        def admit(chunk: list[tuple[int, int, dict]]) -> Iterator[Any]:
+            prompts = builder.build_many([row for _, _, row in chunk])
+            for (pos, idx, row), p in zip(chunk, prompts):
                 if self._stop.is_set():
                     return
-                if pos in led.done:
-                    continue
                 rid = row.get(id_col) if id_col else idx
                 copied = {c: row.get(c) for c in copy_cols}
-                try:
-                    p = builder.build(row)
-                except PromptTooLong as e:
-                    self._fatal = f"row id={rid!r}: prompt too long: {e} (on_too_long: error); the job stops"
+                if p.fatal:
+                    self._fatal = f"row id={rid!r}: prompt too long: {p.error} (on_too_long: error); the job stops"
                     self.request_stop("a prompt is too long", exit_code=EXIT_FAILED)
                     return
                 err = p.error
@@ -402,7 +399,25 @@ class Job:
                 pending[pos] = (rid, copied, p.n_tokens)
                 yield GenerationRequest(prompt=p.token_ids, params=sampling_params(cfg, row_seed(cfg.sampling.seed, rid)),
                                         request_id=pos)
-            self._exhausted = True
+
+        def requests() -> Iterator[Any]:
+            start = led.done.prefix_end()
+            chunk: list[tuple[int, int, dict]] = []
+            for item in source.iter_rows(start=start):
+                if self._stop.is_set():
+                    return
+                if item[0] in led.done:
+                    continue
+                chunk.append(item)
+                if len(chunk) >= self.tokenize_batch:
+                    yield from admit(chunk)
+                    chunk = []
+                    if self._stop.is_set():
+                        return
+            if chunk:
+                yield from admit(chunk)
+            if not self._stop.is_set():
+                self._exhausted = True
 
         last_prog_file = time.monotonic()
         prog.start_clock()
@@ -576,7 +591,7 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
     n_seen = n_ok = tok_sum = 0
     errors: list[str] = []
     too_long = truncated = 0
-    shown = 0
+    shown = n_err_shown = 0
     print(f"job {cfg.source_path}: model {cfg.model.path}, input {source.description}"
           + (f", task {task_id}/{num_tasks}" if num_tasks > 1 else ""), file=out)
     print(f"chat template: {'applied' if builder.use_chat else 'not applied'}; prompt limit {builder.limit} tokens "
@@ -586,23 +601,22 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
             break
         n_seen += 1
         rid = row.get(cfg.input.id_column) if cfg.input.id_column else idx
-        try:
-            p = builder.build(row)
-        except PromptTooLong as e:
-            p = None
-            errors.append(f"id={rid!r}: too long: {e} (on_too_long: error would stop the job)")
+        p = builder.build_many([row])[0]
+        if p.fatal:
+            errors.append(f"id={rid!r}: too long: {p.error} (on_too_long: error would stop the job)")
             too_long += 1
-        if p is not None and p.error:
+        elif p.error:
             errors.append(f"id={rid!r}: {p.error}")
             too_long += int(p.too_long)
-        elif p is not None:
+        else:
             n_ok += 1
             tok_sum += len(p.token_ids or [])
             truncated += int(p.truncated)
         if shown < preview:
             shown += 1
+            n_err_shown += int(bool(p.error))
             print(f"\n--- row id={rid!r} ---", file=out)
-            if p is None or p.error:
+            if p.error:
                 print(f"[error] {errors[-1]}", file=out)
             else:
                 print(p.text, file=out)
@@ -625,7 +639,7 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
         est.update(prompt_tokens=est_in, max_output_tokens=est_out)
         print(f"estimate: ~{est_in:,} prompt tokens, at most {est_out:,} output tokens "
               f"({s.n} sample(s) x {s.max_new_tokens} max_new_tokens)", file=out)
-    for e in errors[preview:preview + 5]:
+    for e in errors[n_err_shown:n_err_shown + 5]:
         print(f"  error row: {e}", file=out)
     if existing is not None:
         same = existing.get("fingerprint") == job_fingerprint(cfg)

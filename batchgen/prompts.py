@@ -27,6 +27,7 @@ class Prompt:
     truncated: bool = False
     too_long: bool = False
     n_tokens: int | None = None  # prompt tokens (also for a too-long prompt)
+    fatal: bool = False  # on_too_long: error: the job must stop at this row
 
 
 class _NoneAsEmpty(string.Formatter):
@@ -171,20 +172,64 @@ class PromptBuilder:
         return "\n".join(lines) + "\nassistant:", False
 
     def _encode(self, text: str, has_specials: bool) -> list[int]:
-        return list(self.tok(text, add_special_tokens=not has_specials)["input_ids"])
+        return self._encode_many([text], has_specials)[0]
+
+    def _encode_many(self, texts: list[str], has_specials: bool) -> list[list[int]]:
+        """Tokenize a batch: the Rust backend's encode_batch when there is one (what a fast
+        tokenizer's __call__ does, without its per-call overhead), else one by one."""
+        backend = getattr(self.tok, "backend_tokenizer", None) if getattr(self.tok, "is_fast", False) else None
+        if backend is not None:
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=not has_specials)]
+        return [list(self.tok(t, add_special_tokens=not has_specials)["input_ids"]) for t in texts]
 
     def build(self, row: dict) -> Prompt:
-        if ROW_ERROR in row:
-            return Prompt(None, error=row[ROW_ERROR])
-        msgs, err = self._messages(row)
-        if err is not None:
-            return Prompt(None, error=err)
-        assert msgs is not None
-        try:
-            text, specials = self.render(msgs)
-            ids = self._encode(text, specials)
-        except Exception as e:  # noqa: BLE001 - a template or tokenizer error is this row's problem
-            return Prompt(None, error=f"can't render the prompt: {type(e).__name__}: {_first_line(e)}")
+        """One row's prompt; raises PromptTooLong for a too-long prompt with on_too_long: error."""
+        p = self.build_many([row])[0]
+        if p.fatal:
+            raise PromptTooLong(p.error or "prompt too long")
+        return p
+
+    def build_many(self, rows: list[dict]) -> list[Prompt]:
+        """Prompts for a batch of rows (tokenized together); never raises for a row's data
+        (on_too_long: error gives a Prompt with fatal=True)."""
+        out: list[Prompt | None] = [None] * len(rows)
+        todo: list[tuple[int, list[dict], str, bool]] = []
+        for i, row in enumerate(rows):
+            if ROW_ERROR in row:
+                out[i] = Prompt(None, error=row[ROW_ERROR])
+                continue
+            msgs, err = self._messages(row)
+            if err is not None:
+                out[i] = Prompt(None, error=err)
+                continue
+            assert msgs is not None
+            try:
+                text, specials = self.render(msgs)
+            except Exception as e:  # noqa: BLE001 - a template error is this row's problem
+                out[i] = Prompt(None, error=f"can't render the prompt: {type(e).__name__}: {_first_line(e)}")
+                continue
+            todo.append((i, msgs, text, specials))
+        for specials in (False, True):
+            group = [t for t in todo if t[3] is specials]
+            if not group:
+                continue
+            try:
+                encoded = self._encode_many([t[2] for t in group], specials)
+            except Exception:  # noqa: BLE001 - find the row that fails, one by one
+                encoded = []
+                for t in group:
+                    try:
+                        encoded.append(self._encode(t[2], specials))
+                    except Exception as e:  # noqa: BLE001
+                        encoded.append(e)  # type: ignore[arg-type]
+            for (i, msgs, text, _), ids in zip(group, encoded):
+                if isinstance(ids, Exception):
+                    out[i] = Prompt(None, text=text, error=f"can't tokenize the prompt: {type(ids).__name__}: {_first_line(ids)}")
+                else:
+                    out[i] = self._check_len(msgs, text, list(ids))
+        return out  # type: ignore[return-value]
+
+    def _check_len(self, msgs: list[dict], text: str, ids: list[int]) -> Prompt:
         if not ids:
             return Prompt(None, text=text, error="the prompt is empty after tokenization")
         if len(ids) <= self.limit:
@@ -192,7 +237,8 @@ class PromptBuilder:
         n = len(ids)
         policy = self.pc.on_too_long
         if policy == "error":
-            raise PromptTooLong(f"{n} tokens > prompt.max_tokens limit of {self.limit}")
+            return Prompt(None, text=text, n_tokens=n, too_long=True, fatal=True,
+                          error=f"{n} tokens > prompt limit of {self.limit}")
         if policy == "skip":
             return Prompt(None, text=text, n_tokens=n, too_long=True,
                           error=f"prompt too long: {n} tokens > limit of {self.limit} (on_too_long: skip)")

@@ -1,0 +1,182 @@
+"""Peak RSS of the input -> prompt -> shard pipeline on a large Parquet input (a benchmark, not a test).
+
+    .venv/bin/python benchmarks/input_rss.py                 # 1,000,000 rows
+    .venv/bin/python benchmarks/input_rss.py --rows 200000 --chat-template
+
+Writes a Parquet input of --rows rows (several files, 64k-row row groups), then runs the real
+Job (sources, prompt rendering + tokenization, the ledger, the shard writer with fsync) with an
+instant stand-in engine that honours Engine.stream's contract (lazy pull, bounded lookahead,
+completion order != input order), so only the pipeline's own memory is measured. Prints RSS
+samples through the run and the peak (ru_maxrss), as JSON on the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Summarize the following article about the history of science and art in one paragraph."] * 50
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>")
+    fast.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    return fast
+
+
+class InstantEngine:
+    """Engine.stream's contract with no model: pulls up to `lookahead` requests ahead, answers
+    them in reverse order of arrival within each window."""
+
+    def __init__(self, tokenizer: Any, lookahead: int = 512) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = 4096
+        self.lookahead = lookahead
+        self.stats = {"gpu_busy_fraction": None}
+        self.seen = 0
+
+    def stream(self, requests: Iterable[Any]) -> Iterator[Any]:
+        from batchgen.engine.request import CompletionOutput, RequestOutput
+
+        buf: list[Any] = []
+
+        def answer(r: Any) -> Any:
+            text = f"completion for row {r.request_id}: " + "lorem ipsum dolor sit amet " * 6
+            outs = [CompletionOutput(j, [7] * 48, text, "length") for j in range(r.params.n)]
+            return RequestOutput(r.request_id, r.prompt, outs)
+
+        for r in requests:
+            buf.append(r)
+            if len(buf) >= self.lookahead:
+                while buf:
+                    self.seen += 1
+                    yield answer(buf.pop())
+        while buf:
+            yield answer(buf.pop())
+
+    def close(self) -> None:
+        pass
+
+
+def make_input(d: Path, rows: int, files: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d.mkdir(parents=True, exist_ok=True)
+    per = -(-rows // files)
+    k = 0
+    cats = ["science", "history", "art", "code", "math", "travel"]
+    for fi in range(files):
+        n = min(per, rows - k)
+        if n <= 0:
+            break
+        w = pq.ParquetWriter(str(d / f"in-{fi:03d}.parquet"), pa.schema([("prompt", pa.string()), ("category", pa.string()),
+                                                                          ("uid", pa.int64())]), compression="zstd")
+        for a in range(0, n, 65536):
+            b = min(n, a + 65536)
+            w.write_table(pa.table({
+                "prompt": [f"Summarize the following article number {k + i} about the history of science "
+                           f"and art in one paragraph." for i in range(a, b)],
+                "category": [cats[(k + i) % len(cats)] for i in range(a, b)],
+                "uid": list(range(k + a, k + b)),
+            }), row_group_size=65536)
+        w.close()
+        k += n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--rows-per-shard", type=int, default=10000)
+    ap.add_argument("--chat-template", action="store_true", help="render every prompt through a chat template")
+    ap.add_argument("--workdir", default=None, help="where input and output go (default: a temp dir, removed)")
+    args = ap.parse_args()
+
+    from batchgen.config import parse_job
+    from batchgen.job import Job
+
+    tmp = tempfile.TemporaryDirectory(prefix="batchgen-rss-") if args.workdir is None else None
+    wd = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
+    t0 = time.time()
+    make_input(wd / "input", args.rows, args.files)
+    t_in = time.time() - t0
+    tok = build_tokenizer()
+    cfg = parse_job({
+        "model": {"path": "stand-in"},
+        "input": {"files": [str(wd / "input")], "columns": ["category"], "id_column": "uid"},
+        "prompt": {"column": "prompt", "chat_template": bool(args.chat_template), "max_tokens": 512},
+        "sampling": {"max_new_tokens": 64, "n": 1},
+        "output": {"path": str(wd / "out"), "rows_per_shard": args.rows_per_shard, "flush_seconds": 30},
+    }, where="input_rss", base_dir=wd)
+
+    import gc
+
+    gc.collect()
+    base = rss_mb()
+    samples: list[tuple[int, float]] = []
+
+    class Probe(InstantEngine):
+        def stream(self, requests: Iterable[Any]) -> Iterator[Any]:
+            step = max(args.rows // 20, 1)
+            for i, out in enumerate(super().stream(requests)):
+                if i % step == 0:
+                    samples.append((i, round(rss_mb(), 1)))
+                yield out
+
+    eng = Probe(tok)
+    t1 = time.time()
+    code = Job(cfg, engine=eng, progress="log", log_every=30).run()
+    t_run = time.time() - t1
+    assert code == 0, code
+    import pyarrow.dataset as pds
+
+    n_out = pds.dataset(str(wd / "out"), format="parquet").count_rows()
+    assert n_out == args.rows, (n_out, args.rows)
+    result = {
+        "rows": args.rows, "input_files": args.files, "chat_template": bool(args.chat_template),
+        "rss_before_run_mb": round(base, 1), "rss_samples_mb": samples, "peak_rss_mb": round(peak_mb(), 1),
+        "input_write_s": round(t_in, 1), "run_s": round(t_run, 1), "rows_per_s": round(args.rows / t_run),
+        "output_rows": n_out,
+    }
+    for i, r in samples:
+        print(f"  after {i:>9,} rows: RSS {r:8.1f} MiB")
+    print(f"rows {args.rows:,}: RSS before run {base:.1f} MiB, peak {peak_mb():.1f} MiB, "
+          f"{args.rows / t_run:,.0f} rows/s")
+    print(json.dumps(result))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
