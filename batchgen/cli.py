@@ -118,8 +118,12 @@ def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | No
             return
         from .job import Job
 
-        code = Job(cfg, task_id=tid, num_tasks=n, overwrite=overwrite, progress=progress,
-                   log_every=log_interval).run()
+        job = Job(cfg, task_id=tid, num_tasks=n, overwrite=overwrite, progress=progress, log_every=log_interval)
+        restore = _attach_slurm(job)
+        try:
+            code = job.run()
+        finally:
+            restore()
     except (ConfigError, OutputError) as e:
         _fail(str(e))
         return
@@ -127,6 +131,22 @@ def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | No
         _fail("interrupted", 130)
         return
     sys.exit(code)
+
+
+def _attach_slurm(job: Any) -> Any:
+    """USR1 -> graceful stop + requeue inside Slurm (batchgen.slurm.attach_to_job), when that
+    module is there. Returns the function that puts the previous signal handlers back."""
+    try:
+        if importlib.util.find_spec("batchgen.slurm") is None:
+            return lambda: None
+        from . import slurm
+    except ImportError:
+        return lambda: None
+    attach = getattr(slurm, "attach_to_job", None)
+    if attach is None:
+        return lambda: None
+    attach(job)
+    return getattr(slurm, "restore_signals", lambda: None)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -311,6 +311,12 @@ class Job:
             return writer.committed if writer is not None else []
 
         progress_file("loading")
+        if self._stop.is_set():  # stopped (e.g. a Slurm signal) before the model loaded
+            progress_file("stopped", reason=self.stop_reason)
+            for cb in self.on_stop:
+                cb(self)
+            self.say(f"{self.stop_reason}: stopped before loading the model; run the same command to resume")
+            return self._stop_code
         engine = self._engine
         if engine is None:
             self.say(f"loading model {cfg.model.path} ...")
