@@ -241,7 +241,7 @@ def render_sbatch_script(job_file: Path, output_dir: Path, opts: SubmitOptions,
     output_dir = Path(os.path.abspath(output_dir))
     workdir = Path(os.path.abspath(workdir or Path.cwd()))
     command = list(command or batchgen_command())
-    name = opts.job_name or f"batchgen-{job_file.stem}"
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", opts.job_name or f"batchgen-{job_file.stem}")
     logs = output_dir / SLURM_DIR / "logs"
     for p in (logs,):
         if any(c.isspace() for c in str(p)):
@@ -274,12 +274,12 @@ def render_sbatch_script(job_file: Path, output_dir: Path, opts: SubmitOptions,
     lines += [
         "",
         "set -eu",
-        'echo "batchgen: array task ${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT} of job '
-        '${SLURM_ARRAY_JOB_ID}, restart ${SLURM_RESTART_COUNT:-0}, on $(hostname) at $(date -Is)" >&2',
+        'echo "batchgen: array task ${SLURM_ARRAY_TASK_ID:-?}/${SLURM_ARRAY_TASK_COUNT:-?} of job '
+        '${SLURM_ARRAY_JOB_ID:-?}, restart ${SLURM_RESTART_COUNT:-0}, on $(hostname) at $(date -Is)" >&2',
         "# one thread pool per allocated CPU, not per CPU of the node",
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
         "export TOKENIZERS_PARALLELISM=false",
-        f"cd {q(str(workdir))}",
+        f"cd {q(str(workdir))} 2>/dev/null || echo \"batchgen: warning: no directory {q(str(workdir))} here\" >&2",
         "# exec: batchgen becomes the batch shell, so USR1 (--signal=B:...) and TERM reach it;",
         "# it stops admitting, commits, requeues itself on USR1 and exits (0 only when done).",
         f"exec {run}",
