@@ -54,7 +54,8 @@ def test_gguf_tokenizer_is_cheap_and_has_chat_template(tmp_path: Path) -> None:
     tok = load_tokenizer(str(gguf), cache_dir=tmp_path)  # empty cache: tokenizer only, no weights
     assert ms.CONVERSIONS == before
     assert not (tmp_path / "gguf").exists()
-    assert tok.eos_token == "<|im_end|>"
+    # special tokens follow the GGUF metadata (transformers 5.17 alone would say EOS = <|im_start|>)
+    assert (tok.eos_token, tok.eos_token_id, tok.bos_token_id) == ("<|im_end|>", 2, 1)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
@@ -117,3 +118,12 @@ def test_hub_id_from_the_offline_cache(tiny_checkpoint, tmp_path: Path, monkeypa
     assert load_tokenizer("batchgen-test/tiny-llama").eos_token == "<|im_end|>"
     with pytest.raises(ModelSourceError, match="'batchgen-test/not-cached' is not a local directory"):
         resolve_model_dir("batchgen-test/not-cached")
+
+
+def test_gguf_metadata_reads_scalars_fast() -> None:
+    gguf = _smollm2_gguf()
+    t0 = time.perf_counter()
+    meta = ms.gguf_metadata(gguf, {"general.architecture", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"})
+    assert time.perf_counter() - t0 < 2.0  # skips the 49k-token vocabulary arrays
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.eos_token_id"] == 2
+    assert meta["tokenizer.chat_template"].startswith("{% for message in messages %}")

