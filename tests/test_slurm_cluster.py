@@ -38,7 +38,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-N_ROWS, N_SAMPLES, N_TASKS = 48, 2, 4
+N_ROWS, N_SAMPLES, N_TASKS = 64, 2, 4
 
 
 def batchgen_cmd() -> list[str]:
