@@ -46,7 +46,7 @@ def _record(system: str, wl: str, shape: str, figures: dict[str, Any], **setting
 
 
 def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attention: str,
-                 max_num_seqs: int, max_batch_tokens: int) -> dict[str, Any]:
+                 max_num_seqs: int, max_batch_tokens: int, block_size: int = 16) -> dict[str, Any]:
     import torch
 
     from .engine.engine import Engine
@@ -63,10 +63,11 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
     t0 = time.perf_counter()
     engine = Engine(None, model=model, device=str(device), max_num_seqs=max_num_seqs,
                     max_batch_tokens=max_batch_tokens, overlap=overlap, cuda_graphs=cuda_graphs,
-                    attention=attention, max_model_len=4096, prefix_caching=False)
+                    attention=attention, max_model_len=4096, prefix_caching=False, block_size=block_size)
     startup = time.perf_counter() - t0
-    # warm-up: compile every kernel variant on a small mixed batch, then measure from scratch
-    engine.generate([p[:200] for p in prompts[:8]], SamplingParams(max_new_tokens=32, ignore_eos=True))
+    # warm-up on the same prompts with a few new tokens each: compiles every kernel variant the
+    # timed run meets (prefill chunks, mixed steps, sampler shapes) so no compile lands in the figures
+    engine.generate(prompts, [SamplingParams(max_new_tokens=2 + i % 8, ignore_eos=True) for i in range(len(prompts))])
     engine.reset_stats()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -94,7 +95,7 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return _record("batchgen", wl, shape, figures, overlap=engine.overlap, cuda_graphs=engine.cuda_graphs,
-                   max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
+                   max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, block_size=block_size)
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:
@@ -153,13 +154,16 @@ def run_transformers(wl: str, shape: str, max_batch_tokens: int = 4096) -> dict[
 @click.option("--attention", type=click.Choice(["auto", "torch", "triton", "flash"]), default="auto", show_default=True)
 @click.option("--max-num-seqs", type=int, default=256, show_default=True)
 @click.option("--max-batch-tokens", type=int, default=8192, show_default=True)
+@click.option("--block-size", type=int, default=16, show_default=True, help="KV cache block size (tokens)")
 @click.option("--compare", type=click.Choice(["transformers"]), default=None, help="also run the anchor, same workload")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="append JSON records here")
 def bench_command(wl: str, shape: str | None, no_overlap: bool, no_cuda_graphs: bool, attention: str,
-                  max_num_seqs: int, max_batch_tokens: int, compare: str | None, json_path: str | None) -> None:
+                  max_num_seqs: int, max_batch_tokens: int, block_size: int, compare: str | None,
+                  json_path: str | None) -> None:
     """Throughput on random weights of a named shape (nothing is downloaded)."""
     shape = shape or DEFAULT_SHAPE[wl]
-    records = [run_batchgen(wl, shape, not no_overlap, not no_cuda_graphs, attention, max_num_seqs, max_batch_tokens)]
+    records = [run_batchgen(wl, shape, not no_overlap, not no_cuda_graphs, attention, max_num_seqs,
+                            max_batch_tokens, block_size)]
     click.echo(json.dumps(records[0]))
     if compare == "transformers":
         records.append(run_transformers(wl, shape))

@@ -3,7 +3,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-pip install -q --no-deps -e . > "$OUT/install.log" 2>&1
+python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1
 MODE=${1:-quick}
 if [ "$MODE" = quick ] || [ "$MODE" = tests ]; then
@@ -11,12 +11,12 @@ if [ "$MODE" = quick ] || [ "$MODE" = tests ]; then
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = bench ]; then
   for wl in nanovllm seed; do
-    timeout 200 batchgen bench --workload $wl --json "$OUT/bench.jsonl" 2>&1 | tail -5
-    timeout 200 batchgen bench --workload $wl --no-overlap --json "$OUT/bench.jsonl" 2>&1 | tail -3
+    timeout 200 python -m batchgen.cli bench --workload $wl --json "$OUT/bench.jsonl" 2>&1 | tail -5
+    timeout 200 python -m batchgen.cli bench --workload $wl --no-overlap --json "$OUT/bench.jsonl" 2>&1 | tail -3
   done
 fi
 if [ "$MODE" = anchor ]; then
   for wl in nanovllm seed; do
-    timeout 280 batchgen bench --workload $wl --compare transformers --json "$OUT/bench.jsonl" 2>&1 | tail -5
+    timeout 280 python -m batchgen.cli bench --workload $wl --compare transformers --json "$OUT/bench.jsonl" 2>&1 | tail -5
   done
 fi

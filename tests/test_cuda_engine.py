@@ -23,7 +23,7 @@ def ckpt(tmp_path_factory) -> str:
 def _engine(path: str, **kw):
     from batchgen import Engine
 
-    base = dict(device="cuda", dtype="float32", max_num_seqs=16, max_batch_tokens=512)
+    base = dict(device="cuda", dtype="float32", max_num_seqs=16, max_batch_tokens=512, kv_cache_tokens=16384)
     return Engine.from_pretrained(path, **{**base, **kw})
 
 

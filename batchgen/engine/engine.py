@@ -107,6 +107,11 @@ class Engine:
             act += self.max_num_seqs * cfg.vocab_size * 4 * 6
             budget = total * fraction - (total - free) - act
             tokens = int(budget // per_token)
+            if tokens < self.block_size:
+                raise ValueError(
+                    f"no GPU memory left for the KV cache: {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB "
+                    f"are in use (model weights and anything else on this GPU) and gpu_memory_fraction={fraction}; "
+                    "raise gpu_memory_fraction, free the GPU, or set kv_cache_tokens")
         else:  # CPU: what max_num_seqs full-length sequences need, at most 4 GiB
             tokens = min(self.max_num_seqs * self.max_model_len, (4 << 30) // per_token)
         if tokens < self.block_size:
@@ -300,7 +305,11 @@ class Engine:
         return any(s in tail for s in stops)
 
     def close(self) -> None:
+        """Release the KV cache, graphs and weights (another engine may start in this process)."""
+        import gc
+
         self.runner = None  # type: ignore[assignment]
         self.model = None
+        gc.collect()  # runner <-> graphs hold each other
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
