@@ -371,3 +371,53 @@ def test_unsupported_architecture_raises(request, tmp_path_factory):
     msg = str(ei.value)
     assert "gpt2" in msg.lower(), f"error does not name the architecture: {msg}"
     assert "llama" in msg.lower() and "qwen" in msg.lower(), f"error does not list supported ones: {msg}"
+
+
+def test_seeded_sampling_invariant_to_preemption(path):
+    """Seeded n=3 sampling gives the same tokens with a roomy KV cache and with one so small that
+    sequences are preempted and recomputed."""
+    ps = R.random_prompts_for(path, 10, seed=77, min_len=20, max_len=120)
+    params = [SamplingParams(max_new_tokens=40, temperature=0.8, seed=100 + i, n=3 if i % 3 == 0 else 1,
+                             ignore_eos=True) for i in range(len(ps))]
+    roomy = R.make_engine(path, max_num_seqs=32, kv_cache_tokens=16384)
+    tight = R.make_engine(path, max_num_seqs=32, kv_cache_tokens=320)
+    try:
+        a = roomy.generate(ps, params)
+        b = tight.generate(ps, params)
+        assert tight.stats["preemptions"] > 0, tight.stats
+    finally:
+        roomy.close()
+        tight.close()
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.error is None and y.error is None, (x.error, y.error)
+        for cx, cy in zip(x.outputs, y.outputs):
+            assert cx.token_ids == cy.token_ids, f"request {i} sample {cx.index} changed under preemption"
+
+
+def test_text_prompt_is_tokenized(engine, path):
+    text = "The quick brown fox jumps over the lazy dog."
+    (out,) = engine.generate([text], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    ids = list(out.prompt_token_ids)
+    assert ids and ids == engine.tokenizer.encode(text)
+    assert_greedy_equal(path, [ids], [out.outputs[0].token_ids], ref_greedy(path, [ids], 12), "text prompt")
+    assert out.outputs[0].text == engine.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_prefix_hits_with_tiny_cache_match_and_are_not_overcounted(path):
+    """Shared-prefix prompts with a KV cache so small that admission often fails: outputs still
+    match the reference, and prefix_cache_hit_tokens counts reused tokens only once per admission
+    (it cannot exceed the tokens the engine had to place)."""
+    ps = R.shared_prefix_prompts_for(path, 24, prefix_len=100)
+    max_new = R.random_max_new(len(ps))
+    eng = R.make_engine(path, max_num_seqs=8, kv_cache_tokens=512)
+    try:
+        outs = eng.generate(ps, R.greedy_params(max_new))
+        st = eng.stats
+    finally:
+        eng.close()
+    assert_greedy_equal(path, ps, [list(o.outputs[0].token_ids) for o in outs],
+                        ref_greedy(path, ps, max_new), "prefix + tiny kv")
+    assert st["prefix_cache_hit_tokens"] > 0
+    assert st["prefix_cache_hit_tokens"] <= st["prompt_tokens"] + st["output_tokens"], (
+        f"prefix_cache_hit_tokens {st['prefix_cache_hit_tokens']} > prompt_tokens {st['prompt_tokens']} + "
+        f"output_tokens {st['output_tokens']}: hits counted on admissions that were rolled back")
