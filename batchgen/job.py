@@ -143,6 +143,7 @@ class Job:
         self._fatal: str | None = None
         self._lock = threading.Lock()
         self.tokenize_batch = 64  # rows rendered and tokenized together
+        self._writer: ShardWriter | None = None
 
     # ------------------------------------------------------------------ stopping
     def request_stop(self, reason: str, *, exit_code: int = EXIT_FAILED, hard: bool = False, signum: int | None = None) -> None:
@@ -169,14 +170,20 @@ class Job:
                 signal.setitimer(signal.ITIMER_REAL, self.cfg.output.stop_grace_seconds)
             except (ValueError, OSError):
                 pass
-        if (not first or self.cfg.output.stop_grace_seconds <= 0) and self._in_stream:
+        if not first or self.cfg.output.stop_grace_seconds <= 0:
             self._hard.set()
-            raise _HardStop()
+            if self._can_raise():
+                raise _HardStop()
 
     def _on_alarm(self, signum: int, frame: Any) -> None:
         self._hard.set()
-        if self._in_stream:
+        if self._can_raise():
             raise _HardStop()
+
+    def _can_raise(self) -> bool:
+        """Leave engine.stream at once only while inside it and not in the middle of a commit."""
+        w = self._writer
+        return self._in_stream and not (w is not None and w.busy)
 
     def _install_signals(self) -> dict[int, Any]:
         old: dict[int, Any] = {}
@@ -338,6 +345,7 @@ class Job:
                 rows_per_shard=cfg.output.rows_per_shard, compression=cfg.output.compression,
                 flush_seconds=cfg.output.flush_seconds, next_seq=led.next_seq,
             )
+            self._writer = writer
             prog = Progress(source.total, led.rows, mode=self.progress_mode, log_every=self.log_every,
                             stream=self.out, label=label)
             old = self._install_signals()

@@ -434,6 +434,7 @@ class ShardWriter:
         self._last_flush = time.monotonic()
         self.coerce_warnings: dict[str, int] = {}
         self.committed: list[dict] = []  # footer metadata of shards committed by this run
+        self.busy = False  # inside a commit: signal handlers must not raise here
 
     def add(self, pos: int, rows: list[dict], stats: dict) -> None:
         """One input row's output rows (all its samples) and its counters:
@@ -475,7 +476,11 @@ class ShardWriter:
                 self._samples -= n
                 seq = self.seq
                 self.seq += 1
-                last = self._commit(batch, seq)
+                self.busy = True
+                try:
+                    last = self._commit(batch, seq)
+                finally:
+                    self.busy = False
                 self._last_flush = time.monotonic()
 
     def _commit(self, batch: list[tuple[int, list[dict], dict]], seq: int) -> dict:
