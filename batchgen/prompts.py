@@ -226,10 +226,10 @@ class PromptBuilder:
                 if isinstance(ids, Exception):
                     out[i] = Prompt(None, text=text, error=f"can't tokenize the prompt: {type(ids).__name__}: {_first_line(ids)}")
                 else:
-                    out[i] = self._check_len(msgs, text, list(ids))
+                    out[i] = self._check_len(rows[i], msgs, text, list(ids))
         return out  # type: ignore[return-value]
 
-    def _check_len(self, msgs: list[dict], text: str, ids: list[int]) -> Prompt:
+    def _check_len(self, row: dict, msgs: list[dict], text: str, ids: list[int]) -> Prompt:
         if not ids:
             return Prompt(None, text=text, error="the prompt is empty after tokenization")
         if len(ids) <= self.limit:
@@ -242,29 +242,46 @@ class PromptBuilder:
         if policy == "skip":
             return Prompt(None, text=text, n_tokens=n, too_long=True,
                           error=f"prompt too long: {n} tokens > limit of {self.limit} (on_too_long: skip)")
-        return self._truncate(msgs, n, text)
+        return self._truncate(row, msgs, n, text)
 
-    def _truncate(self, msgs: list[dict], n: int, text: str) -> Prompt:
-        """Cut the end of the longest non-system message until the rendered prompt fits;
-        the template around it (instructions, chat markup) stays whole."""
-        idx = max(
-            (i for i, m in enumerate(msgs) if isinstance(m["content"], str) and m["role"] != "system"),
-            key=lambda i: len(msgs[i]["content"]),
-            default=None,
-        )
-        if idx is None:
-            return Prompt(None, text=text, n_tokens=n, too_long=True,
-                          error=f"prompt too long: {n} tokens > limit of {self.limit} and nothing to truncate")
-        content = msgs[idx]["content"]
+    def _truncate(self, row: dict, msgs: list[dict], n: int, text: str) -> Prompt:
+        """Cut the end of the prompt text until the rendered prompt fits: the prompt column's
+        value (before the template, so the template's own text stays whole), or the longest
+        non-system message. The chat markup stays whole."""
+        if self.pc.column is not None:
+            content = row[self.pc.column]
+
+            def remake(cut: str) -> list[dict]:
+                m, err = self._messages({**row, self.pc.column: cut})
+                if m is None:  # e.g. cut down to nothing
+                    raise ValueError(err)
+                return m
+        else:
+            idx = max(
+                (i for i, m in enumerate(msgs) if isinstance(m["content"], str) and m["role"] != "system"),
+                key=lambda i: len(msgs[i]["content"]),
+                default=None,
+            )
+            if idx is None:
+                return Prompt(None, text=text, n_tokens=n, too_long=True,
+                              error=f"prompt too long: {n} tokens > limit of {self.limit} and nothing to truncate")
+            content = msgs[idx]["content"]
+
+            def remake(cut: str) -> list[dict]:
+                m = [dict(x) for x in msgs]
+                m[idx]["content"] = cut
+                return m
         c_ids = list(self.tok(content, add_special_tokens=False)["input_ids"])
         over = n - self.limit
         for _ in range(6):
             keep = len(c_ids) - over
             if keep <= 0:
                 break
-            msgs = [dict(m) for m in msgs]
-            msgs[idx]["content"] = self.tok.decode(c_ids[:keep], skip_special_tokens=True)
-            text, specials = self.render(msgs)
+            try:
+                new_msgs = remake(self.tok.decode(c_ids[:keep], skip_special_tokens=True))
+            except ValueError:
+                break
+            text, specials = self.render(new_msgs)
             ids = self._encode(text, specials)
             if len(ids) <= self.limit:
                 return Prompt(ids, text=text, n_tokens=len(ids), truncated=True)

@@ -1,0 +1,112 @@
+"""Row -> prompt: template, system prompt, chat template on/off, messages, too-long policies, seeds."""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+
+from batchgen.config import ConfigError, parse_job
+from batchgen.progress import Progress
+from batchgen.prompts import PromptBuilder, PromptTooLong, row_seed
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    from conftest import build_tokenizer
+
+    return build_tokenizer()
+
+
+def cfg(**prompt: Any) -> Any:
+    pr = {"column": "prompt", **prompt}
+    if "messages_column" in prompt:
+        pr.pop("column")
+    return parse_job({"model": {"path": "m"}, "input": {"files": ["x.jsonl"]}, "prompt": pr,
+                      "sampling": {"max_new_tokens": 8}, "output": {"path": "o"}})
+
+
+def test_template_and_system_with_chat_template(tok: Any) -> None:
+    b = PromptBuilder(cfg(template="Translate to {lang}:\n{prompt}{missing}", system="Be brief."), tok)
+    p = b.build({"prompt": "hello", "lang": "French", "missing": None})
+    assert p.error is None and p.text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+                                          "Translate to French:\nhello<|im_end|>\n<|im_start|>assistant\n")
+    assert p.token_ids == list(tok(p.text, add_special_tokens=False)["input_ids"])
+    assert p.n_tokens == len(p.token_ids)
+
+
+def test_plain_text_and_messages_without_chat_template(tok: Any) -> None:
+    b = PromptBuilder(cfg(chat_template=False, system="Sys."), tok)
+    assert b.build({"prompt": "hello"}).text == "Sys.\n\nhello"
+    b = PromptBuilder(cfg(messages_column="m", chat_template=False), tok)
+    p = b.build({"m": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                       {"role": "user", "content": "again"}]})
+    assert p.text == "user: hi\nassistant: yo\nuser: again\nassistant:"
+    # a JSON string of messages works too; a system prompt is added unless there is one
+    b = PromptBuilder(cfg(messages_column="m", system="S"), tok)
+    p = b.build({"m": '[{"role": "user", "content": "hi"}]'})
+    assert p.text.startswith("<|im_start|>system\nS<|im_end|>")
+    p = b.build({"m": [{"role": "system", "content": "own"}, {"role": "user", "content": "hi"}]})
+    assert p.text.count("system") == 1 and "own" in p.text
+
+
+@pytest.mark.parametrize("value, msg", [
+    (None, "is null"), ([], "non-empty list"), ("not json", "not a list"), ([{"role": "user"}], "not a {role, content}"),
+    ([{"role": "user", "content": None}], "content is null"), ([{"role": "user", "content": 3}], "must be a string"),
+    ([{"role": "user", "content": "  "}], "only empty messages"), ([1, 2], "not a {role, content}"),
+])
+def test_bad_messages_are_row_errors(tok: Any, value: Any, msg: str) -> None:
+    b = PromptBuilder(cfg(messages_column="m"), tok)
+    p = b.build({"m": value})
+    assert p.token_ids is None and msg in p.error
+
+
+def test_chat_template_true_needs_one(tok: Any) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer)
+    with pytest.raises(ConfigError, match="prompt.chat_template: true, but the tokenizer"):
+        PromptBuilder(cfg(chat_template=True), plain)
+    assert PromptBuilder(cfg(), plain).use_chat is False
+    with pytest.raises(ConfigError, match="leaves no room"):
+        PromptBuilder(cfg(), tok, max_model_len=8)
+
+
+def test_truncate_keeps_the_template(tok: Any) -> None:
+    b = PromptBuilder(cfg(template="Summarize:\n{prompt}\nEND", max_tokens=30, on_too_long="truncate"), tok)
+    p = b.build({"prompt": "the quick brown fox jumps over the lazy dog " * 20})
+    assert p.error is None and p.truncated and len(p.token_ids) <= 30
+    assert p.text.startswith("<|im_start|>user\nSummarize:\n") and p.text.endswith("\nEND<|im_end|>\n<|im_start|>assistant\n")
+    b = PromptBuilder(cfg(template="{prompt}" + " padding" * 40, max_tokens=30, on_too_long="truncate"), tok)
+    p = b.build({"prompt": "x y z"})
+    assert p.token_ids is None and "can't make it fit" in p.error
+    b = PromptBuilder(cfg(max_tokens=10, on_too_long="error"), tok)
+    with pytest.raises(PromptTooLong):
+        b.build({"prompt": "a b c d e f g h i j k l m n o p"})
+    assert b.build_many([{"prompt": "a b c d e f g h i j k l m n o p"}])[0].fatal
+
+
+def test_batch_encoding_matches_the_tokenizer(tok: Any) -> None:
+    b = PromptBuilder(cfg(chat_template=False), tok)
+    rows = [{"prompt": t} for t in ["hello world", "What is the capital of France?", "ünïcödé ✓ 123", "a\n\nb"]]
+    for p, r in zip(b.build_many(rows), rows):
+        assert p.token_ids == list(tok(r["prompt"])["input_ids"])
+
+
+def test_row_seed_is_stable_and_spread() -> None:
+    assert row_seed(0, 5) == row_seed(0, 5) and 0 <= row_seed(0, 5) < 2**63
+    assert row_seed(0, 5) != row_seed(1, 5) and row_seed(0, 5) != row_seed(0, "5")
+    assert len({row_seed(0, i) for i in range(10000)}) == 10000
+    assert (row_seed(3, "abc"), row_seed(0, 17)) == (8415079613424694264, 456770071202433185)  # pinned: resumes across versions
+
+
+def test_progress_bar_mode() -> None:
+    buf = io.StringIO()
+    p = Progress(10, 2, mode="bar", stream=buf)
+    p.start_clock()
+    for _ in range(8):
+        p.update(1, 5)
+    p.close()
+    out = buf.getvalue()
+    assert "10/10" in out and "tok/s" in out
+    assert p.out_tokens == 40 and p.done == 10
