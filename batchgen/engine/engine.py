@@ -153,11 +153,12 @@ class Engine:
             raise ValueError("this model has no tokenizer: pass token ids")
         return self.tokenizer.encode(text)
 
-    def _make_group(self, req: GenerationRequest | str | list[int], default: SamplingParams | None) -> RequestGroup:
-        arrival = next(self._arrivals)
+    def _make_group(self, req: GenerationRequest | str | list[int], default: SamplingParams | None,
+                    position: int | None = None) -> RequestGroup:
+        arrival = next(self._arrivals)  # engine-wide: keeps derived seeds distinct across calls
         if not isinstance(req, GenerationRequest):
             req = GenerationRequest(req, default or SamplingParams())
-        rid = arrival if req.request_id is None else req.request_id
+        rid = req.request_id if req.request_id is not None else (arrival if position is None else position)
         params = req.params
         group = RequestGroup(rid, [], params)
         try:
@@ -214,7 +215,7 @@ class Engine:
     def stream(self, requests: Iterable[GenerationRequest | str | list[int]],
                params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Pull requests lazily, yield each RequestOutput as soon as all its samples finish."""
-        source = iter(requests)
+        source = enumerate(requests)
         exhausted = False
         lookahead = 2 * self.max_num_seqs
         inflight: StepHandle | None = None
@@ -223,10 +224,11 @@ class Engine:
             while True:
                 while not exhausted and len(self.scheduler.waiting) < lookahead:
                     try:
-                        group = self._make_group(next(source), params)
+                        position, request = next(source)
                     except StopIteration:
                         exhausted = True
                         break
+                    group = self._make_group(request, params, position)
                     if group.seqs[0].error is not None:
                         self._stats["errors"] += 1
                         yield group.output(self._decode)

@@ -30,7 +30,7 @@ class BlockManager:
         self.block_of: dict[int, int] = {}  # hash -> block
         self.free_plain: deque[int] = deque(range(1, num_blocks))  # hold nothing reusable
         self.free_cached: OrderedDict[int, None] = OrderedDict()  # hold a named prefix, LRU order
-        self.hit_tokens = 0
+        self.hit_tokens = 0  # prompt tokens served from the cache (counted by the scheduler on admission)
 
     @property
     def num_free(self) -> int:
@@ -87,7 +87,6 @@ class BlockManager:
             self.ref[b] += 1
             blocks.append(b)
             h = nh
-        self.hit_tokens += len(blocks) * bs
         return blocks, h
 
     def register(self, block: int, prev_hash: int, tokens: tuple[int, ...]) -> int:

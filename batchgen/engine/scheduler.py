@@ -92,6 +92,7 @@ class Scheduler:
                 self._unmatch(seq)
                 break
             seq.blocks += self.bm.allocate(need)
+            self.bm.hit_tokens += seq.num_hashed * self.bm.block_size  # counted once, on admission
             self.waiting.popleft()
             seq.status = Status.RUNNING
             seq.slot = self.free_slots.pop()
