@@ -7,6 +7,7 @@ overlap=False) each step's results are processed right after it runs.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -68,8 +69,9 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
         self.backend = get_backend(attention, self.device)
+        head_major = self.backend.name == "triton" and os.environ.get("BATCHGEN_KV_LAYOUT", "hnd") == "hnd"
         self.runner = ModelRunner(model, self.backend, self.device, self.dtype, num_blocks, block_size,
-                                  max_num_seqs, self.max_model_len)
+                                  max_num_seqs, self.max_model_len, head_major)
         self.overlap = overlap and self.device.type == "cuda"
         # decode graphs need an attention backend whose launches depend only on host bounds
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend.name != "torch"

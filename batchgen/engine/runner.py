@@ -43,13 +43,13 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
-                 num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int) -> None:
+                 num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int,
+                 head_major: bool = False) -> None:
         cfg = model.cfg
         self.model, self.backend, self.device, self.dtype = model, backend, device, dtype
         self.block_size = block_size
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(cfg.num_layers)]
+        self.kv_caches = [(self._cache_tensor(num_blocks, block_size, cfg, head_major),
+                           self._cache_tensor(num_blocks, block_size, cfg, head_major)) for _ in range(cfg.num_layers)]
         self.sampler = Sampler(cfg.vocab_size, max_num_seqs, device)
         self.token_buf = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
         self.cuda = device.type == "cuda"
@@ -77,6 +77,14 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, max_batch, self.max_model_len)
         self.graphs.capture()
         return self.graphs.capture_s
+
+    def _cache_tensor(self, num_blocks: int, block_size: int, cfg, head_major: bool) -> torch.Tensor:
+        """[num_blocks, block_size, kv_heads, head_dim] as backends see it. Head-major storage keeps each
+        (block, kv head) contiguous, so a decode kernel reads one run of block_size * head_dim values."""
+        if head_major:
+            t = torch.zeros(num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=self.dtype, device=self.device)
+            return t.permute(0, 2, 1, 3)
+        return torch.zeros(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ slots
     def admit(self, seqs: list[Sequence]) -> None:

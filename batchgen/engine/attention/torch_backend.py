@@ -41,10 +41,11 @@ class TorchAttention(AttentionBackend):
     name = "torch"
 
     def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
-        nb, bs, kvh, d = k_cache.shape
+        bs = k_cache.shape[1]
         slots = meta.slot_mapping.long()
-        k_cache.view(nb * bs, kvh, d).index_copy_(0, slots, k.to(k_cache.dtype))
-        v_cache.view(nb * bs, kvh, d).index_copy_(0, slots, v.to(v_cache.dtype))
+        blk, off = slots // bs, slots % bs  # works for any cache strides (token- or head-major)
+        k_cache[blk, off] = k.to(k_cache.dtype)
+        v_cache[blk, off] = v.to(v_cache.dtype)
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                window: int | None = None) -> torch.Tensor:
