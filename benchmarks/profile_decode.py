@@ -31,7 +31,8 @@ def main() -> None:
                  cuda_graphs=a.graphs, prefix_caching=False)
     reqs = [GenerationRequest([100 + (i * 7 + j) % 5000 for j in range(a.context)],
                               SamplingParams(max_new_tokens=10_000 // 8, ignore_eos=True), i) for i in range(a.batch)]
-    it = eng.stream(reqs)
+    for r in reqs:
+        eng._enqueue(eng._make_group(r, None))
     for _ in range(3):  # admit everything and reach steady decode
         batch = eng.scheduler.schedule()
         list(eng._process(eng.runner.execute(eng.runner.prepare(batch))))
@@ -52,7 +53,6 @@ def main() -> None:
     print(f"{a.shape} batch {a.batch} context {a.context}: {total / 1000:.3f} ms of kernels per step")
     for us, n, name in rows[:25]:
         print(f"{us:9.1f} us  x{n:<4d} {name}")
-    del it
 
 
 if __name__ == "__main__":
