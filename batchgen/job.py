@@ -502,8 +502,8 @@ class Job:
             prog.update(side["rows"], 0, side["errors"])
             side["rows"] = side["errors"] = 0
         self._pending_left = len(pending)
-        if clean_end and self._exhausted and not pending and not self._stop.is_set():
-            return EXIT_OK
+        if clean_end and self._exhausted and not pending and not self._fatal:
+            return EXIT_OK  # complete, even if a stop came in after the last row was admitted
         if self._fatal:
             return EXIT_FAILED
         if self._stop.is_set():
