@@ -52,6 +52,10 @@ class Engine:
             model, raw_config = load_model(self.model_dir, self.device, dtype)
         else:  # a model built elsewhere (benchmarks: random weights of a named shape)
             raw_config = {}
+        if self.device.type == "cuda" and os.environ.get("BATCHGEN_WEIGHT_LAYOUT", "in") == "in":
+            from .models.linear_layout import make_input_major
+
+            make_input_major(model, skip=("lm_head",) if model.cfg.tie_word_embeddings else ())
         self.model = model
         cfg = model.cfg
         self.dtype = next(model.parameters()).dtype
