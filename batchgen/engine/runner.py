@@ -66,6 +66,8 @@ class ModelRunner:
         self.min_new_end = np.zeros(max_num_seqs, np.int64)  # position before which stop ids are suppressed
         self.stop_ids: list[list[int]] = [[] for _ in range(max_num_seqs)]
         self._staging: list[torch.Tensor | None] = [None] * 4  # (step parity, dtype)
+        # host->device copies run on their own stream, so staging step N+1 overlaps step N's compute
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._flip = 0
         self.max_model_len = max_model_len
         self.graphs = None  # DecodeGraphs once captured
@@ -215,15 +217,21 @@ class ModelRunner:
         assert all(v.dtype in (np.int64, np.float32) for v in arrays.values()), "stage int64 / float32 only"
         out: dict[str, torch.Tensor] = {}
         self._flip ^= 1
+        compute = torch.cuda.current_stream(self.device)
         for dtype in (np.int64, np.float32):
             items = [(k, v) for k, v in arrays.items() if v.dtype == dtype]
             flat = np.concatenate([v.ravel() for _, v in items])
             staged = self._stage(flat, self._flip * 2 + (dtype is np.float32))
-            gpu = staged.to(self.device, non_blocking=True)
+            with torch.cuda.stream(self.copy_stream):
+                gpu = staged.to(self.device, non_blocking=True)
+            gpu.record_stream(compute)  # used on the compute stream: keep the allocator from recycling it early
             off = 0
             for k, v in items:
                 out[k] = gpu[off: off + v.size].view(v.shape)
                 off += v.size
+        copied = torch.cuda.Event()
+        copied.record(self.copy_stream)
+        compute.wait_event(copied)  # the step's kernels start only once its inputs have landed
         return out
 
     def _stage(self, flat: np.ndarray, key: int) -> torch.Tensor:
