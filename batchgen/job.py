@@ -510,6 +510,19 @@ class Job:
             return self._stop_code
         return EXIT_FAILED
 
+    def _combined_summary(self, od: OutputDir) -> None:
+        """When every task of the job is done, write the job's summary.json (any task may be last)."""
+        parts = []
+        for t in range(self.num_tasks):
+            prog = sinkmod.read_json(od.progress_path(t))
+            if not prog or prog.get("state") != "done" or not isinstance(prog.get("summary"), dict):
+                return
+            parts.append(prog["summary"])
+        summ = combine_summaries(parts, self.cfg.cost_per_hour)
+        sinkmod.write_json_atomic(od.meta / "summary.json", summ)
+        self.say(f"all {self.num_tasks} tasks are done: {summ['rows']:,} rows, {summ['errors']:,} errors, "
+                 f"{summ['output_tokens']:,} output tokens; summary: {od.meta / 'summary.json'}")
+
     def _finish(self, code: int, od: OutputDir, source: Source, led: Ledger, writer: ShardWriter | None,
                 prog: Progress | None, engine: Any, progress_file: Callable[..., None],
                 t_start: float, prev_wall: float) -> int:
@@ -552,6 +565,8 @@ class Job:
         if code == EXIT_OK:
             progress_file("done", summary=summ)
             sinkmod.write_json_atomic(od.summary_path(), summ)
+            if self.num_tasks > 1:
+                self._combined_summary(od)
             self.say(("" if self.num_tasks == 1 else f"task {self.task_id}: ") + "done. " + f"{od.path}\n" + format_summary(summ)
                      + f"\nsummary: {od.summary_path()}")
             return EXIT_OK
@@ -579,6 +594,27 @@ class Job:
         progress_file("failed", error="the engine stream ended early")
         self.say(f"error: the engine stopped before the input was done; {done_rows:,} rows are saved in {od.path}; rerun to resume")
         return EXIT_FAILED
+
+
+def combine_summaries(parts: list[dict], cost_per_hour: float | None) -> dict:
+    """The job's summary from its tasks' summaries: counts add up; wall time is the longest
+    task's (they run side by side), cost the sum of all tasks' time."""
+    add = ["rows", "samples", "errors", "error_rows", "prompt_tokens", "output_tokens", "run_output_tokens", "shards"]
+    d: dict[str, Any] = {k: sum(int(p.get(k) or 0) for p in parts) for k in add}
+    d["num_tasks"] = len(parts)
+    d["wall_s"] = max(float(p.get("wall_s") or 0) for p in parts)
+    d["total_wall_s"] = round(sum(float(p.get("total_wall_s") or 0) for p in parts), 3)
+    d["output_tok_s"] = round(sum(float(p.get("output_tok_s") or 0) for p in parts), 2)
+    busy = [p["gpu_busy_pct"] for p in parts if p.get("gpu_busy_pct") is not None]
+    d["gpu_busy_pct"] = round(sum(busy) / len(busy), 1) if busy else None
+    d["cost_per_hour"] = cost_per_hour
+    d["usd_total"] = d["usd_per_1m_output_tokens"] = None
+    if cost_per_hour is not None:
+        usd = cost_per_hour * d["total_wall_s"] / 3600.0
+        d["usd_total"] = round(usd, 6)
+        if d["output_tokens"]:
+            d["usd_per_1m_output_tokens"] = round(usd / (d["output_tokens"] / 1e6), 6)
+    return d
 
 
 def _model_source_error(e: BaseException) -> str | None:

@@ -401,6 +401,8 @@ class FileSource(Source):
                     return
                 k += 1
                 emitted += 1
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # UTF-8 byte order mark
                 try:
                     obj = json.loads(raw)
                 except (ValueError, UnicodeDecodeError) as e:

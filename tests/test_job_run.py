@@ -318,6 +318,8 @@ def test_tasks_partition_exactly_and_match_single_task(tmp_path: Path, tok: Any,
     for t in range(tasks):
         p = json.loads((tmp_path / f"multi/.batchgen/progress/task-{t:05d}.json").read_text())
         assert p["state"] == "done" and p["num_tasks"] == tasks
+    summ = json.loads((tmp_path / "multi/.batchgen/summary.json").read_text())
+    assert summ["rows"] == total and summ["samples"] == total
 
 
 @pytest.mark.parametrize("start", [0, 1, 6, 7, 13, 29, 30, 31])
@@ -438,3 +440,19 @@ def test_output_dir_lock_and_unknown_shards(tmp_path: Path) -> None:
     pq.write_table(pa.table({"x": [1]}), d / "part-t00000-000000.parquet")
     with pytest.raises(OutputError, match="no .batchgen/manifest.json"):
         OutputDir(d).prepare({"fingerprint": "x", "num_tasks": 1})
+
+
+def test_jsonl_bom_gz_and_globs(tmp_path: Path) -> None:
+    import gzip
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/a.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p 0"}).encode() + b"\n")
+    with gzip.open(tmp_path / "d/b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"prompt": "p 1"}) + "\n\n" + json.dumps({"prompt": "p 2"}) + "\n")
+    (tmp_path / "d/_skip.jsonl").write_text(json.dumps({"prompt": "no"}) + "\n")
+    (tmp_path / "d/readme.txt").write_text("not data")
+    for files in ("d", "'d/[ab].json*'", "'d/**/[ab].jsonl*'"):  # directories skip _ and . files
+        body = BASIC.replace("files: [in.jsonl]", f"files: [{files}]").replace("columns: [cat]", "columns: []")
+        src = open_source(load_job(make_job(tmp_path, body)))
+        assert [(i, r["prompt"]) for _, i, r in src.iter_rows()] == [(0, "p 0"), (1, "p 1"), (2, "p 2")], files
+        assert src.total == 3
