@@ -256,10 +256,10 @@ class Job:
         cfg = self.cfg
         source = open_source(cfg, self.task_id, self.num_tasks)  # ConfigError: files, columns
         od = OutputDir(output_dir(cfg), self.task_id, self.num_tasks)
-        manifest = od.prepare(self._manifest(source, self._schema(source)), overwrite=self.overwrite)
-        schema = sinkmod.schema_from_b64(manifest["schema"])
-        od.lock()
+        od.lock()  # before prepare: --overwrite must not clear a running task's output
         try:
+            manifest = od.prepare(self._manifest(source, self._schema(source)), overwrite=self.overwrite)
+            schema = sinkmod.schema_from_b64(manifest["schema"])
             return self._run_locked(source, od, schema, t_start)
         finally:
             od.unlock()

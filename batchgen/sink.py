@@ -309,8 +309,7 @@ class OutputDir:
         import shutil
 
         if self.meta.is_dir():
-            for sub in ("progress", "locks"):
-                shutil.rmtree(self.meta / sub, ignore_errors=True)
+            shutil.rmtree(self.meta / "progress", ignore_errors=True)  # locks stay: they may be held
             for n in os.listdir(self.meta):
                 p = self.meta / n
                 if p.is_file() and (n.endswith(".json") or n.endswith(".tmp")):
