@@ -385,7 +385,7 @@ def _manifest_mismatch(old: dict, new: dict) -> str | None:
             return (f"it was written with {old.get('num_tasks')} task(s), this run has {new.get('num_tasks')}; "
                     "rerun with the same --num-tasks")
         if old.get("source") and new.get("source") and old.get("source") != new.get("source"):
-            return "the input files changed since it was started"
+            return f"its input changed since it was started: {_diff(old['source'], new['source'])[:3]}"
         return None
     changed = _diff(old.get("identity", {}), new.get("identity", {}))
     if changed:

@@ -512,7 +512,10 @@ class DatasetSource(Source):
         check_columns(self.cfg, self.columns, f"dataset {self.description}")
 
     def identity(self) -> dict[str, Any]:
-        return {"dataset": self.description, "partition": "modulo" if self.iterable else "range"}
+        ident: dict[str, Any] = {"dataset": self.description}
+        if self.num_tasks > 1:  # one task reads rows in the same order either way
+            ident["partition"] = "modulo" if self.iterable else "range"
+        return ident
 
     def iter_rows(self, start: int = 0) -> Iterator[tuple[int, int, dict]]:
         need = [c for c in self.need if c in self.columns]

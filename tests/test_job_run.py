@@ -456,3 +456,15 @@ def test_jsonl_bom_gz_and_globs(tmp_path: Path) -> None:
         src = open_source(load_job(make_job(tmp_path, body)))
         assert [(i, r["prompt"]) for _, i, r in src.iter_rows()] == [(0, "p 0"), (1, "p 1"), (2, "p 2")], files
         assert src.total == 3
+
+
+def test_changed_input_files_refused(tmp_path: Path, tok: Any) -> None:
+    (tmp_path / "d").mkdir()
+    jsonl(tmp_path / "d/b.jsonl", [{"prompt": f"q {i}"} for i in range(4)])
+    job = make_job(tmp_path, BASIC.replace("files: [in.jsonl]", "files: [d]").replace("columns: [cat]", "columns: []"))
+    assert run(job, tok)[0] == 0
+    jsonl(tmp_path / "d/a.jsonl", [{"prompt": "new"}])  # sorts first: every position would shift
+    with pytest.raises(OutputError, match="input changed since it was started"):
+        run(job, tok)
+    assert run(job, tok, overwrite=True)[0] == 0
+    assert keyset(read_out(tmp_path / "out")) == [(i, s) for i in range(5) for s in range(2)]
