@@ -637,7 +637,8 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
     od = OutputDir(output_dir(cfg), task_id, num_tasks)
     existing = od.manifest()
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
-    builder = PromptBuilder(cfg, tok, cfg.engine.max_model_len)
+    ctx = _model_context(cfg)
+    builder = PromptBuilder(cfg, tok, min(x for x in (ctx, cfg.engine.max_model_len) if x) if (ctx or cfg.engine.max_model_len) else None)
     n_seen = n_ok = tok_sum = 0
     errors: list[str] = []
     too_long = truncated = 0
@@ -698,6 +699,22 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
     else:
         print(f"output {od.path}: new", file=out)
     return est
+
+
+def _model_context(cfg: JobConfig) -> int | None:
+    """The model's context length from its config.json, without loading it (local directories
+    only; None when unknown)."""
+    from pathlib import Path
+
+    try:
+        p = Path(model_location(cfg))
+        conf = p / "config.json"
+        if conf.is_file():
+            n = json.loads(conf.read_text()).get("max_position_embeddings")
+            return int(n) if n else None
+    except (ConfigError, OSError, ValueError, TypeError):
+        return None
+    return None
 
 
 def run_job(cfg: JobConfig, **kw: Any) -> int:
