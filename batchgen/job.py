@@ -273,6 +273,21 @@ class Job:
         prev_wall = float((prev or {}).get("total_wall_s", 0.0))
         label = f"task {self.task_id}/{self.num_tasks}" if self.num_tasks > 1 else ""
         if self._is_done(source, led, prev):
+            if not prev or prev.get("state") != "done":  # killed after its last commit: record it
+                summ = summary_dict(
+                    rows=led.rows, samples=led.samples, errors=led.errors, error_rows=led.error_rows,
+                    prompt_tokens=led.prompt_tokens, completion_tokens=led.completion_tokens, wall_s=0.0, gen_s=0.0,
+                    run_completion_tokens=0, gpu_busy=None, cost_per_hour=cfg.cost_per_hour, total_wall_s=prev_wall,
+                    extra={"task_id": self.task_id, "num_tasks": self.num_tasks, "rows_total": source.total,
+                           "shards": len(led.shards), "output": str(od.path), "state": "done"},
+                )
+                write_task_progress(od.progress_path(), task_id=self.task_id, num_tasks=self.num_tasks, state="done",
+                                    rows_done=led.rows, rows_total=source.total, limit=cfg.input.limit,
+                                    shards=len(led.shards), output_tokens=led.completion_tokens, errors=led.errors,
+                                    tok_s=None, total_wall_s=prev_wall, fingerprint=fp, summary=summ)
+                sinkmod.write_json_atomic(od.summary_path(), summ)
+                if self.num_tasks > 1:
+                    self._combined_summary(od)
             self.say(
                 f"nothing to do: {od.path} is complete ({led.rows:,} rows, {led.samples:,} output rows "
                 f"in {len(led.shards)} shards{', task ' + str(self.task_id) if self.num_tasks > 1 else ''})"

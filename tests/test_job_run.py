@@ -468,3 +468,18 @@ def test_changed_input_files_refused(tmp_path: Path, tok: Any) -> None:
         run(job, tok)
     assert run(job, tok, overwrite=True)[0] == 0
     assert keyset(read_out(tmp_path / "out")) == [(i, s) for i in range(5) for s in range(2)]
+
+
+def test_done_after_a_kill_past_the_last_commit(tmp_path: Path, tok: Any) -> None:
+    jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(6)])
+    job = make_job(tmp_path, BASIC)
+    assert run(job, tok)[0] == 0
+    prog = tmp_path / "out/.batchgen/progress/task-00000.json"
+    p = json.loads(prog.read_text())
+    p["state"] = "running"  # as if killed between the last commit and the final progress write
+    prog.write_text(json.dumps(p))
+    (tmp_path / "out/.batchgen/summary.json").unlink()
+    eng = FakeEngine(tok)
+    assert run(job, tok, engine=eng)[0] == 0 and eng.seen == []
+    assert json.loads(prog.read_text())["state"] == "done"
+    assert json.loads((tmp_path / "out/.batchgen/summary.json").read_text())["rows"] == 6
