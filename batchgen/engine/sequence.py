@@ -58,11 +58,6 @@ class Sequence:
     def num_generated(self) -> int:
         return len(self.token_ids) - self.num_prompt
 
-    @property
-    def capped(self) -> bool:
-        """Every token it may produce has been scheduled; it only waits for its results."""
-        return self.num_tokens >= self.max_tokens and self.num_computed >= self.num_tokens - 1
-
     def completion(self, decode) -> CompletionOutput:
         gen = self.token_ids[self.num_prompt:]
         if self.error is not None:
