@@ -118,8 +118,8 @@ class Engine:
                     f"no GPU memory left for the KV cache: {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB "
                     f"are in use (model weights and anything else on this GPU) and gpu_memory_fraction={fraction}; "
                     "raise gpu_memory_fraction, free the GPU, or set kv_cache_tokens")
-        else:  # CPU: what max_num_seqs full-length sequences need, at most 4 GiB
-            tokens = min(self.max_num_seqs * self.max_model_len, (4 << 30) // per_token)
+        else:  # CPU: what max_num_seqs full-length sequences need, at most 1 GiB (preemption covers the rest)
+            tokens = min(self.max_num_seqs * self.max_model_len, (1 << 30) // per_token)
         if tokens < self.block_size:
             raise ValueError(f"KV cache would hold {tokens} tokens: not enough memory for this model and settings")
         return -(-tokens // self.block_size) + 1  # + the scratch block
