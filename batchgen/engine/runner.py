@@ -20,6 +20,9 @@ from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
 
+_STAGED = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32))
+
+
 @dataclass
 class PreparedStep:
     """Host work of one step, done: device inputs staged, metadata ready, sampling rows chosen."""
@@ -55,17 +58,15 @@ class ModelRunner:
         self.cuda = device.type == "cuda"
         max_blocks = -(-max_model_len // block_size)
         self.table = np.zeros((max_num_seqs, max_blocks), dtype=np.int64)
-        # per-slot sampling settings, set once when a sequence takes a slot
-        self.temperature = np.zeros(max_num_seqs, np.float32)
-        self.top_k = np.full(max_num_seqs, -1, np.int64)
-        self.top_p = np.ones(max_num_seqs, np.float32)
-        self.min_p = np.zeros(max_num_seqs, np.float32)
-        self.penalty = np.ones(max_num_seqs, np.float32)
-        self.stream_key = np.zeros(max_num_seqs, np.int64)
+        # per-slot sampling settings, set once when a sequence takes a slot; one gather per step.
+        # floats: temperature, top_p, min_p, repetition_penalty; ints: top_k, sampling stream key
+        self.fparams = np.zeros((4, max_num_seqs), np.float32)
+        self.fdefault = np.array([0.0, 1.0, 0.0, 1.0], np.float32)[:, None]
+        self.iparams = np.zeros((2, max_num_seqs), np.int64)
         self.logprobs = np.zeros(max_num_seqs, bool)
         self.min_new_end = np.zeros(max_num_seqs, np.int64)  # position before which stop ids are suppressed
         self.stop_ids: list[list[int]] = [[] for _ in range(max_num_seqs)]
-        self._staging: list[torch.Tensor | None] = [None] * 4  # (step parity, dtype)
+        self._staging: list[torch.Tensor | None] = [None] * (2 * len(_STAGED))  # (step parity, dtype)
         # host->device copies run on their own stream, so staging step N+1 overlaps step N's compute
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._flip = 0
@@ -94,8 +95,8 @@ class ModelRunner:
         for s in seqs:
             p, k = s.params, s.slot
             self.table[k, : len(s.blocks)] = s.blocks
-            self.temperature[k], self.top_k[k], self.top_p[k] = p.temperature, p.top_k, p.top_p
-            self.min_p[k], self.penalty[k], self.stream_key[k] = p.min_p, p.repetition_penalty, s.stream_key
+            self.fparams[:, k] = (p.temperature, p.top_p, p.min_p, p.repetition_penalty)
+            self.iparams[:, k] = (p.top_k, s.stream_key)
             self.logprobs[k] = p.logprobs
             self.min_new_end[k] = s.num_prompt + p.min_new_tokens
             self.stop_ids[k] = sorted(s.stop_ids)
@@ -118,10 +119,8 @@ class ModelRunner:
         starts = np.array(batch.starts, dtype=np.int64)
         lens = np.array(batch.lens, dtype=np.int64)
         ids: list[int] = []
-        slot_list: list[int] = []
-        add, add_slot = ids.append, slot_list.append
+        add = ids.append
         for s, st, n in zip(seqs, batch.starts, batch.lens):
-            add_slot(s.slot)
             toks = s.token_ids
             if n == 1:  # decode: the last token, or -1 when it is still on the device (gathered there by slot)
                 add(toks[st] if st < len(toks) else -1)
@@ -129,7 +128,7 @@ class ModelRunner:
                 known = toks[st:st + n]
                 ids += known
                 ids += [-1] * (n - len(known))
-        slots = np.array(slot_list, dtype=np.int64)
+        slots = np.array(batch.slots, dtype=np.int64)
         qsl = np.zeros(B + 1, np.int64)
         np.cumsum(lens, out=qsl[1:])
         tok_seq = np.repeat(np.arange(B), lens)
@@ -139,22 +138,21 @@ class ModelRunner:
         slot_mapping = self.table[tok_slot, positions // bs] * bs + positions % bs
         seq_lens = starts + lens
         max_seq_len = int(seq_lens.max())
-        tables = self.table[slots, : -(-max_seq_len // bs)]
+        tables = self.table[slots, : -(-max_seq_len // bs)].astype(np.int32)
         rows = np.flatnonzero(np.array(batch.samples, dtype=bool))
         s_slots = slots[rows]
         s_pos = seq_lens[rows]  # index of the token being sampled
         ids_np = np.array(ids, dtype=np.int64)
-        dev = self._upload({
-            "ids": ids_np, "pos": positions, "slot_mapping": slot_mapping, "tok_slot": tok_slot, "qsl": qsl,
-            "seq_lens": seq_lens, "tables": tables, "logit_rows": qsl[1:][rows] - 1, "s_slots": s_slots,
-            "s_pos": s_pos, "top_k": self.top_k[s_slots], "keys": self.stream_key[s_slots],
-            "temperature": self.temperature[s_slots], "top_p": self.top_p[s_slots],
-            "min_p": self.min_p[s_slots], "penalty": self.penalty[s_slots]})
+        arrays = {"ids": ids_np, "pos": positions, "slot_mapping": slot_mapping, "tok_slot": tok_slot,
+                  "qsl": qsl.astype(np.int32), "seq_lens": seq_lens.astype(np.int32), "tables": tables,
+                  "logit_rows": qsl[1:][rows] - 1, "s_slots": s_slots, "s_pos": s_pos,
+                  "iparams": self.iparams[:, s_slots], "fparams": self.fparams[:, s_slots]}
+        dev = self._upload(arrays)
         meta = AttentionMetadata(
-            slot_mapping=dev["slot_mapping"], query_start_loc=dev["qsl"].to(torch.int32),
-            seq_lens=dev["seq_lens"].to(torch.int32), block_tables=dev["tables"].to(torch.int32),
-            max_query_len=int(lens.max()), max_seq_len=max_seq_len, decode_only=bool((lens == 1).all()))
-        sampling = self._sampling_batch(dev, s_slots, s_pos) if len(rows) else None
+            slot_mapping=dev["slot_mapping"], query_start_loc=dev["qsl"], seq_lens=dev["seq_lens"],
+            block_tables=dev["tables"], max_query_len=int(lens.max()), max_seq_len=max_seq_len,
+            decode_only=bool((lens == 1).all()))
+        sampling = self._sampling_batch(dev, arrays, s_slots, s_pos) if len(rows) else None
         all_sample = len(rows) == B
         sample_seqs = seqs if all_sample else [seqs[i] for i in rows]
         return PreparedStep(dev, meta, bool((ids_np < 0).any()), all_sample, sample_seqs, sampling)
@@ -190,8 +188,11 @@ class ModelRunner:
             done.record()
         return StepHandle(step.sample_seqs, tokens_host, logprobs_host, done, started, step.meta.decode_only)
 
-    def _sampling_batch(self, dev: dict[str, torch.Tensor], s_slots: np.ndarray, s_pos: np.ndarray) -> SamplingBatch:
-        temp, top_k, top_p = self.temperature[s_slots], self.top_k[s_slots], self.top_p[s_slots]
+    def _sampling_batch(self, dev: dict[str, torch.Tensor], host: dict[str, np.ndarray], s_slots: np.ndarray,
+                        s_pos: np.ndarray) -> SamplingBatch:
+        fp, ip = host["fparams"], host["iparams"]
+        set_f = (fp != self.fdefault).any(axis=1)  # per parameter: does any row leave its default
+        top_k_on = bool((ip[0] > 0).any())
         suppress = None
         under_min = s_pos < self.min_new_end[s_slots]
         if under_min.any():  # only early tokens of requests with min_new_tokens pay for this
@@ -201,27 +202,27 @@ class ModelRunner:
             for i, x in enumerate(lists):
                 arr[i, : len(x)] = x
             suppress = torch.from_numpy(arr).to(self.device)
+        f, i = dev["fparams"], dev["iparams"]
         return SamplingBatch(
-            temperature=dev["temperature"], top_k=dev["top_k"], top_p=dev["top_p"], min_p=dev["min_p"],
-            repetition_penalty=dev["penalty"], seeds=dev["keys"], positions=dev["s_pos"], slots=dev["s_slots"],
-            suppress_ids=suppress, all_greedy=bool((temp == 0).all()), any_top_k=bool((top_k > 0).any()),
-            any_top_p=bool((top_p < 1).any()), any_min_p=bool((self.min_p[s_slots] > 0).any()),
-            any_penalty=bool((self.penalty[s_slots] != 1).any()), want_logprobs=bool(self.logprobs[s_slots].any()),
-            top_k_bound=top_k_bound_hint(top_k.tolist(), top_p.tolist()) if (top_k > 0).any() else 0)
+            temperature=f[0], top_p=f[1], min_p=f[2], repetition_penalty=f[3], top_k=i[0], seeds=i[1],
+            positions=dev["s_pos"], slots=dev["s_slots"], suppress_ids=suppress, all_greedy=not set_f[0],
+            any_top_k=top_k_on, any_top_p=bool(set_f[1]), any_min_p=bool(set_f[2]), any_penalty=bool(set_f[3]),
+            want_logprobs=bool(self.logprobs[s_slots].any()),
+            top_k_bound=top_k_bound_hint(ip[0].tolist(), fp[1].tolist()) if top_k_on else 0)
 
     # ------------------------------------------------------------------ host <-> device
     def _upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """One host->device copy per dtype: int64 arrays packed together, float32 ones together."""
+        """One host->device copy per dtype: arrays of one dtype are packed together."""
         if not self.cuda:
             return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-        assert all(v.dtype in (np.int64, np.float32) for v in arrays.values()), "stage int64 / float32 only"
+        assert all(v.dtype in _STAGED for v in arrays.values()), "stage int64 / int32 / float32 only"
         out: dict[str, torch.Tensor] = {}
         self._flip ^= 1
         compute = torch.cuda.current_stream(self.device)
-        for dtype in (np.int64, np.float32):
+        for which, dtype in enumerate(_STAGED):
             items = [(k, v) for k, v in arrays.items() if v.dtype == dtype]
             flat = np.concatenate([v.ravel() for _, v in items])
-            staged = self._stage(flat, self._flip * 2 + (dtype is np.float32))
+            staged = self._stage(flat, self._flip * len(_STAGED) + which)
             with torch.cuda.stream(self.copy_stream):
                 gpu = staged.to(self.device, non_blocking=True)
             gpu.record_stream(compute)  # used on the compute stream: keep the allocator from recycling it early

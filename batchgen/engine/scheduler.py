@@ -24,6 +24,7 @@ class ScheduledBatch:
     samples: list[bool]  # the step samples a new token for this sequence
     admitted: list[Sequence] = field(default_factory=list)  # newly placed in a slot this step
     grown: list[Sequence] = field(default_factory=list)  # running sequences that got new blocks this step
+    slots: list[int] = field(default_factory=list)  # each sequence's slot, in batch order
 
 
 class Scheduler:
@@ -72,7 +73,17 @@ class Scheduler:
                     break
                 seq.blocks += bm.allocate(need)
                 batch.grown.append(seq)
-            self._take(batch, seq, n)
+            if nt - nc == 1:  # decode, the common case: _take inlined
+                seq.num_computed, seq.num_tokens = nt, nt + 1
+                batch.seqs.append(seq)
+                batch.starts.append(nc)
+                batch.lens.append(1)
+                batch.samples.append(True)
+                batch.slots.append(seq.slot)
+                if (seq.num_hashed + 1) * bs <= nt:
+                    self._name_full_blocks(seq)
+            else:
+                self._take(batch, seq, n)
             budget -= n
             i += 1
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -112,6 +123,7 @@ class Scheduler:
         batch.starts.append(start)
         batch.lens.append(n)
         batch.samples.append(samples)
+        batch.slots.append(seq.slot)
         bs = self.bm.block_size
         if (seq.num_hashed + 1) * bs <= end:  # a block just filled up: name it if its tokens are known
             self._name_full_blocks(seq)
