@@ -1,78 +1,109 @@
-"""The run loop on a fake engine (fast, no model): sources, partition, ledger, resume, stop,
-bad rows, refusals, progress files. End-to-end runs on real tiny checkpoints are in
-test_job_e2e.py."""
+"""The run loop on the real engine and a tiny random-weight checkpoint: sources, partition,
+ledger, resume, stop, bad rows, refusals, progress files. One engine is shared by the module;
+runs that abandon in-flight rows (a crash) get their own, built by the job's make_engine.
+Faults are injected by a thin wrapper around the real Engine.stream (see Tap). `batchgen run`
+as a subprocess, killed and resumed, is in test_job_e2e.py."""
 from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from batchgen.config import ConfigError, load_job
-from batchgen.engine.request import CompletionOutput, GenerationRequest, RequestOutput
-from batchgen.job import Job, dry_run
+from batchgen.engine.engine import Engine
+from batchgen.engine.request import GenerationRequest, RequestOutput, SamplingParams
+from batchgen.job import Job, dry_run, make_engine
+from batchgen.prompts import row_seed
 from batchgen.sink import IntervalSet, OutputDir, OutputError, read_shard_meta
 from batchgen.sources import open_source
 
+# the engine section of every job file below, and of the module's shared engine: a few rows at
+# a time, so outputs arrive over many steps and not in submission order
+ENGINE = dict(device="cpu", max_num_seqs=4, max_batch_tokens=256)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    from reference import single_thread
+
+    with single_thread():  # fast on a shared 2-core box, and one float reduction order
+        yield
+
 
 @pytest.fixture(scope="module")
-def tok() -> Any:
-    from conftest import build_tokenizer
-
-    return build_tokenizer()
+def checkpoint(tiny_checkpoint: Callable[..., Path]) -> Path:
+    return tiny_checkpoint("smollm2")
 
 
-class FakeEngine:
-    """Engine.stream's contract: pulls requests lazily (bounded lookahead), yields outputs in
-    completion order (here: reversed groups of 3), text determined by (seed, sample index)."""
+@pytest.fixture(autouse=True)
+def _model_link(tmp_path: Path, checkpoint: Path) -> None:
+    """Every job file names `model: {path: model}`: the tiny checkpoint, linked into tmp_path."""
+    (tmp_path / "model").symlink_to(checkpoint)
 
-    def __init__(self, tokenizer: Any, *, max_model_len: int = 512, reject_over: int | None = None,
-                 crash_after: int | None = None, on_output: Any = None) -> None:
-        self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
-        self.reject_over = reject_over
-        self.crash_after = crash_after
-        self.on_output = on_output
+
+@pytest.fixture(scope="module")
+def engine(checkpoint: Path) -> Iterator[Engine]:
+    eng = Engine.from_pretrained(str(checkpoint), dtype="float32", **ENGINE)
+    yield eng
+    eng.close()
+
+
+class Tap:
+    """The real engine as the job sees it, plus a record and optional faults: `seen` lists the
+    request ids the job submitted; `crash_after=k` raises after k outputs reached the job (an
+    engine failure); `on_output(k)` runs after the k-th output was handed over; `yielded` lists
+    the request ids of the outputs in the order the engine finished them."""
+
+    def __init__(self, engine: Engine, *, crash_after: int | None = None,
+                 on_output: Callable[[int], Any] | None = None) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.crash_after, self.on_output = crash_after, on_output
         self.seen: list[Any] = []
-        self.stats = {"gpu_busy_fraction": None, "output_tokens": 0}
+        self.yielded: list[Any] = []
 
-    def _out(self, r: GenerationRequest) -> RequestOutput:
-        self.seen.append(r.request_id)
-        p = r.params
-        if self.reject_over is not None and len(r.prompt) > self.reject_over:
-            outs = [CompletionOutput(j, [], "", "error", error="prompt + max_new_tokens exceed the cache") for j in range(p.n)]
-        else:
-            outs = [CompletionOutput(j, [5] * (1 + (p.seed + j) % 4), f"s{p.seed % 99991}-{j}", "length") for j in range(p.n)]
-        return RequestOutput(r.request_id, list(r.prompt), outs)
+    @property
+    def stats(self) -> dict:
+        return self.engine.stats
 
     def stream(self, requests: Iterable[GenerationRequest]) -> Iterator[RequestOutput]:
-        buf: list[GenerationRequest] = []
+        def submitted() -> Iterator[GenerationRequest]:
+            for r in requests:
+                self.seen.append(r.request_id)
+                yield r
+
         done = 0
-        for r in requests:
-            buf.append(r)
-            if len(buf) == 3:
-                for q in reversed(buf):
-                    if self.crash_after is not None and done >= self.crash_after:
-                        raise RuntimeError("simulated engine crash")
-                    done += 1
-                    yield self._out(q)
-                    if self.on_output:
-                        self.on_output(done)
-                buf = []
-        for q in reversed(buf):
+        for out in self.engine.stream(submitted()):
             if self.crash_after is not None and done >= self.crash_after:
                 raise RuntimeError("simulated engine crash")
+            self.yielded.append(out.request_id)
+            yield out
             done += 1
-            yield self._out(q)
+            if self.on_output is not None:
+                self.on_output(done)
 
     def close(self) -> None:
-        pass
+        self.engine.close()
+
+
+@pytest.fixture
+def shared(engine: Engine) -> Iterator[Callable[..., Tap]]:
+    """shared(**faults) -> the module's engine in a new Tap. Only for runs that end with the
+    engine drained (done, or a graceful stop): checked after the test."""
+    yield lambda **kw: Tap(engine, **kw)
+    assert not engine.scheduler.has_work(), "a run left work in the shared engine"
+
+
+def own_engine(**faults: Any) -> Callable[[Any], Tap]:
+    """An engine_factory: the job loads its own engine from its file (make_engine), wrapped in a
+    Tap; the job closes it. For runs that abandon in-flight rows."""
+    return lambda cfg: Tap(make_engine(cfg), **faults)
 
 
 def make_job(tmp: Path, body: str, name: str = "job.yaml") -> Path:
@@ -99,30 +130,34 @@ def keyset(rows: list[dict]) -> list[tuple]:
     return sorted((r["id"], r["sample_index"]) for r in rows)
 
 
-def run(cfg_path: Path, tok: Any, engine: Any = None, **kw: Any) -> tuple[int, Job]:
+def run(cfg_path: Path, engine: Any = None, **kw: Any) -> tuple[int, Job]:
+    """Run a job file on `engine`; None: the job loads its own from the file (make_engine)."""
     cfg = load_job(cfg_path, kw.pop("overrides", None))
-    eng = engine or FakeEngine(tok)
-    job = Job(cfg, engine=eng, progress="off", **kw)
+    job = Job(cfg, engine=engine, progress="off", **kw)
     return job.run(), job
 
 
+# the stop string ends about half the samples early, so rows finish out of submission order
 BASIC = """\
-model: {path: unused-fake}
+model: {path: model, dtype: float32}
 input: {files: [in.jsonl], columns: [cat]}
 prompt: {column: prompt}
-sampling: {n: 2, max_new_tokens: 4}
+sampling: {n: 2, max_new_tokens: 4, stop: [" "]}
 output: {path: out, rows_per_shard: 6, flush_seconds: 3600}
-"""
+engine: {%s}
+""" % ", ".join(f"{k}: {v}" for k, v in ENGINE.items())
 
 
-def test_basic_run_bad_rows_and_readback(tmp_path: Path, tok: Any) -> None:
+def test_basic_run_bad_rows_and_readback(tmp_path: Path, shared: Callable[..., Tap], engine: Engine) -> None:
     rows: list[Any] = [{"prompt": f"question {i}", "cat": i % 3} for i in range(20)]
     rows += ["{not json", {"prompt": None, "cat": 1}, {"prompt": "", "cat": 2}, {"prompt": "  ", "cat": 2},
              {"prompt": 42, "cat": 0}, {"prompt": ["a"], "cat": 0}, "[1, 2]", {"cat": 5}]
     jsonl(tmp_path / "in.jsonl", rows)
     job = make_job(tmp_path, BASIC)
-    code, j = run(job, tok)
+    eng = shared()
+    code, j = run(job, eng)
     assert code == 0
+    assert eng.yielded != sorted(eng.yielded)  # outputs came out of order: the job maps them by request id
     out = read_out(tmp_path / "out")
     assert keyset(out) == sorted((i, s) for i in range(len(rows)) for s in range(2))
     errs = {r["id"]: r["error"] for r in out if r["error"]}
@@ -133,7 +168,23 @@ def test_basic_run_bad_rows_and_readback(tmp_path: Path, tok: Any) -> None:
         if r["error"]:
             assert r["finish_reason"] == "error" and r["completion"] is None and r["completion_tokens"] == 0
         else:
-            assert r["finish_reason"] == "length" and r["completion"].startswith("s") and r["prompt_tokens"] > 0
+            assert r["finish_reason"] in ("length", "stop") and isinstance(r["completion"], str)
+            assert 1 <= r["completion_tokens"] <= 4 and r["prompt_tokens"] > 0
+            assert r["finish_reason"] == "stop" or r["completion_tokens"] == 4
+    assert {r["finish_reason"] for r in out if not r["error"]} == {"stop", "length"}
+    # each row's samples are the engine's own generation for that row's prompt and seed (the
+    # engine finished rows out of order; the job must not mix them up)
+    tk = engine.tokenizer
+    chats = [tk.apply_chat_template([{"role": "user", "content": f"question {i}"}], tokenize=False,
+                                    add_generation_prompt=True) for i in range(20)]
+    ids = [tk(c, add_special_tokens=False)["input_ids"] for c in chats]
+    want = engine.generate(ids, [SamplingParams(max_new_tokens=4, temperature=0.7, n=2, seed=row_seed(0, i), stop=[" "])
+                                 for i in range(20)])
+    by_key = {(r["id"], r["sample_index"]): r for r in out}
+    for i in range(20):
+        got = [by_key[(i, j)] for j in range(2)]
+        assert [(r["completion"], r["finish_reason"], r["completion_tokens"], r["prompt_tokens"]) for r in got] == [
+            (c.text, c.finish_reason, len(c.token_ids), len(ids[i])) for c in want[i].outputs], i
     assert {r["cat"] for r in out if r["id"] == 4} == {1}
     s = json.loads((tmp_path / "out/.batchgen/summary.json").read_text())
     assert s["rows"] == 28 and s["samples"] == 56 and s["errors"] == 16 and s["error_rows"] == 8
@@ -145,48 +196,52 @@ def test_basic_run_bad_rows_and_readback(tmp_path: Path, tok: Any) -> None:
         t = pq.read_table(tmp_path / "out" / n)
         assert t.num_rows <= 6 and t.num_rows % 2 == 0
         meta = read_shard_meta(tmp_path / "out" / n)
-        assert meta["sampling"]["n"] == 2 and meta["model"]["path"] == "unused-fake"
+        assert meta["sampling"]["n"] == 2 and meta["model"]["path"] == "model"
     # datasets reads the directory directly
     import datasets
 
     ds = datasets.load_dataset("parquet", data_dir=str(tmp_path / "out"), split="train")
     assert ds.num_rows == 56 and ds.column_names[:3] == ["id", "sample_index", "cat"]
     # a finished job does nothing
-    eng = FakeEngine(tok)
-    code, _ = run(job, tok, engine=eng)
+    eng = shared()
+    code, _ = run(job, eng)
     assert code == 0 and eng.seen == []
 
 
-def test_seeds_depend_on_id_not_order(tmp_path: Path, tok: Any) -> None:
+def test_seeds_depend_on_id_not_order(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     jsonl(tmp_path / "in.jsonl", [{"k": f"r{i}", "prompt": f"q {i}"} for i in range(9)])
-    make_job(tmp_path, BASIC.replace("columns: [cat]", "id_column: k"))
-    code, _ = run(tmp_path / "job.yaml", tok)
+    # 8 tokens at temperature 1, no stop string: 18 distinct streams give 18 distinct texts (a few
+    # tokens of a random model sometimes decode to the same replacement characters)
+    body = BASIC.replace("columns: [cat]", "id_column: k")
+    make_job(tmp_path, body.replace('max_new_tokens: 4, stop: [" "]', "max_new_tokens: 8, temperature: 1.0"))
+    code, _ = run(tmp_path / "job.yaml", shared())
     a = {(r["id"], r["sample_index"]): r["completion"] for r in read_out(tmp_path / "out")}
     jsonl(tmp_path / "in.jsonl", [{"k": f"r{i}", "prompt": f"q {i}"} for i in reversed(range(9))])
-    code, _ = run(tmp_path / "job.yaml", tok, overrides=["output.path=out2"])
+    code, _ = run(tmp_path / "job.yaml", shared(), overrides=["output.path=out2"])
     b = {(r["id"], r["sample_index"]): r["completion"] for r in read_out(tmp_path / "out2")}
     assert a == b and len(set(a.values())) == 18
 
 
-def test_crash_then_resume_is_exactly_once(tmp_path: Path, tok: Any) -> None:
+def test_crash_then_resume_is_exactly_once(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}", "cat": i} for i in range(40)] + ["oops"])
     make_job(tmp_path, BASIC.replace("path: out,", "path: ref,"), "ref.yaml")
-    run(tmp_path / "ref.yaml", tok)
+    run(tmp_path / "ref.yaml", shared())
     ref = read_out(tmp_path / "ref")
     job = make_job(tmp_path, BASIC)
-    code, j = run(job, tok, engine=FakeEngine(tok, crash_after=17))
+    code, j = run(job, engine_factory=own_engine(crash_after=17))  # in-flight rows die with the engine
     assert code == 1
+    prog = json.loads((tmp_path / "out/.batchgen/progress/task-00000.json").read_text())
+    assert prog["state"] == "failed" and "simulated engine crash" in prog["error"]
     part = read_out(tmp_path / "out")
     assert 0 < len(part) < len(ref)  # completed rows were flushed before exiting
     # a temp shard left by a kill is removed, a committed one never rewritten
     (tmp_path / "out/.part-t00000-000099.parquet.tmp").write_bytes(b"garbage")
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("part-*.parquet")}
-    eng = FakeEngine(tok, crash_after=9)
-    code, _ = run(job, tok, engine=eng)
+    code, _ = run(job, engine_factory=own_engine(crash_after=9))
     assert code == 1
     assert not (tmp_path / "out/.part-t00000-000099.parquet.tmp").exists()
-    eng = FakeEngine(tok)
-    code, _ = run(job, tok, engine=eng)
+    eng = shared()
+    code, _ = run(job, eng)
     assert code == 0
     done_before = {r["id"] for r in part}
     assert not done_before & set(eng.seen)  # nothing done is generated again
@@ -198,11 +253,12 @@ def test_crash_then_resume_is_exactly_once(tmp_path: Path, tok: Any) -> None:
         assert p.stat().st_mtime_ns == m
 
 
-def test_request_stop_flushes_and_resumes(tmp_path: Path, tok: Any) -> None:
+def test_request_stop_flushes_and_resumes(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(30)])
     job = make_job(tmp_path, BASIC)
     holder: dict[str, Job] = {}
-    eng = FakeEngine(tok, on_output=lambda n: n == 7 and holder["job"].request_stop("stopped by test", exit_code=99))
+    # a graceful stop: in-flight rows finish (stop_grace_seconds), so the shared engine drains
+    eng = shared(on_output=lambda n: n == 7 and holder["job"].request_stop("stopped by test", exit_code=99))
     cfg = load_job(job)
     j = Job(cfg, engine=eng, progress="off")
     holder["job"] = j
@@ -213,24 +269,24 @@ def test_request_stop_flushes_and_resumes(tmp_path: Path, tok: Any) -> None:
     prog = json.loads((tmp_path / "out/.batchgen/progress/task-00000.json").read_text())
     assert prog["state"] == "stopped" and prog["rows_done"] == len(read_out(tmp_path / "out")) // 2
     assert 7 <= prog["rows_done"] < 30
-    code, _ = run(job, tok)
+    code, _ = run(job, shared())
     assert code == 0 and keyset(read_out(tmp_path / "out")) == sorted((i, s) for i in range(30) for s in range(2))
 
 
-def test_changed_job_refused_unless_overwrite(tmp_path: Path, tok: Any) -> None:
+def test_changed_job_refused_unless_overwrite(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(5)])
     job = make_job(tmp_path, BASIC)
-    assert run(job, tok)[0] == 0
+    assert run(job, shared())[0] == 0
     (tmp_path / "out" / "_notes.txt").write_text("mine")
     with pytest.raises(OutputError, match=r"different job \(changed: sampling.temperature 0.7 -> 0.1\).*--overwrite"):
-        run(job, tok, overrides=["sampling.temperature=0.1"])
+        run(job, shared(), overrides=["sampling.temperature=0.1"])
     with pytest.raises(OutputError, match="prompt.system"):
-        run(job, tok, overrides=["prompt.system=hi"])
+        run(job, shared(), overrides=["prompt.system=hi"])
     # engine and output settings are not part of the job: it's simply complete
-    eng = FakeEngine(tok)
-    assert run(job, tok, engine=eng, overrides=["engine.max_num_seqs=3", "output.rows_per_shard=2"])[0] == 0
+    eng = shared()
+    assert run(job, eng, overrides=["engine.max_num_seqs=3", "output.rows_per_shard=2"])[0] == 0
     assert eng.seen == []
-    code, _ = run(job, tok, overrides=["sampling.temperature=0.1"], overwrite=True)
+    code, _ = run(job, shared(), overrides=["sampling.temperature=0.1"], overwrite=True)
     assert code == 0
     out = read_out(tmp_path / "out")
     assert keyset(out) == sorted((i, s) for i in range(5) for s in range(2))
@@ -238,53 +294,54 @@ def test_changed_job_refused_unless_overwrite(tmp_path: Path, tok: Any) -> None:
     assert read_shard_meta(next((tmp_path / "out").glob("part-*.parquet")))["sampling"]["temperature"] == 0.1
     # a different number of tasks is refused too
     with pytest.raises(OutputError, match="same --num-tasks"):
-        run(job, tok, overrides=["sampling.temperature=0.1"], task_id=0, num_tasks=2)
+        run(job, shared(), overrides=["sampling.temperature=0.1"], task_id=0, num_tasks=2)
 
 
-def test_limit_extends_the_same_output(tmp_path: Path, tok: Any) -> None:
+def test_limit_extends_the_same_output(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(25)])
     job = make_job(tmp_path, BASIC)
-    assert run(job, tok, overrides=["input.limit=10"])[0] == 0
+    assert run(job, shared(), overrides=["input.limit=10"])[0] == 0
     assert keyset(read_out(tmp_path / "out")) == sorted((i, s) for i in range(10) for s in range(2))
-    eng = FakeEngine(tok)
-    assert run(job, tok, engine=eng, overrides=["input.limit=18"])[0] == 0
+    eng = shared()
+    assert run(job, eng, overrides=["input.limit=18"])[0] == 0
     assert len(eng.seen) == 8
-    assert run(job, tok)[0] == 0
+    assert run(job, shared())[0] == 0
     assert keyset(read_out(tmp_path / "out")) == sorted((i, s) for i in range(25) for s in range(2))
 
 
-def test_too_long_policies_and_engine_rejects(tmp_path: Path, tok: Any) -> None:
+def test_too_long_policies_and_engine_rejects(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     long = "the quick brown fox jumps over the lazy dog " * 30
     jsonl(tmp_path / "in.jsonl", [{"prompt": "short one", "cat": 0}, {"prompt": long, "cat": 1},
                                   {"prompt": "medium " * 6, "cat": 2}])
     job = make_job(tmp_path, BASIC.replace("prompt: {column: prompt}", "prompt: {column: prompt, max_tokens: 40}"))
     # skip: an error row, counted
-    assert run(job, tok)[0] == 0
+    assert run(job, shared())[0] == 0
     out = {(r["id"], r["sample_index"]): r for r in read_out(tmp_path / "out")}
     assert "prompt too long" in out[(1, 0)]["error"] and out[(1, 0)]["prompt_tokens"] > 40
     assert out[(0, 0)]["error"] is None
     # truncate: generated from a cut prompt that fits
-    eng = FakeEngine(tok)
-    assert run(job, tok, engine=eng, overrides=["prompt.on_too_long=truncate", "output.path=out_t"])[0] == 0
+    eng = shared()
+    assert run(job, eng, overrides=["prompt.on_too_long=truncate", "output.path=out_t"])[0] == 0
     out = {(r["id"], r["sample_index"]): r for r in read_out(tmp_path / "out_t")}
     assert out[(1, 0)]["error"] is None and out[(1, 0)]["prompt_tokens"] <= 40
     # error: the job stops with a message naming the row; completed rows are kept
-    code, j = run(job, tok, overrides=["prompt.on_too_long=error", "output.path=out_e"])
+    code, j = run(job, shared(), overrides=["prompt.on_too_long=error", "output.path=out_e"])
     assert code == 1 and "id=1" in j._fatal
     assert (1, 0) not in {(r["id"], r["sample_index"]) for r in read_out(tmp_path / "out_e")}
-    # the engine rejecting a request: an error row, not a crash
-    eng = FakeEngine(tok, reject_over=15)
-    assert run(job, tok, engine=eng, overrides=["output.path=out_r"])[0] == 0
+    # the engine rejecting a request: an error row, not a crash. A 32-token KV cache (the job
+    # loads this engine itself) holds row 0 (14 prompt + 4 new tokens) but not row 2 (40 + 4)
+    assert run(job, overrides=["output.path=out_r", "engine.kv_cache_tokens=32"])[0] == 0
     out = {(r["id"], r["sample_index"]): r for r in read_out(tmp_path / "out_r")}
-    assert "exceed" in out[(2, 1)]["error"] and out[(2, 1)]["finish_reason"] == "error"
+    assert "does not fit the KV cache" in out[(2, 1)]["error"] and out[(2, 1)]["finish_reason"] == "error"
+    assert out[(0, 0)]["error"] is None and out[(0, 1)]["completion_tokens"] > 0
     s = json.loads((tmp_path / "out_r/.batchgen/summary.json").read_text())
     assert s["error_rows"] == 2 and s["errors"] == 4
 
 
-def test_max_model_len_bounds_prompts(tmp_path: Path, tok: Any) -> None:
+def test_max_model_len_bounds_prompts(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     jsonl(tmp_path / "in.jsonl", [{"prompt": "word " * 60, "cat": 0}])
     job = make_job(tmp_path, BASIC)
-    assert run(job, tok, engine=FakeEngine(tok, max_model_len=40))[0] == 0
+    assert run(job, overrides=["engine.max_model_len=40"])[0] == 0  # the job loads this engine itself
     (r,) = [r for r in read_out(tmp_path / "out") if r["sample_index"] == 0]
     assert "limit of 36" in r["error"]  # 40 - max_new_tokens 4
 
@@ -299,15 +356,16 @@ def _parquet_files(d: Path, sizes: list[int], row_group: int = 7) -> None:
 
 
 @pytest.mark.parametrize("sizes, tasks", [([10, 13, 5, 9], 3), ([30, 11], 4), ([17], 1), ([8, 8, 8], 3)])
-def test_tasks_partition_exactly_and_match_single_task(tmp_path: Path, tok: Any, sizes: list[int], tasks: int) -> None:
+def test_tasks_partition_exactly_and_match_single_task(tmp_path: Path, shared: Callable[..., Tap], sizes: list[int],
+                                                       tasks: int) -> None:
     _parquet_files(tmp_path / "data", sizes)
     body = BASIC.replace("files: [in.jsonl]", "files: [data]").replace("{n: 2,", "{n: 1,")
     make_job(tmp_path, body)
     total = sum(sizes)
-    assert run(tmp_path / "job.yaml", tok, overrides=["output.path=single"])[0] == 0
+    assert run(tmp_path / "job.yaml", shared(), overrides=["output.path=single"])[0] == 0
     single = read_out(tmp_path / "single")
     for t in range(tasks):
-        assert run(tmp_path / "job.yaml", tok, overrides=["output.path=multi"], task_id=t, num_tasks=tasks)[0] == 0
+        assert run(tmp_path / "job.yaml", shared(), overrides=["output.path=multi"], task_id=t, num_tasks=tasks)[0] == 0
     multi = read_out(tmp_path / "multi")
     assert keyset(multi) == [(i, 0) for i in range(total)]
     assert all(r["cat"] == r["id"] for r in multi)  # default id = index in source order
@@ -336,7 +394,7 @@ def test_source_skip_start_parquet_and_jsonl(tmp_path: Path, start: int) -> None
         assert [r["prompt"] for _, _, r in got] == [f"p {k}" for k in range(start, 30)]
 
 
-def test_save_to_disk_dataset_input(tmp_path: Path, tok: Any) -> None:
+def test_save_to_disk_dataset_input(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     import datasets
 
     d = datasets.Dataset.from_dict({"q": [f"q {i}" for i in range(11)], "uid": [f"u{i}" for i in range(11)],
@@ -351,17 +409,17 @@ sampling: {max_new_tokens: 4}
 output: {path: out}
 """
     job = make_job(tmp_path, body)
-    assert run(job, tok)[0] == 0
+    assert run(job, shared())[0] == 0
     assert keyset(read_out(tmp_path / "out")) == [("u0", 0), ("u1", 0), ("u2", 0)]
     with pytest.raises(ConfigError, match="available splits: train, test"):
-        run(job, tok, overrides=["input.split=validation", "output.path=o2"])
+        run(job, shared(), overrides=["input.split=validation", "output.path=o2"])
     for t in range(2):
-        assert run(job, tok, overrides=["input.dataset=single", "input.split=null", "output.path=o3"],
+        assert run(job, shared(), overrides=["input.dataset=single", "input.split=null", "output.path=o3"],
                    task_id=t, num_tasks=2)[0] == 0
     out = read_out(tmp_path / "o3")
     assert sorted(r["id"] for r in out) == sorted(f"u{i}" for i in range(11))
     with pytest.raises(ConfigError, match="'prompt'.*available columns: q, uid, msgs"):
-        run(job, tok, overrides=["input.dataset=single", "prompt.messages_column=null", "prompt.column=prompt"])
+        run(job, shared(), overrides=["input.dataset=single", "prompt.messages_column=null", "prompt.column=prompt"])
 
 
 def test_streaming_modulo_partition(tmp_path: Path) -> None:
@@ -391,12 +449,12 @@ output: {{path: out}}
     assert sorted(seen) == list(range(23))
 
 
-def test_dry_run_loads_only_the_tokenizer(tmp_path: Path, tok: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_loads_only_the_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}", "cat": i} for i in range(50)] + [{"prompt": None}])
     job = make_job(tmp_path, BASIC.replace("prompt: {column: prompt}",
                                            "prompt: {column: prompt, template: 'Answer: {prompt}', system: Be brief.}"))
     cfg = load_job(job)
-    est = dry_run(cfg, tokenizer=tok, preview=2)
+    est = dry_run(cfg, preview=2)  # the checkpoint's tokenizer
     out = capsys.readouterr().out
     assert "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAnswer: question 0<|im_end|>" in out
     assert "prompt tokens" in out and "estimate:" in out and "rows: 51" in out
@@ -404,13 +462,13 @@ def test_dry_run_loads_only_the_tokenizer(tmp_path: Path, tok: Any, capsys: pyte
     assert not (tmp_path / "out").exists()
 
 
-def test_progress_log_lines(tmp_path: Path, tok: Any) -> None:
+def test_progress_log_lines(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     import io
 
     jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(10)])
     cfg = load_job(make_job(tmp_path, BASIC))
     buf = io.StringIO()
-    j = Job(cfg, engine=FakeEngine(tok), progress="log", log_every=0.0, stream=buf)
+    j = Job(cfg, engine=shared(), progress="log", log_every=0.0, stream=buf)
     assert j.run() == 0
     text = buf.getvalue()
     assert "10/10 rows (100.0%)" in text and "output tok/s" in text and "ETA" in text
@@ -458,28 +516,28 @@ def test_jsonl_bom_gz_and_globs(tmp_path: Path) -> None:
         assert src.total == 3
 
 
-def test_changed_input_files_refused(tmp_path: Path, tok: Any) -> None:
+def test_changed_input_files_refused(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     (tmp_path / "d").mkdir()
     jsonl(tmp_path / "d/b.jsonl", [{"prompt": f"q {i}"} for i in range(4)])
     job = make_job(tmp_path, BASIC.replace("files: [in.jsonl]", "files: [d]").replace("columns: [cat]", "columns: []"))
-    assert run(job, tok)[0] == 0
+    assert run(job, shared())[0] == 0
     jsonl(tmp_path / "d/a.jsonl", [{"prompt": "new"}])  # sorts first: every position would shift
     with pytest.raises(OutputError, match="input changed since it was started"):
-        run(job, tok)
-    assert run(job, tok, overwrite=True)[0] == 0
+        run(job, shared())
+    assert run(job, shared(), overwrite=True)[0] == 0
     assert keyset(read_out(tmp_path / "out")) == [(i, s) for i in range(5) for s in range(2)]
 
 
-def test_done_after_a_kill_past_the_last_commit(tmp_path: Path, tok: Any) -> None:
+def test_done_after_a_kill_past_the_last_commit(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(6)])
     job = make_job(tmp_path, BASIC)
-    assert run(job, tok)[0] == 0
+    assert run(job, shared())[0] == 0
     prog = tmp_path / "out/.batchgen/progress/task-00000.json"
     p = json.loads(prog.read_text())
     p["state"] = "running"  # as if killed between the last commit and the final progress write
     prog.write_text(json.dumps(p))
     (tmp_path / "out/.batchgen/summary.json").unlink()
-    eng = FakeEngine(tok)
-    assert run(job, tok, engine=eng)[0] == 0 and eng.seen == []
+    eng = shared()
+    assert run(job, eng)[0] == 0 and eng.seen == []
     assert json.loads(prog.read_text())["state"] == "done"
     assert json.loads((tmp_path / "out/.batchgen/summary.json").read_text())["rows"] == 6

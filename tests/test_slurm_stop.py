@@ -1,13 +1,14 @@
-"""The stop-and-requeue path of an array task, on the real run loop (batchgen.job.Job) with a
-fake engine (no model, no cluster): USR1 mid-run -> commit -> `scontrol requeue <job>_<task>`
-exactly once -> exit 138; TERM -> commit, no self-requeue -> exit 143; the restarted task
-resumes, and the union of all tasks' shards is exactly input x n."""
+"""The stop-and-requeue path of an array task, on the real run loop (batchgen.job.Job) and the
+real engine on a tiny random-weight checkpoint (no cluster: a stub scontrol): USR1 mid-run ->
+commit -> `scontrol requeue <job>_<task>` exactly once -> exit 138; TERM -> commit, no
+self-requeue -> exit 143; the restarted task resumes, and the union of all tasks' shards is
+exactly input x n, with the same completions as an uninterrupted single-task run."""
 from __future__ import annotations
 
 import os
 import signal
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,54 +16,82 @@ import pytest
 
 from batchgen import slurm
 from batchgen.config import load_job
-from batchgen.engine.request import CompletionOutput, GenerationRequest, RequestOutput
-from batchgen.job import Job
+from batchgen.engine.engine import Engine
+from batchgen.engine.request import GenerationRequest, RequestOutput
+from batchgen.job import Job, make_engine
 from batchgen.status import read_progress, summarize
 
 N_ROWS, N_SAMPLES, N_TASKS = 30, 2, 3
+# a few rows at a time: outputs arrive over many steps
+ENGINE = dict(device="cpu", max_num_seqs=4, max_batch_tokens=256)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    from reference import single_thread
+
+    with single_thread():  # fast on a shared 2-core box, and one float reduction order
+        yield
 
 
 @pytest.fixture(scope="module")
-def tok() -> Any:
-    from conftest import build_tokenizer
-
-    return build_tokenizer()
+def checkpoint(tiny_checkpoint: Callable[..., Path]) -> Path:
+    return tiny_checkpoint("smollm2")
 
 
-class SignallingEngine:
-    """Yields one output per request; after `signal_after` outputs it sends `signum` to this
-    process (the handler runs in the main thread, like a signal from Slurm)."""
+@pytest.fixture(scope="module")
+def engine(checkpoint: Path) -> Iterator[Engine]:
+    """Shared by the runs that end with the engine drained (run to the end). A signal with
+    stop_grace_seconds 0 abandons in-flight rows inside the engine: those runs get their own."""
+    eng = Engine.from_pretrained(str(checkpoint), dtype="float32", **ENGINE)
+    yield eng
+    assert not eng.scheduler.has_work(), "a run left work in the shared engine"
+    eng.close()
 
-    def __init__(self, tokenizer: Any, signum: int | None = None, signal_after: int = 0) -> None:
-        self.tokenizer = tokenizer
-        self.max_model_len = 512
+
+class Signalling:
+    """The real engine, and after `signal_after` outputs reached the job it sends `signum` to
+    this process (the handler runs in the main thread, like a signal from Slurm)."""
+
+    def __init__(self, engine: Engine, signum: int | None = None, signal_after: int = 0) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
         self.signum, self.signal_after = signum, signal_after
-        self.stats = {"gpu_busy_fraction": None}
+
+    @property
+    def stats(self) -> dict:
+        return self.engine.stats
 
     def stream(self, requests: Iterable[GenerationRequest]) -> Iterator[RequestOutput]:
         done = 0
-        for r in requests:
-            n = r.params.n
-            yield RequestOutput(r.request_id, list(r.prompt),
-                                [CompletionOutput(j, [7, 8, 9], f"c{r.request_id}-{j}", "length") for j in range(n)])
+        for out in self.engine.stream(requests):
+            yield out
             done += 1
             if self.signum is not None and done == self.signal_after:
                 os.kill(os.getpid(), self.signum)
 
     def close(self) -> None:
-        pass
+        self.engine.close()
 
 
-def make_job(tmp: Path) -> Path:
-    pq.write_table(pa.Table.from_pylist([{"rid": f"r{i:03d}", "prompt": f"question {i}"} for i in range(N_ROWS)]),
-                   tmp / "in.parquet")
-    job = tmp / "job.yaml"
+def own_engine(job_file: Path, signum: int, signal_after: int) -> Signalling:
+    """A fresh engine, loaded the way the job loads one (make_engine from the job file)."""
+    return Signalling(make_engine(load_job(job_file)), signum, signal_after)
+
+
+def make_job(tmp: Path, checkpoint: Path, out: str = "out") -> Path:
+    if not (tmp / "in.parquet").exists():
+        pq.write_table(pa.Table.from_pylist([{"rid": f"r{i:03d}", "prompt": f"question {i}"} for i in range(N_ROWS)]),
+                       tmp / "in.parquet")
+    job = tmp / f"{out}.yaml"
     job.write_text(
-        "model:\n  path: unused\n"
+        f"model:\n  path: {checkpoint}\n  dtype: float32\n"
         "input:\n  files: [in.parquet]\n  id_column: rid\n"
         "prompt:\n  column: prompt\n  chat_template: false\n"
         f"sampling:\n  max_new_tokens: 4\n  n: {N_SAMPLES}\n"
-        "output:\n  path: out\n  rows_per_shard: 4\n  stop_grace_seconds: 0\n"
+        f"output:\n  path: {out}\n  rows_per_shard: 4\n  stop_grace_seconds: 0\n"
+        "engine: {" + ", ".join(f"{k}: {v}" for k, v in ENGINE.items()) + "}\n"
     )
     return job
 
@@ -76,11 +105,9 @@ def fake_scontrol(tmp: Path, monkeypatch) -> Path:
     return tmp / "scontrol.calls"
 
 
-def run_task(job_file: Path, tok: Any, task: int, engine: Any, env: dict, **kw: Any) -> tuple[int, Job]:
-    if kw.get("engine_factory"):
-        job = Job(load_job(job_file), task_id=task, num_tasks=N_TASKS, tokenizer=tok, progress="off", **kw)
-    else:
-        job = Job(load_job(job_file), task_id=task, num_tasks=N_TASKS, engine=engine, tokenizer=tok, progress="off")
+def run_task(job_file: Path, task: int, engine: Any, env: dict, **kw: Any) -> tuple[int, Job]:
+    """engine None: the job loads its own (engine_factory in kw, else make_engine)."""
+    job = Job(load_job(job_file), task_id=task, num_tasks=N_TASKS, engine=engine, progress="off", **kw)
     slurm.attach_to_job(job, env)
     try:
         return job.run(), job
@@ -89,66 +116,88 @@ def run_task(job_file: Path, tok: Any, task: int, engine: Any, env: dict, **kw: 
 
 
 def all_output(out: Path) -> list[tuple[str, int]]:
-    keys: list[tuple[str, int]] = []
+    return list(completions(out))
+
+
+def completions(out: Path) -> dict[tuple[str, int], tuple]:
+    """(id, sample_index) -> (completion, finish_reason, completion_tokens); asserts no key twice."""
+    got: dict[tuple[str, int], tuple] = {}
     for p in sorted(out.glob("part-*.parquet")):
-        t = pq.read_table(p, columns=["id", "sample_index"])
-        keys += list(zip(t.column("id").to_pylist(), t.column("sample_index").to_pylist()))
-    return keys
+        for r in pq.read_table(p).to_pylist():
+            k = (r["id"], r["sample_index"])
+            assert k not in got, f"{k} written twice"
+            got[k] = (r["completion"], r["finish_reason"], r["completion_tokens"])
+    return got
 
 
-def test_usr1_commits_requeues_once_and_resumes(tmp_path, tok, monkeypatch):
-    job_file = make_job(tmp_path)
+def reference(tmp: Path, checkpoint: Path, engine: Engine) -> dict[tuple[str, int], tuple]:
+    """The same job, uninterrupted, as one task."""
+    ref = make_job(tmp, checkpoint, "ref")
+    assert Job(load_job(ref), engine=engine, progress="off").run() == 0
+    return completions(tmp / "ref")
+
+
+def test_usr1_commits_requeues_once_and_resumes(tmp_path, checkpoint, engine, monkeypatch):
+    job_file = make_job(tmp_path, checkpoint)
     calls = fake_scontrol(tmp_path, monkeypatch)
     env = {"SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "43"}
 
     # task 1 gets USR1 after 5 rows
-    code, job = run_task(job_file, tok, 1, SignallingEngine(tok, signal.SIGUSR1, 5), env)
+    code, job = run_task(job_file, 1, own_engine(job_file, signal.SIGUSR1, 5), env)
     assert code == 128 + signal.SIGUSR1 and job.stopped_by == signal.SIGUSR1
     assert calls.read_text() == "requeue 41_1\n"  # once, after the final commit
     (p1,) = [p for p in read_progress(tmp_path / "out") if p.task_id == 1]
     assert p1.state == "stopped" and 5 <= p1.rows_done < 10
+    assert len(all_output(tmp_path / "out")) == p1.rows_done * N_SAMPLES
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)  # restore_signals()
 
     # task 2 gets TERM (preemption / scontrol requeue by someone else): no self-requeue
-    code, job = run_task(job_file, tok, 2, SignallingEngine(tok, signal.SIGTERM, 3), env | {"SLURM_ARRAY_TASK_ID": "2"})
+    code, job = run_task(job_file, 2, own_engine(job_file, signal.SIGTERM, 3), env | {"SLURM_ARRAY_TASK_ID": "2"})
     assert code == 128 + signal.SIGTERM
     assert calls.read_text() == "requeue 41_1\n"
 
     # task 0 runs through; then tasks 1 and 2 restart (SLURM_RESTART_COUNT=1) and resume
-    assert run_task(job_file, tok, 0, SignallingEngine(tok), env | {"SLURM_ARRAY_TASK_ID": "0"})[0] == 0
+    assert run_task(job_file, 0, Signalling(engine), env | {"SLURM_ARRAY_TASK_ID": "0"})[0] == 0
     s = summarize(read_progress(tmp_path / "out"))
     assert not s.complete
     for t in (1, 2):
-        code, _ = run_task(job_file, tok, t, SignallingEngine(tok), env | {"SLURM_ARRAY_TASK_ID": str(t),
-                                                                           "SLURM_RESTART_COUNT": "1"})
+        code, _ = run_task(job_file, t, Signalling(engine), env | {"SLURM_ARRAY_TASK_ID": str(t),
+                                                                   "SLURM_RESTART_COUNT": "1"})
         assert code == 0
     keys = all_output(tmp_path / "out")
     assert len(keys) == len(set(keys)) == N_ROWS * N_SAMPLES
     assert set(keys) == {(f"r{i:03d}", j) for i in range(N_ROWS) for j in range(N_SAMPLES)}
+    # stopped, resumed and split over tasks: the same completions as one uninterrupted run
+    assert completions(tmp_path / "out") == reference(tmp_path, checkpoint, engine)
     s = summarize(read_progress(tmp_path / "out"))
     assert s.complete and s.rows_done == N_ROWS and s.num_tasks == N_TASKS
     assert calls.read_text() == "requeue 41_1\n"
 
 
-def test_signal_while_the_model_loads_stops_and_requeues(tmp_path, tok, monkeypatch):
+def test_signal_while_the_model_loads_stops_and_requeues(tmp_path, checkpoint, engine, monkeypatch):
     """USR1 before the generation loop (Job's own handlers are not installed yet): the task
     must not die of USR1's default action; it stops, commits nothing, requeues, exits 138."""
-    job_file = make_job(tmp_path)
+    job_file = make_job(tmp_path, checkpoint)
     calls = fake_scontrol(tmp_path, monkeypatch)
     env = {"SLURM_ARRAY_JOB_ID": "9", "SLURM_ARRAY_TASK_ID": "0"}
+    loaded = []
 
     def slow_load(cfg):
         os.kill(os.getpid(), signal.SIGUSR1)  # the time-limit warning, mid-load
-        return SignallingEngine(tok)
+        loaded.append(make_engine(cfg))
+        return loaded[-1]
 
-    code, job = run_task(job_file, tok, 0, None, env, engine_factory=slow_load)
+    code, job = run_task(job_file, 0, None, env, engine_factory=slow_load)
     assert code == 128 + signal.SIGUSR1 and job.stopped_by == signal.SIGUSR1
+    assert len(loaded) == 1 and loaded[0].stats["requests"] == 0  # the model loaded, nothing was admitted
     assert calls.read_text() == "requeue 9_0\n"
     assert all_output(tmp_path / "out") == []
     # and a TERM during the final commit / after the requeue is harmless once attached
-    code, job = run_task(job_file, tok, 0, SignallingEngine(tok, signal.SIGTERM, 2), env)
+    code, job = run_task(job_file, 0, own_engine(job_file, signal.SIGTERM, 2), env)
     assert code == 128 + signal.SIGTERM
-    code, _ = run_task(job_file, tok, 0, SignallingEngine(tok), env | {"SLURM_RESTART_COUNT": "2"})
+    code, _ = run_task(job_file, 0, Signalling(engine), env | {"SLURM_RESTART_COUNT": "2"})
     assert code == 0
     keys = all_output(tmp_path / "out")
     assert len(keys) == len(set(keys)) == 10 * N_SAMPLES
+    ref = reference(tmp_path, checkpoint, engine)
+    assert completions(tmp_path / "out") == {k: v for k, v in ref.items() if k in set(keys)}
