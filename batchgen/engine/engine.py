@@ -225,6 +225,7 @@ class Engine:
         exhausted = False
         lookahead = 2 * self.max_num_seqs
         inflight: StepHandle | None = None
+        finished = False
         t0 = time.perf_counter()
         try:
             while True:
@@ -256,11 +257,21 @@ class Engine:
                     inflight = None
                 if inflight is None and batch is None:
                     if exhausted and not self.scheduler.has_work():
+                        finished = True
                         return
                     if self.scheduler.has_work() and not self.scheduler.running:
                         raise RuntimeError("scheduler stalled with waiting requests and nothing running")
         finally:
+            if not finished:  # abandoned (consumer stopped, an error): drop what this stream left behind
+                self._abort(inflight)
             self._stats["wall_s"] += time.perf_counter() - t0
+
+    def _abort(self, inflight: StepHandle | None) -> None:
+        """Forget every unfinished request and free its blocks and slot, so the next stream starts clean."""
+        if inflight is not None:
+            self.runner.collect(inflight)  # its tokens are dropped; wait so nothing is still writing
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.finish(seq)
 
     # ------------------------------------------------------------------ results
     def _process(self, handle: StepHandle) -> Iterator[RequestOutput]:
