@@ -82,20 +82,34 @@ def reference_attend(case, scale, window=None):
     return be.attend(case["q"].float(), kc, vc, meta, scale, window).cpu()
 
 
+def _head_major(c: torch.Tensor) -> torch.Tensor:
+    """Same values, stored [num_blocks, kv_heads, block_size, head_dim] (the runner's layout), viewed as
+    [num_blocks, block_size, kv_heads, head_dim]."""
+    return c.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+
+
 def check_attention(seqs, heads, kv_heads, head_dim, block_size, dtype, device, window=None, seed=0,
-                    num_splits=None, force_prefill_kernel=False):
+                    num_splits=None, force_prefill_kernel=False, fused_reduce=None, head_major=False,
+                    max_seq_len=None, **decode_kw):
     from batchgen.engine.attention.triton_kernels import cache_ops, decode, prefill
 
     case = make_case(seqs, heads, kv_heads, head_dim, block_size, dtype, device, seed)
     meta = case["meta"]
     scale = head_dim ** -0.5
     ref = reference_attend(case, scale, window)
+    if max_seq_len is not None:
+        meta.max_seq_len = max_seq_len  # loose host bound (CUDA graphs)
     kc, vc = case["k_cache"].clone(), case["v_cache"].clone()
+    if head_major:
+        kc, vc = _head_major(kc), _head_major(vc)
     cache_ops.write_kv(case["k"], case["v"], kc, vc, meta.slot_mapping)
     out = torch.full_like(case["q"], float("nan"))  # poisoned: every row must be written
     if meta.decode_only and not force_prefill_kernel:
         decode.paged_decode(case["q"], kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                            meta.max_seq_len, scale, window=window, out=out, num_splits=num_splits)
+                            meta.max_seq_len, scale, window=window, out=out, num_splits=num_splits,
+                            fused_reduce=fused_reduce, **decode_kw)
+        sem = decode._SEM.get(out.device)
+        assert sem is None or not sem.any(), "fused-reduce counters not reset"
     else:
         prefill.paged_prefill(case["q"], kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                               scale, window=window, out=out)
@@ -119,6 +133,43 @@ def check_write_kv(T, kv_heads, head_dim, block_size, dtype, device, seed=0):
     flat_k, flat_v = kc.view(-1, kv_heads, head_dim).cpu(), vc.view(-1, kv_heads, head_dim).cpu()
     keep = slots >= 0
     assert torch.equal(flat_k[slots[keep]], k.cpu()[keep]) and torch.equal(flat_v[slots[keep]], v.cpu()[keep])
+    written = torch.zeros(nb * block_size, dtype=torch.bool)
+    written[slots[keep]] = True
+    assert torch.isnan(flat_k[~written].float()).all() and torch.isnan(flat_v[~written].float()).all()
+
+
+def check_rope_write_kv(T, heads, kv_heads, head_dim, rot, block_size, dtype, device, interleaved=False, seed=0,
+                       head_major=False):
+    """cache_ops.rope_write_kv == fused_ops.apply_rope (torch path) followed by a plain cache write."""
+    from batchgen.engine import fused_ops as F
+    from batchgen.engine.attention.triton_kernels import cache_ops
+
+    g = torch.Generator().manual_seed(seed)
+    dev = torch.device(device)
+    nb = -(-T // block_size) + 4
+    kc = torch.full((nb, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=dev)
+    vc = kc.clone()
+    if head_major:
+        kc, vc = _head_major(kc), _head_major(vc)
+    slots = torch.randperm(nb * block_size, generator=g)[:T]
+    slots[1::3] = -1  # padding rows: no cache write
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype).to(dev)  # packed, like the model
+    q = qkv[:, : heads * head_dim].view(T, heads, head_dim)
+    k = qkv[:, heads * head_dim: (heads + kv_heads) * head_dim].view(T, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(T, kv_heads, head_dim)
+    pos = torch.randint(0, 5000, (T,), generator=g).to(dev)
+    cs = F.rope_cos_sin_cache(F.rope_inv_freq(rot, 10000.0), 5000, dev)
+    q_ref, k_ref = q.clone(), k.clone()
+    F.apply_rope(q_ref, k_ref, pos, cs, interleaved, force="torch")
+    k_before = k.clone()
+    cache_ops.rope_write_kv(q, k, v, pos, cs, kc, vc, slots.to(dev), interleaved)
+    assert torch.equal(k, k_before), "k must be left as it was"
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert _rel(q.cpu(), q_ref.cpu()) < tol
+    flat_k, flat_v = kc.reshape(-1, kv_heads, head_dim).cpu(), vc.reshape(-1, kv_heads, head_dim).cpu()
+    keep = slots >= 0
+    assert _rel(flat_k[slots[keep]], k_ref.cpu()[keep]) < tol
+    assert torch.equal(flat_v[slots[keep]], v.cpu()[keep])
     written = torch.zeros(nb * block_size, dtype=torch.bool)
     written[slots[keep]] = True
     assert torch.isnan(flat_k[~written].float()).all() and torch.isnan(flat_v[~written].float()).all()
@@ -171,11 +222,33 @@ def test_decode_cuda(dtype, gqa):
 
 
 @cuda_only
-@pytest.mark.parametrize("num_splits", [1, 2, 8, 32])
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 8, 32])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_decode_splits_cuda(num_splits, head_dim):
+@pytest.mark.parametrize("fused_reduce", [True, False])
+def test_decode_splits_cuda(num_splits, head_dim, fused_reduce):
     seqs = [(n, 1) for n in (1, 5, 300, 5000)]
-    check_attention(seqs, 16, 4, head_dim, 16, torch.bfloat16, "cuda", num_splits=num_splits)
+    check_attention(seqs, 16, 4, head_dim, 16, torch.bfloat16, "cuda", num_splits=num_splits,
+                    fused_reduce=fused_reduce)
+
+
+@cuda_only
+@pytest.mark.parametrize("num_splits", [None, 1, 2, 3, 4, 6])
+@pytest.mark.parametrize("cfg", [dict(block_n=64, num_warps=4), dict(block_n=128, num_warps=8),
+                                 dict(block_n=32, num_warps=4, num_stages=2), dict(block_n=64, num_stages=4)])
+def test_decode_seed_shape_head_major_cuda(num_splits, cfg):
+    """The benchmark regime: B=32, 32/8 heads, head-major cache, loose host bound, graph padding rows."""
+    seqs = [(n, 1) for n in (257, 768, 769, 1280, 1, 16, 17, 1000)] * 4
+    check_attention(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", num_splits=num_splits, head_major=True,
+                    max_seq_len=4096, **cfg)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_major", [False, True])
+def test_rope_write_kv_cuda(dtype, head_major):
+    check_rope_write_kv(300, 32, 8, 128, 128, 16, dtype, "cuda", head_major=head_major)
+    check_rope_write_kv(37, 16, 8, 128, 128, 32, dtype, "cuda", interleaved=True, head_major=head_major)
+    check_rope_write_kv(9, 8, 2, 64, 32, 16, dtype, "cuda", head_major=head_major)  # partial rotary
 
 
 @cuda_only
@@ -303,6 +376,12 @@ def interpreter_suite():
                                    force_prefill_kernel=True))
     check_write_kv(20, 2, 64, 16, torch.bfloat16, "cpu")
     check_write_kv(20, 4, 64, 32, torch.float32, "cpu")
+    results.append(check_attention([(1, 1), (40, 1), (300, 1)], 8, 2, 64, 16, torch.float32, "cpu",
+                                   num_splits=3, head_major=True, max_seq_len=4096))
+    results.append(check_attention([(40, 1), (300, 1)], 8, 2, 64, 16, torch.float32, "cpu", num_splits=4,
+                                   fused_reduce=False))
+    check_rope_write_kv(20, 8, 2, 64, 64, 16, torch.float32, "cpu")
+    check_rope_write_kv(20, 8, 2, 64, 32, 16, torch.bfloat16, "cpu", interleaved=True, head_major=True)
     if os.environ.get("SKIP_FUSED") != "1":
         check_fused_ops("cpu", torch.float32)
         check_fused_ops("cpu", torch.bfloat16)

@@ -50,6 +50,19 @@ class TritonAttention(AttentionBackend):
                  meta: AttentionMetadata) -> None:
         self._cache_ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
+    def forward_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float, window: int | None = None) -> torch.Tensor:
+        """fused_ops.apply_rope(q, k, positions, cos_sin) + forward(q, k, v, ...) with the rotation and the
+        K/V cache write in one kernel (q is rotated in place; k is left unrotated: only the cache is read)."""
+        if os.environ.get("BATCHGEN_ROPE_KV", "1") == "0":  # ablation: the two-kernel path
+            from .. import fused_ops
+
+            fused_ops.apply_rope(q, k, positions, cos_sin)
+            return self.forward(q, k, v, k_cache, v_cache, meta, scale, window)
+        self._cache_ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale, window)
+
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
         if q.stride(-1) != 1:

@@ -48,3 +48,91 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         KV_HEADS=kvh, HEAD_DIM=d, H_PAD=triton.next_power_of_2(kvh), D_PAD=triton.next_power_of_2(d),
         BLOCK_SIZE=k_cache.shape[1], num_warps=4 if kvh * d >= 1024 else 1,
     )
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
+    stride_kcb, stride_kct, stride_kch,
+    stride_vcb, stride_vct, stride_vch,
+    HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    ROT: tl.constexpr, PASS_PAD: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, HALF_PAD)
+    jm = j < HALF
+    cos = tl.load(cs_ptr + pos * stride_c + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs_ptr + pos * stride_c + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+    if INTERLEAVED:
+        i1 = 2 * j
+        i2 = 2 * j + 1
+    else:
+        i1 = j
+        i2 = j + HALF
+    # q: rotated in place (all heads)
+    hq = tl.arange(0, HQ_PAD)
+    mq = (hq[:, None] < HQ) & jm[None, :]
+    p1 = q_ptr + t * stride_qt + hq[:, None] * stride_qh + i1[None, :]
+    p2 = q_ptr + t * stride_qt + hq[:, None] * stride_qh + i2[None, :]
+    x1 = tl.load(p1, mask=mq, other=0.0)
+    x2 = tl.load(p2, mask=mq, other=0.0)
+    dt = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    tl.store(p1, (x1 * cos - x2 * sin).to(dt), mask=mq)
+    tl.store(p2, (x2 * cos + x1 * sin).to(dt), mask=mq)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        # k: rotated, written straight into the cache (k itself is left as it was); v: copied
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        hk = tl.arange(0, HK_PAD)
+        hm = hk[:, None] < HK
+        mk = hm & jm[None, :]
+        kp = k_ptr + t * stride_kt + hk[:, None] * stride_kh
+        kc = k_cache_ptr + blk * stride_kcb + off * stride_kct + hk[:, None] * stride_kch
+        y1 = tl.load(kp + i1[None, :], mask=mk, other=0.0).to(tl.float32)
+        y2 = tl.load(kp + i2[None, :], mask=mk, other=0.0).to(tl.float32)
+        cdt = k_cache_ptr.dtype.element_ty
+        # HF numerics: rotated k rounded to the model dtype, then stored in the cache dtype
+        tl.store(kc + i1[None, :], (y1 * cos - y2 * sin).to(dt).to(cdt), mask=mk)
+        tl.store(kc + i2[None, :], (y2 * cos + y1 * sin).to(dt).to(cdt), mask=mk)
+        if ROT < HEAD_DIM:  # partial rotary: the tail is copied unrotated
+            e = ROT + tl.arange(0, PASS_PAD)
+            me = hm & (e[None, :] < HEAD_DIM)
+            tl.store(kc + e[None, :], tl.load(kp + e[None, :], mask=me, other=0.0).to(cdt), mask=me)
+        d = tl.arange(0, D_PAD)
+        mv = hm & (d[None, :] < HEAD_DIM)
+        v = tl.load(v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :], mask=mv, other=0.0)
+        tl.store(v_cache_ptr + blk * stride_vcb + off * stride_vct + hk[:, None] * stride_vch + d[None, :],
+                 v.to(v_cache_ptr.dtype.element_ty), mask=mv)
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, interleaved: bool = False) -> None:
+    """One launch for fused_ops.apply_rope(q, k, ...) + write_kv(k, v, ...): q [T, H, D] is rotated in
+    place; k [T, KVH, D] is rotated into the cache at slot_mapping (k itself is not modified), v copied.
+    Rotates the first rot_dim = cos_sin_cache.shape[-1] dims; slot < 0 (padding) writes no cache."""
+    T, HQ, D = q.shape
+    HK = k.shape[1]
+    if T == 0:
+        return
+    rot = cos_sin_cache.shape[-1]
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and rot <= D and rot % 2 == 0
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1
+    assert k_cache.shape[2] == HK and k_cache.shape[3] == D and slot_mapping.shape[0] >= T and k.shape[0] == T
+    half = rot // 2
+    _rope_write_kv_kernel[(T,)](
+        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HQ=HQ, HK=HK, HQ_PAD=triton.next_power_of_2(HQ), HK_PAD=triton.next_power_of_2(HK),
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), HEAD_DIM=D, D_PAD=triton.next_power_of_2(D),
+        ROT=rot, PASS_PAD=triton.next_power_of_2(max(D - rot, 1)), INTERLEAVED=interleaved,
+        BLOCK_SIZE=k_cache.shape[1], num_warps=4,
+    )
