@@ -7,7 +7,6 @@ overlap=False) each step's results are processed right after it runs.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -52,7 +51,7 @@ class Engine:
             model, raw_config = load_model(self.model_dir, self.device, dtype)
         else:  # a model built elsewhere (benchmarks: random weights of a named shape)
             raw_config = {}
-        if self.device.type == "cuda" and os.environ.get("BATCHGEN_WEIGHT_LAYOUT", "in") == "in":
+        if self.device.type == "cuda":
             from .models.linear_layout import make_input_major
 
             make_input_major(model, skip=("lm_head",) if model.cfg.tie_word_embeddings else ())
@@ -73,7 +72,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
         self.backend = get_backend(attention, self.device)
-        head_major = self.backend.name == "triton" and os.environ.get("BATCHGEN_KV_LAYOUT", "hnd") == "hnd"
+        head_major = self.backend.name == "triton"
         self.runner = ModelRunner(model, self.backend, self.device, self.dtype, num_blocks, block_size,
                                   max_num_seqs, self.max_model_len, head_major)
         self.overlap = overlap and self.device.type == "cuda"

@@ -40,6 +40,16 @@ class AttentionBackend:
         window: sliding-window layers attend only to the `window` most recent positions (incl. self)."""
         raise NotImplementedError
 
+    def forward_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float, window: int | None = None) -> torch.Tensor:
+        """RoPE on q and k (cos_sin: [max_pos, head_dim] cos | sin), then forward. Backends may fuse the
+        rotation with the cache write (q is rotated in place; k may be left unrotated)."""
+        from .. import fused_ops
+
+        fused_ops.apply_rope(q, k, positions, cos_sin)
+        return self.forward(q, k, v, k_cache, v_cache, meta, scale, window)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 window: int | None = None) -> torch.Tensor:

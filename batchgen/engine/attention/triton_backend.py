@@ -56,10 +56,7 @@ class TritonAttention(AttentionBackend):
         """fused_ops.apply_rope(q, k, positions, cos_sin) + forward(q, k, v, ...) with the rotation and the
         K/V cache write in one kernel (q is rotated in place; k is left unrotated: only the cache is read)."""
         if os.environ.get("BATCHGEN_ROPE_KV", "1") == "0":  # ablation: the two-kernel path
-            from .. import fused_ops
-
-            fused_ops.apply_rope(q, k, positions, cos_sin)
-            return self.forward(q, k, v, k_cache, v_cache, meta, scale, window)
+            return super().forward_rope(q, k, v, positions, cos_sin, k_cache, v_cache, meta, scale, window)
         self._cache_ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
         return self.attend(q, k_cache, v_cache, meta, scale, window)
 

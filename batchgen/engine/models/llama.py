@@ -47,12 +47,7 @@ class Attention(nn.Module):
         v = v.view(T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        fwd_rope = getattr(backend, "forward_rope", None)  # rope + K/V cache write in one kernel (Triton)
-        if fwd_rope is not None:
-            out = fwd_rope(q, k, v, positions, cos_sin, kv[0], kv[1], meta, self.scale, self.window)
-        else:
-            fused_ops.apply_rope(q, k, positions, cos_sin)  # in place
-            out = backend.forward(q, k, v, kv[0], kv[1], meta, self.scale, self.window)
+        out = backend.forward_rope(q, k, v, positions, cos_sin, kv[0], kv[1], meta, self.scale, self.window)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
