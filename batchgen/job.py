@@ -352,6 +352,8 @@ class Job:
                     raise ConfigError(f"{cfg.source_path}: model.path: {from_ms}") from None
                 progress_file("failed", error=f"{type(e).__name__}: {e}")
                 raise
+            if hasattr(engine, "describe"):
+                self.say(f"engine: {engine.describe()}")
         try:
             max_len = getattr(engine, "max_model_len", None)
             builder = PromptBuilder(cfg, tok, max_len)

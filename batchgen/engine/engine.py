@@ -7,6 +7,7 @@ overlap=False) each step's results are processed right after it runs.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from .scheduler import Scheduler
 from .sequence import RequestGroup, Sequence, Status
 
 _MASK63 = (1 << 63) - 1
+log = logging.getLogger("batchgen.engine")
 
 
 def _mix(*parts: int) -> int:
@@ -79,8 +81,17 @@ class Engine:
         # decode graphs need an attention backend whose launches depend only on host bounds
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend.name != "torch"
         self.graph_capture_s = self.runner.capture_graphs(max_num_seqs) if self.cuda_graphs else 0.0
+        log.info("engine: %s", self.describe())
         self._arrivals = itertools.count()
         self.reset_stats()
+
+    def describe(self) -> str:
+        """One line on what was set up: model, device, attention, KV cache, overlap, CUDA graph capture time."""
+        graphs = (f", {len(self.runner.graphs.sizes)} decode CUDA graphs captured in {self.graph_capture_s:.1f} s"
+                  if self.cuda_graphs else "")
+        return (f"{self.model.cfg.model_type} {str(self.dtype).removeprefix('torch.')} on {self.device}, "
+                f"attention {self.backend.name}, KV cache {self.blocks.usable_blocks * self.block_size:,} tokens "
+                f"in {self.block_size}-token blocks, overlap {'on' if self.overlap else 'off'}{graphs}")
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, **kwargs: Any) -> "Engine":
