@@ -117,32 +117,35 @@ class ModelRunner:
         for s in batch.grown:  # block tables change only when a sequence gets a new block
             self.table[s.slot, : len(s.blocks)] = s.blocks
         starts = np.array(batch.starts, dtype=np.int64)
-        lens = np.array(batch.lens, dtype=np.int64)
-        ids: list[int] = []
-        add = ids.append
-        for s, st, n in zip(seqs, batch.starts, batch.lens):
-            toks = s.token_ids
-            if n == 1:  # decode: the last token, or -1 when it is still on the device (gathered there by slot)
-                add(toks[st] if st < len(toks) else -1)
-            else:
-                known = toks[st:st + n]
-                ids += known
-                ids += [-1] * (n - len(known))
         slots = np.array(batch.slots, dtype=np.int64)
-        qsl = np.zeros(B + 1, np.int64)
-        np.cumsum(lens, out=qsl[1:])
-        tok_seq = np.repeat(np.arange(B), lens)
-        positions = np.arange(qsl[-1]) - qsl[tok_seq] + starts[tok_seq]
-        tok_slot = slots[tok_seq]
         bs = self.block_size
+        if len(batch.lens) == sum(batch.lens):  # one token per sequence (decode): no ragged layout to build
+            ids_np = np.array([s.token_ids[st] if st < len(s.token_ids) else -1  # -1: still on the device,
+                               for s, st in zip(seqs, batch.starts)], dtype=np.int64)  # gathered by slot
+            max_query_len, positions, tok_slot = 1, starts, slots
+            qsl = np.arange(B + 1, dtype=np.int64)
+            seq_lens = starts + 1
+        else:
+            ids: list[int] = []
+            for s, st, n in zip(seqs, batch.starts, batch.lens):
+                known = s.token_ids[st:st + n]
+                ids += known
+                ids += [-1] * (n - len(known))  # the last token may still be on the device
+            ids_np = np.array(ids, dtype=np.int64)
+            lens = np.array(batch.lens, dtype=np.int64)
+            max_query_len = int(lens.max())
+            qsl = np.zeros(B + 1, np.int64)
+            np.cumsum(lens, out=qsl[1:])
+            tok_seq = np.repeat(np.arange(B), lens)
+            positions = np.arange(qsl[-1]) - qsl[tok_seq] + starts[tok_seq]
+            tok_slot = slots[tok_seq]
+            seq_lens = starts + lens
         slot_mapping = self.table[tok_slot, positions // bs] * bs + positions % bs
-        seq_lens = starts + lens
         max_seq_len = int(seq_lens.max())
         tables = self.table[slots, : -(-max_seq_len // bs)].astype(np.int32)
-        rows = np.flatnonzero(np.array(batch.samples, dtype=bool))
+        rows = np.arange(B) if all(batch.samples) else np.flatnonzero(np.array(batch.samples, dtype=bool))
         s_slots = slots[rows]
         s_pos = seq_lens[rows]  # index of the token being sampled
-        ids_np = np.array(ids, dtype=np.int64)
         arrays = {"ids": ids_np, "pos": positions, "slot_mapping": slot_mapping, "tok_slot": tok_slot,
                   "qsl": qsl.astype(np.int32), "seq_lens": seq_lens.astype(np.int32), "tables": tables,
                   "logit_rows": qsl[1:][rows] - 1, "s_slots": s_slots, "s_pos": s_pos,
@@ -150,8 +153,8 @@ class ModelRunner:
         dev = self._upload(arrays)
         meta = AttentionMetadata(
             slot_mapping=dev["slot_mapping"], query_start_loc=dev["qsl"], seq_lens=dev["seq_lens"],
-            block_tables=dev["tables"], max_query_len=int(lens.max()), max_seq_len=max_seq_len,
-            decode_only=bool((lens == 1).all()))
+            block_tables=dev["tables"], max_query_len=max_query_len, max_seq_len=max_seq_len,
+            decode_only=max_query_len == 1)
         sampling = self._sampling_batch(dev, arrays, s_slots, s_pos) if len(rows) else None
         all_sample = len(rows) == B
         sample_seqs = seqs if all_sample else [seqs[i] for i in rows]
