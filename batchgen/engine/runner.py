@@ -119,19 +119,12 @@ class ModelRunner:
         starts = np.array(batch.starts, dtype=np.int64)
         slots = np.array(batch.slots, dtype=np.int64)
         bs = self.block_size
-        if len(batch.lens) == sum(batch.lens):  # one token per sequence (decode): no ragged layout to build
-            ids_np = np.array([s.token_ids[st] if st < len(s.token_ids) else -1  # -1: still on the device,
-                               for s, st in zip(seqs, batch.starts)], dtype=np.int64)  # gathered by slot
+        ids_np = np.array(batch.ids, dtype=np.int64)
+        if len(ids_np) == B:  # one token per sequence (decode): no ragged layout to build
             max_query_len, positions, tok_slot = 1, starts, slots
             qsl = np.arange(B + 1, dtype=np.int64)
             seq_lens = starts + 1
         else:
-            ids: list[int] = []
-            for s, st, n in zip(seqs, batch.starts, batch.lens):
-                known = s.token_ids[st:st + n]
-                ids += known
-                ids += [-1] * (n - len(known))  # the last token may still be on the device
-            ids_np = np.array(ids, dtype=np.int64)
             lens = np.array(batch.lens, dtype=np.int64)
             max_query_len = int(lens.max())
             qsl = np.zeros(B + 1, np.int64)
@@ -143,7 +136,7 @@ class ModelRunner:
         slot_mapping = self.table[tok_slot, positions // bs] * bs + positions % bs
         max_seq_len = int(seq_lens.max())
         tables = self.table[slots, : -(-max_seq_len // bs)].astype(np.int32)
-        rows = np.arange(B) if all(batch.samples) else np.flatnonzero(np.array(batch.samples, dtype=bool))
+        rows = np.setdiff1d(np.arange(B), batch.no_sample) if batch.no_sample else np.arange(B)
         s_slots = slots[rows]
         s_pos = seq_lens[rows]  # index of the token being sampled
         arrays = {"ids": ids_np, "pos": positions, "slot_mapping": slot_mapping, "tok_slot": tok_slot,

@@ -18,13 +18,17 @@ from .sequence import Sequence, Status
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[Sequence]
-    starts: list[int]  # num_computed before this step
-    lens: list[int]  # tokens computed this step
-    samples: list[bool]  # the step samples a new token for this sequence
+    seqs: list[Sequence] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # num_computed before this step
+    lens: list[int] = field(default_factory=list)  # tokens computed this step
+    slots: list[int] = field(default_factory=list)  # each sequence's slot, in batch order
+    no_sample: list[int] = field(default_factory=list)  # batch indices of prefill chunks that sample nothing
     admitted: list[Sequence] = field(default_factory=list)  # newly placed in a slot this step
     grown: list[Sequence] = field(default_factory=list)  # running sequences that got new blocks this step
-    slots: list[int] = field(default_factory=list)  # each sequence's slot, in batch order
+
+    # input ids of the step's tokens, in batch order; -1 marks a token still on the device (the runner
+    # gathers it from the sampled-token buffer by slot). Built here, while each sequence is at hand.
+    ids: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -49,13 +53,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        batch = ScheduledBatch([], [], [], [])
+        batch = ScheduledBatch()
         budget = self.max_batch_tokens
         preempted = False
-        bs, bm = self.bm.block_size, self.bm
-        i = 0
-        while i < len(self.running) and budget > 0:  # the hot loop: kept flat, one pass per running sequence
-            seq = self.running[i]
+        bs, bm, running = self.bm.block_size, self.bm, self.running
+        add_seq, add_start, add_len, add_slot = batch.seqs.append, batch.starts.append, batch.lens.append, batch.slots.append
+        add_id = batch.ids.append
+        n_run, i = len(running), 0
+        while i < n_run and budget > 0:  # the hot loop: kept flat, one pass per running sequence
+            seq = running[i]
             nc, nt = seq.num_computed, seq.num_tokens
             if nt >= seq.max_tokens and nc >= nt - 1:  # capped: waits for its last results
                 i += 1
@@ -64,8 +70,9 @@ class Scheduler:
             need = (nc + n + bs - 1) // bs - len(seq.blocks)
             if need > 0:
                 while need > bm.num_free:
-                    victim = self.running[-1]
+                    victim = running[-1]
                     self.preempt(victim)
+                    n_run -= 1
                     preempted = True
                     if victim is seq:
                         break
@@ -75,11 +82,12 @@ class Scheduler:
                 batch.grown.append(seq)
             if nt - nc == 1:  # decode, the common case: _take inlined
                 seq.num_computed, seq.num_tokens = nt, nt + 1
-                batch.seqs.append(seq)
-                batch.starts.append(nc)
-                batch.lens.append(1)
-                batch.samples.append(True)
-                batch.slots.append(seq.slot)
+                toks = seq.token_ids
+                add_id(toks[nc] if nc < len(toks) else -1)
+                add_seq(seq)
+                add_start(nc)
+                add_len(1)
+                add_slot(seq.slot)
                 if (seq.num_hashed + 1) * bs <= nt:
                     self._name_full_blocks(seq)
             else:
@@ -119,10 +127,14 @@ class Scheduler:
         samples = end == seq.num_tokens
         if samples:
             seq.num_tokens += 1  # the sampled token is pending on the device until results come back
+        if not samples:
+            batch.no_sample.append(len(batch.seqs))
+        known = seq.token_ids[start:start + n]
+        batch.ids += known
+        batch.ids += [-1] * (n - len(known))  # the last token may still be on the device
         batch.seqs.append(seq)
         batch.starts.append(start)
         batch.lens.append(n)
-        batch.samples.append(samples)
         batch.slots.append(seq.slot)
         bs = self.bm.block_size
         if (seq.num_hashed + 1) * bs <= end:  # a block just filled up: name it if its tokens are known

@@ -27,7 +27,7 @@ class RequestGroup:
         return RequestOutput(self.request_id, self.prompt_ids, outs)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     group: RequestGroup
     index: int  # sample index within the request
