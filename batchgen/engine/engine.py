@@ -278,6 +278,8 @@ class Engine:
 
     def _abort(self, inflight: StepHandle | None) -> None:
         """Forget every unfinished request and free its blocks and slot, so the next stream starts clean."""
+        if self.runner is None:  # the engine was closed under an unfinished stream
+            return
         if inflight is not None:
             self.runner.collect(inflight)  # its tokens are dropped; wait so nothing is still writing
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
