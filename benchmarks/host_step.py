@@ -7,6 +7,9 @@ then times, per step:
   prepare   ModelRunner.prepare(batch)  (input building: ids, positions, slot mapping, tables, sampling rows)
   process   Engine._process(handle)     (appending sampled tokens, stop checks)
 The model forward itself (ModelRunner.execute) is run but not counted. Prints median / p90 ms.
+On this CPU-only path the forward runs on the same cores between the timed parts and leaves the
+host's caches cold, which a GPU run does not do; `--forward none` skips it (every sequence
+"samples" token 0) to time the host work as it runs beside a GPU. Both are printed in the note.
 
     .venv/bin/python benchmarks/host_step.py [--requests 256] [--steps 200] [--prompt-len 64]
 
@@ -53,10 +56,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the forward is not timed)")
     ap.add_argument("--checkpoint", default=None, help="use this model dir instead of a tiny llama")
     ap.add_argument("--profile", action="store_true", help="cProfile schedule + prepare over the timed steps")
+    ap.add_argument("--forward", choices=["cpu", "none"], default="cpu",
+                    help="run the model forward on the CPU between steps (default) or skip it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from batchgen import Engine, GenerationRequest, SamplingParams
+    from batchgen.engine.runner import StepHandle
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.checkpoint) if args.checkpoint else build_checkpoint(Path(tmp) / "llama")
@@ -96,7 +102,11 @@ def main() -> None:
             t2 = time.perf_counter()
             if timed:
                 prof.disable()
-            handle = eng.runner.execute(step)
+            if args.forward == "cpu":
+                handle = eng.runner.execute(step)
+            else:  # host work only: token 0 for every sampling row, nothing runs on the device
+                handle = StepHandle(step.sample_seqs, torch.zeros(len(step.sample_seqs), dtype=torch.int64),
+                                    None, None, None)
             t3 = time.perf_counter()
             finished = list(eng._process(handle))
             t4 = time.perf_counter()
@@ -111,8 +121,8 @@ def main() -> None:
                     proc_ms.append(1e3 * (t4 - t3))
         host = [a + b for a, b in zip(sched_ms, prep_ms)]
         host_all = [a + b + c for a, b, c in zip(sched_ms, prep_ms, proc_ms)]
-        print(f"host step, {n} running decode requests, {len(host)} steps, torch {torch.__version__} "
-              f"(CPU, {args.threads} thread(s)); total loop {time.perf_counter() - t_all:.1f}s")
+        print(f"host step, {n} running decode requests, {len(host)} steps, forward {args.forward}, "
+              f"torch {torch.__version__} (CPU, {args.threads} thread(s)); total loop {time.perf_counter() - t_all:.1f}s")
         print(f"{'part':<32}{'min ms':>9}{'median ms':>11}{'p90 ms':>9}")
         for name, xs in (("schedule()", sched_ms), ("runner.prepare()", prep_ms),
                          ("schedule + prepare", host), ("_process() (token bookkeeping)", proc_ms),
