@@ -73,18 +73,18 @@ def silu_and_mul(x: torch.Tensor, *, force: str | None = None) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- RoPE
 def rope_inv_freq(rot_dim: int, base: float, device: torch.device | str | None = None) -> torch.Tensor:
-    """Plain RoPE frequencies; for scaled variants (llama3, yarn...) pass HF's inv_freq instead
-    (transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS[rope_type](config, device))."""
-    return 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
+    """Plain RoPE frequencies (scaled variants: models.rope.inv_frequencies with the config's rope_scaling)."""
+    from .models.rope import inv_frequencies
+
+    return inv_frequencies(rot_dim, base, None)[0].to(device)
 
 
 def rope_cos_sin_cache(inv_freq: torch.Tensor, max_pos: int, device: torch.device | str | None = None,
                        attention_scaling: float = 1.0) -> torch.Tensor:
     """[max_pos, 2 * len(inv_freq)] float32: cos in the first half, sin in the second."""
-    inv_freq = inv_freq.to(device=device, dtype=torch.float32)
-    t = torch.arange(max_pos, dtype=torch.float32, device=inv_freq.device)
-    freqs = torch.outer(t, inv_freq)
-    return torch.cat([freqs.cos() * attention_scaling, freqs.sin() * attention_scaling], dim=-1).contiguous()
+    from .models.rope import cos_sin_from_inv_freq
+
+    return cos_sin_from_inv_freq(inv_freq.to(device), max_pos, attention_scaling).contiguous()
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,

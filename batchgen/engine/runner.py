@@ -107,9 +107,6 @@ class ModelRunner:
             self.sampler.reset_slots([s.slot for s in reset], [s.token_ids for s in reset])
 
     # ------------------------------------------------------------------ one step
-    def launch(self, batch: ScheduledBatch) -> StepHandle:
-        return self.execute(self.prepare(batch))
-
     def prepare(self, batch: ScheduledBatch) -> PreparedStep:
         """Everything the host does for a step, vectorised over the batch where it can be."""
         seqs, B = batch.seqs, len(batch.seqs)
@@ -143,6 +140,9 @@ class ModelRunner:
                   "qsl": qsl.astype(np.int32), "seq_lens": seq_lens.astype(np.int32), "tables": tables,
                   "logit_rows": qsl[1:][rows] - 1, "s_slots": s_slots, "s_pos": s_pos,
                   "iparams": self.iparams[:, s_slots], "fparams": self.fparams[:, s_slots]}
+        suppress = self._suppress_ids(s_slots, s_pos)
+        if suppress is not None:  # staged with the rest: a separate copy would wait for the step in flight
+            arrays["suppress"] = suppress
         dev = self._upload(arrays)
         meta = AttentionMetadata(
             slot_mapping=dev["slot_mapping"], query_start_loc=dev["qsl"], seq_lens=dev["seq_lens"],
@@ -189,22 +189,24 @@ class ModelRunner:
         fp, ip = host["fparams"], host["iparams"]
         set_f = (fp != self.fdefault).any(axis=1)  # per parameter: does any row leave its default
         top_k_on = bool((ip[0] > 0).any())
-        suppress = None
-        under_min = s_pos < self.min_new_end[s_slots]
-        if under_min.any():  # only early tokens of requests with min_new_tokens pay for this
-            lists = [self.stop_ids[k] if m else [] for k, m in zip(s_slots, under_min)]
-            width = max(len(x) for x in lists) or 1
-            arr = np.full((len(lists), width), -1, np.int64)
-            for i, x in enumerate(lists):
-                arr[i, : len(x)] = x
-            suppress = torch.from_numpy(arr).to(self.device)
         f, i = dev["fparams"], dev["iparams"]
         return SamplingBatch(
             temperature=f[0], top_p=f[1], min_p=f[2], repetition_penalty=f[3], top_k=i[0], seeds=i[1],
-            positions=dev["s_pos"], slots=dev["s_slots"], suppress_ids=suppress, all_greedy=not set_f[0],
+            positions=dev["s_pos"], slots=dev["s_slots"], suppress_ids=dev.get("suppress"), all_greedy=not set_f[0],
             any_top_k=top_k_on, any_top_p=bool(set_f[1]), any_min_p=bool(set_f[2]), any_penalty=bool(set_f[3]),
             want_logprobs=bool(self.logprobs[s_slots].any()),
             top_k_bound=top_k_bound_hint(ip[0].tolist(), fp[1].tolist()) if top_k_on else 0)
+
+    def _suppress_ids(self, s_slots: np.ndarray, s_pos: np.ndarray) -> np.ndarray | None:
+        """[rows, E] stop ids to forbid (padded with -1) for rows still under min_new_tokens, else None."""
+        under_min = s_pos < self.min_new_end[s_slots]
+        if not under_min.any():  # only early tokens of requests with min_new_tokens pay for this
+            return None
+        lists = [self.stop_ids[k] if m else [] for k, m in zip(s_slots, under_min)]
+        arr = np.full((len(lists), max(len(x) for x in lists) or 1), -1, np.int64)
+        for i, x in enumerate(lists):
+            arr[i, : len(x)] = x
+        return arr
 
     # ------------------------------------------------------------------ host <-> device
     def _upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -52,6 +52,9 @@ def _yarn(inv_freq: torch.Tensor, dim: int, base: float, s: dict) -> tuple[torch
 def cos_sin_table(head_dim: int, theta: float, scaling: dict | None, max_positions: int) -> torch.Tensor:
     """[max_positions, head_dim] float32: cos in the first half, sin in the second (one gather per step)."""
     inv_freq, attn_scale = inv_frequencies(head_dim, theta, scaling)
-    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return torch.cat([freqs.cos() * attn_scale, freqs.sin() * attn_scale], dim=-1)
+    return cos_sin_from_inv_freq(inv_freq, max_positions, attn_scale)
 
+
+def cos_sin_from_inv_freq(inv_freq: torch.Tensor, max_positions: int, attn_scale: float = 1.0) -> torch.Tensor:
+    freqs = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()[None, :]
+    return torch.cat([freqs.cos() * attn_scale, freqs.sin() * attn_scale], dim=-1)
