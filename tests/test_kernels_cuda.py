@@ -333,6 +333,71 @@ def test_fused_ops_cuda(dtype):
     check_fused_ops("cuda", dtype)
 
 
+# ----------------------------------------------------------------------------------------- skinny GEMM
+def check_skinny_gemm(device, dtype, cases, seed=0, graph=False):
+    """Triton split-K GEMM (optionally SiLU-and-mul fused on load, bias) vs the torch ops it replaces.
+    cases: (M, K, N, config or None, silu_mul, bias)."""
+    from batchgen.engine import fused_ops as F
+    from batchgen.engine.attention.triton_kernels.skinny_gemm import skinny_gemm
+
+    g = torch.Generator().manual_seed(seed)
+    for M, K, N, cfg, silu, bias in cases:
+        x = torch.randn(M, 2 * K if silu else K, generator=g).to(dtype).to(device)
+        w = (torch.randn(K, N, generator=g) / K ** 0.5).to(dtype).to(device)
+        b = torch.randn(N, generator=g).to(dtype).to(device) if bias else None
+        a = F.silu_and_mul(x, force="torch") if silu else x
+        ref = a.double() @ w.double() + (b.double() if bias else 0)
+        if graph:  # replayed inside a CUDA graph, twice, with new inputs: the split counters must reset
+            out = skinny_gemm(x, w, b, silu_mul=silu, config=cfg)
+            cg = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cg):
+                out = skinny_gemm(x, w, b, silu_mul=silu, config=cfg)
+            for _ in range(2):
+                x.copy_(torch.randn(x.shape, generator=g).to(dtype).to(device))
+                a = F.silu_and_mul(x, force="torch") if silu else x
+                ref = a.double() @ w.double() + (b.double() if bias else 0)
+                cg.replay()
+                assert _rel(out.cpu(), ref.cpu()) < TOL[dtype], (M, K, N, cfg, silu, bias)
+        else:
+            out = skinny_gemm(x, w, b, silu_mul=silu, config=cfg)
+            assert out.shape == (M, N) and out.dtype == dtype
+            assert _rel(out.cpu(), ref.cpu()) < TOL[dtype], (M, K, N, cfg, silu, bias)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_skinny_gemm_cuda(dtype):
+    cases = [(M, K, N, cfg, silu, bias)
+             for M in (1, 7, 32, 64)
+             for K, N in ((4096, 6144), (1024, 200), (3000, 320))
+             for cfg in (None, (64, 128, 8, 4, 3), (128, 64, 3, 8, 5), (256, 64, 1, 8, 3))
+             for silu, bias in ((False, False), (True, False), (False, True))]
+    check_skinny_gemm("cuda", dtype, cases)
+    check_skinny_gemm("cuda", dtype, [(32, 4096, 4096, None, False, False), (5, 1024, 512, (64, 128, 4, 4, 4), True, True)],
+                      graph=True)
+
+
+@cuda_only
+def test_engine_linears_use_skinny_gemm_at_decode_sizes():
+    """On CUDA in 16-bit the attention projections take the skinny path for <= MAX_M rows, cuBLAS above."""
+    from torch import nn
+
+    from batchgen.engine.models.linear_layout import make_input_major
+
+    m = nn.ModuleDict({"qkv_proj": nn.Linear(256, 384, bias=True), "down_proj": nn.Linear(512, 256, bias=False)})
+    m = m.to("cuda", torch.bfloat16)
+    x = torch.randn(48, 256, device="cuda", dtype=torch.bfloat16)
+    ref = m["qkv_proj"](x)
+    make_input_major(m)
+    assert m["qkv_proj"].skinny is not None and m["down_proj"].skinny is None
+    for rows in (48, 200):
+        xx = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16) if rows != 48 else x
+        out = m["qkv_proj"](xx)
+        r = xx.double() @ m["qkv_proj"].weight_t.double() + m["qkv_proj"].bias.double()
+        assert _rel(out.cpu(), r.cpu()) < TOL[torch.bfloat16]
+    assert _rel(m["qkv_proj"](x).cpu(), ref.cpu()) < TOL[torch.bfloat16]
+
+
 # ----------------------------------------------------------------------------------------- CPU (interpreter)
 def _patch_interpreter():
     """Work around two triton 3.6 interpreter bugs: bf16 dot operands are multiplied as raw uint16
@@ -382,6 +447,10 @@ def interpreter_suite():
                                    fused_reduce=False))
     check_rope_write_kv(20, 8, 2, 64, 64, 16, torch.float32, "cpu")
     check_rope_write_kv(20, 8, 2, 64, 32, 16, torch.bfloat16, "cpu", interleaved=True, head_major=True)
+    check_skinny_gemm("cpu", torch.float32, [(3, 256, 96, (64, 64, 1, 4, 2), False, False),
+                                              (17, 512, 128, (64, 64, 4, 4, 2), False, True),
+                                              (32, 384, 200, (64, 64, 2, 4, 2), True, False)])
+    check_skinny_gemm("cpu", torch.bfloat16, [(5, 256, 64, (64, 64, 3, 4, 2), True, True)])
     if os.environ.get("SKIP_FUSED") != "1":
         check_fused_ops("cpu", torch.float32)
         check_fused_ops("cpu", torch.bfloat16)
