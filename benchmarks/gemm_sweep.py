@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--ms", default="1,8,16,32,64")
     ap.add_argument("--best", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--projs", default="qkv_proj,o_proj,gate_up_proj,down_proj")
+    ap.add_argument("--no-silu", action="store_true", help="down_proj without the fused SiLU-and-mul")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -68,10 +70,12 @@ def main() -> None:
     best: dict[str, list[int]] = {}
     rows = []
     for name, (K, N) in projections(args.shape).items():
+        if name not in args.projs.split(","):
+            continue
         copies = max(2, -(-200_000_000 // (K * N * 2)))  # >= 200 MB of weights per replay (L2 is 50 MB)
         ws = [torch.randn(K, N, device=dev, dtype=dt) / K ** 0.5 for _ in range(copies)]
         mb = K * N * 2 / 1e6
-        silu = name == "down_proj"
+        silu = name == "down_proj" and not args.no_silu
         for M in map(int, args.ms.split(",")):
             xin = torch.randn(M, 2 * K if silu else K, device=dev, dtype=dt)
             ref = (fused.silu_and_mul(xin) if silu else xin).float() @ ws[0].float()

@@ -21,6 +21,11 @@ from torch import nn
 
 DEFAULT_SKINNY = "qkv_proj,o_proj"
 SkinnyConfig = tuple[int, int, int, int, int]  # BN, BK, SPLIT_K, num_warps, num_stages
+# best at M=32 on H100 (benchmarks/gemm_sweep.py), keyed by (in, out): llama-3.1-8b's projections
+TUNED: dict[tuple[int, int], SkinnyConfig] = {
+    (4096, 6144): (64, 128, 1, 4, 5), (4096, 4096): (64, 128, 2, 4, 5), (4096, 28672): (256, 64, 1, 4, 3),
+    (14336, 4096): (64, 128, 4, 4, 5),
+}
 
 
 class InputMajorLinear(nn.Module):
@@ -67,6 +72,8 @@ def skinny_config(name: str, in_features: int, out_features: int, sm_count: int)
             table = json.load(f)
         if f"{in_features},{out_features}" in table:
             return tuple(table[f"{in_features},{out_features}"])
+    if (in_features, out_features) in TUNED:
+        return TUNED[(in_features, out_features)]
     from ..attention.triton_kernels.skinny_gemm import default_config
 
     return default_config(32, out_features, in_features, sm_count)

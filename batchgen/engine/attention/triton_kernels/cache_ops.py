@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -59,7 +61,11 @@ def _rope_write_kv_kernel(
     HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     ROT: tl.constexpr, PASS_PAD: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see pdl.py
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, HALF_PAD)
@@ -134,5 +140,5 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         HQ=HQ, HK=HK, HQ_PAD=triton.next_power_of_2(HQ), HK_PAD=triton.next_power_of_2(HK),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), HEAD_DIM=D, D_PAD=triton.next_power_of_2(D),
         ROT=rot, PASS_PAD=triton.next_power_of_2(max(D - rot, 1)), INTERLEAVED=interleaved,
-        BLOCK_SIZE=k_cache.shape[1], num_warps=4,
+        BLOCK_SIZE=k_cache.shape[1], num_warps=4, **pdl.launch_options(q.device),
     )

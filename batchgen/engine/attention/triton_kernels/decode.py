@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 _LOG2E = 1.4426950408889634
 
 
@@ -32,8 +34,10 @@ def _decode_split_kernel(
     stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see pdl.py: every program waits before touching anything, the next kernel launches
+        tl.extra.cuda.gdc_wait()  # once all programs are past their main loop
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -81,6 +85,8 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     acc = acc / l_i[:, None]
     if NUM_SPLITS == 1:
         tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -251,6 +257,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_SIZE=bs,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=use_window,
         DOT_PREC="ieee" if fp32 else "tf32", FUSED_REDUCE=fused_reduce, num_warps=num_warps, **extra,
+        **(pdl.launch_options(q.device) if num_splits == 1 or fused_reduce else {"USE_PDL": False}),
     )
     if num_splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(B, H)](

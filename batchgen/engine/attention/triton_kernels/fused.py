@@ -5,11 +5,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, N, eps,
                      stride_x, stride_r, stride_o, stride_ro,
-                     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr):
+                     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # see pdl.py: wait for the previous kernel, then let the next one launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < n_rows
@@ -53,7 +58,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(triton.cdiv(rows, ROWS),)](
             x2, r2, weight, out, res_out, rows, N, eps,
             x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0),
-            BLOCK_N=BLOCK_N, ROWS=ROWS, HAS_RES=residual is not None, num_warps=num_warps)
+            BLOCK_N=BLOCK_N, ROWS=ROWS, HAS_RES=residual is not None, num_warps=num_warps,
+            **pdl.launch_options(x.device))
     out = out.view(x.shape)
     if residual is not None:
         return out, res_out.view(x.shape)
@@ -61,7 +67,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -84,7 +93,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     BLOCK = min(1024, triton.next_power_of_2(I))
     if rows:
         _silu_mul_kernel[(rows, triton.cdiv(I, BLOCK))](x2, out, I, x2.stride(0), out.stride(0), BLOCK=BLOCK,
-                                                       num_warps=4)
+                                                       num_warps=4, **pdl.launch_options(x.device))
     return out.view(*x.shape[:-1], I)
 
 

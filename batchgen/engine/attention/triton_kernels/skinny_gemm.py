@@ -13,16 +13,21 @@ activation kernel.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from . import pdl
 
 
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, sem_ptr, M, N, K, k_per_split,
                         stride_xm, stride_wk, stride_ym,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                        SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+                        SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+                        PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
     pn = tl.program_id(0)
     pk = tl.program_id(1)
     rm = tl.arange(0, BM)
@@ -30,10 +35,20 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, sem_ptr, M, N, 
     rk = tl.arange(0, BK)
     mmask = rm < M
     nmask = rn < N
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros([BM, BN], tl.float32)
     k_lo = pk * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    if PREFETCH > 0:
+        # The weights do not depend on the previous kernel: pull the first PREFETCH rows of this
+        # program's slice into L2 (one address per 64 columns = 128 bytes) while it still runs.
+        pr = tl.minimum(k_lo + tl.arange(0, PREFETCH), k_hi - 1).to(tl.int64)
+        pc = tl.minimum(pn * BN + tl.arange(0, BN // 64) * 64, N - 1)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
+                                  [w_ptr + pr[:, None] * stride_wk + pc[None, :]],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    if USE_PDL:  # see pdl.py: nothing below may run before the previous kernel has completed
+        tl.extra.cuda.gdc_wait()
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([BM, BN], tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + rk
         kmask = kk < k_hi
@@ -46,6 +61,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, sem_ptr, M, N, 
             g = a.to(tl.float32)
             a = ((g / (1.0 + tl.exp(-g))).to(up.dtype).to(tl.float32) * up.to(tl.float32)).to(up.dtype)
         acc += tl.dot(a, w, input_precision=DOT_PREC)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     ymask = mmask[:, None] & nmask[None, :]
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     if SPLIT_K == 1:
@@ -70,6 +87,15 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, sem_ptr, M, N, 
 
 
 MAX_M = 64
+PREFETCH_ROWS = int(os.environ.get("BATCHGEN_SKINNY_PREFETCH", "256"))  # rows of w per program (0 = off)
+
+
+def _prefetch_rows(rows: int | None, k_per: int, BN: int, device: torch.device) -> int:
+    """Power of 2, at most the program's slice; 0 where there is no early launch to hide it behind."""
+    rows = PREFETCH_ROWS if rows is None else rows
+    if rows <= 0 or BN % 64 or not pdl.enabled(device):
+        return 0
+    return min(triton.next_power_of_2(rows), triton.next_power_of_2(k_per))
 _SEM: dict[torch.device, torch.Tensor] = {}
 
 
@@ -95,7 +121,8 @@ def default_config(M: int, N: int, K: int, sm_count: int) -> tuple[int, int, int
 
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
-                config: tuple[int, int, int, int, int] | None = None, sm_count: int = 132) -> torch.Tensor:
+                config: tuple[int, int, int, int, int] | None = None, sm_count: int = 132,
+                prefetch: int | None = None) -> torch.Tensor:
     """x [M, K] (or [M, 2K] with silu_mul), w [K, N] row-major; returns [M, N] in x's dtype."""
     M = x.shape[0]
     K, N = w.shape
@@ -115,5 +142,6 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
         x.stride(0), w.stride(0), y.stride(0),
         BM=BM, BN=BN, BK=BK, SPLIT_K=split, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        PREFETCH=_prefetch_rows(prefetch, k_per, BN, x.device), **pdl.launch_options(x.device),
         num_warps=warps, num_stages=stages)
     return y
