@@ -59,10 +59,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        fused = getattr(self.down_proj, "forward_silu_mul", None)  # GPU decode: activation fused into the GEMM
-        out = fused(gate_up) if fused is not None else None
-        return out if out is not None else self.down_proj(fused_ops.silu_and_mul(gate_up))
+        return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
