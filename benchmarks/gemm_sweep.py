@@ -60,11 +60,14 @@ def main() -> None:
     ap.add_argument("--best", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--projs", default="qkv_proj,o_proj,gate_up_proj,down_proj")
+    ap.add_argument("--bns", default="64,128,256")
+    ap.add_argument("--stages", default="3,5")
     ap.add_argument("--no-silu", action="store_true", help="down_proj without the fused SiLU-and-mul")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    full = list(itertools.product((64, 128, 256), (64, 128, 256), (1, 2, 4, 8, 16), (4, 8), (3, 5)))
+    full = list(itertools.product(map(int, args.bns.split(",")), (64, 128, 256), (1, 2, 4, 8, 16), (4, 8),
+                                  map(int, args.stages.split(","))))
     if args.quick:
         full = list(itertools.product((64, 128), (128,), (2, 4, 8, 16), (4,), (4,)))
     best: dict[str, list[int]] = {}

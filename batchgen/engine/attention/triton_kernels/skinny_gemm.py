@@ -27,7 +27,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, sem_ptr, M, N, 
                         stride_xm, stride_wk, stride_ym,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                         SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-                        PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                        PREFETCH: tl.constexpr, PF_COLS: tl.constexpr, USE_PDL: tl.constexpr):
     pn = tl.program_id(0)
     pk = tl.program_id(1)
     rm = tl.arange(0, BM)
@@ -39,9 +39,9 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, sem_ptr, M, N, 
     k_hi = tl.minimum(k_lo + k_per_split, K)
     if PREFETCH > 0:
         # The weights do not depend on the previous kernel: pull the first PREFETCH rows of this
-        # program's slice into L2 (one address per 64 columns = 128 bytes) while it still runs.
+        # program's slice into L2 (one address per 64 columns, a 128-byte line) while it still runs.
         pr = tl.minimum(k_lo + tl.arange(0, PREFETCH), k_hi - 1).to(tl.int64)
-        pc = tl.minimum(pn * BN + tl.arange(0, BN // 64) * 64, N - 1)
+        pc = tl.minimum(pn * BN + tl.arange(0, PF_COLS) * 64, N - 1)
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
                                   [w_ptr + pr[:, None] * stride_wk + pc[None, :]],
                                   dtype=tl.int32, is_pure=False, pack=1)
@@ -90,10 +90,10 @@ MAX_M = 64
 PREFETCH_ROWS = int(os.environ.get("BATCHGEN_SKINNY_PREFETCH", "256"))  # rows of w per program (0 = off)
 
 
-def _prefetch_rows(rows: int | None, k_per: int, BN: int, device: torch.device) -> int:
+def _prefetch_rows(rows: int | None, k_per: int, device: torch.device) -> int:
     """Power of 2, at most the program's slice; 0 where there is no early launch to hide it behind."""
     rows = PREFETCH_ROWS if rows is None else rows
-    if rows <= 0 or BN % 64 or not pdl.enabled(device):
+    if rows <= 0 or not pdl.enabled(device):
         return 0
     return min(triton.next_power_of_2(rows), triton.next_power_of_2(k_per))
 _SEM: dict[torch.device, torch.Tensor] = {}
@@ -142,6 +142,6 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
         x.stride(0), w.stride(0), y.stride(0),
         BM=BM, BN=BN, BK=BK, SPLIT_K=split, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        PREFETCH=_prefetch_rows(prefetch, k_per, BN, x.device), **pdl.launch_options(x.device),
+        PREFETCH=_prefetch_rows(prefetch, k_per, x.device), PF_COLS=max(BN // 64, 1), **pdl.launch_options(x.device),
         num_warps=warps, num_stages=stages)
     return y
