@@ -379,11 +379,17 @@ def test_skinny_gemm_cuda(dtype):
 
 
 @cuda_only
-def test_engine_linears_use_skinny_gemm_at_decode_sizes():
-    """On CUDA in 16-bit the attention projections take the skinny path for <= MAX_M rows, cuBLAS above."""
+def test_engine_linears_use_skinny_gemm_at_decode_sizes(monkeypatch):
+    """On CUDA in 16-bit a projection with a tuned config takes the skinny path for <= MAX_M rows, cuBLAS
+    above; projections without one (or not chosen) stay on cuBLAS."""
     from torch import nn
 
+    from batchgen.engine.models import linear_layout
     from batchgen.engine.models.linear_layout import make_input_major
+
+    monkeypatch.setitem(linear_layout.TUNED, (256, 384), (64, 64, 2, 4, 3))
+    monkeypatch.setitem(linear_layout.TUNED, (512, 256), (64, 64, 2, 4, 3))
+    monkeypatch.setenv("BATCHGEN_SKINNY", "qkv_proj")
 
     m = nn.ModuleDict({"qkv_proj": nn.Linear(256, 384, bias=True), "down_proj": nn.Linear(512, 256, bias=False)})
     m = m.to("cuda", torch.bfloat16)
