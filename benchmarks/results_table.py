@@ -7,21 +7,20 @@ from pathlib import Path
 
 
 def main(folder: str = "benchmarks/results") -> None:
-    rows = []
+    rows = []  # (run, record): a run is one committed file; the anchor of a record is in the same run
     for f in sorted(Path(folder).glob("*.jsonl")):
-        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    anchors = {(r["workload"], r["date"], r["device"]): r for r in rows if r["system"] != "batchgen"}
-    print("| date | device | workload (shape) | system | overlap | output tok/s | vs transformers CB | GPU busy (decode) | decode step ms | host ms/step |")
+        rows += [(f.stem, json.loads(line)) for line in f.read_text().splitlines() if line.strip()]
+    anchors = {(run, r["workload"]): r for run, r in rows if r["system"] != "batchgen"}
+    print("| run | device | workload (shape) | system | overlap | output tok/s | vs transformers CB | GPU busy (decode) | decode step ms | host ms/step |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        a = anchors.get((r["workload"], r["date"], r["device"]))
-        ratio = f"{r['output_tok_s'] / a['output_tok_s']:.1f}x" if a and r["system"] == "batchgen" else ""
+    for run, r in rows:
+        a = anchors.get((run, r["workload"]))
+        ratio = f"{r['output_tok_s'] / a['output_tok_s']:.2f}x" if a and r["system"] == "batchgen" else ""
         busy = r.get("decode_gpu_busy_fraction")
-        print(f"| {r['date']} | {r['device']} | {r['workload']} ({r['shape']}) | {r['system']} | "
+        print(f"| {run} | {r['device']} | {r['workload']} ({r['shape']}) | {r['system']} | "
               f"{'on' if r.get('overlap') else 'off'} | {r['output_tok_s']:,.0f} | {ratio} | "
               f"{'' if busy is None else f'{100 * busy:.1f}%'} | {r.get('mean_decode_step_ms') or ''} | "
               f"{r.get('host_ms_per_step') or ''} |")
-
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
