@@ -30,18 +30,16 @@ def projections(shape: str) -> dict[str, tuple[int, int]]:
             "down_proj": (f, h)}
 
 
-def time_graph(fn, copies: int, reps: int = 20) -> float:
-    """us per call: one graph of `copies` calls (one per weight copy), replayed."""
+def graph_us(fn, n_inner: int, reps: int = 20) -> float:
+    """us per inner call: fn() (making n_inner calls) captured once in a CUDA graph, replayed."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for i in range(copies):
-            fn(i)
+        fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for i in range(copies):
-            fn(i)
+        fn()
     for _ in range(3):
         g.replay()
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -50,7 +48,15 @@ def time_graph(fn, copies: int, reps: int = 20) -> float:
         g.replay()
     e1.record()
     torch.cuda.synchronize()
-    return e0.elapsed_time(e1) * 1000 / reps / copies
+    return e0.elapsed_time(e1) * 1000 / reps / n_inner
+
+
+def time_graph(fn, copies: int) -> float:
+    """us per call of fn(i), one call per weight copy i in the graph."""
+    def all_copies():
+        for i in range(copies):
+            fn(i)
+    return graph_us(all_copies, copies)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from gemm_sweep import graph_us  # same folder: run as python benchmarks/pdl_check.py
 
 
 @triton.jit
@@ -19,26 +20,6 @@ def _tiny(x_ptr, USE_PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
     i = tl.arange(0, 128)
     tl.store(x_ptr + i, tl.load(x_ptr + i) + 1.0)
-
-
-def graph_us(fn, n_inner: int, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) * 1000 / reps / n_inner
 
 
 def main() -> None:

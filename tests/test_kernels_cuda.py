@@ -108,7 +108,9 @@ def check_attention(seqs, heads, kv_heads, head_dim, block_size, dtype, device, 
         decode.paged_decode(case["q"], kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                             meta.max_seq_len, scale, window=window, out=out, num_splits=num_splits,
                             fused_reduce=fused_reduce, **decode_kw)
-        sem = decode._SEM.get(out.device)
+        from batchgen.engine.attention.triton_kernels.counters import _BUFFERS
+
+        sem = _BUFFERS.get(("decode", out.device))
         assert sem is None or not sem.any(), "fused-reduce counters not reset"
     else:
         prefill.paged_prefill(case["q"], kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -338,6 +340,7 @@ def check_skinny_gemm(device, dtype, cases, seed=0, graph=False):
     """Triton split-K GEMM (optionally SiLU-and-mul fused on load, bias) vs the torch ops it replaces.
     cases: (M, K, N, config or None, silu_mul, bias)."""
     from batchgen.engine import fused_ops as F
+    from batchgen.engine.attention.triton_kernels.counters import _BUFFERS
     from batchgen.engine.attention.triton_kernels.skinny_gemm import skinny_gemm
 
     g = torch.Generator().manual_seed(seed)
@@ -361,6 +364,8 @@ def check_skinny_gemm(device, dtype, cases, seed=0, graph=False):
         else:
             out = skinny_gemm(x, w, b, silu_mul=silu, config=cfg)
             assert out.shape == (M, N) and out.dtype == dtype
+            sem = _BUFFERS.get(("skinny_gemm", out.device))
+            assert sem is None or not sem.any(), "split-K counters not reset"
             assert _rel(out.cpu(), ref.cpu()) < TOL[dtype], (M, K, N, cfg, silu, bias)
 
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .counters import zeroed_counters
 
 _LOG2E = 1.4426950408889634
 
@@ -158,7 +159,6 @@ def _decode_reduce_kernel(
 
 
 _SM_COUNT: dict[int, int] = {}
-_SEM: dict[torch.device, torch.Tensor] = {}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -168,16 +168,6 @@ def _sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
-
-
-def _semaphores(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters for the fused reduce, one per (sequence, kv head); every launch leaves them
-    at zero again. Allocated once per device, before graph capture (the capture's warm-up run)."""
-    buf = _SEM.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-        _SEM[device] = buf
-    return buf
 
 
 def _env_config() -> dict:
@@ -245,7 +235,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
-    sem = _semaphores(B * kvh, q.device) if fused_reduce else seq_lens
+    sem = zeroed_counters("decode", B * kvh, q.device, 1 << 14) if fused_reduce else seq_lens
     _decode_split_kernel[(B, kvh, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         out, part_out, part_lse, sem,

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .counters import zeroed_counters
 
 
 @triton.jit
@@ -96,17 +97,6 @@ def _prefetch_rows(rows: int | None, k_per: int, device: torch.device) -> int:
     if rows <= 0 or not pdl.enabled(device):
         return 0
     return min(triton.next_power_of_2(rows), triton.next_power_of_2(k_per))
-_SEM: dict[torch.device, torch.Tensor] = {}
-
-
-def _semaphores(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters, one per N tile; every launch leaves them at zero. Allocated on the first
-    (eager) call, which the engine makes before any CUDA-graph capture."""
-    buf = _SEM.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)
-        _SEM[device] = buf
-    return buf
 
 
 def default_config(M: int, N: int, K: int, sm_count: int) -> tuple[int, int, int, int, int]:
@@ -136,7 +126,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     split = triton.cdiv(K, k_per)  # no empty splits
     tiles = triton.cdiv(N, BN)
     part = torch.empty((split, BM, N), dtype=torch.float32, device=x.device) if split > 1 else y
-    sem = _semaphores(tiles, x.device) if split > 1 else y
+    sem = zeroed_counters("skinny_gemm", tiles, x.device) if split > 1 else y
     _skinny_gemm_kernel[(tiles, split)](
         x, w, bias if bias is not None else y, y, part, sem, M, N, K, k_per,
         x.stride(0), w.stride(0), y.stride(0),
