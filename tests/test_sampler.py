@@ -414,5 +414,6 @@ def test_cuda_call_has_no_host_sync(compile):
         for batch in batches:
             tok, _ = s(logits, batch)
             s.record(batch.slots, tok)
+            s.reset_slots([3, 9], [[4, 5, 6], [70000, 8]])  # admissions between steps: no sync either
     finally:
         torch.cuda.set_sync_debug_mode("default")

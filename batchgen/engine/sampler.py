@@ -14,10 +14,12 @@ exactly from ``softmax(l / T)`` restricted to the kept support (masked tokens ar
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -250,18 +252,21 @@ class Sampler:
             return
         if len(slots) != len(token_ids):
             raise ValueError("reset_slots: slots and token_ids differ in length")
-        slot_t = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
-        self._history.index_fill_(0, slot_t, False)
-        rows, cols = [], []
-        for s, ids in zip(slots, token_ids):
-            for i in ids:
-                if 0 <= i < self.vocab_size:  # like HF: ids outside the output vocab get no penalty
-                    rows.append(s)
-                    cols.append(i)
-        if rows:
-            r = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
-            c = torch.tensor(cols, dtype=torch.int64).to(self.device, non_blocking=True)
-            self._history.index_put_((r, c), torch.ones((), dtype=torch.bool, device=self.device))
+        # One host array, one copy: [slots | rows | cols]. From pinned memory on CUDA, so the copy is
+        # queued behind the step in flight instead of synchronising the stream (pageable copies do).
+        lens = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+        cols = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(lens.sum()))
+        rows = np.repeat(np.asarray(slots, dtype=np.int64), lens)
+        keep = (cols >= 0) & (cols < self.vocab_size)  # like HF: ids outside the output vocab get no penalty
+        rows, cols = rows[keep], cols[keep]
+        host = torch.from_numpy(np.concatenate([np.asarray(slots, dtype=np.int64), rows, cols]))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        n, k = len(slots), len(rows)
+        self._history.index_fill_(0, dev[:n], False)
+        if k:
+            self._history.index_put_((dev[n:n + k], dev[n + k:]), torch.ones((), dtype=torch.bool, device=self.device))
 
     def record(self, slots: Tensor, tokens: Tensor) -> None:
         """Add sampled ``tokens`` [B] to the history of ``slots`` [B] (device op, no sync)."""
