@@ -256,10 +256,10 @@ class Sampler:
         # queued behind the step in flight instead of synchronising the stream (pageable copies do).
         lens = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
         cols = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(lens.sum()))
-        rows = np.repeat(np.asarray(slots, dtype=np.int64), lens)
+        slot_arr = np.asarray(slots, dtype=np.int64)
         keep = (cols >= 0) & (cols < self.vocab_size)  # like HF: ids outside the output vocab get no penalty
-        rows, cols = rows[keep], cols[keep]
-        host = torch.from_numpy(np.concatenate([np.asarray(slots, dtype=np.int64), rows, cols]))
+        rows, cols = np.repeat(slot_arr, lens)[keep], cols[keep]
+        host = torch.from_numpy(np.concatenate([slot_arr, rows, cols]))
         if self.device.type == "cuda":
             host = host.pin_memory()
         dev = host.to(self.device, non_blocking=True)

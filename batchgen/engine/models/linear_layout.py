@@ -37,17 +37,15 @@ class InputMajorLinear(nn.Module):
         self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
         self.bias = linear.bias
         self.skinny = skinny  # config for the Triton skinny GEMM, None = always cuBLAS
+        self._skinny_max_m = 0
+        if skinny is not None:  # triton is imported only where the skinny path is used
+            from ..attention.triton_kernels import skinny_gemm
 
-    def _use_skinny(self, x: torch.Tensor) -> bool:
-        from ..attention.triton_kernels.skinny_gemm import MAX_M
-
-        return self.skinny is not None and x.dim() == 2 and x.shape[0] <= MAX_M and x.stride(-1) == 1
+            self._skinny_gemm, self._skinny_max_m = skinny_gemm.skinny_gemm, skinny_gemm.MAX_M
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_skinny(x):
-            from ..attention.triton_kernels.skinny_gemm import skinny_gemm
-
-            return skinny_gemm(x, self.weight_t, self.bias, config=self.skinny)
+        if x.dim() == 2 and x.shape[0] <= self._skinny_max_m and x.stride(-1) == 1:
+            return self._skinny_gemm(x, self.weight_t, self.bias, config=self.skinny)
         y = x @ self.weight_t
         return y + self.bias if self.bias is not None else y
 

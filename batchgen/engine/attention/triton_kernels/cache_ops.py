@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .fused import rope_cos_sin, rotate_heads
 
 
 @triton.jit
@@ -68,28 +69,9 @@ def _rope_write_kv_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    j = tl.arange(0, HALF_PAD)
-    jm = j < HALF
-    cos = tl.load(cs_ptr + pos * stride_c + j, mask=jm, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cs_ptr + pos * stride_c + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
-    if INTERLEAVED:
-        i1 = 2 * j
-        i2 = 2 * j + 1
-    else:
-        i1 = j
-        i2 = j + HALF
-    # q: rotated in place (all heads)
-    hq = tl.arange(0, HQ_PAD)
-    mq = (hq[:, None] < HQ) & jm[None, :]
-    p1 = q_ptr + t * stride_qt + hq[:, None] * stride_qh + i1[None, :]
-    p2 = q_ptr + t * stride_qt + hq[:, None] * stride_qh + i2[None, :]
-    x1 = tl.load(p1, mask=mq, other=0.0)
-    x2 = tl.load(p2, mask=mq, other=0.0)
-    dt = x1.dtype
-    x1 = x1.to(tl.float32)
-    x2 = x2.to(tl.float32)
-    tl.store(p1, (x1 * cos - x2 * sin).to(dt), mask=mq)
-    tl.store(p2, (x2 * cos + x1 * sin).to(dt), mask=mq)
+    cos, sin, i1, i2, jm = rope_cos_sin(cs_ptr, pos, stride_c, HALF, HALF_PAD, INTERLEAVED)
+    rotate_heads(q_ptr + t * stride_qt, stride_qh, HQ, HQ_PAD, cos, sin, i1, i2, jm)  # q: in place
+    dt = q_ptr.dtype.element_ty
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         # k: rotated, written straight into the cache (k itself is left as it was); v: copied

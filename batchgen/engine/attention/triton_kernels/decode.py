@@ -26,6 +26,18 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _split_range(seq_len, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """A sequence's attended range [start, seq_len), its length, and the length of each of its
+    NUM_SPLITS pieces (whole BLOCK_N tiles). Shared by the split and reduce kernels."""
+    start = 0
+    if USE_WINDOW:
+        start = tl.maximum(seq_len - window, 0)
+    length = seq_len - start
+    part = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    return start, length, part
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, sem_ptr,
@@ -43,11 +55,7 @@ def _decode_split_kernel(
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    start = 0
-    if USE_WINDOW:
-        start = tl.maximum(seq_len - window, 0)
-    length = seq_len - start
-    part = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start, length, part = _split_range(seq_len, window, NUM_SPLITS, BLOCK_N, USE_WINDOW)
     lo = start + s * part
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, HEAD_DIM)
@@ -136,11 +144,7 @@ def _decode_reduce_kernel(
     h = tl.program_id(1)
     H = tl.num_programs(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    start = 0
-    if USE_WINDOW:
-        start = tl.maximum(seq_len - window, 0)
-    length = seq_len - start
-    part = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start, length, part = _split_range(seq_len, window, NUM_SPLITS, BLOCK_N, USE_WINDOW)
     n_valid = tl.cdiv(length, tl.maximum(part, 1))
     s = tl.arange(0, S_PAD)
     smask = s < n_valid
@@ -247,7 +251,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_SIZE=bs,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=use_window,
         DOT_PREC="ieee" if fp32 else "tf32", FUSED_REDUCE=fused_reduce, num_warps=num_warps, **extra,
-        **(pdl.launch_options(q.device) if num_splits == 1 or fused_reduce else {"USE_PDL": False}),
+        **pdl.launch_options(q.device),
     )
     if num_splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(B, H)](

@@ -98,40 +98,47 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
-                 HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
-                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
+def rope_cos_sin(cs_ptr, pos, stride_c, HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """RoPE at position pos: cos and sin [1, HALF_PAD] (fp32), the lanes i1 / i2 rotated as pairs
+    (neox halves or interleaved), and the lane mask."""
     j = tl.arange(0, HALF_PAD)
     jm = j < HALF
-    cos = tl.load(cache_ptr + pos * stride_c + j, mask=jm, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_c + HALF + j, mask=jm, other=0.0).to(tl.float32)
+    cos = tl.load(cs_ptr + pos * stride_c + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs_ptr + pos * stride_c + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
     if INTERLEAVED:
         i1 = 2 * j
         i2 = 2 * j + 1
     else:
         i1 = j
         i2 = j + HALF
-    hq = tl.arange(0, HQ_PAD)
-    mq = (hq[:, None] < HQ) & jm[None, :]
-    p1 = q_ptr + t * stride_qt + hq[:, None] * stride_qh + i1[None, :]
-    p2 = q_ptr + t * stride_qt + hq[:, None] * stride_qh + i2[None, :]
-    x1 = tl.load(p1, mask=mq, other=0.0)
-    x2 = tl.load(p2, mask=mq, other=0.0)
+    return cos, sin, i1, i2, jm
+
+
+@triton.jit
+def rotate_heads(ptr, stride_h, H: tl.constexpr, H_PAD: tl.constexpr, cos, sin, i1, i2, jm):
+    """Rotate the H heads at ptr (one token) in place: fp32 math, rounded once to their dtype."""
+    h = tl.arange(0, H_PAD)
+    m = (h[:, None] < H) & jm[None, :]
+    p1 = ptr + h[:, None] * stride_h + i1[None, :]
+    p2 = ptr + h[:, None] * stride_h + i2[None, :]
+    x1 = tl.load(p1, mask=m, other=0.0)
+    x2 = tl.load(p2, mask=m, other=0.0)
     dt = x1.dtype
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
-    tl.store(p1, (x1 * cos[None, :] - x2 * sin[None, :]).to(dt), mask=mq)
-    tl.store(p2, (x2 * cos[None, :] + x1 * sin[None, :]).to(dt), mask=mq)
-    hk = tl.arange(0, HK_PAD)
-    mk = (hk[:, None] < HK) & jm[None, :]
-    p1 = k_ptr + t * stride_kt + hk[:, None] * stride_kh + i1[None, :]
-    p2 = k_ptr + t * stride_kt + hk[:, None] * stride_kh + i2[None, :]
-    x1 = tl.load(p1, mask=mk, other=0.0).to(tl.float32)
-    x2 = tl.load(p2, mask=mk, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * cos[None, :] - x2 * sin[None, :]).to(dt), mask=mk)
-    tl.store(p2, (x2 * cos[None, :] + x1 * sin[None, :]).to(dt), mask=mk)
+    tl.store(p1, (x1 * cos - x2 * sin).to(dt), mask=m)
+    tl.store(p2, (x2 * cos + x1 * sin).to(dt), mask=m)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
+                 HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
+                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cos, sin, i1, i2, jm = rope_cos_sin(cache_ptr, pos, stride_c, HALF, HALF_PAD, INTERLEAVED)
+    rotate_heads(q_ptr + t * stride_qt, stride_qh, HQ, HQ_PAD, cos, sin, i1, i2, jm)
+    rotate_heads(k_ptr + t * stride_kt, stride_kh, HK, HK_PAD, cos, sin, i1, i2, jm)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,

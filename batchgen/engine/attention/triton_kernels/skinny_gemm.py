@@ -1,15 +1,14 @@
 """Skinny GEMM for decode steps: y[M, N] = x[M, K] @ w[K, N] with M <= 64, w input-major ([in, out]).
 
-At decode batch sizes a projection only streams its weight; what matters is keeping every SM's
-memory pipe full. cuBLAS does that for the big MLP matrices but leaves the small attention
-projections of an 8B model (q/k/v 4096x6144, o 4096x4096) at ~2.4 TB/s on H100: they have too few
-output tiles to fill 132 SMs. Here the K dimension is split as well (grid = N tiles x K splits) and
-the last program of each N tile to finish sums the fp32 partials (counter per tile, reset by that
-program): one launch, no workspace zeroing.
+At decode batch sizes a projection only streams its weight. On its own this kernel matches cuBLAS
+(within ~2%, notes/KERNELS.md): both stream at ~3 TB/s and pay a fixed few microseconds to start and
+drain. What it adds is the early start: launched with PDL (pdl.py), it prefetches the first rows of
+its weight slice into L2 while the kernel before it is still finishing, then waits for it.
 
-silu_mul=True reads x as [M, 2K] (gate | up) and applies HF's SiLU-and-mul on load
-(act(gate) rounded to the model dtype, times up), so the MLP's down projection needs no separate
-activation kernel.
+K may be split as well (grid = N tiles x K splits): the last program of each N tile to finish sums
+the fp32 partials (a counter per tile, reset by that program), in one launch. silu_mul=True reads x
+as [M, 2K] (gate | up) and applies HF's SiLU-and-mul on load; measured slower than a separate
+activation kernel + cuBLAS for the 8B down projection, so the engine does not use it (benchmarks do).
 """
 from __future__ import annotations
 
