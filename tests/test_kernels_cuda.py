@@ -369,6 +369,69 @@ def check_skinny_gemm(device, dtype, cases, seed=0, graph=False):
             assert _rel(out.cpu(), ref.cpu()) < TOL[dtype], (M, K, N, cfg, silu, bias)
 
 
+def check_skinny_fusions(device, dtype, cases, seed=0, graph=False):
+    """The skinny GEMM's fused decode options vs the unfused torch ops: RMSNorm of x before the
+    product (norm), SiLU-and-mul of the gate | up halves after it (gated), and the residual add in
+    place (residual). cases: (M, K, N, config, norm, gated, residual, bias); N is the output width."""
+    from batchgen.engine import fused_ops as F
+    from batchgen.engine.attention.triton_kernels.skinny_gemm import skinny_gemm
+
+    g = torch.Generator().manual_seed(seed)
+    for M, K, N, cfg, norm, gated, residual, bias in cases:
+        Nw = 2 * N if gated else N
+        w = (torch.randn(K, Nw, generator=g) / K ** 0.5).to(dtype).to(device)
+        nw = (1 + 0.3 * torch.randn(K, generator=g)).to(dtype).to(device) if norm else None
+        b = torch.randn(Nw, generator=g).to(dtype).to(device) if bias else None
+
+        def inputs():
+            x = (3 * torch.randn(M, K, generator=g)).to(dtype).to(device)
+            r = torch.randn(M, N, generator=g).to(dtype).to(device) if residual else None
+            return x, r
+
+        def reference(x, r):
+            a = F.rms_norm(x, nw, 1e-5, force="torch") if norm else x
+            y = a.double() @ w.double() + (b.double() if bias else 0)
+            if gated:
+                y = F.silu_and_mul(y.to(dtype), force="torch").double()
+            return y + r.double() if residual else y
+
+        def call(x, r):
+            return skinny_gemm(x, w, b, norm_weight=nw, eps=1e-5, gated=gated, residual=r, out=r, config=cfg)
+
+        x, r = inputs()
+        ref = reference(x, r)
+        out = call(x, r)
+        assert out.shape == (M, N) and out.dtype == dtype and (r is None or out.data_ptr() == r.data_ptr())
+        assert _rel(out.cpu(), ref.cpu()) < TOL[dtype], (M, K, N, cfg, norm, gated, residual, bias)
+        if graph:  # captured once, replayed with new inputs copied into the captured buffers
+            cg = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cg):
+                out = call(x, r)
+            for _ in range(2):
+                x2, r2 = inputs()
+                x.copy_(x2)
+                if residual:
+                    r.copy_(r2)
+                ref = reference(x2, r2)
+                cg.replay()
+                assert _rel(out.cpu(), ref.cpu()) < TOL[dtype], (M, K, N, cfg, norm, gated, residual, bias)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_skinny_gemm_fused_decode_options_cuda(dtype):
+    cases = [(32, 4096, 6144, (64, 128, 1, 4, 5), True, False, False, False),    # qkv with input_layernorm
+             (32, 4096, 14336, (256, 64, 1, 4, 3), True, True, False, False),    # gate_up + norm + SiLU-and-mul
+             (32, 4096, 4096, (32, 256, 1, 4, 4), False, False, True, False),    # o_proj + residual
+             (32, 14336, 4096, (64, 128, 2, 4, 5), False, False, True, False),   # down + residual, K split
+             (1, 1024, 200, (64, 64, 1, 4, 3), True, True, True, True),
+             (7, 1000, 96, (32, 128, 1, 4, 2), True, False, False, True),
+             (64, 512, 320, None, False, False, True, True)]
+    check_skinny_fusions("cuda", dtype, cases)
+    check_skinny_fusions("cuda", dtype, [(24, 2048, 1024, (128, 64, 1, 4, 3), True, True, False, False),
+                                         (24, 2048, 1024, (64, 64, 4, 4, 3), False, False, True, False)], graph=True)
+
+
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_skinny_gemm_cuda(dtype):
@@ -408,6 +471,59 @@ def test_engine_linears_use_skinny_gemm_at_decode_sizes(monkeypatch):
         r = xx.double() @ m["qkv_proj"].weight_t.double() + m["qkv_proj"].bias.double()
         assert _rel(out.cpu(), r.cpu()) < TOL[torch.bfloat16]
     assert _rel(m["qkv_proj"](x).cpu(), ref.cpu()) < TOL[torch.bfloat16]
+
+
+@cuda_only
+@pytest.mark.parametrize("graphs", [True, False])
+def test_engine_fused_decode_path_matches_reference(monkeypatch, tmp_path, graphs):
+    """With qkv and gate_up on the skinny GEMM (no K split), decode steps take the fused layer path
+    (norms, residual adds and SiLU-and-mul inside the GEMMs). In bfloat16 its greedy tokens follow
+    the float32 transformers reference up to bf16-sized near-ties, and its hidden states match the
+    unfused path's on the same step."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import reference as R
+
+    from batchgen import Engine
+    from batchgen.engine.models import linear_layout
+
+    ckpt = R.make_tiny_checkpoint("llama", tmp_path / "llama")  # hidden 64, inter 128, 4 heads / 2 kv of 16
+    monkeypatch.setitem(linear_layout.TUNED, (64, 128), (64, 64, 1, 4, 2))   # qkv
+    monkeypatch.setitem(linear_layout.TUNED, (64, 256), (64, 64, 1, 4, 2))   # gate_up
+    monkeypatch.setitem(linear_layout.TUNED, (64, 64), (32, 64, 1, 4, 2))    # o
+    monkeypatch.setitem(linear_layout.TUNED, (128, 64), (32, 64, 2, 4, 2))   # down, K split
+    monkeypatch.setenv("BATCHGEN_SKINNY", "qkv_proj,o_proj,gate_up_proj,down_proj")
+    eng = Engine.from_pretrained(ckpt, device="cuda", dtype="bfloat16", max_num_seqs=48, max_batch_tokens=512,
+                                 kv_cache_tokens=16384, cuda_graphs=graphs)
+    assert eng.model.fused_rows == 64
+    prompts, max_new = R.random_prompts_for(ckpt, 40), R.random_max_new(40)
+    got = [o.outputs[0].token_ids for o in eng.generate(prompts, R.greedy_params(max_new))]
+    failures, ties = R.compare_greedy(R.get_reference(ckpt), prompts, got, R.cached_greedy(ckpt, prompts, max_new),
+                                      tol=0.06)
+    assert not failures, R.format_failures(failures, "fused decode path, bf16")
+    assert len(ties) <= 8, [str(t) for t in ties]
+
+    # the same 40-token batch through both layer paths of the same model (eager, torch attention)
+    model = eng.model
+    ids = torch.tensor([p[-1] for p in prompts], device="cuda")
+    with torch.no_grad():
+        x0 = model.embed_tokens(ids)
+        fused = x0.clone()
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            q = attn.qkv_proj.normed(fused, layer.input_layernorm.weight, layer.input_layernorm.eps)
+            attn.o_proj.add_to(fused, q[:, :attn.q_size].contiguous())  # attention stand-in: q
+            mlp.down_proj.add_to(fused, mlp.gate_up_proj.normed(fused, layer.post_attention_layernorm.weight,
+                                                                 layer.post_attention_layernorm.eps, gated=True))
+        plain, residual = x0, None
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            h, residual = (layer.input_layernorm(plain), plain) if residual is None else \
+                layer.input_layernorm(plain, residual)
+            q = attn.qkv_proj(h)[:, :attn.q_size]
+            h, residual = layer.post_attention_layernorm(attn.o_proj(q.contiguous()), residual)
+            plain = mlp(h)
+        plain = plain + residual
+    assert _rel(fused.float().cpu(), plain.float().cpu()) < 2 * TOL[torch.bfloat16]
 
 
 # ----------------------------------------------------------------------------------------- CPU (interpreter)
@@ -463,6 +579,10 @@ def interpreter_suite():
                                               (17, 512, 128, (64, 64, 4, 4, 2), False, True),
                                               (32, 384, 200, (64, 64, 2, 4, 2), True, False)])
     check_skinny_gemm("cpu", torch.bfloat16, [(5, 256, 64, (64, 64, 3, 4, 2), True, True)])
+    check_skinny_fusions("cpu", torch.float32, [(3, 256, 96, (64, 64, 1, 4, 2), True, True, False, True),
+                                                 (9, 320, 64, (32, 64, 1, 4, 2), True, False, True, False),
+                                                 (5, 512, 128, (64, 64, 3, 4, 2), False, False, True, True)])
+    check_skinny_fusions("cpu", torch.bfloat16, [(5, 256, 64, (64, 64, 1, 4, 2), True, True, True, False)])
     if os.environ.get("SKIP_FUSED") != "1":
         check_fused_ops("cpu", torch.float32)
         check_fused_ops("cpu", torch.bfloat16)

@@ -55,9 +55,10 @@ class Engine:
         else:  # a model built elsewhere (benchmarks: random weights of a named shape)
             raw_config = {}
         if self.device.type == "cuda":
-            from .models.linear_layout import make_input_major
+            from .models.linear_layout import fused_decode_rows, make_input_major
 
             make_input_major(model, skip=("lm_head",) if model.cfg.tie_word_embeddings else ())
+            model.fused_rows = fused_decode_rows(model)
         self.model = model
         cfg = model.cfg
         self.dtype = next(model.parameters()).dtype

@@ -9,7 +9,8 @@ own they match cuBLAS, and in the step they launch early and prefetch their weig
 kernel before them finishes (attention/triton_kernels/pdl.py; notes/KERNELS.md).
 
 BATCHGEN_SKINNY=0 turns the Triton path off (ablation); BATCHGEN_SKINNY=qkv_proj,o_proj,gate_up_proj,down_proj
-(a list of projection names) picks where it is used.
+(a list of projection names) picks where it is used. Where qkv and gate_up take it, decode steps also
+fold the RMSNorms, residual adds and SiLU-and-mul into the GEMMs (fused_decode_rows, llama.py).
 """
 from __future__ import annotations
 
@@ -43,11 +44,33 @@ class InputMajorLinear(nn.Module):
 
             self._skinny_gemm, self._skinny_max_m = skinny_gemm.skinny_gemm, skinny_gemm.MAX_M
 
+    def _skinny_rows(self, x: torch.Tensor) -> bool:
+        return x.dim() == 2 and x.shape[0] <= self._skinny_max_m and x.stride(-1) == 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= self._skinny_max_m and x.stride(-1) == 1:
+        if self._skinny_rows(x):
             return self._skinny_gemm(x, self.weight_t, self.bias, config=self.skinny)
         y = x @ self.weight_t
         return y + self.bias if self.bias is not None else y
+
+    @property
+    def fuses_norm(self) -> bool:
+        """Whether normed() can run: a skinny config without a K split (the norm needs whole rows)."""
+        return self.skinny is not None and self.skinny[2] == 1
+
+    def normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gated: bool = False) -> torch.Tensor:
+        """rms_norm(x) @ W (+ bias) in one kernel, for at most MAX_M rows (fuses_norm must hold);
+        gated=True: W is gate | up and the result is SiLU(gate) * up."""
+        return self._skinny_gemm(x, self.weight_t, self.bias, norm_weight=norm_weight, eps=eps, gated=gated,
+                                 config=self.skinny)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual += x @ W (+ bias), in place, with the add in the GEMM's epilogue (no add kernel)."""
+        if self.skinny is not None and self._skinny_rows(x):
+            return self._skinny_gemm(x, self.weight_t, self.bias, residual=residual, out=residual,
+                                     config=self.skinny)
+        residual.addmm_(x, self.weight_t)  # cuBLAS with beta = 1: the add rides on the GEMM
+        return residual.add_(self.bias) if self.bias is not None else residual
 
 
 def skinny_config(name: str, in_features: int, out_features: int) -> SkinnyConfig | None:
@@ -65,6 +88,21 @@ def skinny_config(name: str, in_features: int, out_features: int) -> SkinnyConfi
             return tuple(table[f"{in_features},{out_features}"])
     # shapes not swept stay on cuBLAS: an untuned split can cost more than the whole gain
     return TUNED.get((in_features, out_features))
+
+
+def fused_decode_rows(model: nn.Module) -> int:
+    """Largest step (in tokens) for the model's fused decode path, 0 where it is off. It needs every
+    layer's qkv and gate_up projection on the skinny GEMM without a K split: then each RMSNorm runs
+    inside the GEMM after it, each residual add inside the GEMM before it and SiLU-and-mul in
+    gate_up's epilogue (three launches fewer per layer). BATCHGEN_FUSED_NORM=0 turns it off."""
+    layers = getattr(model, "layers", None)
+    if os.environ.get("BATCHGEN_FUSED_NORM", "1") == "0" or not layers:
+        return 0
+    for layer in layers:
+        for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
+            if not (isinstance(linear, InputMajorLinear) and linear.fuses_norm):
+                return 0
+    return layers[0].self_attn.qkv_proj._skinny_max_m
 
 
 def make_input_major(model: nn.Module, skip: tuple[str, ...] = ()) -> None:

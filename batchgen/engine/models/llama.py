@@ -40,15 +40,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.o_proj(self.attend(self.qkv_proj(x), positions, cos_sin, kv, meta, backend))
+
+    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+               kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        """Packed q|k|v [T, ...] -> attention output [T, heads * head_dim] (before o_proj)."""
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.heads, self.head_dim)
         k = k.view(T, self.kv_heads, self.head_dim)
         v = v.view(T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = backend.forward_rope(q, k, v, positions, cos_sin, kv[0], kv[1], meta, self.scale, self.window)
-        return self.o_proj(out.reshape(T, self.q_size))
+        return out.reshape(T, self.q_size)
 
 
 class MLP(nn.Module):
@@ -80,6 +85,16 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
+    def forward_fused(self, h, positions, cos_sin, kv, meta, backend) -> torch.Tensor:
+        """Decode-sized steps (linear_layout.fused_decode_rows): four GEMM launches around attention,
+        each norm inside the GEMM after it, each residual add inside the GEMM before it, SiLU-and-mul
+        in gate_up's epilogue. h is the residual stream, updated in place and returned."""
+        attn, mlp = self.self_attn, self.mlp
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        out = attn.attend(attn.qkv_proj.normed(h, ln1.weight, ln1.eps), positions, cos_sin, kv, meta, backend)
+        attn.o_proj.add_to(h, out)
+        return mlp.down_proj.add_to(h, mlp.gate_up_proj.normed(h, ln2.weight, ln2.eps, gated=True))
+
 
 class LlamaModel(nn.Module):
     """Decoder + LM head. forward() returns final hidden states; logits() projects chosen rows only."""
@@ -93,12 +108,17 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.fused_rows = 0  # steps of at most this many tokens run DecoderLayer.forward_fused (set by the engine)
         table = cos_sin_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.register_buffer("cos_sin", table, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        if x.shape[0] <= self.fused_rows:
+            for layer, kv in zip(self.layers, kv_caches):
+                x = layer.forward_fused(x, positions, self.cos_sin, kv, meta, backend)
+            return self.norm(x)
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.cos_sin, kv, meta, backend)
         return self.norm(x, residual)[0]

@@ -23,15 +23,17 @@ from .counters import zeroed_counters
 
 
 @triton.jit
-def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, sem_ptr, M, N, K, k_per_split,
-                        stride_xm, stride_wk, stride_ym,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                        SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr, sem_ptr, M, N, K, k_per_split, eps,
+                        stride_xm, stride_wk, stride_rm, stride_ym,
+                        BM: tl.constexpr, WN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                        SILU_MUL: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_RES: tl.constexpr, DOT_PREC: tl.constexpr,
                         PREFETCH: tl.constexpr, PF_COLS: tl.constexpr, USE_PDL: tl.constexpr):
+    # WN output columns per program; GATED: w is [K, 2N] (gate | up), a tile reads WN columns of each half.
     pn = tl.program_id(0)
     pk = tl.program_id(1)
     rm = tl.arange(0, BM)
-    rn = pn * BN + tl.arange(0, BN)
+    rn = pn * WN + tl.arange(0, WN)
     rk = tl.arange(0, BK)
     mmask = rm < M
     nmask = rn < N
@@ -41,33 +43,61 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, sem_ptr, M, N, 
         # The weights do not depend on the previous kernel: pull the first PREFETCH rows of this
         # program's slice into L2 (one address per 64 columns, a 128-byte line) while it still runs.
         pr = tl.minimum(k_lo + tl.arange(0, PREFETCH), k_hi - 1).to(tl.int64)
-        pc = tl.minimum(pn * BN + tl.arange(0, PF_COLS) * 64, N - 1)
+        pj = tl.arange(0, PF_COLS)
+        if GATED:  # half of the addresses in the gate half of w, half in the up half
+            pc = tl.minimum(pn * WN + (pj % (PF_COLS // 2)) * 64, N - 1) + tl.where(pj >= PF_COLS // 2, N, 0)
+        else:
+            pc = tl.minimum(pn * WN + pj * 64, N - 1)
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
                                   [w_ptr + pr[:, None] * stride_wk + pc[None, :]],
                                   dtype=tl.int32, is_pure=False, pack=1)
     if USE_PDL:  # see pdl.py: nothing below may run before the previous kernel has completed
         tl.extra.cuda.gdc_wait()
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros([BM, BN], tl.float32)
+    acc = tl.zeros([BM, WN], tl.float32)
+    acc_up = tl.zeros([BM, WN], tl.float32)  # GATED only
+    sumsq = tl.zeros([BM], tl.float32)  # NORM only
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + rk
         kmask = kk < k_hi
-        w = tl.load(w_ptr + kk.to(tl.int64)[:, None] * stride_wk + rn[None, :],
-                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        w_rows = w_ptr + kk.to(tl.int64)[:, None] * stride_wk
+        wmask = kmask[:, None] & nmask[None, :]
+        w = tl.load(w_rows + rn[None, :], mask=wmask, other=0.0)
         amask = mmask[:, None] & kmask[None, :]
         a = tl.load(x_rows + kk[None, :], mask=amask, other=0.0)
         if SILU_MUL:
             up = tl.load(x_rows + K + kk[None, :], mask=amask, other=0.0)
             g = a.to(tl.float32)
             a = ((g / (1.0 + tl.exp(-g))).to(up.dtype).to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+        if NORM:  # RMSNorm of the rows: scale by the norm weight now, by 1/rms once K is summed
+            af = a.to(tl.float32)
+            sumsq += tl.sum(af * af, axis=1)
+            nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+            a = (af * nw[None, :]).to(a.dtype)
         acc += tl.dot(a, w, input_precision=DOT_PREC)
+        if GATED:
+            w_up = tl.load(w_rows + N + rn[None, :], mask=wmask, other=0.0)
+            acc_up += tl.dot(a, w_up, input_precision=DOT_PREC)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     ymask = mmask[:, None] & nmask[None, :]
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    res_ptrs = res_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :]
     if SPLIT_K == 1:
+        if NORM:
+            inv_rms = tl.rsqrt(sumsq / K + eps)
+            acc *= inv_rms[:, None]
+            acc_up *= inv_rms[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc_up += tl.load(bias_ptr + N + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if GATED:  # HF's SiLU-and-mul on the rounded gate and up outputs
+            g = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            u = acc_up.to(y_ptr.dtype.element_ty).to(tl.float32)
+            acc = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32) * u
+        if HAS_RES:
+            acc += tl.load(res_ptrs, mask=ymask, other=0.0).to(tl.float32)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
     else:
         # partials laid out [SPLIT_K, BM, N]; the last split of this N tile to arrive sums them.
@@ -77,11 +107,13 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, sem_ptr, M, N, 
         sem = sem_ptr + pn
         cnt = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
         if cnt == SPLIT_K - 1:
-            total = tl.zeros([BM, BN], tl.float32)
+            total = tl.zeros([BM, WN], tl.float32)
             for j in range(0, SPLIT_K):
                 total += tl.load(part + j * BM * N, mask=ymask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            if HAS_RES:
+                total += tl.load(res_ptrs, mask=ymask, other=0.0).to(tl.float32)
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=ymask)
             tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
 
@@ -110,27 +142,42 @@ def default_config(M: int, N: int, K: int, sm_count: int) -> tuple[int, int, int
 
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
+                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False,
+                residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 config: tuple[int, int, int, int, int] | None = None, sm_count: int = 132,
                 prefetch: int | None = None) -> torch.Tensor:
-    """x [M, K] (or [M, 2K] with silu_mul), w [K, N] row-major; returns [M, N] in x's dtype."""
+    """y = x @ w (+ bias) for x [M, K] and w [K, N] row-major, in x's dtype. Options:
+    silu_mul  x is [M, 2K] (gate | up), SiLU-and-mul applied on load;
+    norm_weight  RMSNorm of x's rows first (HF's op order up to rounding: the weight scales x on load,
+                 1/rms the fp32 sums), so the norm kernel before the GEMM goes away;
+    gated     w is [K, 2I] (gate | up) and y = silu(x @ gate) * (x @ up), [M, I];
+    residual  y = residual + x @ w (+ bias), one rounding; out=residual updates it in place.
+    norm_weight and gated need a config without a K split."""
     M = x.shape[0]
-    K, N = w.shape
+    K, Nw = w.shape
+    N = Nw // 2 if gated else Nw
     assert M <= MAX_M and x.stride(-1) == 1 and w.stride(-1) == 1 and x.shape[1] == (2 * K if silu_mul else K)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    assert residual is None or (residual.shape == (M, N) and residual.stride(-1) == 1)
+    y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    BN, BK, split, warps, stages = config or default_config(M, N, K, sm_count)
+    BN, BK, split, warps, stages = config or default_config(M, Nw, K, sm_count)
+    if (norm_weight is not None or gated) and split > 1:
+        raise ValueError(f"skinny_gemm: norm_weight/gated need a config without a K split, got {config}")
     BM = max(16, triton.next_power_of_2(M))
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)  # no empty splits
-    tiles = triton.cdiv(N, BN)
+    WN = BN // 2 if gated else BN  # output columns per program
+    tiles = triton.cdiv(N, WN)
     part = torch.empty((split, BM, N), dtype=torch.float32, device=x.device) if split > 1 else y
     sem = zeroed_counters("skinny_gemm", tiles, x.device) if split > 1 else y
+    res = residual if residual is not None else y
     _skinny_gemm_kernel[(tiles, split)](
-        x, w, bias if bias is not None else y, y, part, sem, M, N, K, k_per,
-        x.stride(0), w.stride(0), y.stride(0),
-        BM=BM, BN=BN, BK=BK, SPLIT_K=split, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
+        x, w, bias if bias is not None else y, res, norm_weight if norm_weight is not None else y, y, part, sem,
+        M, N, K, k_per, eps, x.stride(0), w.stride(0), res.stride(0), y.stride(0),
+        BM=BM, WN=WN, BK=BK, SPLIT_K=split, SILU_MUL=silu_mul, NORM=norm_weight is not None, GATED=gated,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        PREFETCH=_prefetch_rows(prefetch, k_per, x.device), PF_COLS=max(BN // 64, 1), **pdl.launch_options(x.device),
-        num_warps=warps, num_stages=stages)
+        PREFETCH=_prefetch_rows(prefetch, k_per, x.device), PF_COLS=max(BN // 64, 2 if gated else 1),
+        **pdl.launch_options(x.device), num_warps=warps, num_stages=stages)
     return y
