@@ -22,7 +22,7 @@ QKV, GU, O, DOWN = (64, 128, 1, 4, 5), (256, 64, 1, 4, 3), (32, 256, 1, 4, 4), (
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--copies", type=int, default=6)
-    ap.add_argument("--gated-configs", default="256,64,1,4,3;128,64,1,4,3;256,64,1,8,3;128,128,1,4,4;512,64,1,8,3;256,128,1,8,3")
+    ap.add_argument("--gated-configs", default="256,64,1,4,3;256,64,1,4,4;512,64,1,8,3")
     args = ap.parse_args()
     dev, dt, M, H, F = "cuda", torch.bfloat16, 32, 4096, 14336
     n = args.copies
@@ -41,6 +41,8 @@ def main() -> None:
     report("qkv: skinny alone", lambda i: skinny_gemm(x, w["qkv"][i], config=QKV))
     report("gate_up: rms_norm + skinny + silu", lambda i: fused.silu_and_mul(
         skinny_gemm(fused.rms_norm(x, g, 1e-5, None, dt), w["gu"][i], config=GU)))
+    report("gate_up: rms_norm + skinny gated", lambda i: skinny_gemm(
+        fused.rms_norm(x, g, 1e-5, None, dt), w["gu"][i], gated=True, config=GU))
     report("gate_up: skinny alone", lambda i: skinny_gemm(x, w["gu"][i], config=GU))
     for c in args.gated_configs.split(";"):
         cfg = tuple(map(int, c.split(",")))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Same-machine A/B of engine switches on one workload: runs the variants in turn, ROUNDS times,
 # so drift hits all alike. Each variant is name or name:VAR=val,VAR=val (environment switches).
-# Usage on the device: bash benchmarks/gpu_ab.sh seed 2 fused plain:BATCHGEN_FUSED_NORM=0
+# Usage on the device: bash benchmarks/gpu_ab.sh seed 2 fused plain:BATCHGEN_FUSED_DECODE=0
 # Prints output tok/s, GPU ms per decode step, decode busy, host ms per step; JSON lines in $OUT/ab-*.jsonl
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1

@@ -474,12 +474,12 @@ def test_engine_linears_use_skinny_gemm_at_decode_sizes(monkeypatch):
 
 
 @cuda_only
-@pytest.mark.parametrize("graphs", [True, False])
-def test_engine_fused_decode_path_matches_reference(monkeypatch, tmp_path, graphs):
-    """With qkv and gate_up on the skinny GEMM (no K split), decode steps take the fused layer path
-    (norms, residual adds and SiLU-and-mul inside the GEMMs). In bfloat16 its greedy tokens follow
-    the float32 transformers reference up to bf16-sized near-ties, and its hidden states match the
-    unfused path's on the same step."""
+@pytest.mark.parametrize("graphs,norm_in_gemm", [(True, ""), (False, "qkv_proj,gate_up_proj")])
+def test_engine_fused_decode_path_matches_reference(monkeypatch, tmp_path, graphs, norm_in_gemm):
+    """With gate_up on the skinny GEMM (no K split), decode steps take the fused layer path (residual
+    adds and SiLU-and-mul inside the GEMMs, optionally the norms too). In bfloat16 its greedy tokens
+    follow the float32 transformers reference up to bf16-sized near-ties, and its hidden states
+    match the unfused path's on the same step."""
     sys.path.insert(0, str(Path(__file__).parent))
     import reference as R
 
@@ -492,15 +492,16 @@ def test_engine_fused_decode_path_matches_reference(monkeypatch, tmp_path, graph
     monkeypatch.setitem(linear_layout.TUNED, (64, 64), (32, 64, 1, 4, 2))    # o
     monkeypatch.setitem(linear_layout.TUNED, (128, 64), (32, 64, 2, 4, 2))   # down, K split
     monkeypatch.setenv("BATCHGEN_SKINNY", "qkv_proj,o_proj,gate_up_proj,down_proj")
+    monkeypatch.setenv("BATCHGEN_NORM_IN_GEMM", norm_in_gemm)
     eng = Engine.from_pretrained(ckpt, device="cuda", dtype="bfloat16", max_num_seqs=48, max_batch_tokens=512,
                                  kv_cache_tokens=16384, cuda_graphs=graphs)
     assert eng.model.fused_rows == 64
+    assert eng.model.layers[0].mlp.gate_up_proj.norm_in_gemm == bool(norm_in_gemm)
     prompts, max_new = R.random_prompts_for(ckpt, 40), R.random_max_new(40)
     got = [o.outputs[0].token_ids for o in eng.generate(prompts, R.greedy_params(max_new))]
     failures, ties = R.compare_greedy(R.get_reference(ckpt), prompts, got, R.cached_greedy(ckpt, prompts, max_new),
-                                      tol=0.06)
+                                      tol=0.02)  # bf16 rounding flips top-2 gaps of ~0.003 here
     assert not failures, R.format_failures(failures, "fused decode path, bf16")
-    assert len(ties) <= 8, [str(t) for t in ties]
 
     # the same 40-token batch through both layer paths of the same model (eager, torch attention)
     model = eng.model

@@ -9,8 +9,9 @@ own they match cuBLAS, and in the step they launch early and prefetch their weig
 kernel before them finishes (attention/triton_kernels/pdl.py; notes/KERNELS.md).
 
 BATCHGEN_SKINNY=0 turns the Triton path off (ablation); BATCHGEN_SKINNY=qkv_proj,o_proj,gate_up_proj,down_proj
-(a list of projection names) picks where it is used. Where qkv and gate_up take it, decode steps also
-fold the RMSNorms, residual adds and SiLU-and-mul into the GEMMs (fused_decode_rows, llama.py).
+(a list of projection names) picks where it is used. Where gate_up takes it, decode steps also fold
+SiLU-and-mul and the residual adds into the GEMMs (fused_decode_rows, llama.py);
+BATCHGEN_NORM_IN_GEMM=<names> moves those projections' RMSNorm into the GEMM as well (off by default).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import os
 
 import torch
 from torch import nn
+
+from .. import fused_ops
 
 DEFAULT_SKINNY = "qkv_proj,gate_up_proj"
 SkinnyConfig = tuple[int, int, int, int, int]  # BN, BK, SPLIT_K, num_warps, num_stages
@@ -33,11 +36,12 @@ TUNED: dict[tuple[int, int], SkinnyConfig] = {
 
 
 class InputMajorLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, skinny: SkinnyConfig | None = None) -> None:
+    def __init__(self, linear: nn.Linear, skinny: SkinnyConfig | None = None, norm_in_gemm: bool = False) -> None:
         super().__init__()
         self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
         self.bias = linear.bias
         self.skinny = skinny  # config for the Triton skinny GEMM, None = always cuBLAS
+        self.norm_in_gemm = norm_in_gemm and self.can_gate  # normed(): RMSNorm inside the GEMM's loads
         self._skinny_max_m = 0
         if skinny is not None:  # triton is imported only where the skinny path is used
             from ..attention.triton_kernels import skinny_gemm
@@ -54,13 +58,19 @@ class InputMajorLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     @property
-    def fuses_norm(self) -> bool:
-        """Whether normed() can run: a skinny config without a K split (the norm needs whole rows)."""
+    def can_gate(self) -> bool:
+        """Whether the skinny GEMM can take a whole row per program (no K split): needed for the
+        gated (SiLU-and-mul) epilogue and for the RMSNorm inside the GEMM."""
         return self.skinny is not None and self.skinny[2] == 1
 
     def normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gated: bool = False) -> torch.Tensor:
-        """rms_norm(x) @ W (+ bias) in one kernel, for at most MAX_M rows (fuses_norm must hold);
-        gated=True: W is gate | up and the result is SiLU(gate) * up."""
+        """rms_norm(x) @ W (+ bias) for at most MAX_M rows; gated=True (needs can_gate): W is gate | up
+        and the result SiLU(gate) * up, in the GEMM's epilogue. The norm is its own kernel unless
+        norm_in_gemm (measured slower for most configs: the scaled x cannot stream as a dot operand)."""
+        if not self.norm_in_gemm:
+            x, norm_weight = fused_ops.rms_norm(x, norm_weight, eps), None
+            if not gated:
+                return self(x)
         return self._skinny_gemm(x, self.weight_t, self.bias, norm_weight=norm_weight, eps=eps, gated=gated,
                                  config=self.skinny)
 
@@ -91,18 +101,17 @@ def skinny_config(name: str, in_features: int, out_features: int) -> SkinnyConfi
 
 
 def fused_decode_rows(model: nn.Module) -> int:
-    """Largest step (in tokens) for the model's fused decode path, 0 where it is off. It needs every
-    layer's qkv and gate_up projection on the skinny GEMM without a K split: then each RMSNorm runs
-    inside the GEMM after it, each residual add inside the GEMM before it and SiLU-and-mul in
-    gate_up's epilogue (three launches fewer per layer). BATCHGEN_FUSED_NORM=0 turns it off."""
+    """Largest step (in tokens) for the model's fused decode layer path, 0 where it is off. It needs
+    every gate_up projection on the skinny GEMM without a K split: then SiLU-and-mul runs in its
+    epilogue and the residual adds inside the o / down GEMMs (cuBLAS beta = 1 or the skinny
+    epilogue), two launches fewer per layer. BATCHGEN_FUSED_DECODE=0 turns it off."""
     layers = getattr(model, "layers", None)
-    if os.environ.get("BATCHGEN_FUSED_NORM", "1") == "0" or not layers:
+    if os.environ.get("BATCHGEN_FUSED_DECODE", "1") == "0" or not layers:
         return 0
-    for layer in layers:
-        for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
-            if not (isinstance(linear, InputMajorLinear) and linear.fuses_norm):
-                return 0
-    return layers[0].self_attn.qkv_proj._skinny_max_m
+    gate_ups = [layer.mlp.gate_up_proj for layer in layers]
+    if not all(isinstance(g, InputMajorLinear) and g.can_gate for g in gate_ups):
+        return 0
+    return gate_ups[0]._skinny_max_m
 
 
 def make_input_major(model: nn.Module, skip: tuple[str, ...] = ()) -> None:
@@ -111,12 +120,13 @@ def make_input_major(model: nn.Module, skip: tuple[str, ...] = ()) -> None:
     device = next(model.parameters()).device
     skinny = (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
               and importlib.util.find_spec("triton") is not None)
+    norm_in_gemm = tuple(p for p in os.environ.get("BATCHGEN_NORM_IN_GEMM", "").split(",") if p)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and full not in skip:
                 cfg = skinny_config(full, child.in_features, child.out_features) if skinny else None
-                setattr(module, child_name, InputMajorLinear(child, cfg))
+                setattr(module, child_name, InputMajorLinear(child, cfg, full.endswith(norm_in_gemm)))
                 del child
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

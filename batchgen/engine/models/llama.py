@@ -86,9 +86,9 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
     def forward_fused(self, h, positions, cos_sin, kv, meta, backend) -> torch.Tensor:
-        """Decode-sized steps (linear_layout.fused_decode_rows): four GEMM launches around attention,
-        each norm inside the GEMM after it, each residual add inside the GEMM before it, SiLU-and-mul
-        in gate_up's epilogue. h is the residual stream, updated in place and returned."""
+        """Decode-sized steps (linear_layout.fused_decode_rows): each residual add inside the GEMM
+        before it, SiLU-and-mul in gate_up's epilogue (optionally the norms inside the GEMMs after
+        them: InputMajorLinear.normed). h is the residual stream, updated in place and returned."""
         attn, mlp = self.self_attn, self.mlp
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
         out = attn.attend(attn.qkv_proj.normed(h, ln1.weight, ln1.eps), positions, cos_sin, kv, meta, backend)
