@@ -19,7 +19,7 @@ def main(folder: str = "benchmarks/results") -> None:
         busy = r.get("decode_gpu_busy_fraction")
         print(f"| {run} | {r['device']} | {r['workload']} ({r['shape']}) | {r['system']} | "
               f"{'on' if r.get('overlap') else 'off'} | {r['output_tok_s']:,.0f} | {ratio} | "
-              f"{'' if busy is None else f'{100 * busy:.1f}%'} | {r.get('mean_decode_step_ms') or ''} | "
+              f"{'' if busy is None else f'{100 * busy:.2f}%'} | {r.get('mean_decode_step_ms') or ''} | "
               f"{r.get('host_ms_per_step') or ''} |")
 
 if __name__ == "__main__":

@@ -6,9 +6,15 @@ drain. What it adds is the early start: launched with PDL (pdl.py), it prefetche
 its weight slice into L2 while the kernel before it is still finishing, then waits for it.
 
 K may be split as well (grid = N tiles x K splits): the last program of each N tile to finish sums
-the fp32 partials (a counter per tile, reset by that program), in one launch. silu_mul=True reads x
-as [M, 2K] (gate | up) and applies HF's SiLU-and-mul on load; measured slower than a separate
-activation kernel + cuBLAS for the 8B down projection, so the engine does not use it (benchmarks do).
+the fp32 partials (a counter per tile, reset by that program), in one launch.
+
+Fusions for the decode layer (llama.py forward_fused), measured on H100 (notes/KERNELS.md):
+- gated: w is gate | up, the epilogue applies SiLU-and-mul: the activation kernel goes away (used);
+- residual: y = residual + x @ w in the epilogue, in place (used where o/down take the skinny GEMM);
+- norm_weight: RMSNorm of x on load, 1/rms applied to the sums (optional: scaling the x tile in
+  registers costs more than the norm kernel it saves for most configs, 3x for the 8B qkv config);
+- silu_mul: SiLU-and-mul of x on load (slower than a separate kernel for the 8B down projection;
+  kept for benchmarks).
 """
 from __future__ import annotations
 
