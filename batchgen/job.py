@@ -135,6 +135,7 @@ class Job:
         self.stop_reason: str | None = None
         self.stopped_by: int | None = None
         self.summary: dict | None = None
+        self.rows_committed_this_run = 0  # rows in the shards this run committed (slurm: no requeue without progress)
         self._stop = threading.Event()
         self._hard = threading.Event()
         self._stop_code = EXIT_FAILED
@@ -553,6 +554,7 @@ class Job:
         if prog is not None:
             prog.close()
         committed = writer.committed if writer is not None else []
+        self.rows_committed_this_run = sum(int(m.get("rows", 0)) for m in committed)
         tot = Ledger()
         tot.rows, tot.samples, tot.errors = led.rows, led.samples, led.errors
         tot.error_rows, tot.prompt_tokens, tot.completion_tokens = led.error_rows, led.prompt_tokens, led.completion_tokens

@@ -10,7 +10,9 @@ How a batchgen array job behaves (the contract the tests check):
 - Each task reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (batchgen.job.task_from_env).
 - USR1 (the time-limit warning asked for by `--signal=B:USR1@grace`): the run stops admitting,
   commits what is complete, then (`requeue_on_usr1`, a Job.on_stop callback) runs
-  `scontrol requeue <arrayjob>_<task>` and exits 138 (128 + USR1).
+  `scontrol requeue <arrayjob>_<task>` and exits 138 (128 + USR1). Not when a restarted task
+  (SLURM_RESTART_COUNT > 0) committed no rows in its run: another run would only repeat it
+  (time limit shorter than loading the model, or than one batch), so it says so and stays stopped.
 - TERM (preemption, `scontrol requeue` by anyone, scancel, the time limit itself): stop
   admitting, commit, exit 143. No self-requeue: when Slurm is requeueing the task
   (preemption with PreemptMode=REQUEUE, scontrol requeue) it restarts it on its own, and
@@ -125,6 +127,13 @@ def requeue_on_usr1(job: Any, environ: Mapping[str, str] | None = None) -> bool:
     if getattr(job, "stopped_by", None) != signal.SIGUSR1 or not own_slurm_job(environ):
         return False
     log = getattr(job, "say", None) or (lambda m: print(m, file=sys.stderr, flush=True))
+    restarts = restart_count(environ)
+    if restarts > 0 and getattr(job, "rows_committed_this_run", None) == 0:
+        # the first run may have paid a cold start (page cache, compile caches); a restart has not
+        log(f"batchgen: not requeueing {own_slurm_job(environ)}: restart {restarts} committed no rows before the "
+            "time-limit warning, so another run would only repeat it; give the tasks a longer --time "
+            "(or a shorter --grace) and resubmit: they resume from the committed shards")
+        return False
     return requeue_self(environ, log=log)
 
 

@@ -146,6 +146,7 @@ def test_usr1_commits_requeues_once_and_resumes(tmp_path, checkpoint, engine, mo
     code, job = run_task(job_file, 1, own_engine(job_file, signal.SIGUSR1, 5), env)
     assert code == 128 + signal.SIGUSR1 and job.stopped_by == signal.SIGUSR1
     assert calls.read_text() == "requeue 41_1\n"  # once, after the final commit
+    assert job.rows_committed_this_run >= 5
     (p1,) = [p for p in read_progress(tmp_path / "out") if p.task_id == 1]
     assert p1.state == "stopped" and 5 <= p1.rows_done < 10
     assert len(all_output(tmp_path / "out")) == p1.rows_done * N_SAMPLES
@@ -174,7 +175,7 @@ def test_usr1_commits_requeues_once_and_resumes(tmp_path, checkpoint, engine, mo
     assert calls.read_text() == "requeue 41_1\n"
 
 
-def test_signal_while_the_model_loads_stops_and_requeues(tmp_path, checkpoint, engine, monkeypatch):
+def test_signal_while_the_model_loads_stops_and_requeues(tmp_path, checkpoint, engine, monkeypatch, capsys):
     """USR1 before the generation loop (Job's own handlers are not installed yet): the task
     must not die of USR1's default action; it stops, commits nothing, requeues, exits 138."""
     job_file = make_job(tmp_path, checkpoint)
@@ -192,6 +193,11 @@ def test_signal_while_the_model_loads_stops_and_requeues(tmp_path, checkpoint, e
     assert len(loaded) == 1 and loaded[0].stats["requests"] == 0  # the model loaded, nothing was admitted
     assert calls.read_text() == "requeue 9_0\n"
     assert all_output(tmp_path / "out") == []
+    # the restarted task is warned mid-load again: nothing committed twice in a row -> no requeue loop
+    code, job = run_task(job_file, 0, None, env | {"SLURM_RESTART_COUNT": "1"}, engine_factory=slow_load)
+    assert code == 128 + signal.SIGUSR1 and job.rows_committed_this_run == 0
+    assert calls.read_text() == "requeue 9_0\n"
+    assert "not requeueing 9_0: restart 1 committed no rows" in capsys.readouterr().err
     # and a TERM during the final commit / after the requeue is harmless once attached
     code, job = run_task(job_file, 0, own_engine(job_file, signal.SIGTERM, 2), env)
     assert code == 128 + signal.SIGTERM

@@ -181,6 +181,20 @@ def test_attach_requeues_only_on_usr1_inside_slurm(monkeypatch):
     assert outside.on_stop[0](outside) is False and calls == [env]  # not in Slurm: just stop
 
 
+def test_usr1_requeue_needs_progress_after_a_restart(monkeypatch):
+    calls = []
+    monkeypatch.setattr(slurm, "requeue_self", lambda env=None, **k: calls.append(env) or True)
+    job = FakeJob()
+    job.stopped_by, job.rows_committed_this_run = signal.SIGUSR1, 0
+    first = {"SLURM_ARRAY_JOB_ID": "3", "SLURM_ARRAY_TASK_ID": "1"}
+    assert slurm.requeue_on_usr1(job, first) and calls == [first]  # first run: may have paid a cold start
+    again = first | {"SLURM_RESTART_COUNT": "2"}
+    assert not slurm.requeue_on_usr1(job, again) and calls == [first]
+    assert "not requeueing 3_1: restart 2 committed no rows" in job.said[-1]
+    job.rows_committed_this_run = 7
+    assert slurm.requeue_on_usr1(job, again) and calls == [first, again]
+
+
 def test_requeue_self_runs_scontrol(tmp_path, monkeypatch):
     bindir = tmp_path / "bin"
     bindir.mkdir()
