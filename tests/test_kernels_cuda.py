@@ -527,6 +527,26 @@ def test_engine_fused_decode_path_matches_reference(monkeypatch, tmp_path, graph
     assert _rel(fused.float().cpu(), plain.float().cpu()) < 2 * TOL[torch.bfloat16]
 
 
+def test_skinny_configs_file_errors_name_the_problem(tmp_path, monkeypatch):
+    from batchgen.engine.models.linear_layout import skinny_config
+
+    f = tmp_path / "best.json"
+    monkeypatch.setenv("BATCHGEN_SKINNY_CONFIGS", str(f))
+    monkeypatch.setenv("BATCHGEN_SKINNY", "qkv_proj")
+    f.write_text('{"64,128": [64, 64, 1, 4, 2]}')
+    assert skinny_config("layers.0.qkv_proj", 64, 128) == (64, 64, 1, 4, 2)
+    assert skinny_config("layers.0.qkv_proj", 64, 96) is None  # not in the file, not tuned: cuBLAS
+    for text, problem in (('{"64,128": [64, 64]}', "not 5 positive integers"), ("{oops", "Expecting"),
+                          (None, "No such file")):
+        if text is None:
+            f.unlink()
+        else:
+            f.write_text(text)
+        with pytest.raises(ValueError, match=problem) as e:
+            skinny_config("layers.0.qkv_proj", 64, 128)
+        assert str(f) in str(e.value) and "BATCHGEN_SKINNY_CONFIGS" in str(e.value)
+
+
 # ----------------------------------------------------------------------------------------- CPU (interpreter)
 def _patch_interpreter():
     """Work around two triton 3.6 interpreter bugs: bf16 dot operands are multiplied as raw uint16

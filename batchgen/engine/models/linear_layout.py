@@ -90,14 +90,28 @@ def skinny_config(name: str, in_features: int, out_features: int) -> SkinnyConfi
         return None
     tuned = os.environ.get("BATCHGEN_SKINNY_CONFIGS")  # JSON {"K,N": [BN, BK, SPLIT_K, warps, stages]} (sweeps)
     if tuned:
-        import json
-
-        with open(tuned) as f:
-            table = json.load(f)
-        if f"{in_features},{out_features}" in table:
-            return tuple(table[f"{in_features},{out_features}"])
+        config = _config_from_file(tuned, f"{in_features},{out_features}")
+        if config is not None:
+            return config
     # shapes not swept stay on cuBLAS: an untuned split can cost more than the whole gain
     return TUNED.get((in_features, out_features))
+
+
+def _config_from_file(path: str, key: str) -> SkinnyConfig | None:
+    import json
+
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        config = table.get(key) if isinstance(table, dict) else ()
+        if config is None:
+            return None
+        if not (isinstance(config, list) and len(config) == 5 and all(isinstance(v, int) and v > 0 for v in config)):
+            raise ValueError(f"entry {key!r} is {config!r}, not 5 positive integers")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"BATCHGEN_SKINNY_CONFIGS={path}: {e} (expected a JSON object "
+                         '{"K,N": [BN, BK, SPLIT_K, num_warps, num_stages]})') from None
+    return tuple(config)
 
 
 def fused_decode_rows(model: nn.Module) -> int:
