@@ -7,7 +7,7 @@ can compare against transformers on exactly the same weights.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,16 @@ def _legacy_rope_keys(config_json: Path) -> None:
     cfg["rope_theta"] = params.pop("rope_theta")
     cfg["rope_scaling"] = params
     config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a whole module (pytestmark = pytest.mark.usefixtures("one_thread")):
+    fast on a shared 2-core box, and one float reduction order for the engine and its reference."""
+    from reference import single_thread
+
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import reference as R  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with R.single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_PROMPTS = 32
 SCENARIOS = {

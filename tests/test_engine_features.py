@@ -17,10 +17,7 @@ import reference as R  # noqa: E402
 from batchgen import GenerationRequest, SamplingParams  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with R.single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAMILY = "llama"
 FEATURE_LENS = [5, 17, 33, 64, 100, 150, 200, 31]

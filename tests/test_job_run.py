@@ -27,12 +27,7 @@ from batchgen.sources import open_source
 ENGINE = dict(device="cpu", max_num_seqs=4, max_batch_tokens=256)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    from reference import single_thread
-
-    with single_thread():  # fast on a shared 2-core box, and one float reduction order
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ N_ROWS, N_SAMPLES, N_TASKS = 30, 2, 3
 ENGINE = dict(device="cpu", max_num_seqs=4, max_batch_tokens=256)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    from reference import single_thread
-
-    with single_thread():  # fast on a shared 2-core box, and one float reduction order
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
