@@ -528,6 +528,18 @@ class Job:
             return self._stop_code
         return EXIT_FAILED
 
+    def _check_ids_unique(self, od: OutputDir, summ: dict) -> None:
+        """input.id_column values should name one row each: say so (and record it) when they do not.
+        Checked on the finished output, so repeats across tasks and input files are seen too."""
+        col = self.cfg.input.id_column
+        if not col:
+            return  # ids are row positions: unique by construction
+        n, examples = sinkmod.repeated_ids(od.shard_files())
+        summ["repeated_ids"] = n
+        if n:
+            self.say(f"warning: input.id_column '{col}' is not unique: {n:,} id(s) name more than one input row "
+                     f"(e.g. {', '.join(map(repr, examples))}); each row is in the output, so these ids repeat there")
+
     def _combined_summary(self, od: OutputDir) -> None:
         """When every task of the job is done, write the job's summary.json (any task may be last)."""
         parts = []
@@ -537,6 +549,7 @@ class Job:
                 return
             parts.append(prog["summary"])
         summ = combine_summaries(parts, self.cfg.cost_per_hour)
+        self._check_ids_unique(od, summ)
         sinkmod.write_json_atomic(od.meta / "summary.json", summ)
         self.say(f"all {self.num_tasks} tasks are done: {summ['rows']:,} rows, {summ['errors']:,} errors, "
                  f"{summ['output_tokens']:,} output tokens; summary: {od.meta / 'summary.json'}")
@@ -582,6 +595,8 @@ class Job:
         )
         self.summary = summ
         if code == EXIT_OK:
+            if self.num_tasks == 1:  # a job of several tasks checks once all are done (_combined_summary)
+                self._check_ids_unique(od, summ)
             progress_file("done", summary=summ)
             sinkmod.write_json_atomic(od.summary_path(), summ)
             if self.num_tasks > 1:

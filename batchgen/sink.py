@@ -76,6 +76,21 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def repeated_ids(shards: list[Path], examples: int = 3) -> tuple[int, list[Any]]:
+    """Ids written by more than one input row (a row's first sample counts; null ids are error
+    rows and do not): (how many ids, a few of them). Reads only the id column, vectorised."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    if not shards:
+        return 0, []
+    ids = pds.dataset([str(p) for p in shards], format="parquet").to_table(
+        columns=["id"], filter=pc.field("sample_index") == 0).column("id")
+    counts = pc.value_counts(pc.drop_null(ids))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    return len(repeated), repeated.slice(0, examples).to_pylist()
+
+
 def read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:

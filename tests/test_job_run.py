@@ -375,6 +375,27 @@ def test_tasks_partition_exactly_and_match_single_task(tmp_path: Path, shared: C
     assert summ["rows"] == total and summ["samples"] == total
 
 
+def test_repeated_ids_are_reported(tmp_path: Path, shared: Callable[..., Tap], capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"rid": f"r{i % 7}", "prompt": f"question {i}", "cat": i} for i in range(10)]  # r0, r1, r2 twice
+    jsonl(tmp_path / "in.jsonl", rows)
+    make_job(tmp_path, BASIC.replace("columns: [cat]}", "columns: [cat], id_column: rid}"))
+    assert run(tmp_path / "job.yaml", shared())[0] == 0
+    assert sorted(r["cat"] for r in read_out(tmp_path / "out")) == sorted(2 * list(range(10)))  # nothing dropped
+    assert json.loads((tmp_path / "out/.batchgen/summary.json").read_text())["repeated_ids"] == 3
+    err = capsys.readouterr().err
+    assert "input.id_column 'rid' is not unique: 3 id(s)" in err and "'r0', 'r1', 'r2'" in err
+    # two tasks: the repeats fall in different tasks' parts; found once both are done
+    for t in range(2):
+        assert run(tmp_path / "job.yaml", shared(), overrides=["output.path=multi"], task_id=t, num_tasks=2)[0] == 0
+        assert ("not unique" in capsys.readouterr().err) == (t == 1)
+    assert json.loads((tmp_path / "multi/.batchgen/summary.json").read_text())["repeated_ids"] == 3
+    # unique ids: recorded as 0, no warning
+    jsonl(tmp_path / "in.jsonl", [{**r, "rid": f"u{i}"} for i, r in enumerate(rows)])
+    assert run(tmp_path / "job.yaml", shared(), overrides=["output.path=unique"])[0] == 0
+    assert json.loads((tmp_path / "unique/.batchgen/summary.json").read_text())["repeated_ids"] == 0
+    assert "not unique" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("start", [0, 1, 6, 7, 13, 29, 30, 31])
 def test_source_skip_start_parquet_and_jsonl(tmp_path: Path, start: int) -> None:
     _parquet_files(tmp_path / "data", [13, 17], row_group=4)
