@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import contextlib
 import json
 import os
 import re
@@ -28,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -270,6 +271,12 @@ class OutputDir:
         Returns the manifest in force (the existing one when it matches)."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.meta.mkdir(exist_ok=True)
+        # One task at a time: with --overwrite, a task that read the old manifest must not clear
+        # what a faster task already wrote under the new one (it sees the new manifest instead).
+        with self._exclusive("prepare.lock"):
+            return self._prepare(manifest, overwrite)
+
+    def _prepare(self, manifest: dict, overwrite: bool) -> dict:
         existing = self.manifest()
         if existing is not None:
             problem = _manifest_mismatch(existing, manifest)
@@ -330,6 +337,23 @@ class OutputDir:
                 if p.is_file() and (n.endswith(".json") or n.endswith(".tmp")):
                     p.unlink()
         fsync_dir(self.path)
+
+    @contextlib.contextmanager
+    def _exclusive(self, name: str) -> Iterator[None]:
+        """Hold an exclusive lock on OUT/.batchgen/locks/<name> (waits for other processes)."""
+        import fcntl
+
+        d = self.meta / "locks"
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass  # file system without locks: go on unlocked
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def lock(self) -> None:
         """One process per task; raises OutputError when another one holds it."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -514,6 +515,31 @@ def test_output_dir_lock_and_unknown_shards(tmp_path: Path) -> None:
     pq.write_table(pa.table({"x": [1]}), d / "part-t00000-000000.parquet")
     with pytest.raises(OutputError, match="no .batchgen/manifest.json"):
         OutputDir(d).prepare({"fingerprint": "x", "num_tasks": 1})
+
+
+def test_concurrent_overwrite_keeps_every_new_tasks_shards(tmp_path: Path) -> None:
+    """Six tasks start together with --overwrite on another job's output: each clears it or finds
+    the new manifest, never clearing what another task already wrote for the new job."""
+    import subprocess
+    import time
+
+    out = tmp_path / "out"
+    OutputDir(out).prepare({"fingerprint": "old", "identity": {"v": 1}})
+    (out / "part-t00009-000000.parquet").write_bytes(b"old")
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from batchgen.sink import OutputDir\n"
+        "out, t, start = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])\n"
+        "while time.time() < start: pass\n"
+        "OutputDir(out, t, 6).prepare({'fingerprint': 'new', 'identity': {'v': 2}, 'num_tasks': 6}, overwrite=True)\n"
+        "(out / f'part-t{t:05d}-000000.parquet').write_bytes(b'new')\n"
+    )
+    start = time.time() + 3  # past every interpreter's start-up: all race for prepare() at once
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(out), str(t), str(start)]) for t in range(6)]
+    assert [p.wait(timeout=60) for p in procs] == [0] * 6
+    assert sorted(p.name for p in OutputDir(out).shard_files()) == [f"part-t{t:05d}-000000.parquet" for t in range(6)]
+    assert OutputDir(out).manifest()["fingerprint"] == "new"
 
 
 def test_jsonl_bom_gz_and_globs(tmp_path: Path) -> None:
