@@ -38,6 +38,7 @@ def main() -> None:
 
     report("qkv: rms_norm + skinny", lambda i: skinny_gemm(fused.rms_norm(x, g, 1e-5, None, dt), w["qkv"][i], config=QKV))
     report("qkv: skinny normed", lambda i: skinny_gemm(x, w["qkv"][i], norm_weight=g, config=QKV))
+    report("qkv: skinny norm folded into w", lambda i: skinny_gemm(x, w["qkv"][i], norm_folded=True, config=QKV))
     report("qkv: skinny alone", lambda i: skinny_gemm(x, w["qkv"][i], config=QKV))
     report("gate_up: rms_norm + skinny + silu", lambda i: fused.silu_and_mul(
         skinny_gemm(fused.rms_norm(x, g, 1e-5, None, dt), w["gu"][i], config=GU)))
@@ -48,6 +49,8 @@ def main() -> None:
         cfg = tuple(map(int, c.split(",")))
         report(f"gate_up: skinny normed gated {cfg}", lambda i, cfg=cfg: skinny_gemm(
             x, w["gu"][i], norm_weight=g, gated=True, config=cfg))
+        report(f"gate_up: skinny norm folded gated {cfg}", lambda i, cfg=cfg: skinny_gemm(
+            x, w["gu"][i], norm_folded=True, gated=True, config=cfg))
         report(f"gate_up: skinny gated {cfg}", lambda i, cfg=cfg: skinny_gemm(x, w["gu"][i], gated=True, config=cfg))
     for name, a, cfg in (("o", x, O), ("down", act, DOWN)):
         report(f"{name}: cuBLAS mm", lambda i, a=a, name=name: a @ w[name][i])

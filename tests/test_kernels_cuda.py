@@ -371,8 +371,9 @@ def check_skinny_gemm(device, dtype, cases, seed=0, graph=False):
 
 def check_skinny_fusions(device, dtype, cases, seed=0, graph=False):
     """The skinny GEMM's fused decode options vs the unfused torch ops: RMSNorm of x before the
-    product (norm), SiLU-and-mul of the gate | up halves after it (gated), and the residual add in
-    place (residual). cases: (M, K, N, config, norm, gated, residual, bias); N is the output width."""
+    product (norm; "folded": its weight pre-multiplied into w), SiLU-and-mul of the gate | up halves
+    after it (gated), and the residual add in place (residual).
+    cases: (M, K, N, config, norm, gated, residual, bias); N is the output width."""
     from batchgen.engine import fused_ops as F
     from batchgen.engine.attention.triton_kernels.skinny_gemm import skinny_gemm
 
@@ -382,6 +383,7 @@ def check_skinny_fusions(device, dtype, cases, seed=0, graph=False):
         w = (torch.randn(K, Nw, generator=g) / K ** 0.5).to(dtype).to(device)
         nw = (1 + 0.3 * torch.randn(K, generator=g)).to(dtype).to(device) if norm else None
         b = torch.randn(Nw, generator=g).to(dtype).to(device) if bias else None
+        w_call = (w.double() * nw.double()[:, None]).to(dtype) if norm == "folded" else w
 
         def inputs():
             x = (3 * torch.randn(M, K, generator=g)).to(dtype).to(device)
@@ -396,6 +398,9 @@ def check_skinny_fusions(device, dtype, cases, seed=0, graph=False):
             return y + r.double() if residual else y
 
         def call(x, r):
+            if norm == "folded":  # the norm weight multiplied into w's rows beforehand
+                return skinny_gemm(x, w_call, b, norm_folded=True, eps=1e-5, gated=gated, residual=r, out=r,
+                                   config=cfg)
             return skinny_gemm(x, w, b, norm_weight=nw, eps=1e-5, gated=gated, residual=r, out=r, config=cfg)
 
         x, r = inputs()
@@ -426,6 +431,8 @@ def test_skinny_gemm_fused_decode_options_cuda(dtype):
              (32, 14336, 4096, (64, 128, 2, 4, 5), False, False, True, False),   # down + residual, K split
              (1, 1024, 200, (64, 64, 1, 4, 3), True, True, True, True),
              (7, 1000, 96, (32, 128, 1, 4, 2), True, False, False, True),
+             (32, 4096, 6144, (64, 128, 1, 4, 5), "folded", False, False, False),
+             (5, 1024, 256, (64, 64, 1, 4, 3), "folded", True, False, True),
              (64, 512, 320, None, False, False, True, True)]
     check_skinny_fusions("cuda", dtype, cases)
     check_skinny_fusions("cuda", dtype, [(24, 2048, 1024, (128, 64, 1, 4, 3), True, True, False, False),
@@ -603,7 +610,8 @@ def interpreter_suite():
     check_skinny_fusions("cpu", torch.float32, [(3, 256, 96, (64, 64, 1, 4, 2), True, True, False, True),
                                                  (9, 320, 64, (32, 64, 1, 4, 2), True, False, True, False),
                                                  (5, 512, 128, (64, 64, 3, 4, 2), False, False, True, True)])
-    check_skinny_fusions("cpu", torch.bfloat16, [(5, 256, 64, (64, 64, 1, 4, 2), True, True, True, False)])
+    check_skinny_fusions("cpu", torch.bfloat16, [(5, 256, 64, (64, 64, 1, 4, 2), True, True, True, False),
+                                                  (3, 256, 64, (64, 64, 1, 4, 2), "folded", True, False, False)])
     if os.environ.get("SKIP_FUSED") != "1":
         check_fused_ops("cpu", torch.float32)
         check_fused_ops("cpu", torch.bfloat16)

@@ -13,6 +13,8 @@ Fusions for the decode layer (llama.py forward_fused), measured on H100 (notes/K
 - residual: y = residual + x @ w in the epilogue, in place (used where o/down take the skinny GEMM);
 - norm_weight: RMSNorm of x on load, 1/rms applied to the sums (optional: scaling the x tile in
   registers costs more than the norm kernel it saves for most configs, 3x for the 8B qkv config);
+  norm_folded: the same with the norm weight folded into w, so only the sum of squares is added
+  (benchmarks/fused_check.py measures whether that keeps x a plain dot operand);
 - silu_mul: SiLU-and-mul of x on load (slower than a separate kernel for the 8B down projection;
   kept for benchmarks).
 """
@@ -32,7 +34,8 @@ from .counters import zeroed_counters
 def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr, sem_ptr, M, N, K, k_per_split, eps,
                         stride_xm, stride_wk, stride_rm, stride_ym,
                         BM: tl.constexpr, WN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                        SILU_MUL: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SILU_MUL: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr,
+                        HAS_BIAS: tl.constexpr,
                         HAS_RES: tl.constexpr, DOT_PREC: tl.constexpr,
                         PREFETCH: tl.constexpr, PF_COLS: tl.constexpr, USE_PDL: tl.constexpr):
     # WN output columns per program; GATED: w is [K, 2N] (gate | up), a tile reads WN columns of each half.
@@ -78,8 +81,9 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr
         if NORM:  # RMSNorm of the rows: scale by the norm weight now, by 1/rms once K is summed
             af = a.to(tl.float32)
             sumsq += tl.sum(af * af, axis=1)
-            nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-            a = (af * nw[None, :]).to(a.dtype)
+            if NORM_W:  # else the norm weight is already folded into w's rows
+                nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                a = (af * nw[None, :]).to(a.dtype)
         acc += tl.dot(a, w, input_precision=DOT_PREC)
         if GATED:
             w_up = tl.load(w_rows + N + rn[None, :], mask=wmask, other=0.0)
@@ -148,7 +152,8 @@ def default_config(M: int, N: int, K: int, sm_count: int) -> tuple[int, int, int
 
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
-                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False,
+                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, norm_folded: bool = False,
+                gated: bool = False,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 config: tuple[int, int, int, int, int] | None = None, sm_count: int = 132,
                 prefetch: int | None = None) -> torch.Tensor:
@@ -156,9 +161,11 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     silu_mul  x is [M, 2K] (gate | up), SiLU-and-mul applied on load;
     norm_weight  RMSNorm of x's rows first (HF's op order up to rounding: the weight scales x on load,
                  1/rms the fp32 sums), so the norm kernel before the GEMM goes away;
+    norm_folded  RMSNorm with the norm weight already multiplied into w's rows: x stays as loaded
+                 and only 1/rms scales the sums (norm_weight is then not needed);
     gated     w is [K, 2I] (gate | up) and y = silu(x @ gate) * (x @ up), [M, I];
     residual  y = residual + x @ w (+ bias), one rounding; out=residual updates it in place.
-    norm_weight and gated need a config without a K split."""
+    norm_weight, norm_folded and gated need a config without a K split."""
     M = x.shape[0]
     K, Nw = w.shape
     N = Nw // 2 if gated else Nw
@@ -168,7 +175,8 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     if M == 0:
         return y
     BN, BK, split, warps, stages = config or default_config(M, Nw, K, sm_count)
-    if (norm_weight is not None or gated) and split > 1:
+    norm = norm_weight is not None or norm_folded
+    if (norm or gated) and split > 1:
         raise ValueError(f"skinny_gemm: norm_weight/gated need a config without a K split, got {config}")
     BM = max(16, triton.next_power_of_2(M))
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
@@ -181,7 +189,8 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     _skinny_gemm_kernel[(tiles, split)](
         x, w, bias if bias is not None else y, res, norm_weight if norm_weight is not None else y, y, part, sem,
         M, N, K, k_per, eps, x.stride(0), w.stride(0), res.stride(0), y.stride(0),
-        BM=BM, WN=WN, BK=BK, SPLIT_K=split, SILU_MUL=silu_mul, NORM=norm_weight is not None, GATED=gated,
+        BM=BM, WN=WN, BK=BK, SPLIT_K=split, SILU_MUL=silu_mul, NORM=norm, NORM_W=norm_weight is not None and not norm_folded,
+        GATED=gated,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         PREFETCH=_prefetch_rows(prefetch, k_per, x.device), PF_COLS=max(BN // 64, 2 if gated else 1),
