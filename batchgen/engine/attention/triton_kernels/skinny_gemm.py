@@ -13,8 +13,9 @@ Fusions for the decode layer (llama.py forward_fused), measured on H100 (notes/K
 - residual: y = residual + x @ w in the epilogue, in place (used where o/down take the skinny GEMM);
 - norm_weight: RMSNorm of x on load, 1/rms applied to the sums (optional: scaling the x tile in
   registers costs more than the norm kernel it saves for most configs, 3x for the 8B qkv config);
-  norm_folded: the same with the norm weight folded into w, so only the sum of squares is added
-  (benchmarks/fused_check.py measures whether that keeps x a plain dot operand);
+  norm_folded: the same with the norm weight folded into w, so only the squares are summed: still
+  2.4x for qkv. Any use of the x tile in registers stops its loads from being pipelined; a norm
+  inside this GEMM needs 1/rms computed elsewhere (e.g. by the GEMM that writes x);
 - silu_mul: SiLU-and-mul of x on load (slower than a separate kernel for the 8B down projection;
   kept for benchmarks).
 """
@@ -65,7 +66,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BM, WN], tl.float32)
     acc_up = tl.zeros([BM, WN], tl.float32)  # GATED only
-    sumsq = tl.zeros([BM], tl.float32)  # NORM only
+    squares = tl.zeros([BM, BK], tl.float32)  # NORM only
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + rk
         kmask = kk < k_hi
@@ -80,7 +81,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr
             a = ((g / (1.0 + tl.exp(-g))).to(up.dtype).to(tl.float32) * up.to(tl.float32)).to(up.dtype)
         if NORM:  # RMSNorm of the rows: scale by the norm weight now, by 1/rms once K is summed
             af = a.to(tl.float32)
-            sumsq += tl.sum(af * af, axis=1)
+            squares += af * af  # summed over K after the loop: a reduction per step would stall it
             if NORM_W:  # else the norm weight is already folded into w's rows
                 nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
                 a = (af * nw[None, :]).to(a.dtype)
@@ -95,7 +96,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr
     res_ptrs = res_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :]
     if SPLIT_K == 1:
         if NORM:
-            inv_rms = tl.rsqrt(sumsq / K + eps)
+            inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
             acc *= inv_rms[:, None]
             acc_up *= inv_rms[:, None]
         if HAS_BIAS:
