@@ -127,7 +127,7 @@ class Scheduler:
         samples = end == seq.num_tokens
         if samples:
             seq.num_tokens += 1  # the sampled token is pending on the device until results come back
-        if not samples:
+        else:
             batch.no_sample.append(len(batch.seqs))
         known = seq.token_ids[start:start + n]
         batch.ids += known

@@ -67,6 +67,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
+def silu_mul(gate, up):
+    """HF's SiLU-and-mul on gate and up in the model dtype: act(gate) rounded to that dtype, then
+    times up, in fp32 (the caller rounds or feeds it on)."""
+    g = gate.to(tl.float32)
+    return (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32) * up.to(tl.float32)
+
+
+@triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
@@ -76,10 +84,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr,
     mask = cols < I
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     u = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0)
-    dtype = g.dtype
-    gf = g.to(tl.float32)
-    a = (gf / (1.0 + tl.exp(-gf))).to(dtype).to(tl.float32)  # HF: act(gate) in model dtype, then * up
-    tl.store(out_ptr + row * stride_o + cols, (a * u.to(tl.float32)).to(dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, silu_mul(g, u).to(g.dtype), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from . import pdl
 from .counters import zeroed_counters
+from .fused import silu_mul
 
 
 @triton.jit
@@ -36,8 +37,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr
                         stride_xm, stride_wk, stride_rm, stride_ym,
                         BM: tl.constexpr, WN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                         SILU_MUL: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr,
-                        HAS_BIAS: tl.constexpr,
-                        HAS_RES: tl.constexpr, DOT_PREC: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DOT_PREC: tl.constexpr,
                         PREFETCH: tl.constexpr, PF_COLS: tl.constexpr, USE_PDL: tl.constexpr):
     # WN output columns per program; GATED: w is [K, 2N] (gate | up), a tile reads WN columns of each half.
     pn = tl.program_id(0)
@@ -77,8 +77,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr
         a = tl.load(x_rows + kk[None, :], mask=amask, other=0.0)
         if SILU_MUL:
             up = tl.load(x_rows + K + kk[None, :], mask=amask, other=0.0)
-            g = a.to(tl.float32)
-            a = ((g / (1.0 + tl.exp(-g))).to(up.dtype).to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+            a = silu_mul(a, up).to(up.dtype)
         if NORM:  # RMSNorm of the rows: scale by the norm weight now, by 1/rms once K is summed
             af = a.to(tl.float32)
             squares += af * af  # summed over K after the loop: a reduction per step would stall it
@@ -103,10 +102,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr
             acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
             if GATED:
                 acc_up += tl.load(bias_ptr + N + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        if GATED:  # HF's SiLU-and-mul on the rounded gate and up outputs
-            g = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-            u = acc_up.to(y_ptr.dtype.element_ty).to(tl.float32)
-            acc = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32) * u
+        if GATED:  # on the gate and up outputs rounded to the model dtype, as HF computes them
+            acc = silu_mul(acc.to(y_ptr.dtype.element_ty), acc_up.to(y_ptr.dtype.element_ty))
         if HAS_RES:
             acc += tl.load(res_ptrs, mask=ymask, other=0.0).to(tl.float32)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
