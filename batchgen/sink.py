@@ -338,14 +338,18 @@ class OutputDir:
                     p.unlink()
         fsync_dir(self.path)
 
+    def _lock_file(self, name: str) -> int:
+        """An open descriptor of OUT/.batchgen/locks/<name> (clear() leaves that folder alone)."""
+        d = self.meta / "locks"
+        d.mkdir(parents=True, exist_ok=True)
+        return os.open(d / name, os.O_RDWR | os.O_CREAT, 0o644)
+
     @contextlib.contextmanager
     def _exclusive(self, name: str) -> Iterator[None]:
         """Hold an exclusive lock on OUT/.batchgen/locks/<name> (waits for other processes)."""
         import fcntl
 
-        d = self.meta / "locks"
-        d.mkdir(parents=True, exist_ok=True)
-        fd = os.open(d / name, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_file(name)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -359,10 +363,7 @@ class OutputDir:
         """One process per task; raises OutputError when another one holds it."""
         import fcntl
 
-        d = self.meta / "locks"
-        d.mkdir(parents=True, exist_ok=True)
-        p = d / f"task-{self.task_id:05d}.lock"
-        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_file(f"task-{self.task_id:05d}.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
