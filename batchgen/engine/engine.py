@@ -2,7 +2,11 @@
 
 The loop is overlapped on CUDA: step N+1 is scheduled, staged and launched before the host
 waits for step N's sampled tokens, so the GPU never idles on the host. On the CPU (or with
-overlap=False) each step's results are processed right after it runs.
+overlap=False) each step's results are processed right after it runs; overlap=True runs the
+overlapped ordering on the CPU too (the tests use it to check it against the synchronous loop).
+
+Requests come in through add() (push), stream() (pulled lazily) or generate() (a list); each call
+owns its requests, so outputs always go back to the call that added them.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import gc
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ from .request import GenerationRequest, RequestOutput, SamplingParams
 from .runner import ModelRunner, StepHandle
 from .scheduler import Scheduler
 from .sequence import RequestGroup, Sequence, Status
+from .validation import EngineArgumentTypeError, EngineClosedError, check_engine_args, check_prompts, check_request
 
 _MASK63 = (1 << 63) - 1
 log = logging.getLogger("batchgen.engine")
@@ -43,13 +49,21 @@ class Engine:
     def __init__(self, model_dir: str | Path | None, device: str = "auto", dtype: str | torch.dtype = "auto",
                  max_num_seqs: int = 256, max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  block_size: int = 16, prefix_caching: bool = True, gpu_memory_fraction: float = 0.9,
-                 overlap: bool = True, cuda_graphs: bool = True, attention: str = "auto",
-                 max_model_len: int | None = None, seed: int = 0, model: Any = None) -> None:
+                 overlap: bool | str = "auto", cuda_graphs: bool = True, attention: str = "auto",
+                 max_model_len: int | None = None, seed: int = 0, threads: int | None = None,
+                 model: Any = None) -> None:
+        check_engine_args(device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+                          kv_cache_tokens=kv_cache_tokens, block_size=block_size, prefix_caching=prefix_caching,
+                          gpu_memory_fraction=gpu_memory_fraction, overlap=overlap, cuda_graphs=cuda_graphs,
+                          attention=attention, max_model_len=max_model_len, seed=seed, threads=threads)
         from transformers import AutoTokenizer, GenerationConfig
 
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
+        self.threads = None
+        if self.device.type == "cpu":
+            self.threads = torch.get_num_threads()  # WIRE-THREADS
         if model is None:
             model, raw_config = load_model(self.model_dir, self.device, dtype)
         else:  # a model built elsewhere (benchmarks: random weights of a named shape)
@@ -79,12 +93,16 @@ class Engine:
         head_major = self.backend.name == "triton"
         self.runner = ModelRunner(model, self.backend, self.device, self.dtype, num_blocks, block_size,
                                   max_num_seqs, self.max_model_len, head_major)
-        self.overlap = overlap and self.device.type == "cuda"
+        # "auto": overlapped on CUDA, where the host has a step in flight to hide behind; synchronous on the CPU
+        self.overlap = self.device.type == "cuda" if overlap == "auto" else bool(overlap)
         # decode graphs need an attention backend whose launches depend only on host bounds
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend.name != "torch"
         self.graph_capture_s = self.runner.capture_graphs(max_num_seqs) if self.cuda_graphs else 0.0
         log.info("engine: %s", self.describe())
         self._arrivals = itertools.count()
+        self._live: dict[int, RequestGroup] = {}  # accepted, not yet finished: uid -> group
+        self._inflight: StepHandle | None = None  # the launched step whose tokens are not processed yet
+        self._push = _Owner()  # owner of the requests added with add()
         self.reset_stats()
         # What exists now (torch, transformers, the model, graphs: ~400k tracked objects) lives as long as
         # the engine. Frozen, the cyclic GC stops walking it: a full collection in the middle of a run
@@ -179,11 +197,12 @@ class Engine:
     def _make_group(self, req: GenerationRequest | str | list[int], default: SamplingParams | None,
                     position: int | None = None) -> RequestGroup:
         arrival = next(self._arrivals)  # engine-wide: keeps derived seeds distinct across calls
+        check_request(req, arrival if position is None else position)
         if not isinstance(req, GenerationRequest):
             req = GenerationRequest(req, default or SamplingParams())
         rid = req.request_id if req.request_id is not None else (arrival if position is None else position)
         params = req.params
-        group = RequestGroup(rid, [], params)
+        group = RequestGroup(rid, [], params, uid=arrival, position=arrival if position is None else position)
         try:
             ids = self._encode(req.prompt) if isinstance(req.prompt, str) else [int(t) for t in req.prompt]
         except Exception as e:  # a bad prompt fails its own request only
@@ -216,33 +235,78 @@ class Engine:
             return f"prompt + max_new_tokens = {total} tokens does not fit the KV cache ({cap} tokens)"
         return None
 
-    def _enqueue(self, group: RequestGroup) -> None:
+    def _accept(self, req: GenerationRequest | str | list[int], default: SamplingParams | None,
+                position: int | None, owner: _Owner) -> RequestGroup:
+        """Make the request's group; a rejected one goes straight to its owner, a valid one to the scheduler."""
+        group = self._make_group(req, default, position)
+        group.owner = owner
+        if group.seqs[0].error is not None:
+            self._stats["errors"] += 1
+            owner.ready.append(group)
+            return group
         self._stats["requests"] += 1
         self._stats["prompt_tokens"] += len(group.prompt_ids)
+        self._live[group.uid] = group
+        owner.unfinished += 1
         share = self.blocks.prefix_caching and len(group.seqs) > 1
         for seq in group.seqs[:1] if share else group.seqs:  # siblings follow the first sample's prefill
             self.scheduler.add(seq)
+        return group
 
     # ------------------------------------------------------------------ public API
-    def generate(self, prompts: list[str] | list[list[int]],
+    def add(self, requests: Iterable[GenerationRequest | str | list[int]],
+            params: SamplingParams | None = None) -> list[Any]:
+        """Push requests (an iterable of prompts or GenerationRequests); returns their request ids.
+        Their outputs come back from step(), rejected ones (finish_reason "error") at the next call."""
+        self._check_open()
+        _check_iterable(requests, "add")
+        return [self._accept(request, params, None, self._push).request_id for request in requests]
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the requests added with add() that finished, in completion order."""
+        self._check_open()
+        if self._live or self._inflight is not None:
+            self._advance()
+        done, self._push.ready = list(self._push.ready), deque()
+        return [g.output(self._decode) for g in done]
+
+    def has_unfinished(self) -> bool:
+        """True while a request added with add() has not yet come back from step()."""
+        return bool(self._push.unfinished or self._push.ready)
+
+    def generate(self, prompts: list[str] | list[list[int]] | list[GenerationRequest],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run a list of prompts to completion; outputs in input order."""
+        self._check_open()
+        check_prompts(prompts, params)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        reqs = [GenerationRequest(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, plist))]
-        outs: list[RequestOutput | None] = [None] * len(reqs)
-        for out in self.stream(reqs):
-            outs[out.request_id] = out
+        reqs = (p if isinstance(p, GenerationRequest) else GenerationRequest(p, sp) for p, sp in zip(prompts, plist))
+        outs: list[RequestOutput | None] = [None] * len(prompts)
+        for group in self._run(reqs, None):
+            outs[group.position] = group.output(self._decode)
+        missing = [i for i, o in enumerate(outs) if o is None]
+        if missing:  # _run yields every accepted request once: this would be an engine bug
+            raise RuntimeError(f"internal error: {len(missing)} of {len(outs)} requests came back without an "
+                               f"output (positions {missing[:5]}); please report it")
         return outs  # type: ignore[return-value]
 
     def stream(self, requests: Iterable[GenerationRequest | str | list[int]],
                params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Pull requests lazily, yield each RequestOutput as soon as all its samples finish."""
+        """Pull requests lazily, yield each RequestOutput as soon as all its samples finish. Several streams
+        may be open at once: each gets exactly its own requests' outputs."""
+        self._check_open()
+        _check_iterable(requests, "stream")
+        for group in self._run(requests, params):
+            yield group.output(self._decode)
+
+    def _run(self, requests: Iterable[GenerationRequest | str | list[int]],
+             params: SamplingParams | None) -> Iterator[RequestGroup]:
+        """Top up the engine from `requests` (at most `lookahead` waiting), step, yield this call's finished
+        groups. Left early (the consumer stopped, an error), it drops what it had added."""
+        owner = _Owner()
         source = enumerate(requests)
         exhausted = False
         lookahead = 2 * self.max_num_seqs
-        inflight: StepHandle | None = None
-        finished = False
         t0 = time.perf_counter()
         try:
             while True:
@@ -252,48 +316,93 @@ class Engine:
                     except StopIteration:
                         exhausted = True
                         break
-                    group = self._make_group(request, params, position)
-                    if group.seqs[0].error is not None:
-                        self._stats["errors"] += 1
-                        yield group.output(self._decode)
-                    else:
-                        self._enqueue(group)
-                h0 = time.perf_counter()
-                batch = self.scheduler.schedule()
-                handle = None
-                if batch is not None:
-                    step = self.runner.prepare(batch)
-                    self._stats["host_s"] += time.perf_counter() - h0
-                    handle = self.runner.execute(step)
-                    self._stats["steps"] += 1
-                if inflight is not None:
-                    yield from self._process(inflight)
-                inflight = handle
-                if inflight is not None and not self.overlap:
-                    yield from self._process(inflight)
-                    inflight = None
-                if inflight is None and batch is None:
-                    if exhausted and not self.scheduler.has_work():
-                        finished = True
-                        return
-                    if self.scheduler.has_work() and not self.scheduler.running:
-                        raise RuntimeError("scheduler stalled with waiting requests and nothing running")
+                    self._accept(request, params, position, owner)
+                while owner.ready:
+                    yield owner.ready.popleft()
+                if exhausted and not owner.unfinished:
+                    return
+                self._advance()
         finally:
-            if not finished:  # abandoned (consumer stopped, an error): drop what this stream left behind
-                self._abort(inflight)
             self._stats["wall_s"] += time.perf_counter() - t0
+            if owner.unfinished and self.runner is not None:
+                self._drop(owner)
 
-    def _abort(self, inflight: StepHandle | None) -> None:
-        """Forget every unfinished request and free its blocks and slot, so the next stream starts clean."""
-        if self.runner is None:  # the engine was closed under an unfinished stream
-            return
-        if inflight is not None:
-            self.runner.collect(inflight)  # its tokens are dropped; wait so nothing is still writing
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+    # ------------------------------------------------------------------ the step loop
+    def _advance(self) -> None:
+        """One turn of the loop. Overlapped: schedule and launch step N+1, then process step N (in flight
+        until now). Synchronous: launch a step and process it at once. Finished groups go to their owners."""
+        knew_all = self._inflight is None  # no sampled token was still on the device while scheduling
+        try:
+            h0 = time.perf_counter()
+            batch = self.scheduler.schedule()
+            handle = None
+            if batch is not None:
+                step = self.runner.prepare(batch)
+                self._stats["host_s"] += time.perf_counter() - h0
+                handle = self.runner.execute(step)
+                self._stats["steps"] += 1
+            previous, self._inflight = self._inflight, handle
+            if previous is not None:
+                self._deliver(self._process(previous))
+            if handle is not None and not self.overlap:
+                self._inflight = None
+                self._deliver(self._process(handle))
+        except BaseException as e:  # a signal, an OOM: the step state is half-updated; end every request cleanly
+            self._fail_all(f"interrupted by {type(e).__name__}" + (f": {e}" if str(e) else ""))
+            raise
+        if batch is None and knew_all and self._live:
+            raise RuntimeError(self._stall_report())
+
+    def _deliver(self, groups: list[RequestGroup]) -> None:
+        for group in groups:
+            del self._live[group.uid]
+            group.owner.unfinished -= 1
+            group.owner.ready.append(group)
+
+    def _drop(self, owner: _Owner) -> None:
+        """Forget an abandoned call's unfinished requests: free their blocks and slots at once (a step still in
+        flight only writes blocks and slots on the device's stream before any later step reuses them)."""
+        for uid, group in list(self._live.items()):
+            if group.owner is owner:
+                for seq in group.seqs:
+                    if seq.status is not Status.FINISHED:
+                        self.scheduler.finish(seq)
+                del self._live[uid]
+        owner.unfinished = 0
+        owner.ready.clear()
+
+    def _fail_all(self, reason: str) -> None:
+        """After an exception inside a step: wait for launched work, end every unfinished request with an error
+        output to its owner, and leave the scheduler empty, so the engine stays usable and nothing is lost."""
+        if self._inflight is not None and self.runner is not None:
+            try:
+                self.runner.collect(self._inflight)
+            except BaseException:  # noqa: BLE001 - the device itself failed; nothing more to wait for
+                pass
+        self._inflight = None
+        if self.runner is not None and self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.device)
+            except BaseException:  # noqa: BLE001
+                pass
+        for group in list(self._live.values()):
+            for seq in group.seqs:
+                if seq.status is not Status.FINISHED:
+                    self.scheduler.finish(seq)
+                    seq.error, seq.finish_reason = reason, "error"
+            self._deliver([group])
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):  # nothing should be left
             self.scheduler.finish(seq)
 
+    def _stall_report(self) -> str:
+        s, bm = self.scheduler, self.blocks
+        return (f"internal error: the scheduler can make no progress with {len(self._live)} unfinished requests "
+                f"({len(s.waiting)} waiting, {len(s.running)} running, {bm.num_free} of {bm.usable_blocks} KV "
+                f"blocks free, {len(s.free_slots)} of {s.max_num_seqs} slots free); please report it")
+
     # ------------------------------------------------------------------ results
-    def _process(self, handle: StepHandle) -> Iterator[RequestOutput]:
+    def _process(self, handle: StepHandle) -> list[RequestGroup]:
+        """Take one step's sampled tokens; returns the groups whose samples have all finished."""
         tokens, logprobs = self.runner.collect(handle)
         h0 = time.perf_counter()
         if handle.started is not None:  # GPU timeline: this step's busy time and the idle gap before it
@@ -308,7 +417,7 @@ class Engine:
         done: list[RequestGroup] = []
         for seq, tok, lp in zip(handle.seqs, tokens.tolist(), logprobs.tolist() if logprobs is not None else itertools.repeat(None)):
             if seq.status is Status.FINISHED:
-                continue  # finished a step earlier; this extra token (overlap) is dropped
+                continue  # finished a step earlier (overlap) or dropped: this token is not used
             seq.token_ids.append(tok)
             if seq.logprobs is not None:
                 seq.logprobs.append(lp)
@@ -321,8 +430,7 @@ class Engine:
                 if seq.group.num_finished == len(seq.group.seqs):
                     done.append(seq.group)
         self._stats["host_s"] += time.perf_counter() - h0
-        for group in done:
-            yield group.output(self._decode)
+        return done
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params
@@ -342,11 +450,39 @@ class Engine:
                             seq.params.skip_special_tokens)
         return any(s in tail for s in stops)
 
+    def _check_open(self) -> None:
+        if self.runner is None:
+            raise EngineClosedError("this Engine was closed; create a new one")
+
     def close(self) -> None:
         """Release the KV cache, graphs and weights (another engine may start in this process)."""
+        if self.runner is None:
+            return
+        if self._inflight is not None:
+            self.runner.collect(self._inflight)  # nothing may still write into buffers about to be freed
+            self._inflight = None
         self.runner = None  # type: ignore[assignment]
         self.model = None
         gc.unfreeze()
         gc.collect()  # runner <-> graphs hold each other
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _check_iterable(requests: object, caller: str) -> None:
+    """A bare str would be taken one character per request; anything not iterable fails later and less clearly."""
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Iterable):
+        raise EngineArgumentTypeError(f"{caller}() takes an iterable of prompts or GenerationRequests; got "
+                                      f"{'one ' if isinstance(requests, (str, bytes)) else ''}"
+                                      f"{type(requests).__name__}" +
+                                      (" (wrap it in a list: [prompt])" if isinstance(requests, (str, bytes)) else ""))
+
+
+class _Owner:
+    """Who receives a request's output: the push API (add/step) or one stream()/generate() call."""
+
+    __slots__ = ("ready", "unfinished")
+
+    def __init__(self) -> None:
+        self.ready: deque[RequestGroup] = deque()  # finished (or rejected) groups not yet handed out
+        self.unfinished = 0  # accepted groups still in the engine

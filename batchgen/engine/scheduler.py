@@ -80,7 +80,8 @@ class Scheduler:
                     break
                 seq.blocks += bm.allocate(need)
                 batch.grown.append(seq)
-            if nt - nc == 1:  # decode, the common case: _take inlined
+            if nt - nc == 1 and nc >= seq.num_prompt:  # decode, the common case: _take inlined
+                # (a prompt's last token scheduled alone goes through _take: it releases n > 1 siblings)
                 seq.num_computed, seq.num_tokens = nt, nt + 1
                 toks = seq.token_ids
                 add_id(toks[nc] if nc < len(toks) else -1)

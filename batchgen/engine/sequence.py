@@ -14,13 +14,16 @@ class Status(enum.Enum):
     FINISHED = 2
 
 
-@dataclass
+@dataclass(eq=False)
 class RequestGroup:
     request_id: Any
     prompt_ids: list[int]
     params: SamplingParams
     seqs: list["Sequence"] = field(default_factory=list)
     num_finished: int = 0
+    uid: int = 0  # engine-wide serial number: the key of the engine's table of unfinished requests
+    position: int = 0  # index in the input of the stream() / generate() call that added it
+    owner: Any = None  # who receives the output (the engine's push API or one stream)
 
     def output(self, tokenizer_decode) -> RequestOutput:
         outs = [s.completion(tokenizer_decode) for s in self.seqs]
