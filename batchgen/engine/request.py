@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .validation import check_sampling_params
+
 FinishReason = Literal["stop", "length", "error"]
 
 
@@ -27,22 +29,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens must be in [0, max_new_tokens]")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        check_sampling_params(self)  # one clear error per bad field; also normalises types (stop: str -> [str])
 
     @property
     def greedy(self) -> bool:
