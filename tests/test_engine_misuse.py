@@ -57,7 +57,7 @@ BAD_SAMPLING = [  # (field, value, wrong type)
     ("top_p", math.nan, False), ("top_p", 0.0, False), ("top_p", 1.5, False), ("top_p", math.inf, False),
     ("min_p", math.nan, False), ("min_p", -0.1, False), ("min_p", 2.0, False),
     ("repetition_penalty", math.nan, False), ("repetition_penalty", math.inf, False),
-    ("repetition_penalty", 0.0, False),
+    ("repetition_penalty", 0.0, False), ("repetition_penalty", 1e-300, False),  # 0 in float32
     ("seed", 1.5, True), ("seed", True, True), ("seed", "7", True),
     ("n", 1.5, True), ("n", 0, False), ("n", 10**6, False),
     ("stop", 5, True), ("stop", [""], False), ("stop", ["ok", 3], True), ("stop", {"x"}, True),
@@ -189,6 +189,25 @@ def test_check_prompts_accepts_the_supported_kinds():
     check_prompts([[1], [2]], [sp, sp])
     check_request(GenerationRequest("hi", sp), 0)
     _raises(lambda: check_request(GenerationRequest([1], {"n": 2}), 4), "prompt 4", "params", type_error=True)
+
+
+def test_add_bad_item_names_add(engine):
+    _raises(lambda: engine.add([[5, 6], None]), "add(): prompt", "NoneType", type_error=True)
+    _raises(lambda: engine.add("one prompt"), "add()", "wrap it in a list", type_error=True)
+    engine.step()  # the valid first item was accepted before the bad one; it comes back normally
+    while engine.has_unfinished():
+        engine.step()
+
+
+def test_stop_token_id_outside_vocab_fails_its_request_only(engine):
+    """With min_new_tokens the sampler indexes logits with the stop ids: an id past the vocabulary crashed the
+    whole generate (index out of bounds). Now it is that request's error."""
+    vocab = engine.model.cfg.vocab_size
+    bad = SamplingParams(max_new_tokens=4, min_new_tokens=2, stop_token_ids=[vocab + 10])
+    good = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    out_bad, out_good = engine.generate([[5, 6, 7], [5, 6, 7]], [bad, good])
+    assert "stop_token_ids" in out_bad.error and "vocabulary" in out_bad.error
+    assert out_good.error is None and len(out_good.outputs[0].token_ids) == 4
 
 
 # ------------------------------------------------------------------ after close()

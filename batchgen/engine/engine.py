@@ -195,9 +195,9 @@ class Engine:
         return self.tokenizer.encode(text)
 
     def _make_group(self, req: GenerationRequest | str | list[int], default: SamplingParams | None,
-                    position: int | None = None) -> RequestGroup:
+                    position: int | None = None, caller: str = "stream()") -> RequestGroup:
         arrival = next(self._arrivals)  # engine-wide: keeps derived seeds distinct across calls
-        check_request(req, arrival if position is None else position)
+        check_request(req, arrival if position is None else position, caller)
         if not isinstance(req, GenerationRequest):
             req = GenerationRequest(req, default or SamplingParams())
         rid = req.request_id if req.request_id is not None else (arrival if position is None else position)
@@ -226,6 +226,8 @@ class Engine:
         vocab = self.model.cfg.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             return f"prompt holds token ids outside the vocabulary [0, {vocab})"
+        if p.stop_token_ids and max(p.stop_token_ids) >= vocab:  # the sampler indexes logits with them
+            return f"stop_token_ids hold ids outside the vocabulary [0, {vocab})"
         total = len(ids) + p.max_new_tokens
         if total > self.max_model_len:
             return (f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) = {total} exceeds the "
@@ -238,7 +240,7 @@ class Engine:
     def _accept(self, req: GenerationRequest | str | list[int], default: SamplingParams | None,
                 position: int | None, owner: _Owner) -> RequestGroup:
         """Make the request's group; a rejected one goes straight to its owner, a valid one to the scheduler."""
-        group = self._make_group(req, default, position)
+        group = self._make_group(req, default, position, "add()" if owner is self._push else "stream()")
         group.owner = owner
         if group.seqs[0].error is not None:
             self._stats["errors"] += 1

@@ -13,6 +13,7 @@ import sys
 from typing import Any, Callable, NoReturn
 
 INT32_MAX = 2**31 - 1  # top_k and token ids go through int32 / int64 device tensors
+F32_TINY = 1.1754943508222875e-38  # smallest normal float32
 F32_MAX = 3.4028234663852886e38  # sampling floats live in float32 on the device: larger ones become inf
 MAX_N = 4096  # samples per request: each one is a full sequence, so more is surely a mistake
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # the model weights' types loader.py builds
@@ -103,8 +104,9 @@ def check_sampling_params(p: Any) -> None:
     p.top_k = top_k if top_k > 0 else -1  # any "off" value is stored as -1, so no huge negative reaches a tensor
     p.top_p = _real(f + "top_p", p.top_p, "a finite number in (0, 1]", lambda x: 0 < x <= 1)
     p.min_p = _real(f + "min_p", p.min_p, "a finite number in [0, 1]", lambda x: 0 <= x <= 1)
-    p.repetition_penalty = _real(f + "repetition_penalty", p.repetition_penalty, "a finite number > 0",
-                                 lambda x: x > 0)
+    # the penalty divides logits in float32: one that rounds to 0 there would divide by zero
+    p.repetition_penalty = _real(f + "repetition_penalty", p.repetition_penalty,
+                                 f"a finite number >= {F32_TINY:.3g}", lambda x: x >= F32_TINY)
     if p.seed is not None:  # any int: the engine hashes it with a 64-bit mask
         p.seed = _int(f + "seed", p.seed, want="None or an integer")
     p.n = _int(f + "n", p.n, 1, MAX_N)
