@@ -71,3 +71,27 @@ def test_seeded_sampling_same_with_and_without_overlap(ckpt, work):
     a = _engine(ckpt, attention="triton", overlap=True).generate(prompts, params)
     b = _engine(ckpt, attention="triton", overlap=False).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stress_overlap_equals_sync_under_preemption(ckpt, seed):
+    """The CPU stress test's workloads on CUDA (Triton attention, decode graphs, overlap): constant preemption,
+    n up to 8, greedy and seeded, stop strings, min_new_tokens. Every sample comes back, overlapped == sync."""
+    import random
+
+    from invariants import check_engine_idle
+    from test_engine_stress import check_complete, random_config, random_requests, summary
+
+    rng = random.Random(seed)
+    conf = {**random_config(rng), "block_size": 16}
+    vocab, _ = R.model_info(ckpt)
+    reqs = random_requests(rng, vocab, 40)
+    results = []
+    for overlap in (True, False):
+        eng = _engine(ckpt, attention="triton", overlap=overlap, **conf)
+        outs = list(eng.stream(reqs))
+        check_complete(outs, reqs)
+        check_engine_idle(eng)
+        results.append(summary(outs))
+        eng.close()
+    assert results[0] == results[1], f"overlapped != synchronous for {conf}"
