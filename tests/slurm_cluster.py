@@ -183,7 +183,7 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         )
         self._munged_pid = proc.pid
         self._procs["munged"] = proc
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # polled: only a hang waits this long
         while time.monotonic() < deadline:
             if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
                 return
@@ -199,7 +199,7 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
             start_new_session=True,
         )
 
-    def start(self, timeout: float = 30.0) -> "SlurmCluster":
+    def start(self, timeout: float = 120.0) -> "SlurmCluster":  # polled: a loaded box may need long
         self.write_conf()
         self._ensure_munge()
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])

@@ -1,11 +1,18 @@
 """End to end on a tiny real checkpoint: `batchgen run` as a real subprocess, killed with SIGKILL
 at several random moments and resumed, or stopped with SIGTERM / SIGINT, compared with an
-uninterrupted run; the output read back with `datasets`."""
+uninterrupted run; the output read back with `datasets`.
+
+No sleep here is sized for one machine: a kill or a signal is sent on progress observed in the
+output directory (shards committed by the run being killed, the progress file written by its
+pid), at most a small random delay after it, and the job is long enough (rows x tokens) that it
+can't finish within that delay on a fast machine; a run that finished anyway is noticed and
+reported, not counted as a kill."""
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +23,11 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-N_ROWS = 40
+# 60 rows x 2 samples x up to 32 tokens: a few seconds of generation even on a fast core, so a
+# kill at most KILL_JITTER_S after progress was seen always lands with most of the job left
+N_ROWS = 60
+KILL_JITTER_S = 0.05
+SHARD_RE = re.compile(r"^part-t\d{5}-\d{6}\.parquet$")
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +39,7 @@ input:
 prompt:
   column: prompt
   system: Answer briefly.
-sampling: {{max_new_tokens: 10, temperature: 0.9, top_p: 0.95, n: 2, seed: 7}}
+sampling: {{max_new_tokens: 32, temperature: 0.9, top_p: 0.95, n: 2, seed: 7}}
 output: {{path: {out}, rows_per_shard: 4, flush_seconds: 0.05, stop_grace_seconds: {grace}}}
 engine: {{device: cpu, max_num_seqs: 4, max_batch_tokens: 256}}
 """
@@ -78,15 +89,43 @@ def progress(out: Path) -> dict:
         return {}
 
 
-def wait_for(cond: Any, proc: subprocess.Popen, timeout: float = 240.0) -> bool:
+def shards(out: Path) -> set[str]:
+    """Names of the committed shards (a shard is renamed into place whole, never rewritten; a
+    resumed run numbers its shards after the existing ones, so new names are this run's)."""
+    try:
+        return {n for n in os.listdir(out) if SHARD_RE.match(n)}
+    except FileNotFoundError:
+        return set()
+
+
+class Committed:
+    """Input rows in the committed shards, from their footers (each shard read once)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.rows: dict[str, int] = {}
+
+    def __call__(self) -> int:
+        from batchgen.sink import read_shard_meta
+
+        for n in shards(self.out) - set(self.rows):
+            self.rows[n] = int(read_shard_meta(self.out / n)["rows"])
+        return sum(self.rows.values())
+
+
+def wait_for(cond: Any, proc: subprocess.Popen, log: Path | None = None, timeout: float = 300.0) -> bool:
+    """Poll until cond() holds (True) or proc exits first (False). The timeout only catches a
+    hang: it is far above what any machine needs."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if cond():
             return True
         if proc.poll() is not None:
             return False
-        time.sleep(0.01)
-    raise TimeoutError("condition not reached")
+        time.sleep(0.005)
+    proc.kill()
+    tail = log.read_text(errors="replace")[-3000:] if log is not None else ""
+    raise TimeoutError(f"condition not reached in {timeout:.0f} s\n{tail}")
 
 
 def read(out: Path) -> dict[tuple, dict]:
@@ -144,25 +183,45 @@ def test_sigkill_at_random_moments_then_resume(workdir: Path, reference: dict[tu
     log = workdir / "killed.log"
     rng = random.Random(20240607)
     total = N_ROWS + 2
-    targets = sorted(rng.sample(range(1, total - 2), 3))
-    kills_mid_run = 0
-    # first kill: a random moment during start-up (imports, model load)
+    committed = Committed(out)
+
+    # first kill: a random moment during start-up (imports, tokenizer), at the latest as soon as
+    # this run says it is about to load the model (its progress file, by its pid): never later
     p = start(job, log)
-    time.sleep(rng.uniform(0.5, 3.0))
+    t_kill = time.monotonic() + rng.uniform(0.1, 3.0)
+    wait_for(lambda: time.monotonic() >= t_kill or progress(out).get("pid") == p.pid, p, log)
+    assert p.poll() is None, f"the run ended during start-up ({p.returncode})\n{log.read_text()[-3000:]}"
     p.kill()
-    p.wait()
+    assert p.wait() == -signal.SIGKILL
+    assert not shards(out), "the start-up kill came after a shard was committed"
+
+    # then kills mid-run: each resumed run is killed a moment after it committed shards of its
+    # own (names that were not there when it started) and the output holds >= target rows; the
+    # targets stay in the first 60% of the job, so most of it is left when the kill lands
+    targets = sorted(rng.sample(range(3, int(0.6 * total)), 3))
+    history: list[str] = []
+    kills_mid_run = 0
     for target in targets:
+        before = shards(out)
         p = start(job, log)
-        reached = wait_for(lambda: progress(out).get("rows_done", 0) >= target, p)
-        time.sleep(rng.uniform(0.0, 0.3))
-        if p.poll() is None:
-            p.kill()
-            kills_mid_run += reached
-        p.wait()
-        assert p.returncode in (-signal.SIGKILL, 0)
-    assert kills_mid_run >= 2, "the kills should land while rows are being generated"
-    committed = read(out)
-    assert 0 < len(committed) < len(reference)  # the job is really unfinished here
+        seen = wait_for(lambda: bool(shards(out) - before) and committed() >= target, p, log)
+        if seen:
+            time.sleep(rng.uniform(0.0, KILL_JITTER_S))
+        if p.poll() is not None:  # it ended before the kill could land: not a kill
+            history.append(f"target {target}: the run ended by itself ({p.returncode}) at {committed()} rows")
+            assert p.returncode == 0, f"{history}\n{log.read_text()[-3000:]}"
+            break
+        p.kill()
+        assert p.wait() == -signal.SIGKILL
+        rows = committed()
+        history.append(f"target {target}: killed at {rows} rows, {len(shards(out) - before)} new shards")
+        assert rows < total, f"killed after the last commit: the job is too short for this machine ({history})"
+        kills_mid_run += 1
+    assert kills_mid_run == len(targets) >= 1, f"not every kill landed mid-run: {history}"
+    part = read(out)
+    assert 0 < len(part) < len(reference)  # the job is really unfinished here
+    for k, r in part.items():  # what survived the kills is final
+        assert r == reference[k]
     p = start(job, log)
     assert p.wait(timeout=600) == 0, log.read_text()[-3000:]
     text = log.read_text()
@@ -177,14 +236,15 @@ def test_sigterm_sigint_flush_and_resume(workdir: Path, reference: dict[tuple, d
     out = workdir / name
     job = job_file(workdir, name, grace=grace)
     log = workdir / f"{name}.log"
-    p = start(job, log)
-    assert wait_for(lambda: progress(out).get("rows_done", 0) >= 6, p)
+    committed = Committed(out)
+    p = start(job, log)  # a new output: every shard is this run's
+    assert wait_for(lambda: committed() >= 6, p, log), log.read_text()[-3000:]
     p.send_signal(sig)
-    assert p.wait(timeout=120) == code
+    assert p.wait(timeout=300) == code, log.read_text()[-3000:]
     last = log.read_text().strip().splitlines()[-1]
     assert f"stopped by {signal.Signals(sig).name}" in last and "run the same command to resume" in last, last
     st = progress(out)
-    assert st["state"] == "stopped" and 6 <= st["rows_done"] < N_ROWS + 2
+    assert st["pid"] == p.pid and st["state"] == "stopped" and 6 <= st["rows_done"] < N_ROWS + 2
     part = read(out)
     assert len(part) == 2 * st["rows_done"]  # everything completed was flushed
     for k, r in part.items():

@@ -530,14 +530,30 @@ def test_concurrent_overwrite_keeps_every_new_tasks_shards(tmp_path: Path) -> No
         "import sys, time\n"
         "from pathlib import Path\n"
         "from batchgen.sink import OutputDir\n"
-        "out, t, start = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])\n"
-        "while time.time() < start: pass\n"
+        "out, t, gate = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])\n"
+        "(gate / f'ready-{t}').touch()\n"
+        "while not (gate / 'go').exists(): time.sleep(0.0005)\n"
         "OutputDir(out, t, 6).prepare({'fingerprint': 'new', 'identity': {'v': 2}, 'num_tasks': 6}, overwrite=True)\n"
         "(out / f'part-t{t:05d}-000000.parquet').write_bytes(b'new')\n"
     )
-    start = time.time() + 3  # past every interpreter's start-up: all race for prepare() at once
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(out), str(t), str(start)]) for t in range(6)]
-    assert [p.wait(timeout=60) for p in procs] == [0] * 6
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(out), str(t), str(gate)]) for t in range(6)]
+    # released together once every interpreter says it is past its start-up (imports): all race
+    # for prepare() at once however long start-up takes on this machine
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(gate.glob("ready-*"))) < 6:
+            assert all(p.poll() is None for p in procs), [p.poll() for p in procs]
+            assert time.monotonic() < deadline, "the tasks never got past their imports"
+            time.sleep(0.01)
+        (gate / "go").touch()
+        assert [p.wait(timeout=300) for p in procs] == [0] * 6
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert sorted(p.name for p in OutputDir(out).shard_files()) == [f"part-t{t:05d}-000000.parquet" for t in range(6)]
     assert OutputDir(out).manifest()["fingerprint"] == "new"
 

@@ -20,7 +20,7 @@ def test_cluster_runs_an_array(slurm_cluster, tmp_path):
         "--array=0-3", "-o", f"{out}/%A_%a.log",
         "--wrap", "echo task=$SLURM_ARRAY_TASK_ID count=$SLURM_ARRAY_TASK_COUNT restart=${SLURM_RESTART_COUNT:-0}",
     )
-    states = slurm_cluster.wait_for_jobs([job], timeout=60)
+    states = slurm_cluster.wait_for_jobs([job], timeout=300)
     assert sorted(states.values()) == ["COMPLETED"] * 4, states
     lines = sorted(p.read_text().strip() for p in out.glob("*.log"))
     assert lines == [f"task={i} count=4 restart=0" for i in range(4)]
@@ -29,11 +29,14 @@ def test_cluster_runs_an_array(slurm_cluster, tmp_path):
 # --------------------------------------------------------------------------------------------
 # the real thing: batchgen submit -> array of 4 CPU tasks -> requeue two of them mid-run
 # --------------------------------------------------------------------------------------------
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -58,6 +61,102 @@ def _progress(out: Path) -> dict[int, dict]:
             continue
         res[int(data.get("task_id", p.stem.split("-")[1]))] = data
     return res
+
+
+def _poll(cond: Callable[[], Any], timeout: float, what: str) -> None:
+    """Wait for an observed condition; the timeout only catches a hang."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not seen in {timeout:.0f} s")
+        time.sleep(0.005)
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (R, S, T stopped, Z...), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _signal_pending(pid: int, signum: int) -> bool:
+    """signum is pending for pid (its thread's or the process's pending set)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    mask = 0
+    for ln in lines:
+        if ln.startswith(("SigPnd:", "ShdPnd:")):
+            mask |= int(ln.split()[1], 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+@contextlib.contextmanager
+def _frozen(pid: int) -> Iterator[None]:
+    """pid stopped (SIGSTOP) for the body, continued after: a task seen mid-run can't run on to
+    the end of its part between being seen and being signalled, however fast the machine."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        _poll(lambda: _proc_state(pid) in ("T", "t", None), 60, f"pid {pid} stopped")
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def _until_pending(pid: int, signum: int) -> None:
+    """Inside _frozen, after asking Slurm for a signal: wait until it is pending (or something else
+    continued pid, e.g. Slurm's SIGCONT before its SIGTERM, or it is gone), so that the signal is
+    the first thing the task sees when it runs again."""
+    _poll(lambda: _signal_pending(pid, signum) or _proc_state(pid) not in ("T", "t"), 60,
+          f"signal {signum} reaching pid {pid}")
+
+
+def test_frozen_signal_lands_before_the_process_runs_on(tmp_path):
+    """The helpers above, without Slurm: a process counting to a file is frozen, signalled,
+    continued; it counts nothing while frozen and its handler runs before it counts on."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "f, tmp, got = Path(sys.argv[1]), Path(sys.argv[1] + '.tmp'), Path(sys.argv[2])\n"
+        "n = 0\n"
+        "def h(s, fr): got.write_text(str(n)); sys.exit(7)\n"
+        "signal.signal(signal.SIGUSR1, h)\n"
+        "while True:\n"
+        "    n += 1\n"
+        "    tmp.write_text(str(n))\n"
+        "    os.replace(tmp, f)\n"
+        "    time.sleep(0.001)\n"
+    )
+    f, got = tmp_path / "count", tmp_path / "got"
+    p = subprocess.Popen([sys.executable, "-c", code, str(f), str(got)])
+    try:
+        _poll(f.exists, 120, "the counter started")
+        seen: list[int] = []
+
+        def send() -> None:
+            seen.append(int(f.read_text()))
+            time.sleep(0.2)  # a slow scancel: the frozen process must not move meanwhile
+            seen.append(int(f.read_text()))
+            os.kill(p.pid, signal.SIGUSR1)
+
+        with _frozen(p.pid):
+            send()
+            _until_pending(p.pid, signal.SIGUSR1)
+            assert _proc_state(p.pid) == "T" and _signal_pending(p.pid, signal.SIGUSR1)
+        assert p.wait(timeout=60) == 7
+        # nothing counted while frozen; the handler ran at once (at most the count in hand)
+        assert seen[0] == seen[1] and seen[0] <= int(got.read_text()) <= seen[0] + 1, (seen, got.read_text())
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _mid_run(p: dict) -> bool:
+    return p.get("state") == "running" and 2 <= p.get("rows_done", 0) < p.get("rows_total", 0)
 
 
 @pytest.mark.slurm
@@ -96,26 +195,42 @@ def test_array_job_requeued_mid_run_is_exact(slurm_cluster, tiny_checkpoint, tmp
     assert job_id.isdigit(), r.stdout
 
     # once tasks 1 and 2 have committed a shard and are still running: USR1 to task 1 (the
-    # time-limit warning: it requeues itself), `scontrol requeue` of task 2 (TERM from Slurm)
+    # time-limit warning: it requeues itself), `scontrol requeue` of task 2 (TERM from Slurm).
+    # Each is frozen (its pid from its progress file; same host) from the moment it is seen
+    # mid-run until the signal is pending, so it can't finish its part first on a fast machine.
     signalled: dict[int, int] = {}
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 300
     while len(signalled) < 2:
         assert time.monotonic() < deadline, f"tasks never got going: {_progress(out)}\n{slurm_cluster.logs()}"
         prog = _progress(out)
         for t in (1, 2):
             p = prog.get(t, {})
-            if t not in signalled and p.get("state") == "running" and 2 <= p.get("rows_done", 0) < p.get("rows_total", 0):
-                if t == 1:
-                    slurm_cluster.run("timeout", "15", "scancel", "--signal=USR1", "--batch", f"{job_id}_1", check=False)
-                else:
-                    slurm_cluster.run("scontrol", "requeue", f"{job_id}_2")
-                signalled[t] = p["rows_done"]
-        time.sleep(0.1)
+            if t in signalled or not _mid_run(p) or not p.get("pid"):
+                continue
+            pid = int(p["pid"])
+            if t == 1:
+                send = lambda: slurm_cluster.run("timeout", "15", "scancel", "--signal=USR1", "--batch",  # noqa: E731
+                                                 f"{job_id}_1", check=False)
+                signum = signal.SIGUSR1
+            else:
+                send = lambda: slurm_cluster.run("scontrol", "requeue", f"{job_id}_2")  # noqa: E731
+                signum = signal.SIGTERM
+            try:
+                with _frozen(pid):
+                    now = _progress(out).get(t, {})  # it can't change while frozen
+                    if not _mid_run(now) or now.get("pid") != p["pid"]:
+                        continue
+                    send()
+                    _until_pending(pid, signum)
+            except ProcessLookupError:  # it exited between the read and the freeze
+                continue
+            signalled[t] = now["rows_done"]
+        time.sleep(0.02)
 
     mid = subprocess.run([*batchgen_cmd(), "status", str(out)], env=env, capture_output=True, text=True, timeout=60)
     assert mid.returncode == 1, mid.stdout + mid.stderr  # not complete yet
 
-    states = slurm_cluster.wait_for_jobs([job_id], timeout=240)
+    states = slurm_cluster.wait_for_jobs([job_id], timeout=600)
     logs = {t: (out / ".batchgen" / "slurm" / "logs" / f"{job_id}_{t}.log") for t in range(N_TASKS)}
     all_logs = "\n".join(f"--- task {t}\n{p.read_text() if p.exists() else '(no log)'}" for t, p in logs.items())
     assert sorted(states.values()) == ["COMPLETED"] * N_TASKS, f"{states}\n{all_logs}"
