@@ -104,7 +104,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_batch_tokens: int = 8192
     gpu_memory_fraction: float = 0.9
-    overlap: bool = True
+    overlap: Any = "auto"  # "auto" (on for CUDA, off for the CPU) | True | False
     cuda_graphs: bool = True
     attention: str = "auto"
     device: str = "auto"
@@ -112,6 +112,7 @@ class EngineConfig:
     max_model_len: int | None = None
     prefix_caching: bool = True
     block_size: int = 16
+    threads: int | None = None  # torch threads on the CPU; None: automatic (batchgen/engine/threads.py)
 
 
 @dataclass
@@ -188,7 +189,7 @@ _RULES: dict[tuple[str, str], dict[str, Any]] = {
     ("engine", "max_num_seqs"): dict(kind="int", min=1),
     ("engine", "max_batch_tokens"): dict(kind="int", min=1),
     ("engine", "gpu_memory_fraction"): dict(kind="float", min=0.0, min_exclusive=True, max=1.0),
-    ("engine", "overlap"): dict(kind="bool"),
+    ("engine", "overlap"): dict(kind="auto_bool"),
     ("engine", "cuda_graphs"): dict(kind="bool"),
     ("engine", "attention"): dict(kind="str", choices=["auto", "torch", "triton", "flash"]),
     ("engine", "device"): dict(kind="str"),
@@ -196,6 +197,7 @@ _RULES: dict[tuple[str, str], dict[str, Any]] = {
     ("engine", "max_model_len"): dict(kind="int", nullable=True, min=1),
     ("engine", "prefix_caching"): dict(kind="bool"),
     ("engine", "block_size"): dict(kind="int", min=1),
+    ("engine", "threads"): dict(kind="int", nullable=True, min=1),
     ("", "cost_per_hour"): dict(kind="float", nullable=True, min=0.0),
 }
 

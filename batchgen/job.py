@@ -74,6 +74,7 @@ def make_engine(cfg: JobConfig) -> Any:
         attention=e.attention,
         max_model_len=e.max_model_len,
         seed=cfg.sampling.seed,
+        threads=e.threads,
     )
 
 

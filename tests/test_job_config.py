@@ -189,3 +189,77 @@ def test_cli_error_is_one_line_in_a_real_process(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {job}:6: prompt.colum: unknown key (did you mean 'column'?)"
     assert r.stdout == ""
+
+
+# ------------------------------------------------------------------ engine.threads / engine.overlap
+@pytest.mark.parametrize("value, want", [("1", 1), ("3", 3), ("null", None), ("~", None)])
+def test_engine_threads_good(tmp_path: Path, value: str, want: int | None) -> None:
+    cfg = load_job(write_job(tmp_path, GOOD + f"engine:\n  threads: {value}\n"))
+    assert cfg.engine.threads == want
+    assert load_job(write_job(tmp_path, GOOD)).engine.threads is None  # default: automatic
+    assert load_job(write_job(tmp_path, GOOD), ["engine.threads=2"]).engine.threads == 2
+
+
+@pytest.mark.parametrize("value, words", [
+    ("0", "must be >= 1, got 0"),
+    ("-1", "must be >= 1, got -1"),
+    ("1.5", "must be an integer, got a number"),
+    (".nan", "must be an integer, got a number"),
+    ("two", "must be an integer, got the string 'two'"),
+    ("'2'", "must be an integer, got the string '2'"),
+    ("true", "must be an integer, got a boolean"),
+    ("[2]", "must be an integer, got a list"),
+])
+def test_engine_threads_bad(tmp_path: Path, value: str, words: str) -> None:
+    job = write_job(tmp_path, GOOD + f"engine:\n  max_num_seqs: 4\n  threads: {value}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_job(job)
+    assert str(ei.value) == f"{job}:11: engine.threads: {words}"
+    code, out = run_cli("run", str(job))
+    assert code == 2 and out.strip() == f"error: {job}:11: engine.threads: {words}"
+
+
+@pytest.mark.parametrize("value, want", [("auto", "auto"), ("'auto'", "auto"), ("true", True), ("false", False),
+                                         ("yes", True)])  # unquoted yes is YAML 1.1's true, as for every bool key
+def test_engine_overlap_good(tmp_path: Path, value: str, want: object) -> None:
+    cfg = load_job(write_job(tmp_path, GOOD + f"engine:\n  overlap: {value}\n"))
+    assert cfg.engine.overlap == want and type(cfg.engine.overlap) is type(want)
+    assert load_job(write_job(tmp_path, GOOD)).engine.overlap == "auto"  # the default
+
+
+@pytest.mark.parametrize("value, got", [
+    ("'yes'", "the string 'yes'"),
+    ("Auto", "the string 'Auto'"),
+    ("''", "the string ''"),
+    ("1", "an integer"),
+    ("0", "an integer"),
+    ("null", "null"),
+    ("~", "null"),
+    ("[true]", "a list"),
+])
+def test_engine_overlap_bad(tmp_path: Path, value: str, got: str) -> None:
+    job = write_job(tmp_path, GOOD + f"engine:\n  overlap: {value}\n")
+    msg = f"{job}:10: engine.overlap: must be auto, true or false, got {got}"
+    with pytest.raises(ConfigError) as ei:
+        load_job(job)
+    assert str(ei.value) == msg
+    code, out = run_cli("run", str(job))
+    assert code == 2 and out.strip() == f"error: {msg}"
+
+
+@pytest.mark.parametrize("extra, threads, overlap", [
+    ("", None, "auto"),
+    ("engine: {device: cpu, threads: 2, overlap: true}\n", 2, True),
+    ("engine: {device: cpu, overlap: false}\n", None, False),
+])
+def test_make_engine_passes_threads_and_overlap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: str,
+                                                threads: int | None, overlap: object) -> None:
+    from batchgen import job as jobmod
+    from batchgen.engine import engine as engmod
+
+    seen: dict = {}
+    monkeypatch.setattr(engmod.Engine, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
+    monkeypatch.setattr(jobmod, "model_location", lambda cfg: "m")
+    jobmod.make_engine(load_job(write_job(tmp_path, GOOD + extra)))
+    assert seen["overlap"] == overlap and type(seen["overlap"]) is type(overlap)
+    assert "threads" in seen and seen["threads"] == threads
