@@ -81,6 +81,8 @@ def test_apply_sets_torch_once_and_returns_the_count(monkeypatch: pytest.MonkeyP
     assert apply_cpu_threads(2) == 2 and calls == [2]
     assert apply_cpu_threads(2) == 2 and calls == [2]  # already 2: nothing to do
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert apply_cpu_threads(None) == 2 and calls == [2]  # no request: never above torch's current count
+    current["n"] = 7
     assert apply_cpu_threads(None) == 3 and calls == [2, 3]
     with pytest.raises(ValueError):
         apply_cpu_threads(0)
@@ -107,22 +109,23 @@ def test_a_process_pinned_to_one_cpu_uses_one_thread() -> None:
         "full = len(os.sched_getaffinity(0))\n"
         "if sys.argv[1] == 'pin':\n"
         "    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "start = torch.get_num_threads()\n"
         "n = apply_cpu_threads(None)\n"
-        "print(full, n, torch.get_num_threads(), cpu_threads(None), cpu_threads(2))\n"
+        "print(full, start, n, torch.get_num_threads(), cpu_threads(None), cpu_threads(2))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     for mode in ("pin", "all"):
         r = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        full, n, torch_n, again, asked = map(int, r.stdout.split())
+        full, start, n, torch_n, again, asked = map(int, r.stdout.split())
         want = 1 if mode == "pin" else full
-        assert (n, torch_n, again, asked) == (want, want, want, 2), (mode, r.stdout)
+        assert (again, asked) == (want, 2) and n == torch_n == min(start, want), (mode, r.stdout)
     # and OMP_NUM_THREADS, when set, is the default even when pinned
     r = subprocess.run([sys.executable, "-c", code, "pin"], capture_output=True, text=True,
                        env=env | {"OMP_NUM_THREADS": "2"}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split()[1:4] == ["2", "2", "2"], r.stdout
+    assert r.stdout.split()[1:5] == ["2", "2", "2", "2"], r.stdout
 
 
 def test_module_imports_no_torch() -> None:
@@ -132,3 +135,23 @@ def test_module_imports_no_torch() -> None:
                        env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
     assert th.__all__ == ["cpu_threads", "apply_cpu_threads"]
+
+
+def test_engine_applies_threads_on_the_cpu(tiny_checkpoint) -> None:
+    """Engine(threads=N) sets torch to N; without it the engine keeps a lower count a caller chose."""
+    import torch
+
+    from batchgen import Engine
+
+    path = tiny_checkpoint("llama")
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        eng = Engine(path, device="cpu", kv_cache_tokens=256)
+        assert eng.threads == 1 and torch.get_num_threads() == 1
+        eng.close()
+        eng = Engine(path, device="cpu", kv_cache_tokens=256, threads=2)
+        assert eng.threads == 2 and torch.get_num_threads() == 2
+        eng.close()
+    finally:
+        torch.set_num_threads(prev)

@@ -63,7 +63,9 @@ class Engine:
                                    else ("cpu" if device == "auto" else device))
         self.threads = None
         if self.device.type == "cpu":
-            self.threads = torch.get_num_threads()  # WIRE-THREADS
+            from .threads import apply_cpu_threads
+
+            self.threads = apply_cpu_threads(threads)
         if model is None:
             model, raw_config = load_model(self.model_dir, self.device, dtype)
         else:  # a model built elsewhere (benchmarks: random weights of a named shape)

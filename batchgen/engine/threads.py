@@ -13,6 +13,9 @@ Order of precedence:
    SLURM_CPUS_PER_TASK, tests set it to 1 for one float reduction order), and torch itself
    reads it at start-up; a value that isn't a positive integer is ignored;
 3. the number of CPUs in `os.sched_getaffinity(0)` where the OS has it, else `os.cpu_count()`.
+Without an explicit request, the engine never raises torch's current count (apply_cpu_threads): torch
+starts at the physical core count, which beats the logical one, and a caller or a test that lowered
+it (one thread for one float reduction order) keeps its choice.
 """
 from __future__ import annotations
 
@@ -60,11 +63,12 @@ def cpu_threads(requested: int | None = None) -> int:
 
 
 def apply_cpu_threads(requested: int | None = None) -> int:
-    """Set torch's intra-op thread count to cpu_threads(requested); returns the count used.
-    torch.set_num_threads is called once, and only when the count differs from the current one."""
+    """Set torch's intra-op thread count to cpu_threads(requested), or without a request to at most that
+    (never above torch's current count); returns the count used. torch.set_num_threads is called only
+    when the count differs from the current one."""
     import torch
 
-    n = cpu_threads(requested)
+    n = cpu_threads(requested) if requested is not None else min(torch.get_num_threads(), cpu_threads(None))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
