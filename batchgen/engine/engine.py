@@ -162,10 +162,15 @@ class Engine:
         return -(-tokens // self.block_size) + 1  # + the scratch block
 
     def reset_stats(self) -> None:
-        self._stats = dict(steps=0, prompt_tokens=0, output_tokens=0, requests=0, errors=0, wall_s=0.0,
-                           host_s=0.0, busy_ms=0.0, decode_steps=0, decode_busy_ms=0.0, decode_gap_ms=0.0)
+        self._stats = dict(steps=0, prompt_tokens=0, output_tokens=0, generated_tokens=0, requests=0, errors=0,
+                           wall_s=0.0, host_s=0.0, busy_ms=0.0, decode_steps=0, decode_busy_ms=0.0, decode_gap_ms=0.0)
         self._gpu_first: torch.cuda.Event | None = None
         self._gpu_last: torch.cuda.Event | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens sampled so far (every sample, finished or not): cheap enough for a progress bar to poll."""
+        return self._stats["generated_tokens"]
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -175,7 +180,8 @@ class Engine:
             span = self._gpu_first.elapsed_time(self._gpu_last)
             busy = min(1.0, s["busy_ms"] / span) if span > 0 else None
         return dict(steps=s["steps"], requests=s["requests"], errors=s["errors"], prompt_tokens=s["prompt_tokens"],
-                    output_tokens=s["output_tokens"], wall_s=s["wall_s"], gpu_busy_fraction=busy,
+                    output_tokens=s["output_tokens"], generated_tokens=s["generated_tokens"], wall_s=s["wall_s"],
+                    gpu_busy_fraction=busy,
                     host_ms_per_step=1000 * s["host_s"] / max(1, s["steps"]),
                     output_tok_s=s["output_tokens"] / s["wall_s"] if s["wall_s"] else 0.0,
                     decode_steps=s["decode_steps"],
@@ -419,10 +425,12 @@ class Engine:
             self._gpu_first = self._gpu_first or handle.started
             self._gpu_last = handle.done
         done: list[RequestGroup] = []
+        taken = 0
         for seq, tok, lp in zip(handle.seqs, tokens.tolist(), logprobs.tolist() if logprobs is not None else itertools.repeat(None)):
             if seq.status is Status.FINISHED:
                 continue  # finished a step earlier (overlap) or dropped: this token is not used
             seq.token_ids.append(tok)
+            taken += 1
             if seq.logprobs is not None:
                 seq.logprobs.append(lp)
             reason = self._finish_reason(seq, tok)
@@ -433,6 +441,7 @@ class Engine:
                 seq.group.num_finished += 1
                 if seq.group.num_finished == len(seq.group.seqs):
                     done.append(seq.group)
+        self._stats["generated_tokens"] += taken
         self._stats["host_s"] += time.perf_counter() - h0
         return done
 
