@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -77,10 +76,8 @@ def test_gguf_conversion_then_cache_hit(tmp_path: Path) -> None:
     assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 1
 
     mtime = (d / "model.safetensors").stat().st_mtime_ns
-    t0 = time.perf_counter()
     assert resolve_model_dir(str(gguf), cache_dir=tmp_path) == d
-    assert time.perf_counter() - t0 < 1.0
-    assert ms.CONVERSIONS == before + 1  # cache hit: no second conversion
+    assert ms.CONVERSIONS == before + 1  # cache hit: no second conversion (counted, not timed)
     assert (d / "model.safetensors").stat().st_mtime_ns == mtime
 
     # once converted, load_tokenizer reads the saved tokenizer, and the chat template survived
@@ -120,10 +117,16 @@ def test_hub_id_from_the_offline_cache(tiny_checkpoint, tmp_path: Path, monkeypa
         resolve_model_dir("batchgen-test/not-cached")
 
 
-def test_gguf_metadata_reads_scalars_fast() -> None:
+def test_gguf_metadata_reads_scalars_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scalars come from skipping over the 49k-token vocabulary arrays, not from gguf.GGUFReader (which
+    decodes every token: seconds). Checked by forbidding the reader, not by a clock."""
+    import gguf as gguf_lib
+
+    def forbidden(*a, **k):
+        raise AssertionError("gguf_metadata must not parse the file with GGUFReader")
+
+    monkeypatch.setattr(gguf_lib, "GGUFReader", forbidden)
     gguf = _smollm2_gguf()
-    t0 = time.perf_counter()
     meta = ms.gguf_metadata(gguf, {"general.architecture", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"})
-    assert time.perf_counter() - t0 < 2.0  # skips the 49k-token vocabulary arrays
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.eos_token_id"] == 2
     assert meta["tokenizer.chat_template"].startswith("{% for message in messages %}")
