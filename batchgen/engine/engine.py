@@ -267,10 +267,14 @@ class Engine:
     def add(self, requests: Iterable[GenerationRequest | str | list[int]],
             params: SamplingParams | None = None) -> list[Any]:
         """Push requests (an iterable of prompts or GenerationRequests); returns their request ids.
-        Their outputs come back from step(), rejected ones (finish_reason "error") at the next call."""
+        Their outputs come back from step(), rejected ones (finish_reason "error") at the next call.
+        A request of the wrong type raises before any of them is added."""
         self._check_open()
         _check_iterable(requests, "add")
-        return [self._accept(request, params, None, self._push).request_id for request in requests]
+        items = list(requests)
+        for i, request in enumerate(items):
+            check_request(request, i, "add()")
+        return [self._accept(request, params, None, self._push).request_id for request in items]
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests added with add() that finished, in completion order."""
