@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .attention import get_backend
+from .constraints import ConstraintError, Grammars, constraint_of
 from .kv_cache import BlockManager
 from .loader import load_model
 from .request import GenerationRequest, RequestOutput, SamplingParams
@@ -105,6 +106,8 @@ class Engine:
         self._live: dict[int, RequestGroup] = {}  # accepted, not yet finished: uid -> group
         self._inflight: StepHandle | None = None  # the launched step whose tokens are not processed yet
         self._push = _Owner()  # owner of the requests added with add()
+        self._grammars_: Grammars | None = None  # built with the first constrained request
+        self._constrained_groups = 0  # live requests with a constraint: 0 keeps the plain step path
         self.reset_stats()
         # What exists now (torch, transformers, the model, graphs: ~400k tracked objects) lives as long as
         # the engine. Frozen, the cyclic GC stops walking it: a full collection in the middle of a run
@@ -218,15 +221,31 @@ class Engine:
         else:
             error = self._check(ids, params)
         group.prompt_ids = ids
+        spec = constraint_of(params) if error is None else None
         base = params.seed if params.seed is not None else _mix(self.seed, arrival)
         stop = frozenset(([] if params.ignore_eos else self.eos_token_ids) + list(params.stop_token_ids))
         max_tokens = min(len(ids) + params.max_new_tokens, self.max_model_len)
         for j in range(params.n):
             seq = Sequence(group, j, _mix(base, j), stop, max_tokens, list(ids))
             seq.logprobs = [] if params.logprobs else None
-            seq.error = error
             group.seqs.append(seq)
+        if spec is not None:
+            try:
+                for seq in group.seqs:
+                    seq.matcher = self._grammars.matcher(spec)
+            except ConstraintError as e:
+                error = str(e)
+                for seq in group.seqs:
+                    seq.matcher = None
+        for seq in group.seqs:
+            seq.error = error
         return group
+
+    @property
+    def _grammars(self) -> Grammars:
+        if self._grammars_ is None:
+            self._grammars_ = Grammars(self.tokenizer, self.model.cfg.vocab_size, self.eos_token_ids, self.device)
+        return self._grammars_
 
     def _check(self, ids: list[int], p: SamplingParams) -> str | None:
         if not ids:
@@ -258,6 +277,7 @@ class Engine:
         self._stats["prompt_tokens"] += len(group.prompt_ids)
         self._live[group.uid] = group
         owner.unfinished += 1
+        self._constrained_groups += group.seqs[0].matcher is not None
         share = self.blocks.prefix_caching and len(group.seqs) > 1
         for seq in group.seqs[:1] if share else group.seqs:  # siblings follow the first sample's prefill
             self.scheduler.add(seq)
@@ -353,11 +373,16 @@ class Engine:
             if batch is not None:
                 step = self.runner.prepare(batch)
                 self._stats["host_s"] += time.perf_counter() - h0
-                handle = self.runner.execute(step)
+                launched = self.runner.forward(step)
+                if not (self._constrained_groups and any(s.matcher is not None for s in step.sample_seqs)):
+                    handle = self.runner.sample(launched)  # the common case: the whole step is enqueued now
+                # else the masks need step N's tokens: the host waits for them while this forward runs
                 self._stats["steps"] += 1
             previous, self._inflight = self._inflight, handle
             if previous is not None:
                 self._deliver(self._process(previous))
+            if batch is not None and handle is None:  # constrained rows: sampled once the masks are known
+                handle = self._inflight = self.runner.sample(launched, self._grammars.masks(step.sample_seqs))
             if handle is not None and not self.overlap:
                 self._inflight = None
                 self._deliver(self._process(handle))
@@ -369,20 +394,23 @@ class Engine:
 
     def _deliver(self, groups: list[RequestGroup]) -> None:
         for group in groups:
-            del self._live[group.uid]
-            group.owner.unfinished -= 1
+            self._forget(group)
             group.owner.ready.append(group)
+
+    def _forget(self, group: RequestGroup) -> None:
+        del self._live[group.uid]
+        group.owner.unfinished -= 1
+        self._constrained_groups -= group.seqs[0].matcher is not None
 
     def _drop(self, owner: _Owner) -> None:
         """Forget an abandoned call's unfinished requests: free their blocks and slots at once (a step still in
         flight only writes blocks and slots on the device's stream before any later step reuses them)."""
-        for uid, group in list(self._live.items()):
+        for group in list(self._live.values()):
             if group.owner is owner:
                 for seq in group.seqs:
                     if seq.status is not Status.FINISHED:
                         self.scheduler.finish(seq)
-                del self._live[uid]
-        owner.unfinished = 0
+                self._forget(group)
         owner.ready.clear()
 
     def _fail_all(self, reason: str) -> None:
@@ -430,7 +458,10 @@ class Engine:
             self._gpu_last = handle.done
         done: list[RequestGroup] = []
         taken = 0
-        for seq, tok, lp in zip(handle.seqs, tokens.tolist(), logprobs.tolist() if logprobs is not None else itertools.repeat(None)):
+        toks = tokens.tolist()
+        if self._constrained_groups:  # advance the matchers first: their state decides whether a sample ended
+            self._advance_matchers(handle.seqs, toks)
+        for seq, tok, lp in zip(handle.seqs, toks, logprobs.tolist() if logprobs is not None else itertools.repeat(None)):
             if seq.status is Status.FINISHED:
                 continue  # finished a step earlier (overlap) or dropped: this token is not used
             seq.token_ids.append(tok)
@@ -449,9 +480,21 @@ class Engine:
         self._stats["host_s"] += time.perf_counter() - h0
         return done
 
+    def _advance_matchers(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        pairs = [(s, t) for s, t in zip(seqs, tokens) if s.matcher is not None and s.status is not Status.FINISHED]
+        if pairs:
+            self._grammars.consume([s for s, _ in pairs], [t for _, t in pairs])
+
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params
         n = seq.num_generated
+        m = seq.matcher
+        if m is not None:
+            if m.is_error():  # cannot happen for a token sampled under its mask: an engine bug, not silent
+                seq.error = f"constraint violated: {m.get_error()}"
+                return "error"
+            if m.is_stopped():  # the grammar is complete and takes no more tokens (its EOS included)
+                return "stop"
         if tok in seq.stop_ids and n > p.min_new_tokens:  # the sampler suppresses stop ids before that
             return "stop"
         if n >= p.max_new_tokens or len(seq.token_ids) >= seq.max_tokens:

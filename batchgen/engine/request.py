@@ -27,6 +27,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # return the log-probability of each chosen token
     skip_special_tokens: bool = True
+    # constrained decoding, at most one (llguidance): the completion is made to match it, and stops when complete
+    json_schema: dict[str, Any] | str | None = None  # a JSON schema (dict or JSON text)
+    regex: str | None = None
+    choice: list[str] | None = None  # exactly one of these strings
+    grammar: str | None = None  # a Lark grammar
+    json_object: bool = False  # any JSON object
 
     def __post_init__(self) -> None:
         check_sampling_params(self)  # one clear error per bad field; also normalises types (stop: str -> [str])

@@ -23,6 +23,15 @@ from .sequence import Sequence
 _STAGED = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32))
 
 
+def apply_token_bitmask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Logits with the tokens whose bit is 0 in `allowed` ([rows, ceil(V / 32)] int32, bit j of word w = token
+    32 w + j) set to -inf: constrained decoding's one device op, before any sampling step sees the logits."""
+    rows, vocab = logits.shape
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    bits = (allowed.unsqueeze(-1) >> shifts).bitwise_and_(1).view(rows, -1)[:, :vocab]
+    return logits.masked_fill(bits == 0, float("-inf"))
+
+
 @dataclass
 class PreparedStep:
     """Host work of one step, done: device inputs staged, metadata ready, sampling rows chosen."""
@@ -32,6 +41,14 @@ class PreparedStep:
     all_sample: bool  # every sequence samples (logits rows == batch rows)
     sample_seqs: list[Sequence]
     sampling: SamplingBatch | None
+
+
+@dataclass
+class LaunchedForward:
+    """A step whose forward pass is enqueued: its logits (on the device) wait for the sampler."""
+    step: PreparedStep
+    logits: torch.Tensor | None
+    started: torch.cuda.Event | None
 
 
 @dataclass
@@ -153,11 +170,15 @@ class ModelRunner:
         sample_seqs = seqs if all_sample else [seqs[i] for i in rows]
         return PreparedStep(dev, meta, bool((ids_np < 0).any()), all_sample, sample_seqs, sampling)
 
-    @torch.inference_mode()
     def execute(self, step: PreparedStep) -> StepHandle:
-        """Enqueue the step on the device; returns at once on CUDA."""
+        """Enqueue the whole step (forward and sampling) on the device; returns at once on CUDA."""
+        return self.sample(self.forward(step))
+
+    @torch.inference_mode()
+    def forward(self, step: PreparedStep) -> LaunchedForward:
+        """Enqueue the forward pass and the logits of the rows that sample; returns at once on CUDA."""
         dev = step.dev
-        started = done = None
+        started = None
         if self.cuda:
             started = torch.cuda.Event(enable_timing=True)
             started.record()
@@ -172,17 +193,27 @@ class ModelRunner:
                 input_ids = torch.where(input_ids >= 0, input_ids, self.token_buf[dev["tok_slot"]])
             hidden = self.model(input_ids, dev["pos"], self.kv_caches, step.meta, self.backend)
             logits = self.model.logits(hidden[dev["logit_rows"]]) if step.sampling is not None else None
+        return LaunchedForward(step, logits, started)
+
+    @torch.inference_mode()
+    def sample(self, fwd: LaunchedForward, allowed: torch.Tensor | None = None) -> StepHandle:
+        """Enqueue sampling of a launched forward. `allowed`: host [rows, ceil(vocab / 32)] int32 bitmask of the
+        tokens each row may take (constrained decoding; all bits set on free rows), or None."""
+        step, dev, logits = fwd.step, fwd.step.dev, fwd.logits
         tokens_host = logprobs_host = None
         if step.sampling is not None:
+            if allowed is not None:
+                logits = apply_token_bitmask(logits, allowed.to(self.device, non_blocking=True))
             tokens, logprobs = self.sampler(logits, step.sampling)
             self.token_buf[dev["s_slots"]] = tokens
             self.sampler.record(dev["s_slots"], tokens)
             tokens_host = self._download(tokens)
             logprobs_host = self._download(logprobs) if logprobs is not None else None
+        done = None
         if self.cuda:
             done = torch.cuda.Event(enable_timing=True)
             done.record()
-        return StepHandle(step.sample_seqs, tokens_host, logprobs_host, done, started, step.meta.decode_only)
+        return StepHandle(step.sample_seqs, tokens_host, logprobs_host, done, fwd.started, step.meta.decode_only)
 
     def _sampling_batch(self, dev: dict[str, torch.Tensor], host: dict[str, np.ndarray], s_slots: np.ndarray,
                         s_pos: np.ndarray) -> SamplingBatch:

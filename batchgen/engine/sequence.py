@@ -47,6 +47,7 @@ class Sequence:
     slot: int = -1
     status: Status = Status.WAITING
     logprobs: list[float] | None = None
+    matcher: Any = None  # llguidance matcher of a constrained sample (constraints.py), else None
     finish_reason: str | None = None
     error: str | None = None
 

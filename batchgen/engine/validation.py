@@ -7,6 +7,7 @@ torch and the attention package are imported lazily: request.py (torch-free) imp
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import sys
@@ -112,8 +113,40 @@ def check_sampling_params(p: Any) -> None:
     p.n = _int(f + "n", p.n, 1, MAX_N)
     p.stop = _stop_strings(f + "stop", p.stop)
     p.stop_token_ids = _token_ids(f + "stop_token_ids", p.stop_token_ids)
-    for name in ("ignore_eos", "logprobs", "skip_special_tokens"):
+    for name in ("ignore_eos", "logprobs", "skip_special_tokens", "json_object"):
         setattr(p, name, _bool(f + name, getattr(p, name)))
+    _check_constraint(p)
+
+
+CONSTRAINTS = ("json_schema", "regex", "choice", "grammar", "json_object")
+
+
+def _check_constraint(p: Any) -> None:
+    """At most one constraint, each of the right shape (whether it compiles is checked by the grammar engine)."""
+    f = "SamplingParams."
+    given = [c for c in CONSTRAINTS if getattr(p, c) not in (None, False)]
+    if len(given) > 1:
+        raise EngineArgumentError(f"SamplingParams: give at most one of {', '.join(CONSTRAINTS)}; got {', '.join(given)}")
+    if p.json_schema is not None:
+        schema = p.json_schema
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise EngineArgumentError(f"{f}json_schema is not valid JSON: {e}") from None
+        if not isinstance(schema, dict):
+            _fail(f + "json_schema", "a JSON schema object (a dict or its JSON text)", p.json_schema, True)
+    for name in ("regex", "grammar"):
+        v = getattr(p, name)
+        if v is not None and (not isinstance(v, str) or not v):
+            _fail(f + name, "a non-empty str", v, not isinstance(v, str))
+    if p.choice is not None:
+        if not isinstance(p.choice, (list, tuple)) or not p.choice:
+            _fail(f + "choice", "a non-empty list of non-empty str", p.choice, not isinstance(p.choice, (list, tuple)))
+        for i, c in enumerate(p.choice):
+            if not isinstance(c, str) or not c:
+                _fail(f"{f}choice[{i}]", "a non-empty str", c, not isinstance(c, str))
+        p.choice = list(p.choice)
 
 
 def _stop_strings(name: str, v: object) -> list[str]:
