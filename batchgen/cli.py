@@ -79,7 +79,8 @@ def _fail(msg: str, code: int = 2) -> None:
 @click.option("--num-tasks", type=int, default=None,
               help="Number of tasks the input is split into (default: $SLURM_ARRAY_TASK_COUNT, else 1).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override a job-file key, e.g. --set sampling.temperature=0 (repeatable; YAML values).")
+              help="Override a job-file key, e.g. --set sampling.temperature=0 (repeatable; a YAML scalar "
+              "or [list], else the text as given).")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True,
               help="auto: a bar on a terminal, log lines otherwise.")
 @click.option("--log-interval", type=float, default=30.0, show_default=True, metavar="SECONDS",
@@ -91,7 +92,8 @@ def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | No
 
     Interrupted runs (kill, SIGTERM, Ctrl-C) resume where they stopped when the same command is
     run again; the output holds every input row exactly once. See jobs/example.yaml."""
-    from .config import ConfigError, load_job
+    from .config import ConfigError, engine_config_error, load_job, preflight
+    from .engine.validation import EngineArgumentError  # torch-free
     from .job import task_from_env
 
     env_task, env_n = task_from_env()
@@ -105,6 +107,7 @@ def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | No
         _fail(f"--task-id {tid} is out of range for --num-tasks {n} (task ids are 0..{n - 1})")
     try:
         cfg = load_job(job_file, list(overrides))
+        preflight(cfg)  # this machine: device, attention backend, output path (before any model loads)
     except ConfigError as e:
         _fail(str(e))
         return
@@ -126,6 +129,9 @@ def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | No
             restore()
     except (ConfigError, OutputError) as e:
         _fail(str(e))
+        return
+    except EngineArgumentError as e:  # an argument the engine refused at start-up: the job file's fault
+        _fail(str(engine_config_error(cfg, e)))
         return
     except KeyboardInterrupt:
         _fail("interrupted", 130)

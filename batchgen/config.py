@@ -14,12 +14,19 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+# The engine's own argument rules (torch-free: validation.py imports torch only inside its device
+# and dtype checks, which are used only by preflight()), so the job file can't accept what the
+# engine would reject after the model loaded.
+from .engine import validation as engine_rules
 
 __all__ = [
     "ConfigError",
@@ -27,6 +34,9 @@ __all__ = [
     "load_job",
     "parse_job",
     "job_fingerprint",
+    "preflight",
+    "engine_kwargs",
+    "engine_config_error",
 ]
 
 
@@ -127,12 +137,18 @@ class JobConfig:
     # not from the file
     source_path: str | None = None  # the job file
     base_dir: str = "."  # relative paths are resolved against this
+    # "section.key" -> where it was set ("job.yaml:12" or "--set section.key=value"), for errors found later
+    locations: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("source_path", None)
-        d.pop("base_dir", None)
+        for k in ("source_path", "base_dir", "locations"):
+            d.pop(k, None)
         return d
+
+    def where(self, key: str) -> str:
+        """Where `key` was set, for an error line: "job.yaml:12", "--set k=v" or the job file."""
+        return self.locations.get(key) or str(self.source_path or "job file")
 
 
 SECTIONS: dict[str, type] = {
@@ -146,10 +162,16 @@ SECTIONS: dict[str, type] = {
 TOP_SCALARS = {"cost_per_hour"}
 
 # --------------------------------------------------------------------------- field rules
-# kind: "str", "int", "float", "bool", "strlist", "intlist", "any"; nullable; choices; min; max
+# kind: "str", "int", "float", "bool", "strlist", "intlist", "any", "auto_bool", "device"; nullable;
+# choices; min; max (ints default to the int64 range: every value ends up in JSON, Parquet or a
+# tensor; floats must be finite). Ranges the engine itself checks (top_k, n, stop, stop_token_ids,
+# block_size, ...) are checked by _engine_checks with the engine's code, not repeated here.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = engine_rules.INT32_MAX  # token counts index int32 device tensors
+_TOKENS = dict(kind="int", min=1, max=INT32_MAX)
 _RULES: dict[tuple[str, str], dict[str, Any]] = {
     ("model", "path"): dict(kind="str"),
-    ("model", "dtype"): dict(kind="str", choices=["auto", "float32", "float16", "bfloat16"]),
+    ("model", "dtype"): dict(kind="str", choices=list(engine_rules.DTYPES)),
     ("input", "dataset"): dict(kind="str", nullable=True),
     ("input", "config"): dict(kind="str", nullable=True),
     ("input", "split"): dict(kind="str", nullable=True),
@@ -165,17 +187,17 @@ _RULES: dict[tuple[str, str], dict[str, Any]] = {
     ("prompt", "template"): dict(kind="str", nullable=True),
     ("prompt", "system"): dict(kind="str", nullable=True),
     ("prompt", "chat_template"): dict(kind="auto_bool"),
-    ("prompt", "max_tokens"): dict(kind="int", min=1),
+    ("prompt", "max_tokens"): _TOKENS,
     ("prompt", "on_too_long"): dict(kind="str", choices=["skip", "truncate", "error"]),
-    ("sampling", "max_new_tokens"): dict(kind="int", min=1),
+    ("sampling", "max_new_tokens"): _TOKENS,
     ("sampling", "temperature"): dict(kind="float", min=0.0),
     ("sampling", "top_p"): dict(kind="float", min=0.0, min_exclusive=True, max=1.0),
-    ("sampling", "top_k"): dict(kind="int"),
+    ("sampling", "top_k"): dict(kind="int", max=INT32_MAX),  # <= 0 is off; the engine keeps it in int32
     ("sampling", "min_p"): dict(kind="float", min=0.0, max=1.0),
     ("sampling", "n"): dict(kind="int", min=1),
     ("sampling", "seed"): dict(kind="int"),
     ("sampling", "stop"): dict(kind="strlist", scalar_ok=True, null_default=True),
-    ("sampling", "min_new_tokens"): dict(kind="int", min=0),
+    ("sampling", "min_new_tokens"): dict(kind="int", min=0, max=INT32_MAX),
     ("sampling", "repetition_penalty"): dict(kind="float", min=0.0, min_exclusive=True),
     ("sampling", "stop_token_ids"): dict(kind="intlist", null_default=True),
     ("sampling", "ignore_eos"): dict(kind="bool"),
@@ -184,22 +206,28 @@ _RULES: dict[tuple[str, str], dict[str, Any]] = {
     ("output", "compression"): dict(
         kind="str", choices=["zstd", "snappy", "gzip", "lz4", "brotli", "none"]
     ),
-    ("output", "flush_seconds"): dict(kind="float", min=0.0, min_exclusive=True),
-    ("output", "stop_grace_seconds"): dict(kind="float", min=0.0),
-    ("engine", "max_num_seqs"): dict(kind="int", min=1),
-    ("engine", "max_batch_tokens"): dict(kind="int", min=1),
+    # a week: longer is surely a slip (and the shards are the checkpoint)
+    ("output", "flush_seconds"): dict(kind="float", min=0.0, min_exclusive=True, max=7 * 86400.0),
+    # a day: the grace is a timer (setitimer overflows near 1e11 s) and a Slurm warning is minutes
+    ("output", "stop_grace_seconds"): dict(kind="float", min=0.0, max=86400.0),
+    ("engine", "max_num_seqs"): _TOKENS,
+    ("engine", "max_batch_tokens"): _TOKENS,
     ("engine", "gpu_memory_fraction"): dict(kind="float", min=0.0, min_exclusive=True, max=1.0),
     ("engine", "overlap"): dict(kind="auto_bool"),
     ("engine", "cuda_graphs"): dict(kind="bool"),
+    # the names of batchgen/engine/attention BACKENDS (that package imports torch)
     ("engine", "attention"): dict(kind="str", choices=["auto", "torch", "triton", "flash"]),
-    ("engine", "device"): dict(kind="str"),
-    ("engine", "kv_cache_tokens"): dict(kind="int", nullable=True, min=1),
-    ("engine", "max_model_len"): dict(kind="int", nullable=True, min=1),
+    ("engine", "device"): dict(kind="device"),
+    ("engine", "kv_cache_tokens"): dict(_TOKENS, nullable=True),
+    ("engine", "max_model_len"): dict(_TOKENS, nullable=True),
     ("engine", "prefix_caching"): dict(kind="bool"),
-    ("engine", "block_size"): dict(kind="int", min=1),
-    ("engine", "threads"): dict(kind="int", nullable=True, min=1),
+    ("engine", "block_size"): _TOKENS,
+    ("engine", "threads"): dict(_TOKENS, nullable=True),
     ("", "cost_per_hour"): dict(kind="float", nullable=True, min=0.0),
 }
+# the devices the engine runs on (engine.py: cpu or cuda); torch.device would take more (mps, xpu, meta)
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+_DEVICE_WORDS = "auto, cpu, cuda or cuda:N"
 
 _KIND_WORDS = {
     "str": "a string",
@@ -209,18 +237,21 @@ _KIND_WORDS = {
     "strlist": "a list of strings",
     "intlist": "a list of integers",
     "auto_bool": "auto, true or false",
+    "device": "a device name",
 }
 
 
 # --------------------------------------------------------------------------- YAML with line numbers
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that keeps each mapping key's line and refuses duplicate keys."""
+    """SafeLoader that keeps each mapping key's line (and each plain scalar's text) and refuses
+    duplicate keys."""
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     loader.flatten_mapping(node)
     out: dict[Any, Any] = {}
     lines: dict[Any, int] = {}
+    texts: dict[Any, str] = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         try:
@@ -235,13 +266,16 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool =
             )
         out[key] = loader.construct_object(value_node, deep=True)
         lines[key] = key_node.start_mark.line + 1
-    return _LinedDict(out, lines)
+        if isinstance(value_node, yaml.ScalarNode) and value_node.style is None:
+            texts[key] = value_node.value  # revision: 012345 is the int 5349 to YAML, the text to a string key
+    return _LinedDict(out, lines, texts)
 
 
 class _LinedDict(dict):
-    def __init__(self, data: dict, lines: dict) -> None:
+    def __init__(self, data: dict, lines: dict, texts: dict | None = None) -> None:
         super().__init__(data)
         self.lines = lines
+        self.texts = texts or {}
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -278,7 +312,7 @@ def _type_name(v: Any) -> str:
     if isinstance(v, float):
         return "a number"
     if isinstance(v, str):
-        return f"the string '{v}'" if len(v) < 40 else "a string"
+        return f"the string '{_one_line(v)}'" if len(v) < 40 else "a string"
     if isinstance(v, list):
         return "a list"
     if isinstance(v, dict):
@@ -287,15 +321,63 @@ def _type_name(v: Any) -> str:
 
 
 class _Ctx:
-    def __init__(self, where: str) -> None:
+    """Where errors point: the job file and line, or the --set argument that set the key."""
+
+    def __init__(self, where: str, origins: dict[str, str] | None = None) -> None:
         self.where = where
+        self.origins = origins or {}  # "section.key" (or a section --set created) -> the --set argument
+
+    def loc(self, key: str, line: int | None) -> str:
+        origin = self.origins.get(key.split("[", 1)[0])
+        if origin is not None:
+            return f"--set {_one_line(origin)}"
+        return f"{self.where}:{line}" if line else self.where
 
     def err(self, key: str, msg: str, line: int | None) -> ConfigError:
-        loc = f"{self.where}:{line}" if line else self.where
-        return ConfigError(f"{loc}: {key}: {msg}")
+        return ConfigError(f"{self.loc(key, line)}: {key}: {msg}")
 
 
-def _check_value(ctx: _Ctx, key: str, value: Any, rule: dict, line: int | None) -> Any:
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _check_number(ctx: _Ctx, key: str, value: Any, rule: dict, line: int | None) -> Any:
+    kind = rule["kind"]
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        ok = ok or isinstance(value, float)
+    if not ok:
+        raise ctx.err(key, f"must be {_KIND_WORDS[kind]}, got {_type_name(value)}", line)
+    if kind == "float":
+        try:
+            value = float(value)
+        except OverflowError:  # an int too big for a float
+            value = math.inf
+        if not math.isfinite(value):  # NaN passes every < and >, so it must be caught by name
+            raise ctx.err(key, f"must be a finite number, got {value}", line)
+    lo, hi = rule.get("min"), rule.get("max")
+    if kind == "int":  # every int lands in JSON, Parquet or a tensor: int64 at most
+        lo = INT64_MIN if lo is None else lo
+        hi = INT64_MAX if hi is None else hi
+    if lo is not None and (value < lo or (rule.get("min_exclusive") and value == lo)):
+        op = ">" if rule.get("min_exclusive") else ">="
+        raise ctx.err(key, f"must be {op} {lo}, got {value}", line)
+    if hi is not None and value > hi:
+        raise ctx.err(key, f"must be <= {hi}, got {value}", line)
+    return value
+
+
+def _check_device(ctx: _Ctx, key: str, value: Any, line: int | None) -> str:
+    if not isinstance(value, str):
+        raise ctx.err(key, f"must be {_DEVICE_WORDS}, got {_type_name(value)}", line)
+    if _DEVICE_RE.fullmatch(value):
+        return value
+    hint = " (did you mean 'cuda'?)" if value.lower().startswith(("gpu", "cuda", "nvidia")) else ""
+    raise ctx.err(key, f"'{value}' is not a device batchgen runs on: {_DEVICE_WORDS}{hint}", line)
+
+
+def _check_value(ctx: _Ctx, key: str, value: Any, rule: dict, line: int | None, text: str | None = None) -> Any:
+    """One key's value against its rule; `text` is the value as written (plain YAML scalars)."""
     kind = rule["kind"]
     if value is None:
         if rule.get("nullable") or rule.get("null_default"):
@@ -303,11 +385,14 @@ def _check_value(ctx: _Ctx, key: str, value: Any, rule: dict, line: int | None) 
         raise ctx.err(key, f"must be {_KIND_WORDS.get(kind, kind)}, got null", line)
     if kind == "any":
         return value
+    if kind == "device":
+        return _check_device(ctx, key, value, line)
     if kind == "str":
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ctx.err(key, f"must be a string, got {_type_name(value)}", line)
         if not isinstance(value, str):
-            value = str(value)  # e.g. config: 2023 or revision: 1234abc parsed as a number
+            # e.g. config: 2023 or revision: 012345 parsed as a number: keep the text as written
+            value = text if text is not None else str(value)
         if "choices" in rule and value not in rule["choices"]:
             raise ctx.err(key, f"'{value}' is not allowed{_did_you_mean(value, rule['choices'])}", line)
         if value == "" and key in ("model.path", "output.path"):
@@ -322,20 +407,7 @@ def _check_value(ctx: _Ctx, key: str, value: Any, rule: dict, line: int | None) 
             raise ctx.err(key, f"must be true or false, got {_type_name(value)}", line)
         return value
     if kind in ("int", "float"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        if kind == "float":
-            ok = ok or isinstance(value, float)
-        if not ok:
-            raise ctx.err(key, f"must be {_KIND_WORDS[kind]}, got {_type_name(value)}", line)
-        if kind == "float":
-            value = float(value)
-        lo, hi = rule.get("min"), rule.get("max")
-        if lo is not None and (value < lo or (rule.get("min_exclusive") and value == lo)):
-            op = ">" if rule.get("min_exclusive") else ">="
-            raise ctx.err(key, f"must be {op} {lo}, got {value}", line)
-        if hi is not None and value > hi:
-            raise ctx.err(key, f"must be <= {hi}, got {value}", line)
-        return value
+        return _check_number(ctx, key, value, rule, line)
     if kind in ("strlist", "intlist"):
         if isinstance(value, str) and rule.get("scalar_ok"):
             value = [value]
@@ -344,15 +416,17 @@ def _check_value(ctx: _Ctx, key: str, value: Any, rule: dict, line: int | None) 
         for i, item in enumerate(value):
             if kind == "strlist" and not isinstance(item, str):
                 raise ctx.err(f"{key}[{i}]", f"must be a string, got {_type_name(item)}", line)
-            if kind == "intlist" and (isinstance(item, bool) or not isinstance(item, int)):
-                raise ctx.err(f"{key}[{i}]", f"must be an integer, got {_type_name(item)}", line)
+            if kind == "intlist":
+                _check_number(ctx, f"{key}[{i}]", item, {"kind": "int"}, line)
         return list(value)
     raise AssertionError(kind)
 
 
-def parse_job(data: Any, where: str = "job file", base_dir: str | os.PathLike[str] = ".") -> JobConfig:
-    """Validate a parsed job mapping (as from YAML) and build a JobConfig."""
-    ctx = _Ctx(where)
+def parse_job(data: Any, where: str = "job file", base_dir: str | os.PathLike[str] = ".",
+              origins: dict[str, str] | None = None) -> JobConfig:
+    """Validate a parsed job mapping (as from YAML) and build a JobConfig. `origins` maps the keys
+    that --set gave (see apply_overrides) to their argument, so errors in them name it."""
+    ctx = _Ctx(where, origins)
     if data is None:
         raise ConfigError(f"{where}: the job file is empty")
     if not isinstance(data, dict):
@@ -364,7 +438,8 @@ def parse_job(data: Any, where: str = "job file", base_dir: str | os.PathLike[st
             raise ctx.err(str(k), f"unknown key{_did_you_mean(str(k), known)}", lines.get(k))
     for required in ("model", "input", "prompt", "output"):
         if required not in data or data[required] is None:
-            raise ConfigError(f"{where}: {required}: missing section (see jobs/example.yaml)")
+            raise ConfigError(f"{ctx.loc(required, None)}: {required}: missing section (see jobs/example.yaml)")
+    locations = {k: ctx.loc(k, lines.get(k)) for k in data}
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         raw = data.get(name)
@@ -374,6 +449,7 @@ def parse_job(data: Any, where: str = "job file", base_dir: str | os.PathLike[st
         if not isinstance(raw, dict):
             raise ctx.err(name, f"must be a mapping of keys, got {_type_name(raw)}", sec_line)
         raw_lines = getattr(raw, "lines", {})
+        texts = getattr(raw, "texts", {})
         names = [f.name for f in fields(cls)]
         for k in raw:
             if k not in names:
@@ -385,8 +461,10 @@ def parse_job(data: Any, where: str = "job file", base_dir: str | os.PathLike[st
                 if f.default is REQUIRED:
                     raise ctx.err(key, "missing (required)", sec_line)
                 continue
+            locations[key] = ctx.loc(key, raw_lines.get(f.name))
             rule = _RULES[(name, f.name)]
-            value = _check_value(ctx, key, raw[f.name], rule, raw_lines.get(f.name))
+            value = _check_value(ctx, key, raw[f.name], rule, raw_lines.get(f.name),
+                                 None if key in ctx.origins else texts.get(f.name))
             if value is None and rule.get("null_default"):
                 continue
             kwargs[f.name] = value
@@ -405,8 +483,10 @@ def parse_job(data: Any, where: str = "job file", base_dir: str | os.PathLike[st
         cost_per_hour=cost,
         source_path=where,
         base_dir=str(base_dir),
+        locations=locations,
     )
     _cross_checks(ctx, cfg, {k: v[1] for k, v in sections.items()}, {k: v[2] for k, v in sections.items()})
+    _engine_checks(cfg)
     return cfg
 
 
@@ -433,7 +513,7 @@ def _cross_checks(ctx: _Ctx, cfg: JobConfig, lines: dict[str, dict], sec_lines: 
         try:
             template_fields(pr.template)
         except ValueError as e:
-            raise ctx.err("prompt.template", f"is not a valid format string: {e}",
+            raise ctx.err("prompt.template", f"is not a valid template: {e}",
                           lines["prompt"].get("template")) from None
     if sp.min_new_tokens > sp.max_new_tokens:
         raise ctx.err("sampling.min_new_tokens", f"must be <= sampling.max_new_tokens ({sp.max_new_tokens})",
@@ -451,48 +531,198 @@ def _cross_checks(ctx: _Ctx, cfg: JobConfig, lines: dict[str, dict], sec_lines: 
         raise ctx.err("input.columns", "lists a column twice", lines["input"].get("columns"))
 
 
+# --------------------------------------------------------------------------- the engine's rules
+_ENGINE_MESSAGE = re.compile(r"(SamplingParams\.|Engine: )([a-z_]+)(\[\d+\])?(.*)", re.S)
+_ENGINE_KEYS = {"seed": "sampling.seed", "dtype": "model.dtype"}  # Engine arguments from other sections
+
+
+def engine_kwargs(cfg: JobConfig) -> dict[str, Any]:
+    """The Engine arguments a job gives (job.make_engine's, without the model path)."""
+    e = cfg.engine
+    return dict(device=e.device, dtype=cfg.model.dtype, max_num_seqs=e.max_num_seqs,
+                max_batch_tokens=e.max_batch_tokens, kv_cache_tokens=e.kv_cache_tokens, block_size=e.block_size,
+                prefix_caching=e.prefix_caching, gpu_memory_fraction=e.gpu_memory_fraction, overlap=e.overlap,
+                cuda_graphs=e.cuda_graphs, attention=e.attention, max_model_len=e.max_model_len,
+                seed=cfg.sampling.seed, threads=e.threads)
+
+
+def engine_error_key(message: str) -> tuple[str, str]:
+    """An EngineArgumentError's text -> (job file key, what is wrong):
+    "SamplingParams.top_k must be ..." -> ("sampling.top_k", "must be ...")."""
+    m = _ENGINE_MESSAGE.match(message)
+    if m is None:
+        return "engine", message
+    prefix, name, index, rest = m.groups()
+    key = "sampling." + name if prefix.startswith("Sampling") else _ENGINE_KEYS.get(name, "engine." + name)
+    rest = rest.strip()
+    if not rest.startswith("must"):  # "kv_cache_tokens=1 is smaller than ...", "device 'cuda' needs CUDA ..."
+        rest = message[len(prefix):]
+    return key + (index or ""), rest
+
+
+def engine_config_error(cfg: JobConfig, error: BaseException) -> ConfigError:
+    """The one-line job-file error for an EngineArgumentError the engine raised for this job."""
+    key, msg = engine_error_key(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    return ConfigError(f"{cfg.where(key.split('[', 1)[0])}: {key}: {msg}")
+
+
+def _engine_checks(cfg: JobConfig) -> None:
+    """The sampling section through the engine's own SamplingParams checks, and the Engine
+    arguments that need no torch (block_size, kv_cache_tokens; the rest are checked above with
+    the same bounds, device/dtype/attention by name; preflight() runs the full check_engine_args)."""
+    from .engine.request import SamplingParams
+
+    s = cfg.sampling
+    try:
+        SamplingParams(max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature,
+                       top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, repetition_penalty=s.repetition_penalty,
+                       seed=s.seed, n=s.n, stop=list(s.stop), stop_token_ids=list(s.stop_token_ids),
+                       ignore_eos=s.ignore_eos)
+        engine_rules._check_block_size(cfg.engine.block_size)
+        engine_rules._check_kv_cache_tokens(cfg.engine.kv_cache_tokens, cfg.engine.block_size)
+    except engine_rules.EngineArgumentError as e:
+        raise engine_config_error(cfg, e) from None
+
+
+# --------------------------------------------------------------------------- preflight
+_ATTENTION_PACKAGES = {"flash": ("flash_attn", "the flash-attn package (pip install 'batchgen[flash]')"),
+                       "triton": ("triton", "the triton package")}
+
+
+def preflight(cfg: JobConfig, *, local: bool = True) -> None:
+    """What the job file can't say alone, checked before the model loads: the output path can be
+    written, the attention backend is installed and, when `local` (this machine runs the job:
+    `batchgen run`, --dry-run), the engine's full argument check including the device (imports
+    torch). `batchgen submit` passes local=False: the login node may have no GPU. ConfigError."""
+    _check_output_path(cfg)
+    _check_attention_installed(cfg)
+    if not local:
+        return
+    try:
+        engine_rules.check_engine_args(**engine_kwargs(cfg))
+    except engine_rules.EngineArgumentError as e:
+        raise engine_config_error(cfg, e) from None
+    _check_attention_device(cfg)
+
+
+def _check_output_path(cfg: JobConfig) -> None:
+    key = "output.path"
+    out = output_dir(cfg)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{cfg.where(key)}: {key}: {out} is a file, not a directory")
+    top = out
+    while not top.exists() and top != top.parent:  # the nearest existing directory: where mkdir starts
+        top = top.parent
+    if not top.is_dir():
+        raise ConfigError(f"{cfg.where(key)}: {key}: can't create {out}: {top} is a file, not a directory")
+    if not os.access(top, os.W_OK | os.X_OK):
+        what = f"{out} is not writable" if top == out else f"can't create {out}: {top} is not writable"
+        raise ConfigError(f"{cfg.where(key)}: {key}: {what}")
+
+
+def _check_attention_installed(cfg: JobConfig) -> None:
+    import importlib.util
+
+    name = cfg.engine.attention
+    if name not in _ATTENTION_PACKAGES:
+        return
+    module, package = _ATTENTION_PACKAGES[name]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(f"{cfg.where('engine.attention')}: engine.attention: {name} needs {package}, "
+                          "which is not installed here (attention: auto picks what is)")
+
+
+def _check_attention_device(cfg: JobConfig) -> None:
+    """flash and triton run on CUDA only (attention.get_backend)."""
+    import torch
+
+    name, device = cfg.engine.attention, cfg.engine.device
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if name in _ATTENTION_PACKAGES and not on_cuda:
+        raise ConfigError(f"{cfg.where('engine.attention')}: engine.attention: {name} needs a CUDA device, "
+                          f"and engine.device: {device} is the CPU here (attention: auto picks the torch backend)")
+
+
 def template_fields(template: str) -> list[str]:
-    """The top-level row columns a str.format template refers to ("{a[0]}" -> "a")."""
+    """The top-level row columns a str.format template refers to ("{a[0]}" -> "a"). ValueError
+    for what the job file refuses: positional fields, attribute lookups ({a.b}: a row value's
+    attributes are never a column), conversions other than !s !r !a, and any format spec
+    ({x:>100000000000} pads each prompt to that width: memory, not text)."""
+    import _string  # str.format's own parser, as string.Formatter uses it
     import string
 
     out = []
-    for _, name, _, _ in string.Formatter().parse(template):
+    for _, name, spec, conversion in string.Formatter().parse(template):
         if name is None:
             continue
+        field_text = "{" + name + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}"
         if name == "" or name.isdigit():
             raise ValueError("positional fields like {} or {0} are not allowed; name a column: {prompt}")
-        base = name.split(".")[0].split("[")[0]
+        base, rest = _string.formatter_field_name_split(name)
+        if any(is_attr for is_attr, _ in rest):  # list() also checks the [..] syntax
+            raise ValueError(f"{field_text}: attribute lookups are not allowed; index a mapping column with [key]")
+        if conversion not in (None, "s", "r", "a"):
+            raise ValueError(f"{field_text}: unknown conversion '!{conversion}' (use !s, !r or !a)")
+        if spec:
+            raise ValueError(f"{field_text}: format specs (':{spec[:20]}') are not allowed; "
+                             "the template inserts column values as they are")
         if base not in out:
             out.append(base)
     return out
 
 
-def apply_overrides(data: Any, overrides: list[str], where: str) -> Any:
-    """Apply --set section.key=value overrides (value parsed as YAML) to the raw mapping."""
-    if not overrides:
-        return data
-    if not isinstance(data, dict):
-        return data
+def _override_value(raw: str, rule: dict[str, Any] | None) -> Any:
+    """A --set value: YAML when it is a plain scalar (0.5, true, null, 'quoted'), or a [list] /
+    {mapping} written as such for a key that takes one; otherwise the text as given, so that
+    prompt.template=Q: {x} or a template '{prompt}' stays a string instead of becoming a mapping."""
+    text = raw.strip()
+    if not text:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return raw
+    kind = (rule or {}).get("kind")
+    if isinstance(value, (list, dict)):
+        wanted = (list,) if kind in ("strlist", "intlist") else (list, dict) if kind == "any" else ()
+        return value if isinstance(value, wanted) and text[0] in "[{" else raw
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        return raw  # a YAML date or timestamp: the text is what was meant
+    if kind == "str" and value is not None and not isinstance(value, str):
+        return raw  # --set input.revision=012345 is that text, not the octal int 5349
+    return value
+
+
+def apply_overrides(data: Any, overrides: list[str], where: str) -> dict[str, str]:
+    """Apply --set section.key=value overrides to the raw mapping, in place (values: see
+    _override_value). Returns "section.key" (and any section a --set created) -> its argument."""
+    origins: dict[str, str] = {}
+    if not overrides or not isinstance(data, dict):
+        return origins
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item}: expected section.key=value")
+            raise ConfigError(f"--set {_one_line(item)}: expected section.key=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        rule = _RULES.get((parts[0], parts[1]) if len(parts) == 2 else ("", parts[0]))
+        value = _override_value(raw, rule)
         node = data
-        for p in parts[:-1]:
+        for depth, p in enumerate(parts[:-1]):
             nxt = node.get(p)
             if nxt is None:
                 nxt = {}
                 node[p] = nxt
+                origins.setdefault(".".join(parts[:depth + 1]), item)
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item}: '{p}' is not a section")
+                raise ConfigError(f"--set {_one_line(item)}: '{p}' is not a section")
             node = nxt
         node[parts[-1]] = value
-    return data
+        origins[".".join(parts)] = item
+    return origins
 
 
 def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobConfig:
@@ -508,8 +738,8 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where}: can't read the job file: {e}") from None
     data = _yaml_load(text, where)
-    data = apply_overrides(data, list(overrides or []), where)
-    return parse_job(data, where=where, base_dir=p.resolve().parent)
+    origins = apply_overrides(data, list(overrides or []), where)
+    return parse_job(data, where=where, base_dir=p.resolve().parent, origins=origins)
 
 
 # --------------------------------------------------------------------------- paths
