@@ -241,20 +241,33 @@ def _sbatch_line(opt: str) -> str:
     return f"#SBATCH {opt}"
 
 
+# sbatch splits #SBATCH lines at white space and strips quotes itself (no shell is involved): a
+# path holding these can't be written there; '%' is its file-name pattern character (%A, %a).
+_SBATCH_PATH_BAD = re.compile(r"[\s'\"\\]")
+
+
+def _sbatch_path(p: Path) -> str:
+    """A path for an #SBATCH option: refused when sbatch would split or unquote it, '%' escaped."""
+    text = str(p)
+    if _SBATCH_PATH_BAD.search(text) or not text.isprintable():
+        raise click.BadParameter(f"the output directory's path can't hold white space, quotes or backslashes "
+                                 f"(sbatch reads it from an #SBATCH line): {text!r}")
+    return text.replace("%", "%%")
+
+
 def render_sbatch_script(job_file: Path, output_dir: Path, opts: SubmitOptions,
                          command: Sequence[str] | None = None, workdir: Path | None = None,
                          run_args: Sequence[str] = ()) -> str:
-    """The batch script. Paths are absolute, so `sbatch <script>` works from anywhere."""
+    """The batch script. Paths are absolute, so `sbatch <script>` works from anywhere. Every value
+    put in a shell line is one shlex.quote'd word (never inside double quotes, where $(...) and
+    backticks would still run on the compute node)."""
     opts.validate()
     job_file = Path(os.path.abspath(job_file))
     output_dir = Path(os.path.abspath(output_dir))
     workdir = Path(os.path.abspath(workdir or Path.cwd()))
     command = list(command or batchgen_command())
-    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", opts.job_name or f"batchgen-{job_file.stem}")
-    logs = output_dir / SLURM_DIR / "logs"
-    for p in (logs,):
-        if any(c.isspace() for c in str(p)):
-            raise click.BadParameter(f"#SBATCH paths cannot contain white space: {p}")
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", opts.job_name or f"batchgen-{job_file.stem}").lstrip("-") or "batchgen"
+    logs = _sbatch_path(output_dir / SLURM_DIR / "logs")
     array = f"0-{opts.tasks - 1}" + (f"%{opts.max_parallel}" if opts.max_parallel else "")
     lines = [
         "#!/bin/bash",
@@ -280,6 +293,7 @@ def render_sbatch_script(job_file: Path, output_dir: Path, opts: SubmitOptions,
     lines += [_sbatch_line(a) for a in opts.sbatch_args]
     q = shlex.quote
     run = " ".join([*map(q, command), "run", q(str(job_file)), *map(q, run_args)])
+    missing_dir = q(f"batchgen: warning: no directory {workdir} here")
     lines += [
         "",
         "set -eu",
@@ -288,7 +302,7 @@ def render_sbatch_script(job_file: Path, output_dir: Path, opts: SubmitOptions,
         "# one thread pool per allocated CPU, not per CPU of the node",
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
         "export TOKENIZERS_PARALLELISM=false",
-        f"cd {q(str(workdir))} 2>/dev/null || echo \"batchgen: warning: no directory {q(str(workdir))} here\" >&2",
+        f"cd -- {q(str(workdir))} 2>/dev/null || echo {missing_dir} >&2",
         "# exec: batchgen becomes the batch shell, so USR1 (--signal=B:...) and TERM reach it;",
         "# it stops admitting, commits, requeues itself on USR1 and exits (0 only when done).",
         f"exec {run}",
@@ -328,16 +342,40 @@ def sbatch_submit(script: Path, environ: Mapping[str, str] | None = None) -> str
 # ---------------------------------------------------------------------------------------
 # the job file: where its output goes (read through the pipeline's config when it can)
 # ---------------------------------------------------------------------------------------
-def job_output_dir(job_file: Path) -> Path:
+class JobRefused(click.ClickException):
+    """A bad job file: `error: <one line>` and exit 2, as `batchgen run` says it."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+def job_output_dir(job_file: Path, gpus_per_task: int | None = None) -> Path:
     """The job's output directory, absolute, resolved exactly as `batchgen run` resolves it.
-    The whole job file is validated on the way (a bad file fails here, not in N tasks)."""
+    The whole job file is validated on the way, with the checks that hold on any node (a bad
+    file fails here, not in N tasks): JobRefused."""
     from batchgen import config as _config
 
     try:
         cfg = _config.load_job(job_file)
+        _config.preflight(cfg, local=False)  # the login node may have no GPU: no device check here
     except _config.ConfigError as e:
-        raise click.ClickException(str(e)) from None
+        raise JobRefused(str(e)) from None
+    if gpus_per_task == 0:
+        _check_cpu_only(cfg)
     return Path(_config.output_dir(cfg))
+
+
+def _check_cpu_only(cfg: Any) -> None:
+    """--gpus-per-task 0 gives the tasks no GPU: a job that needs CUDA would fail in every task."""
+    e = cfg.engine
+    if e.device.startswith("cuda"):
+        raise JobRefused(f"{cfg.where('engine.device')}: engine.device: {e.device} needs a GPU, "
+                         "but --gpus-per-task 0 gives the tasks none")
+    if e.attention in ("flash", "triton"):
+        raise JobRefused(f"{cfg.where('engine.attention')}: engine.attention: {e.attention} needs a GPU, "
+                         "but --gpus-per-task 0 gives the tasks none")
 
 
 # ---------------------------------------------------------------------------------------
@@ -368,9 +406,12 @@ def submit_command(job_file: Path, tasks: int, gpus_per_task: int, cpus_per_task
         opts.validate()
     except click.BadParameter as e:
         raise click.UsageError(str(e.message))
-    out = job_output_dir(job_file)
+    out = job_output_dir(job_file, gpus_per_task)
     _check_task_count(out, tasks)
-    text = render_sbatch_script(job_file, out, opts)
+    try:
+        text = render_sbatch_script(job_file, out, opts)
+    except click.BadParameter as e:  # a path or argument the script can't hold: one line, exit 2
+        raise JobRefused(e.message) from None
     if dry_run:
         click.echo(text, nl=False)
         return

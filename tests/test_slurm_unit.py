@@ -107,7 +107,9 @@ def test_submit_bad_job_file(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text("model:\n  path: m\n")
     r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2", "--dry-run"])
-    assert r.exit_code == 1 and "input" in r.output
+    # refused like `batchgen run` refuses it: exit 2, one line
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "input" in r.output
+    assert len(r.output.strip().splitlines()) == 1
 
 
 def test_submit_refuses_other_task_count(tmp_path):
@@ -323,3 +325,124 @@ def test_cluster_harness_skips_with_a_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("BATCHGEN_REQUIRE_SLURM", "1")
     with pytest.raises(pytest.fail.Exception, match="BATCHGEN_REQUIRE_SLURM"):
         sc.start_cluster(tmp_path)
+
+
+# ------------------------------------------------------------------------- hostile names (issue 11, case 8)
+HOSTILE = ["a b", "it's", 'say "hi"', "$(touch PWNED)", "`touch PWNED`", "x;touch PWNED", "line\nbreak; touch PWNED",
+           "-rf", "--help", "$HOME", "a\\b", "%A_%a", "*", "~root", "!!", "tab\there", "${IFS}touch${IFS}PWNED"]
+
+
+def _fake_tools(tmp_path: Path) -> tuple[Path, Path]:
+    """A bin/ dir whose sbatch and scontrol leave a mark if anything calls them, and a fake
+    batchgen (in a hostile directory itself) that records its argv and working directory."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    for tool in ("sbatch", "scontrol"):
+        (bindir / tool).write_text(f"#!/bin/sh\ntouch {tmp_path}/CALLED-{tool}\n")
+        (bindir / tool).chmod(0o755)
+    fake_dir = tmp_path / "venv $(touch PWNED) `touch PWNED`" / "bin"
+    fake_dir.mkdir(parents=True, exist_ok=True)
+    fake = fake_dir / "batchgen"
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    "open(os.environ['RECORD'], 'a').write(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd()}) + '\\n')\n")
+    fake.chmod(0o755)
+    return bindir, fake
+
+
+def _run_script(tmp_path: Path, script: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    bindir = tmp_path / "bin"
+    path = tmp_path / "s.sbatch"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    record = tmp_path / "record.jsonl"
+    record.unlink(missing_ok=True)
+    cwd = tmp_path / "node"
+    cwd.mkdir(exist_ok=True)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", RECORD=str(record), SLURM_ARRAY_TASK_ID="0",
+               SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_JOB_ID="9", SLURM_CPUS_PER_TASK="2")
+    r = subprocess.run(["bash", str(path)], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    calls = [json.loads(ln) for ln in record.read_text().splitlines()] if record.exists() else []
+    return r, calls
+
+
+def _no_injection(tmp_path: Path) -> None:
+    assert not [p for p in tmp_path.rglob("PWNED*")], "a command in a name ran"
+    assert not list(tmp_path.glob("CALLED-*")), "the script ran sbatch/scontrol"
+    assert not (Path.home() / "PWNED").exists()
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["workdir-exists", "workdir-missing"])
+@pytest.mark.parametrize("name", HOSTILE, ids=lambda n: repr(n)[1:12])
+def test_script_runs_hostile_names_as_data(tmp_path, name, exists):
+    """The batch script's shell lines, executed: a name with $(...), backticks, quotes, newlines or
+    leading dashes reaches batchgen as the very same string and runs nothing."""
+    _, fake = _fake_tools(tmp_path)
+    workdir = tmp_path / "work" / name
+    if exists:
+        workdir.mkdir(parents=True)
+    job_file = tmp_path / "jobs" / name / "job.yaml"
+    run_args = ["--set", f"prompt.system={name}"]
+    script = slurm.render_sbatch_script(job_file, tmp_path / "out", slurm.SubmitOptions(tasks=2), command=[str(fake)],
+                                        workdir=workdir, run_args=run_args)
+    r, calls = _run_script(tmp_path, script)
+    assert r.returncode == 0, r.stderr
+    _no_injection(tmp_path)
+    assert calls == [{"argv": ["run", str(job_file), *run_args], "cwd": str(workdir if exists else tmp_path / "node")}]
+    if not exists:
+        assert f"batchgen: warning: no directory {workdir} here" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["$(touch${IFS}PWNED)", "`touch${IFS}PWNED`", "a;touch${IFS}PWNED", "100%j", "-x"])
+def test_output_dir_names_in_sbatch_lines(tmp_path, name):
+    """The output directory is in #SBATCH --output (read by sbatch, not a shell): kept as is, '%' escaped."""
+    _, fake = _fake_tools(tmp_path)
+    out = tmp_path / name
+    script = slurm.render_sbatch_script(tmp_path / "job.yaml", out, slurm.SubmitOptions(tasks=1), command=[str(fake)])
+    assert f"--output={str(out).replace('%', '%%')}/.batchgen/slurm/logs/%A_%a.log" in sbatch_lines(script)
+    r, calls = _run_script(tmp_path, script)
+    assert r.returncode == 0 and len(calls) == 1
+    _no_injection(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["a b", "it's", 'x"y', "a\\b", "line\nbreak"])
+def test_output_dir_sbatch_cannot_hold_is_one_line(tmp_path, name):
+    job = write_job(tmp_path, out="placeholder")
+    (tmp_path / name).mkdir()
+    job.write_text(job.read_text().replace("path: placeholder", f"path: {json.dumps(str(tmp_path / name))}"))
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2", "--dry-run"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: the output directory's path can't hold white space, quotes or backslashes")
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_submit_with_hostile_cwd_and_job_path_end_to_end(tmp_path, monkeypatch):
+    """batchgen submit from a hostile directory, a fake sbatch that runs the script it is given as
+    a compute node would: the fake batchgen gets exactly the job file, nothing else runs."""
+    bindir, fake = _fake_tools(tmp_path)
+    jobdir = tmp_path / "jobs $(touch PWNED)" / "it's `touch PWNED`"
+    jobdir.mkdir(parents=True)
+    job = write_job(jobdir, out=str(tmp_path / "out"))
+    record = tmp_path / "record.jsonl"
+    (bindir / "sbatch").write_text(f"#!/bin/sh\nRECORD={record} SLURM_ARRAY_TASK_ID=0 SLURM_ARRAY_TASK_COUNT=1 "
+                                   'bash "$2" >/dev/null 2>&1 || exit 1\necho "51;cluster"\n')
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "batchgen_command", lambda: [str(fake)])
+    monkeypatch.chdir(jobdir)
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "1", "--gpus-per-task", "0"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines()[-1] == "51"
+    calls = [json.loads(ln) for ln in record.read_text().splitlines()]
+    assert calls == [{"argv": ["run", str(job)], "cwd": str(jobdir)}]
+    _no_injection(tmp_path)
+
+
+def test_submit_gpus_zero_with_a_cuda_job_is_refused(tmp_path):
+    job = write_job(tmp_path)
+    job.write_text(job.read_text() + "engine:\n  device: cuda\n")
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2", "--gpus-per-task", "0", "--dry-run"])
+    assert r.exit_code == 2
+    assert r.output.strip() == f"error: {job}:10: engine.device: cuda needs a GPU, but --gpus-per-task 0 gives the tasks none"
+    # with GPUs the login node's own lack of CUDA does not matter
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2", "--dry-run"])
+    assert r.exit_code == 0, r.output
