@@ -125,12 +125,27 @@ class Progress:
             self.log_line()
 
 
+_identity: dict[str, Any] = {}  # this process's pid, host, start time and boot id (pid-keyed: a fork is another)
+
+
+def process_identity() -> dict[str, Any]:
+    """Who writes the progress file: with pid_start (the pid's start time) and boot_id, `batchgen
+    status` on the same host can tell that the writer is gone, even once its pid is reused."""
+    from .status import boot_id, process_start_ticks
+
+    pid = os.getpid()
+    if _identity.get("pid") != pid:
+        _identity.clear()
+        _identity.update(pid=pid, host=socket.gethostname(), pid_start=process_start_ticks(pid), boot_id=boot_id())
+    return dict(_identity)
+
+
 def write_task_progress(path: os.PathLike[str] | str, **fields: Any) -> None:
     """The per-task progress file: state (running|stopped|failed|done), rows_done, rows_total,
-    shards, output_tokens, tok_s, updated_at, pid, host..."""
+    shards, output_tokens, tok_s, updated_at, pid, host, pid_start, boot_id..."""
     from pathlib import Path
 
-    data = {"updated_at": now_iso(), "updated_unix": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+    data = {"updated_at": now_iso(), "updated_unix": time.time(), **process_identity()}
     data.update(fields)
     write_json_atomic(Path(path), data)
 

@@ -3,12 +3,20 @@
 Reads OUT/.batchgen/progress/task-*.json (written by the run loop) and the task count from
 OUT/.batchgen/manifest.json. Exit code 0 when every task is
 complete, 1 otherwise (a task missing, pending, running, stopped or failed).
+
+A task whose file says running but whose process is gone (kill -9, OOM killer, node reboot)
+is shown as stopped as soon as that can be known: on the same host, by its pid, and by the
+pid's start time and the boot id the file records, so that a reused pid is not taken for it.
+On other hosts it is flagged stale after STALE_AFTER_S without an update.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import math
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +48,7 @@ class TaskProgress:
     updated: float | None = None  # unix time
     path: Path | None = None
     raw: dict = field(default_factory=dict)
+    note: str | None = None  # why it stopped or failed, when known
 
     @property
     def complete(self) -> bool:
@@ -96,6 +105,7 @@ def parse_progress(data: dict, path: Path | None = None) -> TaskProgress:
             pass
     tok_s = _first(data, "tok_per_s", "tokens_per_s", "output_tok_per_s", "tok_s")
     rows_s = _first(data, "rows_per_s")
+    note = _first(data, "error", "reason")
     return TaskProgress(
         task_id=int(task or 0),
         num_tasks=_as_int(_first(data, "num_tasks", "tasks"), None),
@@ -109,7 +119,70 @@ def parse_progress(data: dict, path: Path | None = None) -> TaskProgress:
         updated=updated,
         path=path,
         raw=data,
+        note=str(note).splitlines()[0] if note else None,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# is the task's process still there?
+# ---------------------------------------------------------------------------------------
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on, or None (no such process, or no /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()  # the command name (field 2) may hold spaces and ')'
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux /proc field 22): with the pid
+    it names one process, since a pid is reused once its process is gone."""
+    fields = _proc_stat(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def process_gone(data: dict) -> str | None:
+    """Why the process a progress file names is certainly not running any more, or None when it
+    may be (it is, another host's, or the file does not say which process wrote it)."""
+    pid, host = data.get("pid"), data.get("host")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or host != socket.gethostname():
+        return None
+    gone = f"its process (pid {pid} on {host}) is gone without saying why (killed?)"
+    if data.get("boot_id") and boot_id() and data["boot_id"] != boot_id():
+        return f"its process (pid {pid} on {host}) was lost when the machine restarted"
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            return gone
+        if e.errno != errno.EPERM:  # EPERM: the pid exists (another user's): look closer below
+            return None
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # exited, not yet reaped by its parent
+        return gone
+    started = data.get("pid_start")
+    if isinstance(started, int) and fields is not None and process_start_ticks(pid) not in (None, started):
+        return gone  # the pid now belongs to another process
+    return None
+
+
+def _mark_dead(t: TaskProgress) -> TaskProgress:
+    if t.running:
+        why = process_gone(t.raw)
+        if why is not None:
+            t.state, t.note = "stopped", f"{why}; rerun (or resubmit) to resume"
+    return t
 
 
 def read_progress(out: Path) -> list[TaskProgress]:
@@ -126,7 +199,7 @@ def read_progress(out: Path) -> list[TaskProgress]:
             data = json.loads(p.read_text())
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
-            tasks.append(parse_progress(data, p))
+            tasks.append(_mark_dead(parse_progress(data, p)))
         except (OSError, ValueError) as e:
             digits = "".join(c for c in p.stem if c.isdigit())
             tasks.append(TaskProgress(task_id=int(digits or 0), state="unreadable", path=p, raw={"error": str(e)}))
@@ -255,6 +328,7 @@ def render_table(s: Summary, now: float | None = None) -> str:
     out += [line(r) for r in rows[:-1]]
     out.append("  ".join("-" * w for w in widths))
     out.append(line(rows[-1]))
+    out += [f"task {t.task_id} {t.state}: {t.note}" for t in s.tasks if t.note and not t.running and not t.complete]
     return "\n".join(out)
 
 
@@ -265,8 +339,18 @@ def summary_json(s: Summary) -> dict:
         "output_tokens": s.output_tokens, "tok_per_s": s.tok_per_s, "eta_s": s.eta_s,
         "tasks": [{"task_id": t.task_id, "state": t.state, "rows_done": t.rows_done, "rows_total": t.rows_total,
                    "shards": t.shards, "output_tokens": t.output_tokens, "tok_per_s": t.tok_per_s,
-                   "updated": t.updated} for t in s.tasks],
+                   "updated": t.updated, "note": t.note} for t in s.tasks],
     }
+
+
+def verify(out: Path) -> list[str] | None:
+    """Problems that batchgen.sink.verify_output finds in OUT (shards, ledger, manifest), one line
+    each; None when this version of batchgen has no verifier."""
+    try:
+        from .sink import verify_output  # loaded only for --verify: pyarrow
+    except ImportError:
+        return None
+    return [" ".join(str(p).split()) for p in verify_output(Path(out))]
 
 
 @click.command("status")
@@ -274,20 +358,43 @@ def summary_json(s: Summary) -> dict:
 @click.option("--tasks", "num_tasks", type=int, default=None,
               help="Expected number of tasks (default: as recorded in the progress files).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the table.")
-def status_command(out: Path, num_tasks: int | None, as_json: bool) -> None:
+@click.option("--verify", "check", is_flag=True,
+              help="Also check the committed output itself (every shard readable, every row once); "
+                   "one line per problem, exit 1 if any.")
+def status_command(out: Path, num_tasks: int | None, as_json: bool, check: bool) -> None:
     """Progress of the run writing to OUT: a row per task, totals and an ETA.
 
-    Exit code 0 when every task is complete, 1 otherwise.
+    Exit code 0 when every task is complete (and, with --verify, the output has no problem), 1 otherwise.
     """
     if not out.is_dir():
         raise click.ClickException(f"{out}: no such output directory")
+    problems = verify(out) if check else []
+    if problems is None:
+        click.echo("error: --verify: this batchgen has no output verifier (batchgen.sink.verify_output); "
+                   "upgrade batchgen to check the output", err=True)
+        sys.exit(2)
     tasks = read_progress(out)
-    if not tasks and not (num_tasks or manifest_num_tasks(out)):
+    expected = num_tasks or manifest_num_tasks(out)
+    if not tasks and not expected:
         click.echo(f"{out}: no progress yet ({out / PROGRESS_DIR} is empty or missing)", err=True)
+        _report_problems(out, problems, check)
         sys.exit(1)
-    s = summarize(tasks, num_tasks or manifest_num_tasks(out))
+    s = summarize(tasks, expected)
     if as_json:
-        click.echo(json.dumps(summary_json(s), indent=2))
+        data = summary_json(s)
+        if check:
+            data["problems"] = problems
+        click.echo(json.dumps(data, indent=2))
     else:
         click.echo(render_table(s))
-    sys.exit(0 if s.complete else 1)
+    _report_problems(out, problems if not as_json else [], check, len(problems))
+    sys.exit(0 if s.complete and not problems else 1)
+
+
+def _report_problems(out: Path, problems: list[str], check: bool, count: int | None = None) -> None:
+    """One stdout line per problem, then a count on stderr (stdout stays the table or the JSON)."""
+    for p in problems:
+        click.echo(f"problem: {p}")
+    n = len(problems) if count is None else count
+    if check:
+        click.echo(f"verify: {n} problem(s) in {out}" if n else f"verify: {out}: no problems", err=True)
