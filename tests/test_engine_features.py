@@ -299,6 +299,35 @@ def test_logprobs_greedy_match_reference(engine, path, prompts):
     assert len(o.outputs[0].logprobs) == 6 and all(x <= 1e-6 for x in o.outputs[0].logprobs)
 
 
+def test_top_logprobs_match_a_transformers_forward(engine, path, prompts):
+    """top_logprobs=k: per position the k most likely ids and their log-probabilities under the raw model
+    distribution, checked against one transformers forward over prompt + completion; rows asking for
+    different k (and rows asking for none) share a batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ks = [5, 0, 2, 5]
+    params = [SamplingParams(max_new_tokens=8, top_logprobs=k, temperature=1.0 if i == 3 else 0.0, seed=i,
+                             ignore_eos=True) for i, k in enumerate(ks)]
+    outs = engine.generate(prompts[:4], params)
+    for p, o, k in zip(prompts[:4], outs, ks):
+        c = o.outputs[0]
+        if k == 0:
+            assert c.top_logprobs is None
+            continue
+        assert len(c.top_logprobs) == len(c.token_ids) == 8 and all(len(t) == k for t in c.top_logprobs)
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c.token_ids[:-1]])).logits[0, len(p) - 1:]
+        ref = torch.log_softmax(logits.float(), dim=-1)
+        for pos, pairs in enumerate(c.top_logprobs):
+            want_lp, want_ids = torch.topk(ref[pos], k)
+            got_ids, got_lp = [i for i, _ in pairs], [v for _, v in pairs]
+            assert torch.allclose(torch.tensor(got_lp), want_lp, atol=1e-3), (pos, got_lp, want_lp.tolist())
+            assert all(abs(ref[pos, i].item() - v) < 1e-3 for i, v in pairs)  # each id has its own logprob
+            assert got_ids == want_ids.tolist() or len(set(torch.round(want_lp, decimals=3).tolist())) < k
+
+
 # ----------------------------------------------------------------------- stream / order
 
 

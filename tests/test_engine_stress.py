@@ -145,7 +145,7 @@ def test_interrupted_step_ends_every_request_with_an_error(path, monkeypatch):
     eng = R.make_engine(path, max_num_seqs=4, kv_cache_tokens=512, overlap=True)
     try:
         eng.add(reqs[4:])  # another caller's requests
-        real, calls = eng.runner.execute, [0]
+        real, calls = eng.runner.forward, [0]
 
         def flaky(step):
             calls[0] += 1
@@ -153,7 +153,7 @@ def test_interrupted_step_ends_every_request_with_an_error(path, monkeypatch):
                 raise KeyboardInterrupt
             return real(step)
 
-        monkeypatch.setattr(eng.runner, "execute", flaky)
+        monkeypatch.setattr(eng.runner, "forward", flaky)
         with pytest.raises(KeyboardInterrupt):
             list(eng.stream(reqs[:4]))
         check_engine_idle(eng)
@@ -161,7 +161,7 @@ def test_interrupted_step_ends_every_request_with_an_error(path, monkeypatch):
         assert sorted(o.request_id for o in pushed) == [4, 5, 6, 7], "the other caller's requests were lost"
         failed = [c for o in pushed for c in o.outputs if c.finish_reason == "error"]
         assert failed and all("interrupted by KeyboardInterrupt" in c.error for c in failed)
-        monkeypatch.setattr(eng.runner, "execute", real)
+        monkeypatch.setattr(eng.runner, "forward", real)
         check_complete(eng.generate(reqs), reqs)
     finally:
         eng.close()

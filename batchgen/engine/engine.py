@@ -228,6 +228,7 @@ class Engine:
         for j in range(params.n):
             seq = Sequence(group, j, _mix(base, j), stop, max_tokens, list(ids))
             seq.logprobs = [] if params.logprobs else None
+            seq.top_logprobs = [] if params.top_logprobs else None
             group.seqs.append(seq)
         if spec is not None:
             try:
@@ -461,6 +462,8 @@ class Engine:
         toks = tokens.tolist()
         if self._constrained_groups:  # advance the matchers first: their state decides whether a sample ended
             self._advance_matchers(handle.seqs, toks)
+        if handle.top_ids is not None:
+            self._add_top_logprobs(handle)
         for seq, tok, lp in zip(handle.seqs, toks, logprobs.tolist() if logprobs is not None else itertools.repeat(None)):
             if seq.status is Status.FINISHED:
                 continue  # finished a step earlier (overlap) or dropped: this token is not used
@@ -479,6 +482,15 @@ class Engine:
         self._stats["generated_tokens"] += taken
         self._stats["host_s"] += time.perf_counter() - h0
         return done
+
+    @staticmethod
+    def _add_top_logprobs(handle: StepHandle) -> None:
+        """Each asking row's k most likely (id, logprob) at this position (rows ask for different k)."""
+        ids, lps = handle.top_ids.tolist(), handle.top_logprobs.tolist()
+        for row, seq in enumerate(handle.seqs):
+            if seq.top_logprobs is not None and seq.status is not Status.FINISHED:
+                k = seq.params.top_logprobs
+                seq.top_logprobs.append(list(zip(ids[row][:k], lps[row][:k])))
 
     def _advance_matchers(self, seqs: list[Sequence], tokens: list[int]) -> None:
         pairs = [(s, t) for s, t in zip(seqs, tokens) if s.matcher is not None and s.status is not Status.FINISHED]

@@ -26,6 +26,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to EOS
     ignore_eos: bool = False
     logprobs: bool = False  # return the log-probability of each chosen token
+    top_logprobs: int = 0  # also return the k most likely (token id, log-probability) pairs at each position
     skip_special_tokens: bool = True
     # constrained decoding, at most one (llguidance): the completion is made to match it, and stops when complete
     json_schema: dict[str, Any] | str | None = None  # a JSON schema (dict or JSON text)
@@ -58,7 +59,8 @@ class CompletionOutput:
     text: str
     finish_reason: FinishReason
     error: str | None = None
-    logprobs: list[float] | None = None
+    logprobs: list[float] | None = None  # of the chosen tokens, under the raw model distribution
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per position: the k most likely (id, logprob)
 
 
 @dataclass

@@ -15,21 +15,12 @@ import torch
 
 from .attention.base import AttentionBackend, AttentionMetadata
 from .models.llama import LlamaModel
-from .sampler import Sampler, SamplingBatch, top_k_bound_hint
+from .sampler import Sampler, SamplingBatch, top_k_bound_hint, top_logprobs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
 
 _STAGED = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32))
-
-
-def apply_token_bitmask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Logits with the tokens whose bit is 0 in `allowed` ([rows, ceil(V / 32)] int32, bit j of word w = token
-    32 w + j) set to -inf: constrained decoding's one device op, before any sampling step sees the logits."""
-    rows, vocab = logits.shape
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    bits = (allowed.unsqueeze(-1) >> shifts).bitwise_and_(1).view(rows, -1)[:, :vocab]
-    return logits.masked_fill(bits == 0, float("-inf"))
 
 
 @dataclass
@@ -41,6 +32,7 @@ class PreparedStep:
     all_sample: bool  # every sequence samples (logits rows == batch rows)
     sample_seqs: list[Sequence]
     sampling: SamplingBatch | None
+    top_logprobs: int = 0  # k of the rows asking most (0: none asks)
 
 
 @dataclass
@@ -59,6 +51,8 @@ class StepHandle:
     done: torch.cuda.Event | None
     started: torch.cuda.Event | None
     decode_only: bool = False
+    top_ids: torch.Tensor | None = None  # host [S, k] int64 / float32 when some row asks for top_logprobs
+    top_logprobs: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -81,6 +75,7 @@ class ModelRunner:
         self.fdefault = np.array([0.0, 1.0, 0.0, 1.0], np.float32)[:, None]
         self.iparams = np.zeros((2, max_num_seqs), np.int64)
         self.logprobs = np.zeros(max_num_seqs, bool)
+        self.top_k_logprobs = np.zeros(max_num_seqs, np.int64)
         self.min_new_end = np.zeros(max_num_seqs, np.int64)  # position before which stop ids are suppressed
         self.stop_ids: list[list[int]] = [[] for _ in range(max_num_seqs)]
         self._staging: list[torch.Tensor | None] = [None] * (2 * len(_STAGED))  # (step parity, dtype)
@@ -115,6 +110,7 @@ class ModelRunner:
             self.fparams[:, k] = (p.temperature, p.top_p, p.min_p, p.repetition_penalty)
             self.iparams[:, k] = (p.top_k, s.stream_key)
             self.logprobs[k] = p.logprobs
+            self.top_k_logprobs[k] = p.top_logprobs
             self.min_new_end[k] = s.num_prompt + p.min_new_tokens
             self.stop_ids[k] = sorted(s.stop_ids)
             if p.repetition_penalty != 1.0:
@@ -168,7 +164,8 @@ class ModelRunner:
         sampling = self._sampling_batch(dev, arrays, s_slots, s_pos) if len(rows) else None
         all_sample = len(rows) == B
         sample_seqs = seqs if all_sample else [seqs[i] for i in rows]
-        return PreparedStep(dev, meta, bool((ids_np < 0).any()), all_sample, sample_seqs, sampling)
+        top_k = int(self.top_k_logprobs[s_slots].max()) if len(rows) else 0
+        return PreparedStep(dev, meta, bool((ids_np < 0).any()), all_sample, sample_seqs, sampling, top_k)
 
     def execute(self, step: PreparedStep) -> StepHandle:
         """Enqueue the whole step (forward and sampling) on the device; returns at once on CUDA."""
@@ -200,10 +197,12 @@ class ModelRunner:
         """Enqueue sampling of a launched forward. `allowed`: host [rows, ceil(vocab / 32)] int32 bitmask of the
         tokens each row may take (constrained decoding; all bits set on free rows), or None."""
         step, dev, logits = fwd.step, fwd.step.dev, fwd.logits
-        tokens_host = logprobs_host = None
+        tokens_host = logprobs_host = top_ids = top_lps = None
         if step.sampling is not None:
             if allowed is not None:
-                logits = apply_token_bitmask(logits, allowed.to(self.device, non_blocking=True))
+                step.sampling.allowed = allowed.to(self.device, non_blocking=True)
+            if step.top_logprobs:
+                top_ids, top_lps = (self._download(t) for t in top_logprobs(logits, step.top_logprobs))
             tokens, logprobs = self.sampler(logits, step.sampling)
             self.token_buf[dev["s_slots"]] = tokens
             self.sampler.record(dev["s_slots"], tokens)
@@ -213,7 +212,8 @@ class ModelRunner:
         if self.cuda:
             done = torch.cuda.Event(enable_timing=True)
             done.record()
-        return StepHandle(step.sample_seqs, tokens_host, logprobs_host, done, fwd.started, step.meta.decode_only)
+        return StepHandle(step.sample_seqs, tokens_host, logprobs_host, done, fwd.started, step.meta.decode_only,
+                          top_ids, top_lps)
 
     def _sampling_batch(self, dev: dict[str, torch.Tensor], host: dict[str, np.ndarray], s_slots: np.ndarray,
                         s_pos: np.ndarray) -> SamplingBatch:

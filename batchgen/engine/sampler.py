@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingBatch", "Sampler", "row_keys", "top_k_bound_hint", "uniform_noise", "gumbel_noise"]
+__all__ = ["SamplingBatch", "Sampler", "apply_token_bitmask_", "row_keys", "top_k_bound_hint", "top_logprobs",
+           "uniform_noise", "gumbel_noise"]
 
 _M64 = (1 << 64) - 1
 
@@ -141,6 +142,7 @@ class SamplingBatch:
     positions: Tensor  # [B] int64 index of the token being sampled within the sequence
     slots: Tensor  # [B] int64 slot in [0, max_slots) (repetition-penalty history)
     suppress_ids: Tensor | None = None  # [B, E] int64 ids to forbid this step, padded with -1
+    allowed: Tensor | None = None  # [B, ceil(V / 32)] int32 bitmask of the ids a row may take (constrained decoding)
     # host-side flags (no device sync needed to choose code paths)
     all_greedy: bool = True
     any_top_k: bool = False
@@ -210,6 +212,22 @@ def top_k_bound_hint(top_k: Sequence[int], top_p: Sequence[float]) -> int:
     if not ks or any(p < 1.0 and k <= 0 for k, p in zip(top_k, top_p)):
         return 0
     return max(ks)
+
+
+def apply_token_bitmask_(x: Tensor, allowed: Tensor) -> None:
+    """Set to -inf, in place, the entries of x [B, V] whose bit is 0 in allowed ([B, ceil(V / 32)] int32; bit j of
+    word w is token 32 w + j)."""
+    rows, vocab = x.shape
+    shifts = torch.arange(32, device=x.device, dtype=torch.int32)
+    bits = (allowed.unsqueeze(-1) >> shifts).bitwise_and_(1).view(rows, -1)[:, :vocab]
+    x.masked_fill_(bits == 0, -math.inf)
+
+
+def top_logprobs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k most likely ids of each row and their log-probabilities under the raw model distribution."""
+    x = logits.float()
+    vals, ids = torch.topk(x, k, dim=-1)
+    return ids, vals - torch.logsumexp(x, dim=-1, keepdim=True)
 
 
 class Sampler:
@@ -339,13 +357,15 @@ class Sampler:
         distribution, or None unless batch.want_logprobs)."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
-        need_proc = batch.any_penalty or batch.suppress_ids is not None
-        lse = torch.logsumexp(logits.float(), dim=-1) if batch.want_logprobs else None
+        need_proc = batch.any_penalty or batch.suppress_ids is not None or batch.allowed is not None
+        lse = torch.logsumexp(logits.float(), dim=-1) if batch.want_logprobs else None  # raw model distribution
 
         if batch.all_greedy and not need_proc:
             tokens = logits.argmax(dim=-1)
         else:
             x = logits.to(torch.float32, copy=True)
+            if batch.allowed is not None:  # first: every later step sees only what the grammar allows
+                apply_token_bitmask_(x, batch.allowed)
             if batch.any_penalty:
                 self._apply_penalty(x, batch)
             if batch.suppress_ids is not None:

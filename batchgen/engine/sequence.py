@@ -47,6 +47,7 @@ class Sequence:
     slot: int = -1
     status: Status = Status.WAITING
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     matcher: Any = None  # llguidance matcher of a constrained sample (constraints.py), else None
     finish_reason: str | None = None
     error: str | None = None
@@ -65,10 +66,11 @@ class Sequence:
     def completion(self, decode) -> CompletionOutput:
         gen = self.token_ids[self.num_prompt:]
         if self.error is not None:
-            return CompletionOutput(self.index, gen, "", "error", self.error, self.logprobs)
+            return CompletionOutput(self.index, gen, "", "error", self.error, self.logprobs, self.top_logprobs)
         text = decode(gen, self.params.skip_special_tokens)
         for stop in self.params.stop:  # cut at the earliest stop string
             at = text.find(stop)
             if at >= 0:
                 text = text[:at]
-        return CompletionOutput(self.index, gen, text, self.finish_reason or "length", None, self.logprobs)
+        return CompletionOutput(self.index, gen, text, self.finish_reason or "length", None, self.logprobs,
+                                self.top_logprobs)

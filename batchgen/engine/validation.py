@@ -16,6 +16,7 @@ from typing import Any, Callable, NoReturn
 INT32_MAX = 2**31 - 1  # top_k and token ids go through int32 / int64 device tensors
 F32_TINY = 1.1754943508222875e-38  # smallest normal float32
 F32_MAX = 3.4028234663852886e38  # sampling floats live in float32 on the device: larger ones become inf
+MAX_TOP_LOGPROBS = 64  # per position: each one is downloaded every step
 MAX_N = 4096  # samples per request: each one is a full sequence, so more is surely a mistake
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # the model weights' types loader.py builds
 CLOSED_MESSAGE = "this Engine was closed; create a new one"
@@ -111,6 +112,7 @@ def check_sampling_params(p: Any) -> None:
     if p.seed is not None:  # any int: the engine hashes it with a 64-bit mask
         p.seed = _int(f + "seed", p.seed, want="None or an integer")
     p.n = _int(f + "n", p.n, 1, MAX_N)
+    p.top_logprobs = _int(f + "top_logprobs", p.top_logprobs, 0, MAX_TOP_LOGPROBS)
     p.stop = _stop_strings(f + "stop", p.stop)
     p.stop_token_ids = _token_ids(f + "stop_token_ids", p.stop_token_ids)
     for name in ("ignore_eos", "logprobs", "skip_special_tokens", "json_object"):
