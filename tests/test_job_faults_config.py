@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -338,3 +339,112 @@ def test_engine_argument_error_at_start_up_is_one_line(tmp_path: Path, monkeypat
     assert out.strip().splitlines()[-1] == (f"error: {job}:{line + 1}: engine.max_batch_tokens: must be an integer "
                                             ">= 64 here, got 8")
     assert "Traceback" not in out
+
+
+# ------------------------------------------------------------------ case 15: live progress
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_tok_s_and_eta_count_tokens_as_they_are_generated() -> None:
+    """300 rows of ~200 tokens at 1000 tok/s (a one-minute job): the first rows to finish are the
+    short ones. Counted from finished rows, 10 s in, that was 20 tok/s and an ETA of 12 minutes."""
+    from batchgen.progress import Progress
+
+    clock, engine = FakeClock(), {"generated": 0}
+    p = Progress(300, 0, mode="off", generated=lambda: engine["generated"], tokens_per_row=512, clock=clock)
+    p.start_clock()
+    clock.t += 5
+    engine["generated"] = 5000
+    assert p.tok_s == pytest.approx(1000)  # no row has finished yet
+    assert p.eta() is not None and p.eta() <= 300 * 512 / 1000  # bounded by the upper bound
+    clock.t += 5
+    engine["generated"] = 10000
+    for _ in range(4):
+        p.update(1, 50)
+    assert p.tok_s == pytest.approx(1000)
+    assert 15 < p.eta() < 60, p.eta()  # about 50 s are left
+    assert "1,000.0 output tok/s" in p.line()
+
+
+def test_set_generated_pushes_the_count() -> None:
+    from batchgen.progress import Progress
+
+    clock = FakeClock()
+    p = Progress(10, 0, mode="off", clock=clock)
+    p.set_generated(700)  # the engine had sampled 700 tokens before this run: not this run's
+    p.start_clock()
+    clock.t += 2
+    p.set_generated(900)
+    assert p.tok_s == pytest.approx(100) and p.generated_tokens == 200
+    p.update(5, 150)
+    assert p.eta() == pytest.approx((5 * 30 - 50) / 100)  # 30 tokens per row, 50 already sampled for the rest
+
+
+def test_without_a_live_count_progress_is_as_before() -> None:
+    from batchgen.progress import Progress
+
+    clock = FakeClock()
+    p = Progress(10, 0, mode="off", clock=clock)
+    p.start_clock()
+    clock.t += 10
+    p.update(2, 40)
+    assert p.tok_s == pytest.approx(4) and p.eta() == pytest.approx(40)
+
+
+@pytest.mark.parametrize("mode", ["log", "bar"])
+def test_display_refreshes_while_no_row_finishes(mode: str) -> None:
+    import io
+
+    from batchgen.progress import Progress
+
+    buf, engine = io.StringIO(), {"generated": 0}
+    p = Progress(50, 0, mode=mode, log_every=0.05, stream=buf, generated=lambda: engine["generated"],
+                 tokens_per_row=100)
+    p.TICK_S = 0.05
+    p.start_clock()
+    try:
+        deadline = time.monotonic() + 20
+        while not any(float(x.replace(",", "")) > 0 for x in re.findall(r"([\d,.]+) (?:output )?tok/s", buf.getvalue())):
+            engine["generated"] += 50  # tokens are sampled, no row finishes
+            assert time.monotonic() < deadline, buf.getvalue()
+            time.sleep(0.02)
+        shown = buf.getvalue()
+    finally:
+        p.close()
+    assert p.done == 0
+    assert re.search(r"ETA \d", shown), shown  # an estimate from the tokens, before any row finished
+
+
+def test_urgent_prints_at_once_from_a_signal_handler_with_the_bar_on(tmp_path: Path) -> None:
+    """What job.py prints on the first Ctrl-C: written by one os.write, so it is on the terminal
+    at once (no buffer to flush, no lock the interrupted code may hold), the bar redrawn after."""
+    from batchgen.progress import Progress
+
+    out = tmp_path / "tty"
+    stream = open(out, "w")  # block-buffered: a print would sit in the buffer
+    p = Progress(10, 0, mode="bar", stream=stream)
+    p.start_clock()
+    p.update(1, 3)
+    msg = "stopping: finishing 4 in-flight rows (up to 10 s); press Ctrl-C again to stop now"
+    old = signal.signal(signal.SIGALRM, lambda s, f: p.urgent(msg))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        deadline = time.monotonic() + 10
+        while msg.encode() not in out.read_bytes():
+            assert time.monotonic() < deadline
+            print("x" * 100, file=stream, end="")  # the main thread keeps writing to the same stream
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    text = out.read_bytes().decode()  # bytes: read_text() would turn each \r into \n
+    assert "\r" + " " * 79 + "\r" + msg + "\n" in text  # the bar's line blanked first
+    p.update(1, 3)
+    p.close()
+    stream.close()
+    after = out.read_bytes().decode().split(msg, 1)[1]
+    assert "2/10" in after and "tok/s" in after  # the bar is drawn again below the message
