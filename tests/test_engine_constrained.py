@@ -158,3 +158,22 @@ def test_without_llguidance_the_request_says_so(tiny_checkpoint, monkeypatch):
         assert "pip install llguidance" in out.error
     finally:
         eng.close()
+
+
+def test_constraint_starts_after_the_reasoning_end_token(tiny):
+    """reasoning_end: tokens are free up to and including that token (the reasoning section), constrained after.
+    Greedy, so the free part equals the unconstrained completion token for token."""
+    prompt = [7, 8, 9, 10]
+    free = tiny.generate([prompt], SamplingParams(max_new_tokens=12, ignore_eos=True))[0].outputs[0].token_ids
+    grammars = tiny._grammars
+    pick = next((j, t) for j, t in enumerate(free) if j >= 2 and t not in free[:j]
+                and grammars.tokenizer.tokenize_str(grammars.tokenizer.decode_str([t])) == [t])
+    j, end = pick
+    tag = grammars.tokenizer.decode_str([end])
+    (out,) = tiny.generate([prompt], SamplingParams(max_new_tokens=30, regex="[0-9]{3}", reasoning_end=tag))
+    c = out.outputs[0]
+    assert c.token_ids[: j + 1] == free[: j + 1], "the reasoning section was constrained"
+    assert c.finish_reason == "stop"
+    assert re.fullmatch("[0-9]{3}", tiny.tokenizer.decode(c.token_ids[j + 1:], skip_special_tokens=True)), c.text
+    (bad,) = tiny.generate([prompt], SamplingParams(max_new_tokens=5, regex="a", reasoning_end="not one token at all"))
+    assert "must be one" in bad.error

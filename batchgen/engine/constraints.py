@@ -114,14 +114,30 @@ class Grammars:
         self._flip ^= 1
         out = buf[: len(seqs)]
         out.fill_(-1)
-        rows = [(s.matcher, i) for i, s in enumerate(seqs) if s.matcher is not None and not s.matcher.is_stopped()]
+        rows = [(s.matcher, i) for i, s in enumerate(seqs)
+                if s.matcher is not None and s.matcher_from < 0 and not s.matcher.is_stopped()]
         if rows:
             self.llg.torch.fill_next_token_bitmask_par(self.executor, rows, out)
         return out
 
     def consume(self, seqs: list[Any], tokens: list[int]) -> None:
-        """Advance each sample's matcher by its sampled token (in parallel, GIL released)."""
-        self.executor.consume_token_par(list(zip((s.matcher for s in seqs), tokens)))
+        """Advance each sample's matcher by its sampled token (in parallel, GIL released). A matcher waiting for
+        the end of a reasoning section starts after that token, which it does not see."""
+        pairs = []
+        for s, t in zip(seqs, tokens):
+            if s.matcher_from < 0:
+                pairs.append((s.matcher, t))
+            elif t == s.matcher_from:
+                s.matcher_from = -1
+        if pairs:
+            self.executor.consume_token_par(pairs)
+
+    def reasoning_end_id(self, text: str) -> int:
+        """The token id of a reasoning section's closing tag; ConstraintError unless it is one token."""
+        ids = self.tokenizer.tokenize_str(text)
+        if len(ids) != 1:
+            raise ConstraintError(f"reasoning_end {text!r} is {len(ids)} tokens for this tokenizer; it must be one")
+        return ids[0]
 
 
 def _first_line(msg: str) -> str:

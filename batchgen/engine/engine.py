@@ -232,8 +232,9 @@ class Engine:
             group.seqs.append(seq)
         if spec is not None:
             try:
+                start = self._grammars.reasoning_end_id(params.reasoning_end) if params.reasoning_end else -1
                 for seq in group.seqs:
-                    seq.matcher = self._grammars.matcher(spec)
+                    seq.matcher, seq.matcher_from = self._grammars.matcher(spec), start
             except ConstraintError as e:
                 error = str(e)
                 for seq in group.seqs:
@@ -501,7 +502,7 @@ class Engine:
         p = seq.params
         n = seq.num_generated
         m = seq.matcher
-        if m is not None:
+        if m is not None and seq.matcher_from < 0:
             if m.is_error():  # cannot happen for a token sampled under its mask: an engine bug, not silent
                 seq.error = f"constraint violated: {m.get_error()}"
                 return "error"

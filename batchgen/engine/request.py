@@ -34,6 +34,8 @@ class SamplingParams:
     choice: list[str] | None = None  # exactly one of these strings
     grammar: str | None = None  # a Lark grammar
     json_object: bool = False  # any JSON object
+    # reasoning models: the constraint starts after this token (e.g. "</think>"); before it, tokens are free
+    reasoning_end: str | None = None
 
     def __post_init__(self) -> None:
         check_sampling_params(self)  # one clear error per bad field; also normalises types (stop: str -> [str])

@@ -49,6 +49,7 @@ class Sequence:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     matcher: Any = None  # llguidance matcher of a constrained sample (constraints.py), else None
+    matcher_from: int = -1  # token id after which the matcher applies (reasoning_end), -1: from the start
     finish_reason: str | None = None
     error: str | None = None
 

@@ -138,7 +138,7 @@ def _check_constraint(p: Any) -> None:
                 raise EngineArgumentError(f"{f}json_schema is not valid JSON: {e}") from None
         if not isinstance(schema, dict):
             _fail(f + "json_schema", "a JSON schema object (a dict or its JSON text)", p.json_schema, True)
-    for name in ("regex", "grammar"):
+    for name in ("regex", "grammar", "reasoning_end"):
         v = getattr(p, name)
         if v is not None and (not isinstance(v, str) or not v):
             _fail(f + name, "a non-empty str", v, not isinstance(v, str))
