@@ -27,6 +27,7 @@ test: | $(STAMP)
 
 demo: install
 	$(VENV)/bin/batchgen run jobs/demo.yaml
+	$(VENV)/bin/batchgen show out/demo --n 3
 
 # drop the dequantized-GGUF cache (rebuilt on the next load)
 clean-cache:

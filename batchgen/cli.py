@@ -19,6 +19,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("batchgen.slurm", "submit_command"),
     "status": ("batchgen.status", "status_command"),
     "bench": ("batchgen.bench", "bench_command"),
+    "show": ("batchgen.show", "show_command"),
 }
 
 
