@@ -95,6 +95,18 @@ class Progress:
         if self._bar is not None:
             self._bar.start_t = self._bar._time()
             self._bar.last_print_t = self._bar.start_t
+        self._start_ticker()
+
+    def track_tokens(self, generated: Callable[[], int], tokens_per_row: float | None = None) -> None:
+        """Follow a live token count from now on: `generated=` for a Progress made before the engine."""
+        self._generated_fn = generated
+        if tokens_per_row is not None:
+            self.tokens_per_row = tokens_per_row
+        self._read_generated()
+        self._generated_base = self._generated or 0
+        self._start_ticker()
+
+    def _start_ticker(self) -> None:
         if self._generated_fn is not None and self.mode in ("bar", "log") and self._ticker is None:
             self._ticker = threading.Thread(target=self._tick, name="batchgen-progress", daemon=True)
             self._ticker.start()

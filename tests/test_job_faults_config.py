@@ -448,3 +448,16 @@ def test_urgent_prints_at_once_from_a_signal_handler_with_the_bar_on(tmp_path: P
     stream.close()
     after = out.read_bytes().decode().split(msg, 1)[1]
     assert "2/10" in after and "tok/s" in after  # the bar is drawn again below the message
+
+
+def test_track_tokens_after_start_clock() -> None:
+    """The form job.py uses: the engine exists only after Progress started its clock."""
+    from batchgen.progress import Progress
+
+    clock, engine = FakeClock(), {"generated": 300}
+    p = Progress(10, 0, mode="off", clock=clock)
+    p.start_clock()
+    p.track_tokens(lambda: engine["generated"], tokens_per_row=64)
+    clock.t += 2
+    engine["generated"] = 500
+    assert p.tok_s == pytest.approx(100) and p.eta() == pytest.approx((10 * 64 - 200) / 100)
