@@ -424,8 +424,11 @@ def _manifest_mismatch(old: dict, new: dict) -> str | None:
         if old.get("num_tasks") != new.get("num_tasks"):
             return (f"it was written with {old.get('num_tasks')} task(s), this run has {new.get('num_tasks')}; "
                     "rerun with the same --num-tasks")
-        if old.get("source") and new.get("source") and old.get("source") != new.get("source"):
-            return f"its input changed since it was started: {_diff(old['source'], new['source'])[:3]}"
+        from .sources import identity_change  # sizes, times, content hashes; safe appends pass
+
+        change = identity_change(old.get("source") or {}, new.get("source") or {})
+        if change:
+            return f"its input changed since it was started: {change}"
         return None
     changed = _diff(old.get("identity", {}), new.get("identity", {}))
     if changed:
