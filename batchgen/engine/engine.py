@@ -30,7 +30,8 @@ from .request import GenerationRequest, RequestOutput, SamplingParams
 from .runner import ModelRunner, StepHandle
 from .scheduler import Scheduler
 from .sequence import RequestGroup, Sequence, Status
-from .validation import EngineArgumentTypeError, EngineClosedError, check_engine_args, check_prompts, check_request
+from .validation import (EngineArgumentError, EngineArgumentTypeError, EngineClosedError, check_engine_args,
+                         check_prompts, check_request)
 
 _MASK63 = (1 << 63) - 1
 log = logging.getLogger("batchgen.engine")
@@ -62,6 +63,7 @@ class Engine:
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
+        self.backend = get_backend(attention, self.device)  # before the model loads: a missing package fails fast
         self.threads = None
         if self.device.type == "cpu":
             from .threads import apply_cpu_threads
@@ -92,7 +94,6 @@ class Engine:
         num_blocks = self._num_blocks(kv_cache_tokens, gpu_memory_fraction)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
-        self.backend = get_backend(attention, self.device)
         head_major = self.backend.name == "triton"
         self.runner = ModelRunner(model, self.backend, self.device, self.dtype, num_blocks, block_size,
                                   max_num_seqs, self.max_model_len, head_major)
@@ -154,14 +155,15 @@ class Engine:
             budget = total * fraction - (total - free) - act
             tokens = int(budget // per_token)
             if tokens < self.block_size:
-                raise ValueError(
-                    f"no GPU memory left for the KV cache: {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB "
+                raise EngineArgumentError(
+                    f"Engine: gpu_memory_fraction: no GPU memory left for the KV cache: {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB "
                     f"are in use (model weights and anything else on this GPU) and gpu_memory_fraction={fraction}; "
                     "raise gpu_memory_fraction, free the GPU, or set kv_cache_tokens")
         else:  # CPU: what max_num_seqs full-length sequences need, at most 1 GiB (preemption covers the rest)
             tokens = min(self.max_num_seqs * self.max_model_len, (1 << 30) // per_token)
         if tokens < self.block_size:
-            raise ValueError(f"KV cache would hold {tokens} tokens: not enough memory for this model and settings")
+            raise EngineArgumentError(f"Engine: kv_cache_tokens: the KV cache would hold {tokens} tokens, less than one "
+                                      f"block ({self.block_size}): not enough memory for this model and settings")
         return -(-tokens // self.block_size) + 1  # + the scratch block
 
     def reset_stats(self) -> None:

@@ -18,6 +18,7 @@ F32_TINY = 1.1754943508222875e-38  # smallest normal float32
 F32_MAX = 3.4028234663852886e38  # sampling floats live in float32 on the device: larger ones become inf
 MAX_TOP_LOGPROBS = 64  # per position: each one is downloaded every step
 MAX_N = 4096  # samples per request: each one is a full sequence, so more is surely a mistake
+BACKENDS = ("auto", "torch", "triton", "flash")  # attention backends get_backend knows (auto: Triton on CUDA)
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # the model weights' types loader.py builds
 CLOSED_MESSAGE = "this Engine was closed; create a new one"
 _PROMPT_KINDS = "a str, a list of token ids or a GenerationRequest"
@@ -197,11 +198,11 @@ def check_engine_args(*, device: Any = "auto", dtype: Any = "auto", max_num_seqs
 
 
 def _check_device(device: object) -> None:
+    want = "'auto', a device name like 'cpu' or 'cuda:0', or a torch.device"
+    if device in ("auto", "cpu"):  # no torch import for the common cases
+        return
     import torch
 
-    want = "'auto', a device name like 'cpu' or 'cuda:0', or a torch.device"
-    if device == "auto":
-        return
     if not isinstance(device, (str, torch.device)):
         _fail("Engine: device", want, device, True)
     try:
@@ -216,6 +217,8 @@ def _check_device(device: object) -> None:
 
 
 def _check_dtype(dtype: object) -> None:
+    if isinstance(dtype, str) and dtype in DTYPES:  # no torch import for the common case
+        return
     import torch
 
     ok = {getattr(torch, d) for d in DTYPES[1:]}
@@ -241,8 +244,6 @@ def _check_kv_cache_tokens(tokens: object, block_size: int) -> None:
 
 
 def _check_attention(attention: object) -> None:
-    from .attention import BACKENDS
-
     if not (isinstance(attention, str) and attention in BACKENDS):
         _fail("Engine: attention", f"one of {', '.join(map(repr, BACKENDS))}", attention,
               not isinstance(attention, str))

@@ -5,23 +5,23 @@ import importlib.util
 
 import torch
 
+from ..validation import BACKENDS, EngineArgumentError
 from .base import AttentionBackend, AttentionMetadata
 from .torch_backend import TorchAttention
 
-BACKENDS = ("auto", "torch", "triton", "flash")
-
-
 def get_backend(name: str, device: torch.device) -> AttentionBackend:
-    """auto: flash-attn when importable on CUDA, else Triton on CUDA, else the portable torch backend."""
+    """auto: Triton on CUDA, else the portable torch backend. FlashAttention only when asked for: auto never
+    picks a backend without a passing CUDA test, and the flash one has not run on a GPU yet."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise EngineArgumentError(f"Engine: attention must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchAttention()
-    if name in ("flash", "auto") and importlib.util.find_spec("flash_attn") is not None:
+    if name == "flash":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise EngineArgumentError("Engine: attention 'flash' needs the flash-attn package "
+                                      "(pip install 'batchgen[flash]')")
         from .flash_backend import make_flash_backend
         return make_flash_backend()
-    if name == "flash":
-        raise ValueError("attention: flash needs the flash-attn package (pip install 'batchgen[flash]')")
     if importlib.util.find_spec("triton") is not None and device.type == "cuda":
         try:
             from .triton_backend import make_triton_backend
@@ -31,7 +31,7 @@ def get_backend(name: str, device: torch.device) -> AttentionBackend:
         else:
             return make_triton_backend()
     if name == "triton":
-        raise ValueError("attention: triton needs CUDA and the triton package")
+        raise EngineArgumentError("Engine: attention 'triton' needs CUDA and the triton package")
     return TorchAttention()
 
 
