@@ -80,6 +80,7 @@ class PromptConfig:
     template: str | None = None
     system: str | None = None
     chat_template: Any = "auto"  # "auto" | True | False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the chat template
     max_tokens: int = 4096
     on_too_long: str = "skip"
 
@@ -98,6 +99,16 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # structured output, at most one: the completion is made to match it
+    json_schema: dict[str, Any] | None = None  # a mapping, or in the file a path to a .json file
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark
+    json_schema_column: str | None = None  # a per-row schema (JSON text or a mapping) from this column
+    logprobs: bool = False  # a `logprobs` column: the chosen tokens' log-probabilities
+    top_logprobs: int = 0  # a `top_logprobs` column: the k most likely (token id, logprob) per position
+    from_columns: dict[str, str] = field(default_factory=dict)  # sampling key -> column with its per-row value
 
 
 @dataclass
@@ -107,6 +118,8 @@ class OutputConfig:
     compression: str = "zstd"
     flush_seconds: float = 60.0
     stop_grace_seconds: float = 10.0
+    reasoning: str | None = None  # "split": a leading reasoning section goes to a `reasoning` column
+    reasoning_tags: list[str] | None = None  # [open, close]; default: from the chat template (<think>)
 
 
 @dataclass
@@ -187,6 +200,7 @@ _RULES: dict[tuple[str, str], dict[str, Any]] = {
     ("prompt", "template"): dict(kind="str", nullable=True),
     ("prompt", "system"): dict(kind="str", nullable=True),
     ("prompt", "chat_template"): dict(kind="auto_bool"),
+    ("prompt", "chat_template_kwargs"): dict(kind="mapping", null_default=True),
     ("prompt", "max_tokens"): _TOKENS,
     ("prompt", "on_too_long"): dict(kind="str", choices=["skip", "truncate", "error"]),
     ("sampling", "max_new_tokens"): _TOKENS,
@@ -201,6 +215,15 @@ _RULES: dict[tuple[str, str], dict[str, Any]] = {
     ("sampling", "repetition_penalty"): dict(kind="float", min=0.0, min_exclusive=True),
     ("sampling", "stop_token_ids"): dict(kind="intlist", null_default=True),
     ("sampling", "ignore_eos"): dict(kind="bool"),
+    ("sampling", "json_schema"): dict(kind="schema", nullable=True),
+    ("sampling", "json_object"): dict(kind="bool"),
+    ("sampling", "regex"): dict(kind="str", nullable=True),
+    ("sampling", "choice"): dict(kind="strlist", nullable=True),
+    ("sampling", "grammar"): dict(kind="str", nullable=True),
+    ("sampling", "json_schema_column"): dict(kind="str", nullable=True),
+    ("sampling", "logprobs"): dict(kind="bool"),
+    ("sampling", "top_logprobs"): dict(kind="int", min=0, max=engine_rules.MAX_TOP_LOGPROBS),
+    ("sampling", "from_columns"): dict(kind="mapping", null_default=True),
     ("output", "path"): dict(kind="str"),
     ("output", "rows_per_shard"): dict(kind="int", min=1),
     ("output", "compression"): dict(
@@ -210,6 +233,8 @@ _RULES: dict[tuple[str, str], dict[str, Any]] = {
     ("output", "flush_seconds"): dict(kind="float", min=0.0, min_exclusive=True, max=7 * 86400.0),
     # a day: the grace is a timer (setitimer overflows near 1e11 s) and a Slurm warning is minutes
     ("output", "stop_grace_seconds"): dict(kind="float", min=0.0, max=86400.0),
+    ("output", "reasoning"): dict(kind="str", nullable=True, choices=["split"]),
+    ("output", "reasoning_tags"): dict(kind="strlist", nullable=True),
     ("engine", "max_num_seqs"): _TOKENS,
     ("engine", "max_batch_tokens"): _TOKENS,
     ("engine", "gpu_memory_fraction"): dict(kind="float", min=0.0, min_exclusive=True, max=1.0),
@@ -238,6 +263,8 @@ _KIND_WORDS = {
     "intlist": "a list of integers",
     "auto_bool": "auto, true or false",
     "device": "a device name",
+    "mapping": "a mapping",
+    "schema": "a JSON schema (a mapping, or the path of a .json file)",
 }
 
 
@@ -323,8 +350,8 @@ def _type_name(v: Any) -> str:
 class _Ctx:
     """Where errors point: the job file and line, or the --set argument that set the key."""
 
-    def __init__(self, where: str, origins: dict[str, str] | None = None) -> None:
-        self.where = where
+    def __init__(self, where: str, origins: dict[str, str] | None = None, base_dir: str | os.PathLike[str] = ".") -> None:
+        self.where, self.base_dir = where, base_dir
         self.origins = origins or {}  # "section.key" (or a section --set created) -> the --set argument
 
     def loc(self, key: str, line: int | None) -> str:
@@ -376,6 +403,30 @@ def _check_device(ctx: _Ctx, key: str, value: Any, line: int | None) -> str:
     raise ctx.err(key, f"'{value}' is not a device batchgen runs on: {_DEVICE_WORDS}{hint}", line)
 
 
+def _plain(value: Any) -> Any:
+    """A YAML mapping (our line-keeping subclass) as plain dicts and lists: JSON-able, comparable."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _check_schema(ctx: _Ctx, key: str, value: Any, line: int | None) -> dict:
+    """A JSON schema given inline, or the path of a .json file holding one (read now: the job's fingerprint
+    then covers the schema's content, not its file name)."""
+    if isinstance(value, dict):
+        return _plain(value)
+    if not isinstance(value, str):
+        raise ctx.err(key, f"must be {_KIND_WORDS['schema']}, got {_type_name(value)}", line)
+    path = Path(value) if os.path.isabs(value) else Path(ctx.base_dir) / value
+    try:
+        schema = json.loads(path.read_text())
+    except OSError as e:
+        raise ctx.err(key, f"can't read the schema file {value}: {e.strerror or e}", line) from None
+    except ValueError as e:
+        raise ctx.err(key, f"the schema file {value} is not valid JSON: {e}", line) from None
+    if not isinstance(schema, dict):
+        raise ctx.err(key, f"the schema file {value} must hold a JSON object, got {_type_name(schema)}", line)
+    return schema
+
+
 def _check_value(ctx: _Ctx, key: str, value: Any, rule: dict, line: int | None, text: str | None = None) -> Any:
     """One key's value against its rule; `text` is the value as written (plain YAML scalars)."""
     kind = rule["kind"]
@@ -387,6 +438,12 @@ def _check_value(ctx: _Ctx, key: str, value: Any, rule: dict, line: int | None, 
         return value
     if kind == "device":
         return _check_device(ctx, key, value, line)
+    if kind == "mapping":
+        if not isinstance(value, dict):
+            raise ctx.err(key, f"must be a mapping, got {_type_name(value)}", line)
+        return _plain(value)
+    if kind == "schema":
+        return _check_schema(ctx, key, value, line)
     if kind == "str":
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ctx.err(key, f"must be a string, got {_type_name(value)}", line)
@@ -415,7 +472,8 @@ def _check_value(ctx: _Ctx, key: str, value: Any, rule: dict, line: int | None, 
             raise ctx.err(key, f"must be {_KIND_WORDS[kind]}, got {_type_name(value)}", line)
         for i, item in enumerate(value):
             if kind == "strlist" and not isinstance(item, str):
-                raise ctx.err(f"{key}[{i}]", f"must be a string, got {_type_name(item)}", line)
+                hint = " (YAML reads yes/no/on/off/true/false as booleans: quote it)" if isinstance(item, bool) else ""
+                raise ctx.err(f"{key}[{i}]", f"must be a string, got {_type_name(item)}{hint}", line)
             if kind == "intlist":
                 _check_number(ctx, f"{key}[{i}]", item, {"kind": "int"}, line)
         return list(value)
@@ -426,7 +484,7 @@ def parse_job(data: Any, where: str = "job file", base_dir: str | os.PathLike[st
               origins: dict[str, str] | None = None) -> JobConfig:
     """Validate a parsed job mapping (as from YAML) and build a JobConfig. `origins` maps the keys
     that --set gave (see apply_overrides) to their argument, so errors in them name it."""
-    ctx = _Ctx(where, origins)
+    ctx = _Ctx(where, origins, base_dir)
     if data is None:
         raise ConfigError(f"{where}: the job file is empty")
     if not isinstance(data, dict):
@@ -521,14 +579,73 @@ def _cross_checks(ctx: _Ctx, cfg: JobConfig, lines: dict[str, dict], sec_lines: 
     if pr.on_too_long == "truncate" and pr.max_tokens < 8:
         raise ctx.err("prompt.max_tokens", "is too small to truncate prompts into (at least 8)",
                       lines["prompt"].get("max_tokens"))
+    _structured_checks(ctx, cfg, lines)
     cols = list(inp.columns)
-    reserved = {"id", "sample_index", "completion", "finish_reason", "prompt_tokens", "completion_tokens", "error"}
+    reserved = {"id", "sample_index", "completion", "finish_reason", "prompt_tokens", "completion_tokens", "error",
+                "reasoning", "logprobs", "top_logprobs"}
     for c in cols:
         if c in reserved:
             raise ctx.err("input.columns", f"'{c}' is an output column name; it can't be copied through",
                           lines["input"].get("columns"))
     if len(set(cols)) != len(cols):
         raise ctx.err("input.columns", "lists a column twice", lines["input"].get("columns"))
+
+
+# sampling keys a column may set per row (sampling.from_columns); n is not one: a row's sample count is fixed
+PER_ROW_KEYS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                "seed", "stop", "stop_token_ids")
+CONSTRAINT_KEYS = ("json_schema", "json_object", "regex", "choice", "grammar", "json_schema_column")
+
+
+def _structured_checks(ctx: _Ctx, cfg: JobConfig, lines: dict[str, dict]) -> None:
+    """Structured output, per-row settings and reasoning: shapes, at most one constraint, constraints that compile."""
+    sp, out, sl = cfg.sampling, cfg.output, lines["sampling"]
+    given = [k for k in CONSTRAINT_KEYS if getattr(sp, k) not in (None, False)]
+    if len(given) > 1:
+        raise ctx.err(f"sampling.{given[1]}", f"give at most one of sampling.{', sampling.'.join(CONSTRAINT_KEYS)} "
+                      f"(also set: sampling.{given[0]})", sl.get(given[1]))
+    for k, col in sp.from_columns.items():
+        if k not in PER_ROW_KEYS:
+            raise ctx.err(f"sampling.from_columns.{k}", f"can't come from a column{_did_you_mean(str(k), PER_ROW_KEYS)}",
+                          sl.get("from_columns"))
+        if not isinstance(col, str) or not col:
+            raise ctx.err(f"sampling.from_columns.{k}", f"must name a column, got {_type_name(col)}", sl.get("from_columns"))
+    if out.reasoning_tags is not None and (len(out.reasoning_tags) != 2 or not all(out.reasoning_tags)):
+        raise ctx.err("output.reasoning_tags", "must be two non-empty strings: [open, close]",
+                      lines["output"].get("reasoning_tags"))
+    if given and given[0] != "json_schema_column":
+        problem = constraint_problem(sp)
+        if problem is not None:
+            raise ctx.err(f"sampling.{given[0]}", problem, sl.get(given[0]))
+
+
+def constraint_problem(sp: SamplingConfig, schema: Any = None) -> str | None:
+    """Why the sampling section's constraint (or a per-row `schema`) does not compile, or None. Uses the grammar
+    engine itself (llguidance, no tokenizer needed), so a bad schema or regex fails before the model loads."""
+    try:
+        import llguidance
+    except ImportError:
+        return "structured output needs llguidance: pip install llguidance (or 'batchgen[structured]')"
+    m = llguidance.LLMatcher
+    try:
+        if schema is not None or sp.json_schema is not None:
+            grammar = m.grammar_from_json_schema(schema if schema is not None else sp.json_schema)
+        elif sp.json_object:
+            grammar = m.grammar_from_json_schema({"type": "object"})
+        elif sp.regex is not None:
+            grammar = m.grammar_from_regex(sp.regex)
+        elif sp.choice is not None:
+            if not sp.choice or not all(sp.choice):
+                return "must be a non-empty list of non-empty strings"
+            grammar = m.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in sp.choice))
+        elif sp.grammar is not None:
+            grammar = m.grammar_from_lark(sp.grammar)
+        else:
+            return None
+    except (ValueError, TypeError) as e:
+        return f"is not valid: {_one_line(str(e))}"
+    error = m.validate_grammar(grammar)
+    return f"does not compile: {engine_rules.grammar_error_line(error)}" if error else None
 
 
 # --------------------------------------------------------------------------- the engine's rules

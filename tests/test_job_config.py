@@ -263,3 +263,61 @@ def test_make_engine_passes_threads_and_overlap(tmp_path: Path, monkeypatch: pyt
     jobmod.make_engine(load_job(write_job(tmp_path, GOOD + extra)))
     assert seen["overlap"] == overlap and type(seen["overlap"]) is type(overlap)
     assert "threads" in seen and seen["threads"] == threads
+
+
+# ------------------------------------------------------------------ structured output, per-row keys, reasoning
+@pytest.mark.parametrize("patch,words", [
+    ("sampling: {regex: '[a-'}\n", ["sampling.regex", "does not compile", "unclosed character class"]),
+    ("sampling: {grammar: 'start: nowhere'}\n", ["sampling.grammar", "does not compile"]),
+    ("sampling: {json_schema: {type: object, properties: {a: {$ref: '#/x'}}}}\n", ["sampling.json_schema", "/x"]),
+    ("sampling: {json_schema: missing.json}\n", ["sampling.json_schema", "can't read the schema file missing.json"]),
+    ("sampling: {json_schema: 5}\n", ["sampling.json_schema", "must be a JSON schema"]),
+    ("sampling: {regex: a, choice: [a]}\n", ["sampling.choice", "at most one", "sampling.regex"]),
+    ("sampling: {choice: [a, '']}\n", ["sampling.choice"]),
+    ("sampling: {choice: [yes, no]}\n", ["sampling.choice[0]", "quote it"]),
+    ("sampling: {top_logprobs: 100}\n", ["sampling.top_logprobs", "<= 64"]),
+    ("sampling: {from_columns: {n: k}}\n", ["sampling.from_columns.n", "can't come from a column"]),
+    ("sampling: {from_columns: {temprature: t}}\n", ["sampling.from_columns.temprature", "temperature"]),
+    ("sampling: {from_columns: [temperature]}\n", ["sampling.from_columns", "must be a mapping"]),
+    ("output: {path: out, reasoning: yes-please}\n", ["output.reasoning", "not allowed"]),
+    ("output: {path: out, reasoning_tags: [only-one]}\n", ["output.reasoning_tags", "two non-empty"]),
+    ("prompt: {column: prompt, chat_template_kwargs: [x]}\n", ["prompt.chat_template_kwargs", "must be a mapping"]),
+])
+def test_structured_output_keys_bad(tmp_path: Path, patch: str, words: list[str]) -> None:
+    section = patch.split(":", 1)[0]
+    text = "".join(ln + "\n" for ln in GOOD.splitlines() if not ln.startswith(section) and
+                   not (section in ("prompt", "output") and ln.startswith("  ") and _in_section(GOOD, ln, section)))
+    with pytest.raises(ConfigError) as e:
+        load_job(write_job(tmp_path, text + patch))
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def _in_section(text: str, line: str, section: str) -> bool:
+    current = None
+    for ln in text.splitlines():
+        if not ln.startswith(" "):
+            current = ln.split(":", 1)[0]
+        if ln == line:
+            return current == section
+    return False
+
+
+def test_structured_output_keys_good(tmp_path: Path) -> None:
+    (tmp_path / "person.json").write_text(json.dumps({"type": "object", "required": ["name"],
+                                                      "properties": {"name": {"type": "string"}}}))
+    cfg = load_job(write_job(tmp_path, GOOD + textwrap.dedent("""\
+        sampling:
+          json_schema: person.json
+          top_logprobs: 3
+          logprobs: true
+          from_columns: {temperature: temp, max_new_tokens: budget}
+        """)))
+    assert cfg.sampling.json_schema["required"] == ["name"]  # the file's content, not its name
+    assert cfg.sampling.top_logprobs == 3 and cfg.sampling.from_columns == {"temperature": "temp", "max_new_tokens": "budget"}
+    before = job_fingerprint(cfg)
+    (tmp_path / "person.json").write_text(json.dumps({"type": "object"}))
+    assert job_fingerprint(load_job(tmp_path / "job.yaml")) != before, "a changed schema file is a changed job"
+    for extra in ("sampling: {regex: '[0-9]+'}\n", "sampling: {choice: ['yes', 'no']}\n", "sampling: {json_object: true}\n",
+                  "sampling: {grammar: 'start: \"a\" | \"b\"'}\n", "sampling: {json_schema_column: schema}\n"):
+        load_job(write_job(tmp_path, GOOD + extra))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .request import SamplingParams
+from .validation import grammar_error_line
 
 
 class ConstraintError(ValueError):
@@ -98,7 +99,7 @@ class Grammars:
                 raise ConstraintError(f"invalid {spec.kind}: {e}") from None
             template = self.llg.LLMatcher(self.tokenizer, text, log_level=0)
             if template.is_error():
-                raise ConstraintError(f"invalid {spec.kind}: {_first_line(template.get_error())}")
+                raise ConstraintError(f"invalid {spec.kind}: {grammar_error_line(template.get_error())}")
             self._templates[spec] = template
             if len(self._templates) > self.CACHE:
                 self._templates.popitem(last=False)
@@ -138,7 +139,3 @@ class Grammars:
         if len(ids) != 1:
             raise ConstraintError(f"reasoning_end {text!r} is {len(ids)} tokens for this tokenizer; it must be one")
         return ids[0]
-
-
-def _first_line(msg: str) -> str:
-    return next((ln.strip() for ln in msg.splitlines() if ln.strip()), msg)

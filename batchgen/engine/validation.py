@@ -304,3 +304,12 @@ def check_request(item: object, position: int, caller: str = "stream()") -> None
     for j, t in enumerate(item):
         if not _is_int(t):
             raise EngineArgumentTypeError(f"{where}: token {j} must be an integer id, got {_show(t)}")
+
+
+def grammar_error_line(error: str) -> str:
+    """llguidance's multi-line error as one line: its first line, plus the 'error: ...' detail where it has one."""
+    lines = [ln.strip() for ln in error.strip().splitlines() if ln.strip()]
+    if not lines:
+        return error
+    detail = next((ln for ln in lines[1:] if ln.startswith("error:")), None)
+    return lines[0].rstrip(":") + (f" ({detail.removeprefix('error:').strip()})" if detail else "")
