@@ -12,9 +12,15 @@ grace deadline) abandons the in-flight rows (they are redone on the next run). `
 before run() (e.g. `job.stop_signals[signal.SIGUSR1] = 99`) to get the same graceful stop.
 After run(), `job.stopped_by` is the signal number (or None) and `job.stop_reason` the text.
 `job.on_stop` callbacks run after the final flush of a stopped run.
+
+`Job(cfg, retry_errors=True)` generates the output's error rows again (rows that failed, e.g. a
+prompt that did not fit the KV cache of the engine settings of the time): each one's new rows
+replace its old ones in the shard that holds them (rewritten atomically), so every (row, sample)
+stays in the output exactly once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,8 +35,9 @@ from . import sink as sinkmod
 from .config import ConfigError, JobConfig, job_fingerprint, job_identity, output_dir
 from .progress import Progress, format_summary, summary_dict, write_task_progress
 from .prompts import PromptBuilder, load_tokenizer, model_location, row_seed
-from .sink import IntervalSet, Ledger, OutputDir, OutputError, ShardWriter, output_schema
-from .sources import Source, open_source
+from .sink import (IntervalSet, Ledger, LinkError, OutputDir, OutputError, ShardWriter, WriteError, column_value,
+                   output_schema)
+from .sources import ROW_ERROR, Source, open_source
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -98,6 +105,51 @@ def sampling_params(cfg: JobConfig, seed: int) -> Any:
     )
 
 
+def id_column_type(source: Source, id_column: str | None) -> pa.DataType:
+    """The output's id type: int64 for row positions; for input.id_column the input's own type when
+    every row is sure to have it (integers as int64, strings), else string. A type guessed from
+    the first rows of JSONL (or differing between Parquet files) could not hold a later row's
+    id, and an id is never written as null: JSONL ids are kept as strings."""
+    if not id_column:
+        return pa.int64()
+    t = _exact_type(source, id_column)
+    if t is not None and pa.types.is_signed_integer(t):
+        return pa.int64()
+    return pa.string()
+
+
+def _exact_type(source: Source, col: str) -> pa.DataType | None:
+    """The type every row's `col` has, when the input says so (not when it is guessed)."""
+    exact = getattr(source, "exact_types", None)  # a source that knows (sources.py may provide it)
+    if isinstance(exact, dict):
+        return exact.get(col)
+    files = getattr(source, "files", None)
+    if files is None:  # a datasets Dataset: its features type every row
+        return source.types.get(col)
+    if any(getattr(f, "kind", None) != "parquet" for f in files):
+        return None  # JSONL: types are guessed from the first lines
+    import pyarrow.parquet as pq
+
+    types = set()
+    for f in files:  # footers only
+        schema = pq.read_schema(f.path)
+        if col not in schema.names:
+            return None
+        types.add(schema.field(col).type)
+    return types.pop() if len(types) == 1 else None
+
+
+def position_id(id_type: pa.DataType, index: int) -> Any:
+    """The id of a row that has none (null, or a line that could not be read), from its index in
+    the input: unique, and never a real id's look-alike by accident."""
+    return -(index + 1) if pa.types.is_integer(id_type) else f"__batchgen_row_{index}"
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -121,10 +173,12 @@ class Job:
         engine_factory: Callable[[JobConfig], Any] | None = None,
         tokenizer: Any = None,
         stream: TextIO | None = None,
+        retry_errors: bool = False,
     ) -> None:
         self.cfg = cfg
         self.task_id, self.num_tasks = task_id, num_tasks
         self.overwrite = overwrite
+        self.retry_errors = retry_errors
         self.progress_mode = progress
         self.log_every = log_every
         self._engine = engine
@@ -143,9 +197,16 @@ class Job:
         self._stop_deadline: float | None = None
         self._in_stream = False
         self._fatal: str | None = None
+        self._fatal_code = EXIT_FAILED
+        self._fatal_hint = ""
         self._lock = threading.Lock()
         self.tokenize_batch = 64  # rows rendered and tokenized together
         self._writer: ShardWriter | None = None
+        self._prog: Progress | None = None
+        self._in_flight: dict | None = None  # the loop's rows sent to the engine and not back yet
+        self._notice: str | None = None  # a stop notice the signal handler could not print
+        self._dropped = 0  # input rows completed but not committed (a commit failed)
+        self._progress_warned = False
 
     # ------------------------------------------------------------------ stopping
     def request_stop(self, reason: str, *, exit_code: int = EXIT_FAILED, hard: bool = False, signum: int | None = None) -> None:
@@ -167,6 +228,8 @@ class Job:
         name = signal.Signals(signum).name
         first = not self._stop.is_set()
         self.request_stop(f"stopped by {name}", exit_code=self.stop_signals.get(signum, 128 + signum), signum=signum)
+        if first:
+            self._stop_notice()
         if first and self.cfg.output.stop_grace_seconds > 0:
             try:
                 signal.setitimer(signal.ITIMER_REAL, self.cfg.output.stop_grace_seconds)
@@ -176,6 +239,23 @@ class Job:
             self._hard.set()
             if self._can_raise():
                 raise _HardStop()
+
+    def _stop_notice(self) -> None:
+        """Say at once what the stop does (a row can take the whole grace period to come back,
+        and nothing else is printed meanwhile). From a signal handler: a print that would re-enter
+        the stream's writer is left to the loop."""
+        n = len(self._in_flight or {})
+        grace = self.cfg.output.stop_grace_seconds
+        if grace > 0 and n:
+            msg = f"stopping: finishing {n} in-flight rows (up to {grace:g} s); press Ctrl-C again to stop now"
+        elif n:
+            msg = f"stopping now: {n} in-flight rows are generated again on the next run"
+        else:
+            msg = "stopping: committing what is done"
+        try:
+            (self._prog.message if self._prog is not None else self.say)(msg)
+        except (RuntimeError, OSError, ValueError):
+            self._notice = msg
 
     def _on_alarm(self, signum: int, frame: Any) -> None:
         self._hard.set()
@@ -230,27 +310,38 @@ class Job:
 
     def _schema(self, source: Source) -> pa.Schema:
         cfg = self.cfg
-        id_type = source.types.get(cfg.input.id_column, pa.string()) if cfg.input.id_column else pa.int64()
-        if pa.types.is_null(id_type):
-            id_type = pa.string()
         copied = [(c, source.types.get(c, pa.string())) for c in cfg.input.columns]
-        return output_schema(id_type, copied)
+        copied = [(c, pa.string() if pa.types.is_null(t) else t) for c, t in copied]
+        return output_schema(id_column_type(source, cfg.input.id_column), copied)
 
-    def _footer(self) -> dict:
+    def _footer(self, source: Source) -> dict:
         cfg = self.cfg
         return {
             "format": sinkmod.FORMAT_VERSION,
             "fingerprint": job_fingerprint(cfg),
+            "source_sha": sinkmod.source_sha(source.identity()),
             "model": {"path": cfg.model.path, "dtype": cfg.model.dtype},
             "sampling": json.loads(json.dumps(cfg.to_dict()["sampling"])),
             "prompt": cfg.to_dict()["prompt"],
             "batchgen_version": _version(),
         }
 
-    def _is_done(self, source: Source, led: Ledger, prev: dict | None) -> bool:
+    def _is_done(self, source: Source, done: IntervalSet, prev: dict | None) -> bool:
         if source.total is not None:
-            return led.done.covers(source.total)
+            return done.covers(source.total)
         return bool(prev and prev.get("state") == "done" and prev.get("limit") == self.cfg.input.limit)
+
+    def _read_progress(self, od: OutputDir) -> dict | None:
+        """The previous run's progress file: advisory (the ledger is the checkpoint), so one that
+        is unreadable is said and rewritten, never fatal."""
+        data, why = sinkmod.read_json_checked(od.progress_path())
+        if why is None and not isinstance(data, dict):
+            why = "unreadable (not a JSON object)"
+        if why is not None and why != "missing":
+            self.say(f"warning: {od.progress_path()} is {why}; it only reports progress (the shards and "
+                     f"{od.ledger_path()} are the checkpoint), so it is written again")
+            return None
+        return data
 
     # ------------------------------------------------------------------ run
     def run(self) -> int:
@@ -258,23 +349,43 @@ class Job:
         cfg = self.cfg
         source = open_source(cfg, self.task_id, self.num_tasks)  # ConfigError: files, columns
         od = OutputDir(output_dir(cfg), self.task_id, self.num_tasks)
-        od.lock()  # before prepare: --overwrite must not clear a running task's output
         try:
-            manifest = od.prepare(self._manifest(source, self._schema(source)), overwrite=self.overwrite)
+            od.lock()  # before prepare: --overwrite must not clear a running task's output
+            manifest = od.prepare(self._manifest(source, self._schema(source)), overwrite=self.overwrite,
+                                  say=self.say)
             schema = sinkmod.schema_from_b64(manifest["schema"])
             return self._run_locked(source, od, schema, t_start)
+        except WriteError as e:  # before any row: the disk is full, a file can't be written
+            self.say(f"error: {e}; nothing more was written: fix that, then run the same command to resume")
+            return EXIT_FAILED
         finally:
             od.unlock()
+
+    def _retry_set(self, led: Ledger) -> dict[int, str]:
+        """--retry-errors: position -> shard of every error row that can be replaced in place."""
+        retry: dict[int, str] = {}
+        old = 0
+        for rec in led.records.values():
+            if rec.error_rows and rec.layout != "sorted":
+                old += rec.error_rows  # rows of a shard of batchgen < 2 can't be found by position
+                continue
+            for p in IntervalSet(rec.error_positions).points():
+                retry[p] = rec.name
+        if old:
+            self.say(f"warning: {old:,} error row(s) are in shards written by an older batchgen, which don't record "
+                     "where each row is: they can't be retried in place and are kept")
+        return retry
 
     def _run_locked(self, source: Source, od: OutputDir, schema: pa.Schema, t_start: float) -> int:
         cfg = self.cfg
         fp = job_fingerprint(cfg)
-        removed = od.clean_tmp()
-        led = od.scan(fp)
-        prev = sinkmod.read_json(od.progress_path())
-        prev_wall = float((prev or {}).get("total_wall_s", 0.0))
+        led, removed = od.open_ledger(fp, say=self.say)
+        prev = self._read_progress(od)
+        prev_wall = float((prev or {}).get("total_wall_s", 0.0) or 0.0)
         label = f"task {self.task_id}/{self.num_tasks}" if self.num_tasks > 1 else ""
-        if self._is_done(source, led, prev):
+        retry = self._retry_set(led) if self.retry_errors else {}
+        skip = led.done.minus(IntervalSet.from_points(retry)) if retry else led.done
+        if not retry and self._is_done(source, skip, prev):
             if not prev or prev.get("state") != "done":  # killed after its last commit: record it
                 summ = summary_dict(
                     rows=led.rows, samples=led.samples, errors=led.errors, error_rows=led.error_rows,
@@ -290,12 +401,21 @@ class Job:
                 sinkmod.write_json_atomic(od.summary_path(), summ)
                 if self.num_tasks > 1:
                     self._combined_summary(od)
+            if self.retry_errors:
+                hint = "; no error rows to retry"
+            elif led.error_rows:
+                hint = f"; {led.error_rows:,} of them failed: rerun with --retry-errors to generate those again"
+            else:
+                hint = ""
             self.say(
                 f"nothing to do: {od.path} is complete ({led.rows:,} rows, {led.samples:,} output rows "
-                f"in {len(led.shards)} shards{', task ' + str(self.task_id) if self.num_tasks > 1 else ''})"
+                f"in {len(led.shards)} shards{', task ' + str(self.task_id) if self.num_tasks > 1 else ''}){hint}"
             )
             return EXIT_OK
-        if led.rows:
+        if retry:
+            self.say(f"retrying {len(retry):,} error row(s) of {od.path}: their new rows replace the old ones in the "
+                     f"{len(set(retry.values()))} shard(s) that hold them")
+        elif led.rows:
             left = f" of {source.total:,}" if source.total is not None else ""
             self.say(f"resuming {od.path}: {led.rows:,} rows{left} already done in {len(led.shards)} shards"
                      + (f" (removed {removed} unfinished temp shard(s))" if removed else ""))
@@ -308,31 +428,36 @@ class Job:
             tok = load_tokenizer(cfg)
         builder = PromptBuilder(cfg, tok)
 
-        def progress_file(state: str, **kw: Any) -> None:
-            run_tokens = prog.out_tokens if prog is not None else 0
-            write_task_progress(
-                od.progress_path(),
-                task_id=self.task_id,
-                num_tasks=self.num_tasks,
-                state=state,
-                rows_done=led.rows + sum(m["rows"] for m in writer_committed()),
-                rows_total=source.total,
-                limit=cfg.input.limit,
-                shards=len(led.shards) + len(writer_committed()),
-                output_tokens=led.completion_tokens + sum(m["completion_tokens"] for m in writer_committed()),
-                errors=led.errors + sum(m["errors"] for m in writer_committed()),
-                tok_s=round(prog.tok_s, 2) if prog is not None and run_tokens else None,
-                run_started_unix=time.time() - (time.monotonic() - t_start),
-                total_wall_s=round(prev_wall + time.monotonic() - t_start, 3),
-                fingerprint=fp,
-                **kw,
-            )
-
         writer: ShardWriter | None = None
         prog: Progress | None = None
 
-        def writer_committed() -> list[dict]:
-            return writer.committed if writer is not None else []
+        def progress_file(state: str, **kw: Any) -> None:
+            live = writer.ledger if writer is not None else led
+            run_tokens = prog.out_tokens if prog is not None else 0
+            try:
+                write_task_progress(
+                    od.progress_path(),
+                    task_id=self.task_id,
+                    num_tasks=self.num_tasks,
+                    state=state,
+                    rows_done=live.rows,
+                    rows_total=source.total,
+                    limit=cfg.input.limit,
+                    shards=len(live.records),
+                    output_tokens=live.completion_tokens,
+                    errors=live.errors,
+                    tok_s=round(prog.tok_s, 2) if prog is not None and run_tokens else None,
+                    run_started_unix=time.time() - (time.monotonic() - t_start),
+                    total_wall_s=round(prev_wall + time.monotonic() - t_start, 3),
+                    fingerprint=fp,
+                    **kw,
+                )
+            except LinkError:
+                raise
+            except WriteError as e:  # progress is advisory: a commit that can't be made stops the job
+                if not self._progress_warned:
+                    self._progress_warned = True
+                    self.say(f"warning: {e}")
 
         progress_file("loading")
         if self._stop.is_set():  # stopped (e.g. a Slurm signal) before the model loaded
@@ -360,16 +485,21 @@ class Job:
             max_len = getattr(engine, "max_model_len", None)
             builder = PromptBuilder(cfg, tok, max_len)
             writer = ShardWriter(
-                od, schema, self._footer(),
+                od, schema, self._footer(source),
                 rows_per_shard=cfg.output.rows_per_shard, compression=cfg.output.compression,
-                flush_seconds=cfg.output.flush_seconds, next_seq=led.next_seq,
+                flush_seconds=cfg.output.flush_seconds, ledger=led, retry=retry,
             )
             self._writer = writer
-            prog = Progress(source.total, led.rows, mode=self.progress_mode, log_every=self.log_every,
-                            stream=self.out, label=label)
+            prog = Progress(source.total, len(skip) if source.total is not None else led.rows,
+                            mode=self.progress_mode, log_every=self.log_every, stream=self.out, label=label)
+            self._prog = prog
             old = self._install_signals()
             try:
-                code = self._loop(source, led, builder, engine, writer, prog, progress_file)
+                code = self._loop(source, skip, builder, engine, writer, prog, progress_file)
+            except OutputError as e:  # a commit refused or failed (disk full, a link, the output replaced)
+                self._set_fatal(e)
+                self._dropped += writer.discard()
+                code = self._fatal_code
             except Exception as e:  # noqa: BLE001 - flush what is complete, then report
                 import traceback
 
@@ -386,15 +516,43 @@ class Job:
                     pass
         return self._finish(code, od, source, led, writer, prog, engine, progress_file, t_start, prev_wall)
 
-    def _loop(self, source: Source, led: Ledger, builder: PromptBuilder, engine: Any, writer: ShardWriter,
+    def _row_values(self, schema: pa.Schema, pos: int, idx: int, row: dict) -> tuple[Any, dict, str | None]:
+        """(id, copied columns, error) of one input row as the output holds them. An id is never
+        null: a null one (or a row that could not be read) gets one from its position in the
+        input; a copied value its column can't hold makes the row an error row that says so."""
+        cfg = self.cfg
+        id_col = cfg.input.id_column
+        raw = row.get(id_col) if id_col else idx
+        id_type = schema.field("id").type
+        err = None
+        if raw is None:
+            rid = position_id(id_type, idx)
+            if ROW_ERROR not in row:
+                err = f"id column '{id_col}' is null (the row's id {rid!r} is made from its position)"
+        else:
+            fits, rid = column_value(raw, id_type)
+            if not fits:  # an output whose id type an older batchgen took from the first rows
+                raise OutputError(f"row {idx}: id {raw!r} does not fit this output's id column ({id_type}, set when "
+                                  "it was started); write to a new output.path (ids from JSONL are kept as strings)")
+        copied: dict[str, Any] = {}
+        for c in cfg.input.columns:
+            t = schema.field(c).type
+            fits, v = column_value(row.get(c), t)
+            copied[c] = v if fits else None
+            if not fits and err is None:
+                err = (f"input.columns '{c}': value {_short(row.get(c))} does not fit the column's type {t} (taken from "
+                       "the first rows of the input); the row was not generated")
+        return rid, copied, err
+
+    def _loop(self, source: Source, skip: IntervalSet, builder: PromptBuilder, engine: Any, writer: ShardWriter,
               prog: Progress, progress_file: Callable[..., None]) -> int:
         from .engine.request import GenerationRequest
 
         cfg = self.cfg
         n = cfg.sampling.n
-        id_col = cfg.input.id_column
-        copy_cols = list(cfg.input.columns)
+        schema = writer.schema
         pending: dict[int, tuple[Any, dict, int | None]] = {}
+        self._in_flight = pending
         side = {"rows": 0, "errors": 0}
         side_lock = threading.Lock()
         self._exhausted = False
@@ -411,15 +569,12 @@ class Job:
             for (pos, idx, row), p in zip(chunk, prompts):
                 if self._stop.is_set():
                     return
-                rid = row.get(id_col) if id_col else idx
-                copied = {c: row.get(c) for c in copy_cols}
+                rid, copied, err = self._row_values(schema, pos, idx, row)
                 if p.fatal:
                     self._fatal = f"row id={rid!r}: prompt too long: {p.error} (on_too_long: error); the job stops"
                     self.request_stop("a prompt is too long", exit_code=EXIT_FAILED)
                     return
-                err = p.error
-                if err is None and id_col and rid is None:
-                    err = f"id column '{id_col}' is null"
+                err = p.error or err
                 if err is not None:
                     writer.add(pos, error_rows(rid, copied, p.n_tokens, err),
                                {"error_rows": 1, "errors": n, "prompt_tokens": 0, "completion_tokens": 0})
@@ -430,16 +585,18 @@ class Job:
                         writer.flush()
                     continue
                 pending[pos] = (rid, copied, p.n_tokens)
-                yield GenerationRequest(prompt=p.token_ids, params=sampling_params(cfg, row_seed(cfg.sampling.seed, rid)),
+                seed_id = row.get(cfg.input.id_column) if cfg.input.id_column else idx
+                yield GenerationRequest(prompt=p.token_ids,
+                                        params=sampling_params(cfg, row_seed(cfg.sampling.seed, seed_id)),
                                         request_id=pos)
 
         def requests() -> Iterator[Any]:
-            start = led.done.prefix_end()
+            start = skip.prefix_end()
             chunk: list[tuple[int, int, dict]] = []
             for item in source.iter_rows(start=start):
                 if self._stop.is_set():
                     return
-                if item[0] in led.done:
+                if item[0] in skip:
                     continue
                 chunk.append(item)
                 if len(chunk) >= self.tokenize_batch:
@@ -454,6 +611,11 @@ class Job:
 
         last_prog_file = time.monotonic()
         prog.start_clock()
+        # issue 11 case 15: tokens counted as they are generated (engine.generated_tokens, live).
+        # The single call site of Progress's hook for it (progress.py's API, from its owner).
+        track_tokens = getattr(prog, "track_tokens", None)
+        if callable(track_tokens):
+            track_tokens(lambda: int(getattr(engine, "generated_tokens", 0) or 0))
         progress_file("running")
         stream = engine.stream(requests())
         clean_end = False
@@ -461,6 +623,9 @@ class Job:
             self._in_stream = True
             for out in stream:
                 self._in_stream = False
+                if self._notice is not None:  # the signal handler could not print it
+                    prog.message(self._notice)
+                    self._notice = None
                 pos = out.request_id
                 rid, copied, ptoks = pending.pop(pos)
                 by_index = {c.index: c for c in out.outputs}
@@ -524,7 +689,7 @@ class Job:
         if clean_end and self._exhausted and not pending and not self._fatal:
             return EXIT_OK  # complete, even if a stop came in after the last row was admitted
         if self._fatal:
-            return EXIT_FAILED
+            return self._fatal_code
         if self._stop.is_set():
             return self._stop_code
         return EXIT_FAILED
@@ -546,7 +711,7 @@ class Job:
         parts = []
         for t in range(self.num_tasks):
             prog = sinkmod.read_json(od.progress_path(t))
-            if not prog or prog.get("state") != "done" or not isinstance(prog.get("summary"), dict):
+            if not isinstance(prog, dict) or prog.get("state") != "done" or not isinstance(prog.get("summary"), dict):
                 return
             parts.append(prog["summary"])
         summ = combine_summaries(parts, self.cfg.cost_per_hour)
@@ -555,28 +720,39 @@ class Job:
         self.say(f"all {self.num_tasks} tasks are done: {summ['rows']:,} rows, {summ['errors']:,} errors, "
                  f"{summ['output_tokens']:,} output tokens; summary: {od.meta / 'summary.json'}")
 
+    def _set_fatal(self, e: OutputError) -> None:
+        """A commit that could not be made: one line, no traceback. Exit 1 when the file system
+        refused (resumable once fixed), 2 when the output can't be used (a link, replaced)."""
+        self._fatal = str(e)
+        self._fatal_code = EXIT_FAILED if isinstance(e, WriteError) else EXIT_USAGE
+        self._fatal_hint = "; free some space (or fix the file system), then run the same command to resume" \
+            if isinstance(e, WriteError) else ""
+
+    def _final_flush(self, writer: ShardWriter | None, progress_file: Callable[..., None]) -> None:
+        if writer is None:
+            return
+        try:
+            writer.flush()
+        except OutputError as e:  # the disk filled up at the last commit, a link appeared...
+            if not self._fatal:
+                self._set_fatal(e)
+            self._dropped += writer.discard()
+        except BaseException:  # noqa: BLE001
+            progress_file("failed", error="flushing the last shard failed")
+            raise
+
     def _finish(self, code: int, od: OutputDir, source: Source, led: Ledger, writer: ShardWriter | None,
                 prog: Progress | None, engine: Any, progress_file: Callable[..., None],
                 t_start: float, prev_wall: float) -> int:
         cfg = self.cfg
-        if writer is not None:
-            try:
-                writer.flush()
-            except BaseException:  # noqa: BLE001
-                progress_file("failed", error="flushing the last shard failed")
-                raise
+        self._final_flush(writer, progress_file)
+        if self._fatal and code == EXIT_OK:
+            code = self._fatal_code
         if prog is not None:
             prog.close()
+        tot = writer.ledger if writer is not None else led
         committed = writer.committed if writer is not None else []
-        self.rows_committed_this_run = sum(int(m.get("rows", 0)) for m in committed)
-        tot = Ledger()
-        tot.rows, tot.samples, tot.errors = led.rows, led.samples, led.errors
-        tot.error_rows, tot.prompt_tokens, tot.completion_tokens = led.error_rows, led.prompt_tokens, led.completion_tokens
-        for m in committed:
-            tot.add_meta(m)
-        if writer is not None and writer.coerce_warnings:
-            self.say("warning: some copied values didn't fit their column's type and were written as null: "
-                     + ", ".join(f"{k} ({v})" for k, v in writer.coerce_warnings.items()))
+        self.rows_committed_this_run = sum(int(m.get("rows", 0)) for m in committed) + (writer.rewritten if writer else 0)
         stats = getattr(engine, "stats", None) or {}
         wall = time.monotonic() - t_start
         gen_s = prog.elapsed if prog is not None else wall
@@ -588,12 +764,14 @@ class Job:
             cost_per_hour=cfg.cost_per_hour, total_wall_s=prev_wall + wall,
             extra={
                 "task_id": self.task_id, "num_tasks": self.num_tasks, "rows_total": source.total,
-                "shards": len(led.shards) + len(committed), "output": str(od.path),
+                "shards": len(tot.records), "output": str(od.path),
                 "state": "done" if code == EXIT_OK else ("stopped" if self._stop.is_set() and not self._fatal else "failed"),
                 "engine_stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, type(None)))}
                 if isinstance(stats, dict) else {},
             },
         )
+        if writer is not None and writer.rewritten:
+            summ["retried_rows"] = writer.rewritten
         self.summary = summ
         if code == EXIT_OK:
             if self.num_tasks == 1:  # a job of several tasks checks once all are done (_combined_summary)
@@ -607,9 +785,13 @@ class Job:
             return EXIT_OK
         done_rows = tot.rows
         if self._fatal:
-            progress_file("failed", error=self._fatal)
-            self.say(f"error: {self._fatal}; {done_rows:,} rows are saved in {od.path}")
-            return EXIT_FAILED
+            with contextlib.suppress(OutputError):
+                progress_file("failed", error=self._fatal)
+            lost = self._dropped + getattr(self, "_pending_left", 0)
+            self.say(f"error: {self._fatal}; {done_rows:,} rows are saved in {od.path} ({len(tot.records)} shards)"
+                     + (f", {lost:,} rows not committed are generated again on the next run" if lost else "")
+                     + self._fatal_hint)
+            return self._fatal_code
         if self._stop.is_set():
             progress_file("stopped", reason=self.stop_reason)
             for cb in self.on_stop:
@@ -729,8 +911,13 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
         print(f"  error row: {e}", file=out)
     if existing is not None:
         same = existing.get("fingerprint") == job_fingerprint(cfg)
-        print(f"output {od.path}: " + ("exists for this job (a run resumes it)" if same else
-                                       "holds a DIFFERENT job (a run is refused without --overwrite)"), file=out)
+        if same:
+            state = "exists for this job (a run resumes it)"
+        elif od.has_committed_rows():
+            state = "holds a DIFFERENT job (a run is refused without --overwrite)"
+        else:
+            state = "holds another job that committed no rows (a run replaces it)"
+        print(f"output {od.path}: {state}", file=out)
     else:
         print(f"output {od.path}: new", file=out)
     return est
@@ -752,8 +939,9 @@ def _model_context(cfg: JobConfig) -> int | None:
     return None
 
 
-def run_job(cfg: JobConfig, **kw: Any) -> int:
-    return Job(cfg, **kw).run()
+def run_job(cfg: JobConfig, *, retry_errors: bool = False, **kw: Any) -> int:
+    """Run a job; retry_errors: generate its error rows again (see Job)."""
+    return Job(cfg, retry_errors=retry_errors, **kw).run()
 
 
 __all__ = ["Job", "run_job", "dry_run", "make_engine", "task_from_env", "OutputError", "IntervalSet"]

@@ -1,0 +1,321 @@
+"""Faults about processes, files and signals, on real `batchgen run` subprocesses and a tiny
+random-weight checkpoint: another task running while --overwrite comes, shards corrupted or
+copied in, symbolic links inside the output, a full disk (RLIMIT_FSIZE), a lost or broken
+manifest, progress file or ledger, and what a stop says at once.
+
+No sleep here is sized for one machine: a signal is sent on progress observed in the output
+directory (shards committed by the run being signalled); a task is held still with SIGSTOP, not
+by hoping it is slow."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchgen.sink import SHARD_RE, read_shard_meta, verify_output
+
+ROOT = Path(__file__).resolve().parents[1]
+N_ROWS = 24
+
+pytestmark = pytest.mark.slow
+
+JOB = """\
+model: {{path: model}}
+input: {{files: [{data}], columns: [topic]}}
+prompt: {{column: prompt}}
+sampling: {{max_new_tokens: {tokens}, temperature: 0.9, n: 2, seed: 7}}
+output: {{path: {out}, rows_per_shard: 4, flush_seconds: 0.05, stop_grace_seconds: {grace}, compression: {comp}}}
+engine: {{device: cpu, max_num_seqs: 4, max_batch_tokens: 256}}
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Any) -> Path:
+    d = tmp_path_factory.mktemp("faults")
+    (d / "model").symlink_to(tiny_checkpoint("smollm2"))
+    with open(d / "prompts.jsonl", "w") as f:
+        for i in range(N_ROWS):
+            f.write(json.dumps({"prompt": f"Write about item {i} and the sea", "topic": f"t{i % 5}"}) + "\n")
+    return d
+
+
+def job_file(d: Path, out: str, *, data: str = "prompts.jsonl", tokens: int = 16, grace: float = 10.0,
+             comp: str = "zstd") -> Path:
+    p = d / f"{out}.yaml"
+    p.write_text(JOB.format(data=data, out=out, tokens=tokens, grace=grace, comp=comp))
+    return p
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = "1"
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["TOKENIZERS_PARALLELISM"] = "false"
+    return e
+
+
+def cmd(job: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "batchgen.cli", "run", str(job), "--progress", "log", *args]
+
+
+def run(job: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd(job, *args), cwd=str(job.parent), env=env(), capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def shards(out: Path, task: int | None = None) -> list[str]:
+    try:
+        names = sorted(n for n in os.listdir(out) if SHARD_RE.match(n))
+    except FileNotFoundError:
+        return []
+    return [n for n in names if task is None or int(n[6:11]) == task]
+
+
+def wait_for(cond: Any, proc: subprocess.Popen, timeout: float = 300.0) -> bool:
+    """Poll until cond() (True) or proc exits first (False); the timeout only catches a hang."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    proc.kill()
+    raise TimeoutError(f"condition not reached in {timeout:.0f} s")
+
+
+def read(out: Path) -> dict[tuple, dict]:
+    import pyarrow.dataset as pds
+
+    rows = pds.dataset(str(out), format="parquet").to_table().to_pylist()
+    keys = [(r["id"], r["sample_index"]) for r in rows]
+    assert len(keys) == len(set(keys)), "duplicated (id, sample_index)"
+    return dict(zip(keys, rows))
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    """The run's last line: an 'error: ...' line, and no traceback anywhere."""
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), r.stderr[-3000:]
+    return last
+
+
+@pytest.fixture(scope="module")
+def reference(workdir: Path) -> dict[tuple, dict]:
+    r = run(job_file(workdir, "ref"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = read(workdir / "ref")
+    assert set(ref) == {(i, s) for i in range(N_ROWS) for s in range(2)}
+    return ref
+
+
+def copy_of_reference(workdir: Path, reference: dict, name: str) -> Path:
+    """A copy of the finished reference output under another name (and its job file)."""
+    shutil.copytree(workdir / "ref", workdir / name, symlinks=True)
+    job_file(workdir, name)
+    return workdir / name
+
+
+# --------------------------------------------------------------------------- case 1
+def test_overwrite_is_refused_while_another_task_of_the_output_runs(workdir: Path, reference: dict) -> None:
+    """Task 1 of 2 is running (held still by SIGSTOP right after its first commit); task 0 of a
+    changed job with --overwrite must not clear it: exit 2 naming task 1, its shards untouched,
+    and task 1 then finishes the job it was asked for."""
+    out = workdir / "two"
+    job = job_file(workdir, "two")
+    log = open(workdir / "two-task1.log", "w")
+    p1 = subprocess.Popen(cmd(job, "--task-id", "1", "--num-tasks", "2"), cwd=str(workdir), env=env(),
+                          stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: bool(shards(out, 1)), p1), (workdir / "two-task1.log").read_text()[-3000:]
+        p1.send_signal(signal.SIGSTOP)
+        before = {n: (out / n).stat().st_mtime_ns for n in shards(out)}
+        r = run(job, "--task-id", "0", "--num-tasks", "2", "--overwrite", "--set", "sampling.temperature=0.1")
+        assert r.returncode == 2, r.stderr[-3000:]
+        line = one_line_error(r)
+        assert "is in use" in line and re.search(rf"task 1 \(pid {p1.pid} on ", line), line
+        assert {n: (out / n).stat().st_mtime_ns for n in shards(out)} == before  # nothing cleared
+        assert all(read_shard_meta(out / n)["sampling"]["temperature"] == 0.9 for n in before)
+    finally:
+        p1.send_signal(signal.SIGCONT)
+    assert p1.wait(timeout=600) == 0, (workdir / "two-task1.log").read_text()[-3000:]
+    r = run(job, "--task-id", "0", "--num-tasks", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = read(out)
+    assert got == reference  # both tasks of the one job asked for: the same rows as one task
+    assert verify_output(out) == []
+
+
+# --------------------------------------------------------------------------- case 4
+def test_corrupt_copied_and_foreign_shards_are_not_trusted(workdir: Path, reference: dict) -> None:
+    out = copy_of_reference(workdir, reference, "tampered")
+    job = workdir / "tampered.yaml"
+    names = shards(out)
+    # a copy under another sequence number, and another task's name in a one-task output: the
+    # footers look fine, load_dataset reads both; the run must not say "complete"
+    for extra in ("part-t00000-000099.parquet", "part-t00001-000000.parquet"):
+        shutil.copy(out / names[0], out / extra)
+        problems = verify_output(out)
+        assert len(problems) == 1 and extra in problems[0], problems
+        r = run(job)
+        assert r.returncode == 2, r.stderr[-3000:]
+        line = one_line_error(r)
+        assert str(out / extra) in line and "move it out of" in line and "--overwrite" not in line, line
+        (out / extra).rename(workdir / extra)  # what the message says to do
+    assert verify_output(out) == []
+    # a page flipped inside a shard: its footer still reads, its rows are wrong
+    import pyarrow.parquet as pq
+
+    victim = out / names[1]
+    col = pq.ParquetFile(victim).metadata.row_group(0).column(3)  # the completions' column chunk
+    data = bytearray(victim.read_bytes())
+    data[col.data_page_offset + col.total_compressed_size // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert read_shard_meta(victim)["rows"] == 2  # the footer reads as before
+    problems = verify_output(out)
+    assert len(problems) == 1 and names[1] in problems[0] and "checksum" in problems[0], problems
+    r = run(job)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"warning: {victim} does not match its sha256" in r.stderr and "moved it to" in r.stderr, r.stderr
+    assert (out / ".batchgen/quarantine" / names[1]).read_bytes() == bytes(data)
+    assert read(out) == reference  # its rows were generated again, the same as before
+    assert verify_output(out) == []
+
+
+# --------------------------------------------------------------------------- case 7
+def test_symlinks_inside_the_output_are_never_followed(workdir: Path, reference: dict) -> None:
+    # OUT/.batchgen a link to another folder: nothing written or deleted there, run or --overwrite
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "summary.json").write_text('{"theirs": true}\n')
+    (elsewhere / "notes.json").write_text("mine\n")
+    out = workdir / "linked"
+    out.mkdir()
+    (out / ".batchgen").symlink_to(elsewhere)
+    job = job_file(workdir, "linked")
+    for args in ((), ("--overwrite",)):
+        r = run(job, *args)
+        assert r.returncode == 2, r.stderr[-3000:]
+        line = one_line_error(r)
+        assert f"{out / '.batchgen'} is a symbolic link" in line, line
+        assert sorted(os.listdir(elsewhere)) == ["notes.json", "summary.json"]
+        assert (elsewhere / "summary.json").read_text() == '{"theirs": true}\n'
+        assert shards(out) == []
+    # a link where a lock file goes: its target is neither truncated nor written
+    out = copy_of_reference(workdir, reference, "locklink")
+    victim = workdir / "victim.txt"
+    victim.write_text("do not truncate me\n")
+    lock = out / ".batchgen/locks/task-00000.lock"
+    lock.unlink()
+    lock.symlink_to(victim)
+    r = run(workdir / "locklink.yaml")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"{lock} is a symbolic link" in one_line_error(r)
+    assert victim.read_text() == "do not truncate me\n"
+
+
+# --------------------------------------------------------------------------- case 12
+def test_full_disk_commits_what_fits_and_resumes(workdir: Path) -> None:
+    """RLIMIT_FSIZE (SIGXFSZ ignored, so a write past it fails with EFBIG): the first rows' shards
+    fit, a shard of long rows does not. One line, exit 1, no temp file left, then a rerun with
+    room completes the job exactly once."""
+    import random
+
+    rng = random.Random(3)
+    with open(workdir / "long.jsonl", "w") as f:
+        for i in range(16):
+            topic = "s" if i < 6 else "".join(rng.choice("abcdefghij klmnop") for _ in range(2500))
+            f.write(json.dumps({"prompt": f"item {i}", "topic": topic}) + "\n")
+    job = job_file(workdir, "full", data="long.jsonl", tokens=4, comp="none")
+    out = workdir / "full"
+    limit = 6000  # > the manifest and a shard of short rows; < a shard holding one long row
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = run(job, preexec_fn=small_files)
+    assert r.returncode == 1, r.stderr[-3000:]
+    line = one_line_error(r)
+    assert "no space left writing" in line and "rows are saved in" in line and "run the same command to resume" in line
+    saved = shards(out)
+    assert saved, "the shards that fit were not committed"
+    leftovers = [str(p) for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert verify_output(out) == []
+    r = run(job)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stderr
+    got = read(out)
+    assert set(got) == {(i, s) for i in range(16) for s in range(2)}
+    assert all(row["error"] is None for row in got.values())
+
+
+def test_lost_or_broken_manifest_progress_and_ledger(workdir: Path, reference: dict) -> None:
+    """Never 'pass --overwrite' (it would delete every shard) as the way out: a manifest is
+    rebuilt from the shards' footers, a progress file is only progress, a broken ledger names
+    the line and says how to recover."""
+    out = copy_of_reference(workdir, reference, "lost")
+    job = workdir / "lost.yaml"
+    manifest = out / ".batchgen/manifest.json"
+    original = json.loads(manifest.read_text())
+    manifest.unlink()
+    r = run(job)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"note: {manifest} was missing; rebuilt it from the shards' footers" in r.stderr
+    assert "nothing to do" in r.stderr and "--overwrite" not in r.stderr
+    assert json.loads(manifest.read_text())["generation"] == original["generation"]
+    manifest.write_text('{"fingerprint": "trunc')
+    r = run(job)
+    assert r.returncode == 0 and f"{manifest} was unreadable" in r.stderr, r.stderr[-3000:]
+    assert (out / ".batchgen/manifest.json.corrupt").read_text() == '{"fingerprint": "trunc'
+    progress = out / ".batchgen/progress/task-00000.json"
+    progress.write_text("[1, 2]\n")
+    r = run(job)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"warning: {progress} is unreadable" in r.stderr and "nothing to do" in r.stderr
+    assert json.loads(progress.read_text())["state"] == "done"
+    assert read(out) == reference
+    ledger = out / ".batchgen/ledger/task-00000.jsonl"
+    lines = ledger.read_text().splitlines(keepends=True)
+    ledger.write_text("".join(lines[:2] + ["{not a record\n"] + lines[2:]))
+    r = run(job)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = one_line_error(r)
+    assert f"{ledger}:3: not a ledger record" in line and "rebuild it" in line and "--overwrite" not in line, line
+    ledger.rename(workdir / "broken-ledger.jsonl")  # what it says: the ledger is rebuilt from the footers
+    r = run(job)
+    assert r.returncode == 0 and "rebuilt it from the footers of" in r.stderr, r.stderr[-3000:]
+    assert read(out) == reference and verify_output(out) == []
+
+
+# --------------------------------------------------------------------------- case 15
+def test_a_stop_says_at_once_what_it_does(workdir: Path, reference: dict) -> None:
+    """Ctrl-C with the progress bar on: the notice comes before the in-flight rows finish (the
+    run's last line, after them)."""
+    job = job_file(workdir, "notice", tokens=48, grace=30.0)
+    out = workdir / "notice"
+    p = subprocess.Popen(cmd(job)[:-1] + ["bar"], cwd=str(workdir), env=env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: bool(shards(out)), p)
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=600)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-3000:]
+    m = re.search(r"stopping: finishing (\d+) in-flight rows \(up to 30 s\); press Ctrl-C again to stop now", err)
+    assert m and 1 <= int(m.group(1)) <= 12, err[-3000:]
+    assert err.index(m.group(0)) < err.index("stopped by SIGINT: saved")
