@@ -106,37 +106,12 @@ def sampling_params(cfg: JobConfig, seed: int) -> Any:
 
 
 def id_column_type(source: Source, id_column: str | None) -> pa.DataType:
-    """The output's id type: int64 for row positions; for input.id_column the input's own type when
-    every row is sure to have it (integers as int64, strings), else string. A type guessed from
-    the first rows of JSONL (or differing between Parquet files) could not hold a later row's
-    id, and an id is never written as null: JSONL ids are kept as strings."""
+    """The output's id type: int64 for row positions, else the input's type of input.id_column
+    (sources.py makes a row whose id that type can't hold an error row, so no id is lost as null)."""
     if not id_column:
         return pa.int64()
-    t = _exact_type(source, id_column)
-    if t is not None and pa.types.is_signed_integer(t):
-        return pa.int64()
-    return pa.string()
-
-
-def _exact_type(source: Source, col: str) -> pa.DataType | None:
-    """The type every row's `col` has, when the input says so (not when it is guessed)."""
-    exact = getattr(source, "exact_types", None)  # a source that knows (sources.py may provide it)
-    if isinstance(exact, dict):
-        return exact.get(col)
-    files = getattr(source, "files", None)
-    if files is None:  # a datasets Dataset: its features type every row
-        return source.types.get(col)
-    if any(getattr(f, "kind", None) != "parquet" for f in files):
-        return None  # JSONL: types are guessed from the first lines
-    import pyarrow.parquet as pq
-
-    types = set()
-    for f in files:  # footers only
-        schema = pq.read_schema(f.path)
-        if col not in schema.names:
-            return None
-        types.add(schema.field(col).type)
-    return types.pop() if len(types) == 1 else None
+    t = source.types.get(id_column)
+    return pa.string() if t is None or pa.types.is_null(t) else t
 
 
 def position_id(id_type: pa.DataType, index: int) -> Any:
@@ -242,8 +217,9 @@ class Job:
 
     def _stop_notice(self) -> None:
         """Say at once what the stop does (a row can take the whole grace period to come back,
-        and nothing else is printed meanwhile). From a signal handler: a print that would re-enter
-        the stream's writer is left to the loop."""
+        and nothing else is printed meanwhile). From a signal handler: Progress.urgent writes
+        without re-entering the stream's writer; without a Progress, a print that would is left
+        to the loop."""
         n = len(self._in_flight or {})
         grace = self.cfg.output.stop_grace_seconds
         if grace > 0 and n:
@@ -253,7 +229,7 @@ class Job:
         else:
             msg = "stopping: committing what is done"
         try:
-            (self._prog.message if self._prog is not None else self.say)(msg)
+            (self._prog.urgent if self._prog is not None else self.say)(msg)
         except (RuntimeError, OSError, ValueError):
             self._notice = msg
 
@@ -518,22 +494,21 @@ class Job:
 
     def _row_values(self, schema: pa.Schema, pos: int, idx: int, row: dict) -> tuple[Any, dict, str | None]:
         """(id, copied columns, error) of one input row as the output holds them. An id is never
-        null: a null one (or a row that could not be read) gets one from its position in the
-        input; a copied value its column can't hold makes the row an error row that says so."""
+        null: a row without a usable one (not readable, a null id, an id its column can't hold:
+        an error row) gets one from its position in the input, so (id, sample_index) stays
+        unique; a copied value its column can't hold makes the row an error row that says so."""
         cfg = self.cfg
         id_col = cfg.input.id_column
         raw = row.get(id_col) if id_col else idx
         id_type = schema.field("id").type
         err = None
-        if raw is None:
+        fits, rid = column_value(raw, id_type)
+        if raw is None or not fits:  # a row that could not be read, a null id, an id of another type
             rid = position_id(id_type, idx)
             if ROW_ERROR not in row:
-                err = f"id column '{id_col}' is null (the row's id {rid!r} is made from its position)"
-        else:
-            fits, rid = column_value(raw, id_type)
-            if not fits:  # an output whose id type an older batchgen took from the first rows
-                raise OutputError(f"row {idx}: id {raw!r} does not fit this output's id column ({id_type}, set when "
-                                  "it was started); write to a new output.path (ids from JSONL are kept as strings)")
+                err = (f"id column '{id_col}' " + ("is null" if raw is None else
+                       f"value {_short(raw)} does not fit the output's id column ({id_type})")
+                       + f"; the row's id {rid!r} is made from its position in the input")
         copied: dict[str, Any] = {}
         for c in cfg.input.columns:
             t = schema.field(c).type
@@ -611,11 +586,9 @@ class Job:
 
         last_prog_file = time.monotonic()
         prog.start_clock()
-        # issue 11 case 15: tokens counted as they are generated (engine.generated_tokens, live).
-        # The single call site of Progress's hook for it (progress.py's API, from its owner).
-        track_tokens = getattr(prog, "track_tokens", None)
-        if callable(track_tokens):
-            track_tokens(lambda: int(getattr(engine, "generated_tokens", 0) or 0))
+        # tokens counted as they are sampled, not when a row's last sample finishes
+        prog.track_tokens(lambda: int(getattr(engine, "generated_tokens", 0) or 0),
+                          tokens_per_row=n * cfg.sampling.max_new_tokens)
         progress_file("running")
         stream = engine.stream(requests())
         clean_end = False

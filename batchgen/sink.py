@@ -1084,6 +1084,8 @@ class OutputDir:
     def _refuse_foreign(self, led: Ledger) -> None:
         for p in self.shard_files():
             t = int(SHARD_RE.match(p.name).group(1))  # type: ignore[union-attr]
+            if _is_link(p):
+                raise link_error(p)
             if t >= self.num_tasks:
                 raise OutputError(f"{p} is a shard of task {t}, but this output has {self.num_tasks} task(s) "
                                   f"(ids 0..{self.num_tasks - 1}); load_dataset would read it as part of this output: "
@@ -1394,10 +1396,12 @@ class ShardWriter:
             rewritten=now_iso(),
         )
         fresh = self._table(rows, meta)
-        if fresh.to_pylist() == old:
+        now = fresh.to_pylist()
+        changed = sum(now[i * per:(i + 1) * per] != old[i * per:(i + 1) * per] for i in range(len(positions)))
+        if not changed:
             return  # the rows came back the same (an input error): nothing to replace
         self._write(name, fresh, meta, "rewrite")
-        self.rewritten += len(new)
+        self.rewritten += changed
 
 
 # --------------------------------------------------------------------------- verification

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -599,3 +600,213 @@ def test_done_after_a_kill_past_the_last_commit(tmp_path: Path, shared: Callable
     assert run(job, eng)[0] == 0 and eng.seen == []
     assert json.loads(prog.read_text())["state"] == "done"
     assert json.loads((tmp_path / "out/.batchgen/summary.json").read_text())["rows"] == 6
+
+
+# --------------------------------------------------------------------------- issue 11: output that can't be silently wrong
+def test_ids_are_never_null_and_always_unique(tmp_path: Path, shared: Callable[..., Tap]) -> None:
+    """Ids and copied values typed from the first 100 JSONL lines: a later row whose id is a
+    string, a copied value of another type, a malformed line and a null id are error rows that
+    say why, each with an id (from its position) that no other row has."""
+    rows: list[Any] = [{"k": i, "prompt": f"q {i}", "cat": i} for i in range(101)]
+    rows += [{"k": "abc", "prompt": "q x", "cat": 1}, {"k": 500, "prompt": "q y", "cat": "zz"}, "{broken",
+             {"k": None, "prompt": "q z", "cat": 2}, {"prompt": "q w", "cat": 3}]
+    jsonl(tmp_path / "in.jsonl", rows)
+    make_job(tmp_path, BASIC.replace("columns: [cat]}", "columns: [cat], id_column: k}")
+             .replace('max_new_tokens: 4, stop: [" "]', "max_new_tokens: 1"))
+    assert run(tmp_path / "job.yaml", shared())[0] == 0
+    out = read_out(tmp_path / "out")
+    assert len(out) == 2 * len(rows)
+    keys = [(r["id"], r["sample_index"]) for r in out]
+    assert None not in [k[0] for k in keys] and len(set(keys)) == len(keys)
+    by_id = {r["id"]: r for r in out if r["sample_index"] == 0}
+    assert all(by_id[i]["error"] is None and by_id[i]["cat"] == i for i in range(101))
+    assert by_id[500]["error"] and "'cat'" in by_id[500]["error"] and "'zz'" in by_id[500]["error"]
+    for idx, why in ((101, "abc"), (103, "malformed"), (104, "null"), (105, "null")):  # ids -(index + 1)
+        assert why in by_id[-(idx + 1)]["error"], by_id[-(idx + 1)]
+    s = json.loads((tmp_path / "out/.batchgen/summary.json").read_text())
+    assert s["repeated_ids"] == 0 and s["error_rows"] == 5 and s["errors"] == 10
+
+
+def test_a_failed_model_load_binds_nothing(tmp_path: Path, shared: Callable[..., Tap]) -> None:
+    """A typo in model.path fails before any row: fixing it is the same output, not 'a different job'."""
+    jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(4)])
+    job = make_job(tmp_path, BASIC)
+    with pytest.raises(ConfigError, match="model.path"):
+        run(job, overrides=["model.path=modle"])
+    assert (tmp_path / "out/.batchgen/manifest.json").exists()  # written, but it binds no row
+    code, _ = run(job, shared())
+    assert code == 0 and keyset(read_out(tmp_path / "out")) == [(i, s) for i in range(4) for s in range(2)]
+    # once a row is committed, the output is that job's
+    with pytest.raises(OutputError, match="different job"):
+        run(job, shared(), overrides=["sampling.temperature=0.2"])
+
+
+def test_retry_errors_replaces_error_rows_exactly_once(tmp_path: Path, shared: Callable[..., Tap],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows the engine rejected (a 32-token KV cache) are regenerated with --retry-errors on a
+    bigger engine: their new rows replace the old in the shards that held them (same names),
+    each (row, sample) once; a row whose input is bad stays one error row."""
+    import datasets
+
+    rows = [{"prompt": "short one" if i % 3 else "medium " * 6, "cat": i} for i in range(9)] + [{"prompt": None, "cat": 9}]
+    jsonl(tmp_path / "in.jsonl", rows)
+    job = make_job(tmp_path, BASIC)
+    assert run(job, overrides=["engine.kv_cache_tokens=32"])[0] == 0  # its own small engine
+    first = {(r["id"], r["sample_index"]): r for r in read_out(tmp_path / "out")}
+    failed = sorted({k[0] for k, r in first.items() if r["error"]})
+    assert failed == [0, 3, 6, 9]
+    names = sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet"))
+    capsys.readouterr()
+    eng = shared()
+    assert run(job, eng)[0] == 0 and eng.seen == []  # a bigger engine alone changes nothing
+    assert "4 of them failed: rerun with --retry-errors" in capsys.readouterr().err
+    eng = shared()
+    code, j = run(job, eng, retry_errors=True)
+    assert code == 0 and sorted(eng.seen) == [0, 3, 6]  # the null prompt fails before the engine
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == names
+    ds = datasets.load_dataset("parquet", data_dir=str(tmp_path / "out"), split="train")
+    keys = list(zip(ds["id"], ds["sample_index"]))
+    assert sorted(keys) == [(i, s) for i in range(10) for s in range(2)]
+    after = {(r["id"], r["sample_index"]): r for r in read_out(tmp_path / "out")}
+    assert [k for k, r in after.items() if r["error"]] == [(9, 0), (9, 1)]
+    assert all(after[k] == first[k] for k in first if k[0] not in failed)  # the others untouched
+    make_job(tmp_path, BASIC.replace("path: out,", "path: ref,"), "ref.yaml")
+    assert run(tmp_path / "ref.yaml", shared())[0] == 0
+    ref = {(r["id"], r["sample_index"]): r for r in read_out(tmp_path / "ref")}
+    assert after == ref  # the same rows as a run that never failed
+    s = json.loads((tmp_path / "out/.batchgen/summary.json").read_text())
+    assert s["error_rows"] == 1 and s["errors"] == 2 and s["retried_rows"] == 3
+    assert s["output_tokens"] == sum(r["completion_tokens"] for r in after.values())
+    from batchgen.sink import verify_output
+
+    assert verify_output(tmp_path / "out") == []
+    eng = shared()
+    assert run(job, eng, retry_errors=True)[0] == 0 and eng.seen == []  # only the bad input is left
+    assert "retrying 1 error row(s)" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == names
+
+
+def test_disk_full_mid_run_keeps_what_was_committed(tmp_path: Path, shared: Callable[..., Tap],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC at the 4th shard (its bytes, its fsync, or its ledger record): exit 1 and one line
+    saying what is saved and how to resume, no traceback, no temp file, the ledger whole; the
+    rerun completes the job exactly once."""
+    import errno
+    import io
+
+    from batchgen import sink
+    from batchgen.sink import verify_output
+
+    jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(20)])
+    job = make_job(tmp_path, BASIC.replace("rows_per_shard: 6", "rows_per_shard: 4"))
+    for where in ("bytes", "fsync", "ledger"):
+        out = tmp_path / f"out-{where}"
+        opened = []
+        real_open, real_fsync, real_append = sink.open_new, os.fsync, sink.LedgerFile.append
+
+        def full() -> OSError:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def open_new(root: Path, path: Path) -> Any:
+            f = real_open(root, path)
+            if path.name.endswith(".parquet.tmp"):
+                opened.append(path)
+                if where == "bytes" and len(opened) == 4:
+                    def write(b: Any) -> int:
+                        raise full()
+                    f.write = write  # type: ignore[method-assign]
+            return f
+
+        def fsync(fd: int) -> None:
+            if where == "fsync" and len(opened) == 4:
+                raise full()
+            real_fsync(fd)
+
+        def append(self: Any, rec: Any) -> None:
+            if where == "ledger" and len(opened) == 4:
+                raise sink.write_error(full(), self.path)
+            real_append(self, rec)
+
+        monkeypatch.setattr(sink, "open_new", open_new)
+        monkeypatch.setattr(sink.os, "fsync", fsync)
+        monkeypatch.setattr(sink.LedgerFile, "append", append)
+        cfg = load_job(job, [f"output.path={out.name}"])
+        buf = io.StringIO()
+        j = Job(cfg, engine=shared(), progress="off", stream=buf)
+        code = j.run()
+        monkeypatch.undo()
+        text = buf.getvalue()
+        assert code == 1 and "Traceback" not in text, text
+        last = text.strip().splitlines()[-1]
+        assert last.startswith("error: no space left writing") and "6 rows are saved in" in last, last
+        assert "run the same command to resume" in last
+        assert [p.name for p in out.rglob("*.tmp")] == [] and len(list(out.glob("part-*.parquet"))) == 3
+        assert verify_output(out) == []
+        assert run(job, shared(), overrides=[f"output.path={out.name}"])[0] == 0
+        assert keyset(read_out(out)) == [(i, s) for i in range(20) for s in range(2)]
+
+
+def test_a_commit_into_an_output_replaced_meanwhile_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a file system without locks another process's --overwrite can't be kept out: the
+    running task sees at its next commit that the output is not the one it started in (the
+    manifest's generation) and stops, writing nothing there."""
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "no locks")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(20)])
+    job = make_job(tmp_path, BASIC.replace("rows_per_shard: 6", "rows_per_shard: 2"))
+    out = tmp_path / "out"
+    seen: list[list[str]] = []
+
+    def overwrite_from_elsewhere(k: int) -> None:
+        if k == 4:
+            seen.append(sorted(p.name for p in out.glob("part-*.parquet")))
+            OutputDir(out).prepare({"fingerprint": "other", "identity": {"v": 2}, "num_tasks": 1}, overwrite=True)
+            seen.append(sorted(p.name for p in out.glob("part-*.parquet")))
+
+    code, j = run(job, engine_factory=own_engine(on_output=overwrite_from_elsewhere))
+    assert code == 2 and "was replaced while this task ran" in j._fatal
+    assert seen[0] and seen[1] == []
+    assert list(out.glob("part-*.parquet")) == []  # nothing of the old job after the clear
+    assert OutputDir(out).manifest()["fingerprint"] == "other"
+
+
+@pytest.mark.parametrize("rel", [
+    ".batchgen/manifest.json", ".batchgen/progress/task-00000.json", ".batchgen/summary.json",
+    ".batchgen/ledger/task-00000.jsonl", ".batchgen/locks/output.lock", ".batchgen/locks/prepare.lock",
+    ".part-t00000-000002.parquet.tmp", "part-t00000-000002.parquet", "part-t00000-000000.parquet",
+])
+def test_no_write_truncate_or_delete_through_a_link(tmp_path: Path, shared: Callable[..., Tap], rel: str) -> None:
+    """A link at any path batchgen writes under OUT: the run and --overwrite refuse naming it,
+    and the link's target is never written, truncated or deleted."""
+    jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(8)])
+    job = make_job(tmp_path, BASIC)
+    assert run(job, shared(), overrides=["input.limit=4"])[0] == 0  # two shards; the job goes on to 8 rows
+    victim = tmp_path / "victim"
+    victim.write_text("victim\n")
+    link = tmp_path / "out" / rel
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.exists():
+        link.unlink()
+    link.symlink_to(victim)
+    for kw in ({}, {"overwrite": True, "overrides": ["sampling.temperature=0.3"]}):
+        with pytest.raises(OutputError, match=f"{re.escape(str(link))} is a symbolic link"):
+            run(job, shared(), **kw)
+        assert victim.read_text() == "victim\n" and link.is_symlink()
+
+
+def test_overwrite_deletes_only_batchgens_own_files(tmp_path: Path, shared: Callable[..., Tap]) -> None:
+    jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(4)])
+    job = make_job(tmp_path, BASIC)
+    assert run(job, shared())[0] == 0
+    mine = {".batchgen/notes.json": "n", ".batchgen/progress/mine.txt": "m", ".batchgen/ledger/README": "r",
+            "part-2.parquet": "p", ".batchgen/old.tmp": "t"}
+    for rel, text in mine.items():
+        (tmp_path / "out" / rel).write_text(text)
+    assert run(job, shared(), overwrite=True, overrides=["sampling.temperature=0.3"])[0] == 0
+    assert {rel: (tmp_path / "out" / rel).read_text() for rel in mine} == mine
+    assert read_shard_meta(next((tmp_path / "out").glob("part-t*.parquet")))["sampling"]["temperature"] == 0.3
