@@ -3,6 +3,8 @@
 `PromptBuilder.build(row)` never raises for bad data: it returns a `Prompt` whose `error` says
 what is wrong with the row (null/empty/non-string prompt, malformed messages, too long with
 on_too_long: skip). on_too_long: error raises `PromptTooLong`, which stops the job.
+A prompt whose text is longer than any prompt of `limit` tokens can be (`max_chars`) is not
+tokenized whole: it is too long however it tokenizes (truncate: only its head is tokenized).
 """
 from __future__ import annotations
 
@@ -110,6 +112,7 @@ class PromptBuilder:
                 )
             limit = min(limit, room)
         self.limit = limit
+        self.max_chars = _max_chars(tokenizer, limit)
 
     # ------------------------------------------------------------------ rendering
     def _messages(self, row: dict) -> tuple[list[dict] | None, str | None]:
@@ -120,7 +123,7 @@ class PromptBuilder:
             if isinstance(msgs, str):
                 try:
                     msgs = json.loads(msgs)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nested too deeply for json
                     return None, f"{pc.messages_column} is a string, not a list of messages"
             if msgs is None:
                 return None, f"{pc.messages_column} is null"
@@ -193,6 +196,7 @@ class PromptBuilder:
         """Prompts for a batch of rows (tokenized together); never raises for a row's data
         (on_too_long: error gives a Prompt with fatal=True)."""
         out: list[Prompt | None] = [None] * len(rows)
+        rows = list(rows)  # a row cut for truncation replaces its entry here, not in the caller's list
         todo: list[tuple[int, list[dict], str, bool]] = []
         for i, row in enumerate(rows):
             if ROW_ERROR in row:
@@ -203,6 +207,12 @@ class PromptBuilder:
                 out[i] = Prompt(None, error=err)
                 continue
             assert msgs is not None
+            if self.max_chars is not None and _chars(msgs) > self.max_chars:
+                if self.pc.on_too_long != "truncate":
+                    out[i] = self._too_many_chars(msgs)
+                    continue
+                row, msgs = self._cut(row, msgs)
+                rows[i] = row
             try:
                 text, specials = self.render(msgs)
             except Exception as e:  # noqa: BLE001 - a template error is this row's problem
@@ -228,6 +238,24 @@ class PromptBuilder:
                 else:
                     out[i] = self._check_len(rows[i], msgs, text, list(ids))
         return out  # type: ignore[return-value]
+
+    def _too_many_chars(self, msgs: list[dict]) -> Prompt:
+        n = _chars(msgs)
+        fatal = self.pc.on_too_long == "error"
+        why = (f"{n:,} characters can't fit in {self.limit} tokens (not tokenized)"
+               if fatal else f"prompt too long: {n:,} characters can't fit in {self.limit} tokens "
+               f"(on_too_long: skip; not tokenized)")
+        return Prompt(None, too_long=True, fatal=fatal, error=why)
+
+    def _cut(self, row: dict, msgs: list[dict]) -> tuple[dict, list[dict]]:
+        """For on_too_long: truncate: every text cut to max_chars characters, which is still more
+        than the limit in tokens, so truncating gives the same prompt as the whole text would."""
+        m = self.max_chars or 0
+        if self.pc.column is not None:
+            row = {**row, self.pc.column: row[self.pc.column][:m]}
+            cut, err = self._messages(row)
+            return row, cut if cut is not None else msgs
+        return row, [{**x, "content": x["content"][:m]} if isinstance(x["content"], str) else x for x in msgs]
 
     def _check_len(self, row: dict, msgs: list[dict], text: str, ids: list[int]) -> Prompt:
         if not ids:
@@ -288,6 +316,21 @@ class PromptBuilder:
             over += len(ids) - self.limit + 1
         return Prompt(None, text=text, n_tokens=n, too_long=True,
                       error=f"prompt too long: {n} tokens > limit of {self.limit}, and truncating the text can't make it fit")
+
+
+def _max_chars(tok: Any, limit: int) -> int | None:
+    """More characters than any prompt of `limit` tokens has: a token stands for at most as many
+    characters as the longest string in the vocabulary (byte-level vocabularies: bytes, which are
+    at least as many as characters), x4 for normalizers that merge characters. None: unknown."""
+    try:
+        longest = max((len(t) for t in tok.get_vocab()), default=0)
+    except Exception:  # noqa: BLE001 - a tokenizer without get_vocab: always tokenize
+        return None
+    return limit * longest * 4 if longest else None
+
+
+def _chars(msgs: list[dict]) -> int:
+    return sum(len(m["content"]) for m in msgs if isinstance(m["content"], str))
 
 
 def _content_text(c: Any) -> str:

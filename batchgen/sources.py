@@ -328,17 +328,17 @@ def _pread_all(fd: int, n: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def parquet_footer(path: str, size: int) -> bytes:
+def parquet_footer(path: str, size: int, name: str) -> bytes:
     """The footer (Thrift FileMetaData: schema, row groups, column statistics, offsets) of a
-    Parquet file; InputError when the file has none (truncated, or not Parquet)."""
+    Parquet file; InputError naming it when it has none (truncated, or not Parquet)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         tail = _pread_all(fd, 8, size - 8) if size >= 12 else b""
         if len(tail) != 8 or tail[4:] != b"PAR1":
-            raise InputError(f"{path}: not a Parquet file: no PAR1 footer (truncated, or still being written?)")
+            raise InputError(f"input file {name}: not a Parquet file: no PAR1 footer (truncated, or still being written?)")
         n = int.from_bytes(tail[:4], "little")
         if n <= 0 or n > size - 12:
-            raise InputError(f"{path}: corrupt Parquet footer (length {n} in a file of {size} bytes)")
+            raise InputError(f"input file {name}: corrupt Parquet footer (length {n} in a file of {size:,} bytes)")
         return _pread_all(fd, n, size - 8 - n)
     finally:
         os.close(fd)
@@ -511,6 +511,7 @@ def _probe_jsonl(f: _File, max_rows: int = 100, max_bytes: int = 1 << 20) -> tup
     rows: list[dict] = []
     parser = _JsonLine([])
     seen = nbytes = 0
+    any_object = False
     first_problem = ""
     for lineno, raw in _jsonl_lines(f):
         seen += 1
@@ -523,18 +524,20 @@ def _probe_jsonl(f: _File, max_rows: int = 100, max_bytes: int = 1 << 20) -> tup
         except (ValueError, RecursionError) as e:
             first_problem = first_problem or f"line {lineno}: {_first_line(e)}"
             obj = None
+        any_object = any_object or isinstance(obj, dict)
         if isinstance(obj, dict):
-            rows.append(obj)
             keys += [k for k in obj if k not in keys]
+            if value_problem("", obj) is None:  # a row the reader refuses must not type a column
+                rows.append(obj)
         elif obj is not None:
             first_problem = first_problem or f"line {lineno} is {_kind_of(obj)}"
         if len(rows) >= max_rows or nbytes >= max_bytes:
             break
-    if seen and not rows:
+    if seen and not any_object:
         hint = ""
         with open(f.path, "rb") as fh:
             head = fh.read(4)
-        if head[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in head:
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff", b"{\x00", b"\x00{"):
             hint = " (it looks like UTF-16; JSON Lines must be UTF-8)"
         elif head.lstrip()[:1] == b"[":
             hint = " (a JSON array? one object per line is needed: jq -c '.[]' FILE)"
@@ -641,7 +644,7 @@ class FileSource(Source):
     def _inspect_parquet(self, f: _File) -> None:
         import pyarrow.parquet as pq
 
-        footer = parquet_footer(f.path, f.size)
+        footer = parquet_footer(f.path, f.size, f.rel)
         f.sha = hashlib.blake2b(f.size.to_bytes(8, "little") + footer, digest_size=16).hexdigest()
         try:
             md = pq.read_metadata(f.path)

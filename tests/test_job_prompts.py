@@ -110,3 +110,42 @@ def test_progress_bar_mode() -> None:
     out = buf.getvalue()
     assert "10/10" in out and "tok/s" in out
     assert p.out_tokens == 40 and p.done == 10
+
+
+def test_messages_string_nested_too_deeply_is_a_row_error(tok: Any) -> None:
+    """json.loads of a messages string raises RecursionError past ~1000 levels: a row error like
+    any other bad messages value, not a crash of the job (issue 11, case 9)."""
+    b = PromptBuilder(cfg(messages_column="m"), tok)
+    p = b.build({"m": "[" * 100_000 + "]" * 100_000})
+    assert p.token_ids is None and "is a string, not a list of messages" in p.error
+
+
+def test_source_error_rows_keep_their_reason(tok: Any) -> None:
+    from batchgen.sources import ROW_ERROR, ROW_ORIGIN, RowOrigin
+
+    b = PromptBuilder(cfg(), tok)
+    (p,) = b.build_many([{ROW_ERROR: "in.jsonl:3: JSON nested too deeply to read", ROW_ORIGIN: RowOrigin("in.jsonl", 2, 3)}])
+    assert p.token_ids is None and p.error == "in.jsonl:3: JSON nested too deeply to read"
+
+
+@pytest.mark.parametrize("policy", ["skip", "error", "truncate"])
+def test_a_prompt_longer_than_any_fitting_one_is_not_tokenized_whole(tok: Any, policy: str) -> None:
+    """A text of more characters than `limit` tokens can hold is too long however it tokenizes:
+    skip/error say so without tokenizing it (a 60 MB prompt would take GBs); truncate tokenizes
+    only its head and gives exactly the prompt that truncating the whole text gives."""
+    b = PromptBuilder(cfg(max_tokens=20, on_too_long=policy), tok)
+    assert b.max_chars is not None and b.max_chars >= 20 * 4
+    seen: list[int] = []
+    encode = b._encode_many
+    b._encode_many = lambda texts, specials: seen.append(max(map(len, texts))) or encode(texts, specials)  # type: ignore[method-assign]
+    text = "the quick brown fox " * (b.max_chars // 20 + 50)
+    (p,) = b.build_many([{"prompt": text}])
+    if policy != "truncate":
+        assert p.token_ids is None and p.too_long and "not tokenized" in p.error and not seen
+        assert p.fatal == (policy == "error")
+        return
+    assert max(seen) < b.max_chars + 200  # the head only (plus the chat markup)
+    whole = PromptBuilder(cfg(max_tokens=20, on_too_long="truncate"), tok)
+    whole.max_chars = None  # no guard: tokenize it all
+    ref = whole.build({"prompt": text})
+    assert p.error is None and p.truncated and p.token_ids == ref.token_ids and p.text == ref.text
