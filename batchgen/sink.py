@@ -1030,8 +1030,11 @@ class OutputDir:
             raise OutputError(f"{lf.path} lists {stale[0].name} of an earlier output at this path (generation "
                               f"{stale[0].generation or 'none'}): move the ledger away and rerun (it is rebuilt from "
                               "the shards' footers)")
+        history: dict[str, list[ShardRecord]] = {}
+        for r in recs:
+            history.setdefault(r.name, []).append(r)
         for rec in sorted(led.records.values(), key=lambda r: r.seq):
-            self._verify(rec, led, lf, say)
+            self._verify(rec, history[rec.name], led, lf, say)
         removed = self.clean_tmp()
         overlap = led.first_overlap()
         if overlap:
@@ -1042,7 +1045,8 @@ class OutputDir:
             led.next_seq = max(led.next_seq, int(SHARD_RE.match(p.name).group(2)) + 1)  # type: ignore[union-attr]
         return led, removed
 
-    def _verify(self, rec: ShardRecord, led: Ledger, lf: LedgerFile, say: Callable[[str], None]) -> None:
+    def _verify(self, rec: ShardRecord, history: list[ShardRecord], led: Ledger, lf: LedgerFile,
+                say: Callable[[str], None]) -> None:
         final = self.path / rec.name
         if _is_link(final):
             raise link_error(final)
@@ -1058,6 +1062,12 @@ class OutputDir:
                 replace_into(self.path, tmp, final)  # recorded, then interrupted before its rename
                 fsync_dir(self.path)
                 return
+        earlier = next((h for h in reversed(history[:-1]) if h.kind != "retire" and (h.bytes, h.sha256) == got), None)
+        if earlier is not None:  # a rewrite whose temp file is gone: the shard is as it was before it
+            kept = ShardRecord(**{**asdict(earlier), "created": now_iso(), "note": "a rewrite was lost; kept as before"})
+            lf.append(kept)
+            led.put(kept)
+            return
         if got is None:
             what = f"is listed in {lf.path} but missing"
         else:
@@ -1469,11 +1479,20 @@ def _check_record(out: Path, rec: ShardRecord, generation: str) -> list[str]:
     if _is_link(p):
         return [f"{p} is a symbolic link"]
     try:
-        size, sha = file_digest(p)
+        got: tuple[int, str] | None = file_digest(p)
     except FileNotFoundError:
-        return [f"{p} is in the ledger but missing ({rec.rows:,} rows)"]
+        got = None
     except OSError as e:
         return [f"{p} can't be read ({e.strerror or e})"]
+    if got != (rec.bytes, rec.sha256):
+        with contextlib.suppress(OSError):
+            if file_digest(out / f".{rec.name}.tmp") == (rec.bytes, rec.sha256):
+                what = "commit" if got is None else "rewrite (--retry-errors; the old shard is still in place)"
+                return [f"{p}: an interrupted {what}: its temp file holds the recorded shard; the next run of task "
+                        f"{rec.task} finishes it"]
+    if got is None:
+        return [f"{p} is in the ledger but missing ({rec.rows:,} rows)"]
+    size, sha = got
     if size != rec.bytes:
         return [f"{p} is {size:,} bytes, the ledger says {rec.bytes:,} (truncated or replaced)"]
     if sha != rec.sha256:

@@ -319,3 +319,80 @@ def test_a_stop_says_at_once_what_it_does(workdir: Path, reference: dict) -> Non
     m = re.search(r"stopping: finishing (\d+) in-flight rows \(up to 30 s\); press Ctrl-C again to stop now", err)
     assert m and 1 <= int(m.group(1)) <= 12, err[-3000:]
     assert err.index(m.group(0)) < err.index("stopped by SIGINT: saved")
+
+
+# --------------------------------------------------------------------------- the commit protocol under kill -9
+CRASH = """\
+import os, sys
+from batchgen.config import load_job
+from batchgen.job import Job
+
+mode, k = sys.argv[2], int(sys.argv[3])
+real, seen = os.replace, []
+
+def replace(src, dst, *a, **kw):
+    # the moment after a shard's ledger record is fsynced and before its rename: die like kill -9
+    if os.fspath(src).endswith(".parquet.tmp") and (mode == "commit" or os.path.exists(dst)):
+        seen.append(dst)
+        if len(seen) == k:
+            os._exit(137)
+    return real(src, dst, *a, **kw)
+
+os.replace = replace
+cfg = load_job(sys.argv[1], sys.argv[4:])
+sys.exit(Job(cfg, retry_errors=mode == "rewrite", progress="off").run())
+"""
+
+
+def crash(job: Path, mode: str, k: int, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CRASH, str(job), mode, str(k), *overrides], cwd=str(job.parent),
+                          env=env(), capture_output=True, text=True, timeout=600)
+
+
+def test_a_kill_between_ledger_record_and_rename_is_finished_on_resume(workdir: Path, reference: dict) -> None:
+    """Killed after a shard's record reached the ledger but before its rename: the resumed run
+    renames it (its temp file has the recorded sha256), generating none of its rows again."""
+    job = job_file(workdir, "renamed")
+    out = workdir / "renamed"
+    r = crash(job, "commit", 3)
+    assert r.returncode == 137, r.stderr[-3000:]
+    assert shards(out) == ["part-t00000-000000.parquet", "part-t00000-000001.parquet"]
+    assert (out / ".part-t00000-000002.parquet.tmp").exists()
+    recorded = [json.loads(x) for x in (out / ".batchgen/ledger/task-00000.jsonl").read_text().splitlines()]
+    assert [x["name"] for x in recorded][-1] == "part-t00000-000002.parquet"
+    (problem,) = verify_output(out)
+    assert "part-t00000-000002.parquet: an interrupted commit" in problem, problem
+    r = run(job)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"resuming .*: 6 rows of 24 already done in 3 shards", r.stderr), r.stderr[-3000:]
+    assert read(out) == reference and verify_output(out) == []
+
+
+def test_a_kill_mid_rewrite_of_retry_errors_is_finished_on_resume(workdir: Path, reference: dict) -> None:
+    """--retry-errors killed between a rewrite's record and its rename over the old shard: the
+    shard is the old one (readers see each row once), the resumed retry finishes the rewrite."""
+    job = job_file(workdir, "retried")
+    out = workdir / "retried"
+    r = run(job, "--set", "engine.kv_cache_tokens=32")  # prompt + 16 new tokens don't fit: error rows
+    assert r.returncode == 0, r.stderr[-3000:]
+    errors = sum(row["error"] is not None for row in read(out).values())
+    assert errors >= 8, errors
+    names = shards(out)
+    r = crash(job, "rewrite", 2)
+    assert r.returncode == 137, r.stderr[-3000:]
+    assert len(read(out)) == 2 * N_ROWS  # one row per (id, sample) at the moment of the kill
+    (problem,) = verify_output(out)  # an unfinished rewrite, not corruption
+    assert "an interrupted rewrite" in problem and "the next run of task 0 finishes it" in problem, problem
+    # the same state with the rewrite's temp file gone: the old shard is kept as it was, not quarantined
+    lost = workdir / "retried-lost"
+    shutil.copytree(out, lost)
+    before = read(lost)
+    for tmp in lost.glob(".part-*.tmp"):
+        tmp.unlink()
+    r = run(job, "--set", f"output.path={lost.name}")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
+    assert read(lost) == before and verify_output(lost) == []
+    r = crash(job, "rewrite", 10 ** 6)  # the same retry, not killed
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert shards(out) == names
+    assert read(out) == reference and verify_output(out) == []
