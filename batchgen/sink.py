@@ -475,6 +475,9 @@ class ShardRecord:
             want = {"int": int, "str": str}.get(str(f.type))
             if want is not None and (not isinstance(v, want) or isinstance(v, bool)):
                 raise ValueError(f"field {f.name}: {v!r}")
+            if f.name in ("positions", "error_positions") and not (isinstance(v, list) and all(
+                    isinstance(x, list) and len(x) == 2 and all(type(y) is int and y >= 0 for y in x) for x in v)):
+                raise ValueError(f"field {f.name}: not a list of [start, end] ranges")
         return rec
 
 
@@ -577,6 +580,7 @@ class Ledger:
 
     records: dict[str, ShardRecord] = field(default_factory=dict)
     next_seq: int = 0
+    totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
 
     @classmethod
     def from_records(cls, recs: Iterable[ShardRecord]) -> "Ledger":
@@ -586,44 +590,51 @@ class Ledger:
         return led
 
     def put(self, rec: ShardRecord) -> None:
-        if rec.kind == "retire":
-            self.records.pop(rec.name, None)
-        else:
+        """A record in force from now on (totals kept current: progress reads them often)."""
+        old = self.records.pop(rec.name, None)
+        if old is not None:
+            for k in _COUNTERS:
+                self.totals[k] -= int(getattr(old, k))
+        if rec.kind != "retire":
             self.records[rec.name] = rec
+            for k in _COUNTERS:
+                self.totals[k] += int(getattr(rec, k))
         self.next_seq = max(self.next_seq, rec.seq + 1)
 
     @property
     def done(self) -> IntervalSet:
-        s = IntervalSet()
-        for r in self.records.values():
-            s.update(IntervalSet(r.positions))
-        return s
+        return IntervalSet(x for r in self.records.values() for x in r.positions)
 
     @property
     def shards(self) -> list[str]:
         return sorted(self.records)
 
-    def _sum(self, key: str) -> int:
-        return sum(int(getattr(r, key)) for r in self.records.values())
-
-    rows = property(lambda self: self._sum("rows"))
-    samples = property(lambda self: self._sum("samples"))
-    errors = property(lambda self: self._sum("errors"))
-    error_rows = property(lambda self: self._sum("error_rows"))
-    prompt_tokens = property(lambda self: self._sum("prompt_tokens"))
-    completion_tokens = property(lambda self: self._sum("completion_tokens"))
+    rows = property(lambda self: self.totals["rows"])
+    samples = property(lambda self: self.totals["samples"])
+    errors = property(lambda self: self.totals["errors"])
+    error_rows = property(lambda self: self.totals["error_rows"])
+    prompt_tokens = property(lambda self: self.totals["prompt_tokens"])
+    completion_tokens = property(lambda self: self.totals["completion_tokens"])
 
     def first_overlap(self) -> str | None:
         """'positions a-b are in both X and Y' for the first position held twice, else None."""
-        seen: list[tuple[IntervalSet, str]] = []
-        for name in self.shards:
-            s = IntervalSet(self.records[name].positions)
-            for other, oname in seen:
-                r = s.overlap(other)
-                if r is not None:
-                    return f"positions {_fmt_range(r)} are in both {oname} and {name}"
-            seen.append((s, name))
-        return None
+        return first_overlap((r.positions, r.name) for r in self.records.values())
+
+
+_COUNTERS = ("rows", "samples", "errors", "error_rows", "prompt_tokens", "completion_tokens")
+
+
+def first_overlap(held: Iterable[tuple[list[list[int]], str]]) -> str | None:
+    """The first position in the ranges of two names, as 'positions a-b are in both X and Y'
+    (one sort of every range: a task may have many shards)."""
+    spans = sorted((int(a), int(b), name) for ranges, name in held for a, b in ranges if a < b)
+    end, owner = -1, ""
+    for a, b, name in spans:
+        if a < end:
+            return f"positions {_fmt_range([a, min(b, end)])} are in both {owner} and {name}"
+        if b > end:
+            end, owner = b, name
+    return None
 
 
 def read_shard_meta(path: str | os.PathLike[str]) -> dict:
@@ -751,7 +762,7 @@ class OutputDir:
             self._replace_output()
             if not committed:
                 say(f"note: {self.path} held a job that committed no rows ({problem}); replacing it")
-        elif committed:
+        elif self.shard_files():  # rows are here: only their own footers may say whose they are
             rebuilt = self._manifest_from_shards(new, why or "missing")
             if rebuilt is not None:
                 say(f"note: {self.manifest_path} was {why}; rebuilt it from the shards' footers (this job, "
@@ -765,9 +776,9 @@ class OutputDir:
                     f"output {self.path} holds part-*.parquet shards that are not this job's, and {mf}; "
                     "pass --overwrite to replace them (they are deleted), or choose another output.path")
             self._replace_output()
-        elif why != "missing":
-            self._replace_output()  # a manifest without rows binds nothing, readable or not
-            say(f"note: {self.manifest_path} was {why} and no rows were committed; replacing it")
+        elif why != "missing" or committed:  # no shard left: a manifest or ledger without rows binds nothing
+            self._replace_output()
+            say(f"note: {self.manifest_path} was {why} and no shard is here; starting the output again")
         new.setdefault("format", FORMAT_VERSION)
         new["generation"] = uuid.uuid4().hex  # this output's identity: a commit checks it is still in force
         return self._write_manifest(new)
@@ -904,6 +915,7 @@ class OutputDir:
                 raise link_error(v)
             if not stat.S_ISREG(st.st_mode):
                 raise OutputError(f"{v} is not a regular file (batchgen writes only files by that name): move it away")
+        victims.sort(key=lambda v: v == self.manifest_path)  # the manifest last: a clear cut short is redone
         for v in victims:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(v)
@@ -1054,12 +1066,17 @@ class OutputDir:
             got: tuple[int, str] | None = file_digest(final)
         except FileNotFoundError:
             got = None
+        except OSError as e:
+            raise OutputError(f"{final} can't be read to verify it ({e.strerror or e}): fix that and rerun") from None
         if got == (rec.bytes, rec.sha256):
             return
         tmp = self.path / f".{rec.name}.tmp"
         with contextlib.suppress(OSError):
             if stat.S_ISREG(os.lstat(tmp).st_mode) and file_digest(tmp) == (rec.bytes, rec.sha256):
-                replace_into(self.path, tmp, final)  # recorded, then interrupted before its rename
+                try:
+                    replace_into(self.path, tmp, final)  # recorded, then interrupted before its rename
+                except OSError as e:
+                    raise write_error(e, final) from None
                 fsync_dir(self.path)
                 return
         earlier = next((h for h in reversed(history[:-1]) if h.kind != "retire" and (h.bytes, h.sha256) == got), None)
@@ -1087,7 +1104,10 @@ class OutputDir:
         if os.path.lexists(dst):
             dst = q / f"{p.name}.{time.time_ns()}"
         check_no_links(self.path, dst)
-        os.rename(p, dst)
+        try:
+            os.rename(p, dst)
+        except OSError as e:
+            raise write_error(e, dst) from None
         fsync_dir(self.path)
         fsync_dir(q)
 
@@ -1110,7 +1130,6 @@ class OutputDir:
         output of an older batchgen, or deleted). Refuses what the footers show is not this task's
         commit: another name, task, job or generation, or positions another shard holds."""
         recs: list[ShardRecord] = []
-        held: list[tuple[IntervalSet, str]] = []
         for p in self.shard_files(self.task_id):
             if _is_link(p):
                 raise link_error(p)
@@ -1130,10 +1149,6 @@ class OutputDir:
             if gen != self.generation or meta.get("num_tasks", self.num_tasks) != self.num_tasks:
                 raise OutputError(f"{p} was written by an earlier output at this path; {move}")
             pos = IntervalSet(meta.get("positions", []))
-            for other, oname in held:
-                r = pos.overlap(other)
-                if r is not None:
-                    raise OutputError(f"{p} repeats positions {_fmt_range(r)} of {oname}: a duplicate? {move}")
             if meta.get("page_checksums"):
                 try:
                     pq.read_table(p, page_checksum_verification=True)
@@ -1142,7 +1157,6 @@ class OutputDir:
                     say(f"warning: {p} is corrupt ({e}); moved it to {self.meta / QUARANTINE_DIR}/ and its rows "
                         "will be generated again")
                     continue
-            held.append((pos, p.name))
             size, sha = file_digest(p)
             recs.append(ShardRecord(
                 p.name, self.task_id, seq, generation=gen, positions=pos.ranges(),
@@ -1151,6 +1165,9 @@ class OutputDir:
                 error_rows=int(meta.get("error_rows", 0)), prompt_tokens=int(meta.get("prompt_tokens", 0)),
                 completion_tokens=int(meta.get("completion_tokens", 0)), bytes=size, sha256=sha,
                 layout=str(meta.get("layout", "")), created=str(meta.get("created", "")), note="from its footer"))
+        overlap = first_overlap((r.positions, r.name) for r in recs)
+        if overlap:
+            raise OutputError(f"{self.path}: {overlap} (a duplicate?): move one of them out of {self.path} and rerun")
         return recs
 
 
@@ -1222,6 +1239,9 @@ class ShardWriter:
         self._records: list[Record] = []
         self._samples = 0
         self._retry = dict(retry or {})
+        self._wanted: dict[str, int] = {}  # shard -> its positions still to come back
+        for shard in self._retry.values():
+            self._wanted[shard] = self._wanted.get(shard, 0) + 1
         self._replaced: dict[str, dict[int, list[dict]]] = {}  # shard -> position -> new rows
         self._replaced_samples = 0
         self._lock = threading.RLock()
@@ -1365,8 +1385,7 @@ class ShardWriter:
 
     # --retry-errors: replace rows in the shards that hold them
     def _complete(self, shard: str) -> bool:
-        want = [p for p, s in self._retry.items() if s == shard]
-        return len(self._replaced.get(shard, {})) >= len(want)
+        return len(self._replaced.get(shard, {})) >= self._wanted.get(shard, 0)
 
     def _flush_rewrites(self, all_rows: bool) -> None:
         with self._lock:
@@ -1382,6 +1401,7 @@ class ShardWriter:
             with self._lock:
                 for p in new:
                     self._retry.pop(p, None)
+                self._wanted[shard] -= len(new)
 
     def _rewrite(self, name: str, new: dict[int, list[dict]]) -> None:
         rec = self.ledger.records[name]
