@@ -64,6 +64,10 @@ MAX_LINE_BYTES = 64 << 20
 # Values of the job's columns nested deeper than this are error rows: deeper values risk Python's
 # recursion limit wherever they are copied, encoded or written later.
 MAX_DEPTH = 64
+# A line nested deeper than this is not parsed at all: json's own limit (RecursionError) counts
+# the frames already on the call stack, so near it the same line could parse in one run and not
+# in another. 200 levels leave json ~800 frames of the default limit of 1000 for its callers.
+MAX_PARSE_DEPTH = 200
 # The content hash reads the head, the tail and BLOCKS blocks in between (a few KiB, however big
 # the file): an inserted or removed row shifts every later byte, so it changes a sampled block.
 HASH_HEAD, HASH_TAIL, HASH_BLOCK, HASH_BLOCKS = 64 << 10, 16 << 10, 4 << 10, 8
@@ -226,6 +230,25 @@ def value_problem(col: str, value: Any, surrogates: bool = True) -> str | None:
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_STRING_OR_BRACKET = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')  # a string (unrolled: fast) or a bracket
+
+
+def nesting(raw: bytes) -> int:
+    """How deeply a JSON text nests arrays and objects (brackets inside strings don't count)."""
+    depth = deepest = 0
+    for m in _STRING_OR_BRACKET.finditer(raw):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def too_deep(raw: bytes) -> bool:
+    """Whether a line nests past MAX_PARSE_DEPTH (counting brackets first: most lines have few)."""
+    return raw.count(b"[") + raw.count(b"{") > MAX_PARSE_DEPTH and nesting(raw) > MAX_PARSE_DEPTH
 
 
 class _JsonLine:
@@ -255,11 +278,13 @@ class _JsonLine:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             return _error_row(f"{origin}: not valid UTF-8 (byte {e.start} of the line)", origin)
+        if too_deep(raw):
+            return _error_row(f"{origin}: JSON nested too deeply to read (over {MAX_PARSE_DEPTH} levels)", origin)
         try:
             obj = self.decode(text)
         except ValueError as e:
             return _error_row(f"malformed JSON at {origin}: {e}", origin)
-        except RecursionError:
+        except RecursionError:  # not expected below MAX_PARSE_DEPTH; never a crash either way
             return _error_row(f"{origin}: JSON nested too deeply to read", origin)
         if not isinstance(obj, dict):
             return _error_row(f"line {origin} is not a JSON object (it is {_kind_of(obj)})", origin)
@@ -441,7 +466,7 @@ def _jsonl_lines(f: _File) -> Iterator[tuple[int, bytes | None]]:
                     continue
                 if raw.startswith(BOM):
                     raw = raw[3:]
-                if raw.strip():
+                if not raw.isspace():  # (strip() would copy the line)
                     yield lineno, raw
     except (OSError, EOFError, zlib.error) as e:
         raise InputError(f"input file {f.rel}: can't be read after line {lineno:,}: {_first_line(e)}") from None
@@ -520,6 +545,8 @@ def _probe_jsonl(f: _File, max_rows: int = 100, max_bytes: int = 1 << 20) -> tup
             continue
         nbytes += len(raw)
         try:
+            if too_deep(raw):
+                raise ValueError(f"nested over {MAX_PARSE_DEPTH} levels")
             obj = parser.decode(raw.decode("utf-8"))
         except (ValueError, RecursionError) as e:
             first_problem = first_problem or f"line {lineno}: {_first_line(e)}"
@@ -610,7 +637,10 @@ class FileSource(Source):
         for c in ([cfg.input.id_column] if cfg.input.id_column else []) + list(cfg.input.columns):
             self.types[c] = arrow[c] if c in arrow else _infer_type([r.get(c) for r in sample])
         self.description = f"{len(self.files)} file(s)" if len(self.files) > 1 else first.path
-        self._plan(task_id, num_tasks)
+        try:
+            self._plan(task_id, num_tasks)  # counting rows reads whole files: a bad one shows here
+        except InputError as e:
+            raise InputError(f"{_where(cfg, 'input.files')}: {e}") from None
 
     def _inspect(self) -> list[dict]:
         """Read what is cheap of every file before the model loads: Parquet footers (row counts,
@@ -678,6 +708,7 @@ class FileSource(Source):
                 t = f.schema.field(c).type
                 if pa.types.is_null(ref[c]) and not pa.types.is_null(t):
                     ref[c], ref_file[c] = t, f.rel
+                    self.types[c] = t  # all null in the first file: the output column takes this type
                 elif not _same_type(ref[c], t):
                     raise ConfigError(f"{_where(self.cfg, 'input.files')}: column '{c}' is {t} in {f.rel} but "
                                       f"{ref[c]} in {ref_file[c]}; the output column needs one type")
@@ -811,18 +842,20 @@ class FileSource(Source):
         names = set(f.schema.names) if f.schema is not None else set()
         cols = [c for c in self.need if c in names]
         off = 0
+        pf = None
         for g, n in enumerate(f.group_rows):
             lo, hi = max(first - off, 0), min(end - off, n)  # rows of this group wanted
             if hi > lo:
                 done = lo
                 for attempt in range(2):
                     try:
-                        pf = pq.ParquetFile(f.path)
+                        pf = pf or pq.ParquetFile(f.path)  # opened again for the retry
                         for r in self._group_rows(f, pf, g, off, cols, done, hi):
                             yield r
                             done += 1
                         break
                     except Exception as e:  # noqa: BLE001 - pyarrow: OSError, ArrowInvalid, ... for bad data
+                        pf = None
                         if attempt == 1:
                             why = f"row group {g} can't be read: {type(e).__name__}: {_first_line(e)}"
                             for k in range(done, hi):
@@ -1121,6 +1154,7 @@ def identity_change(old: dict, new: dict) -> str | None:
     """None when `new` (this run's Source.identity()) reads the same rows at the same positions as
     `old` (the one stored when the output was started), else one line naming what changed.
 
+    New files that sort after all the old ones are accepted on the same terms as an append.
     Rows appended to the last JSONL file (not gzip) are the same input, provably: the file's
     first old-size bytes hash as before (content_hash: head, tail and blocks between), the old
     part ended with a line end (the old last line is whole), no other file changed, and the
@@ -1136,7 +1170,12 @@ def identity_change(old: dict, new: dict) -> str | None:
 
 
 def _v1_change(old: dict, new: dict) -> str | None:
-    """Outputs started by an older batchgen recorded paths (or the dataset) only: compare those."""
+    """Outputs started by an older batchgen recorded paths (or the dataset) only: compare those.
+    Their row ranges (several tasks over fewer files, or over a dataset) were cut from the rows
+    under the limit of each run, which this one can't know: resuming them could move rows."""
+    if new.get("partition", {}).get("mode") == "ranges":
+        return ("it was started by an older batchgen, whose row ranges per task moved with input.limit, "
+                "so its positions can't be checked; run with --overwrite to start it again")
     if "files" in old:
         paths = [f["path"] for f in new.get("files", [])] if "dataset" not in new else None
         return None if paths == old["files"] else _paths_change(old["files"], paths or [])
@@ -1179,8 +1218,11 @@ def _entry_change(a: dict, b: dict) -> str | None:
 
 def _files_change(old: dict, new: dict) -> str | None:
     of, nf = old.get("files", []), new.get("files", [])
-    if [f["path"] for f in of] != [f["path"] for f in nf]:
-        return _paths_change([f["path"] for f in of], [f["path"] for f in nf])
+    op, np_ = [f["path"] for f in of], [f["path"] for f in nf]
+    if np_[: len(op)] == op and len(np_) > len(op):  # files added after all the old ones
+        return _added_files_problem(of, nf, old, new)
+    if op != np_:
+        return _paths_change(op, np_)
     changed = [(i, _entry_change(a, b)) for i, (a, b) in enumerate(zip(of, nf))]
     changed = [(i, c) for i, c in changed if c]
     if not changed:
@@ -1196,6 +1238,22 @@ def _files_change(old: dict, new: dict) -> str | None:
         if unsafe:
             return f"{nf[i]['path']}: rows were appended, but {unsafe}"
     return f"{nf[i]['path']}: {what}{more}"
+
+
+def _added_files_problem(of: list[dict], nf: list[dict], old: dict, new: dict) -> str | None:
+    """New files that sort after every old one only add rows at the end, like an append: None
+    when the old files are unchanged and no old file moves to another task."""
+    changed = [(a["path"], _entry_change(a, b)) for a, b in zip(of, nf)]
+    changed = [(p, c) for p, c in changed if c]
+    if changed:
+        return f"{changed[0][0]}: {changed[0][1]}"
+    added = f"{len(nf) - len(of)} file(s) added after the old ones ({nf[len(of)]['path']} ...)"
+    po, pn = old.get("partition", {}), new.get("partition", {})
+    if pn.get("mode") != po.get("mode") or pn.get("mode") == "ranges":
+        return f"{added}, but the tasks split the rows into ranges, which the new row count moves"
+    if pn.get("mode") == "files" and pn.get("owners", [])[: len(of)] != po.get("owners"):
+        return f"{added}, but the tasks' files are balanced by size, and the new files move old ones to other tasks"
+    return None
 
 
 def _append_problem(a: dict, b: dict, old: dict, new: dict) -> str | None:

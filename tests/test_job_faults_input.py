@@ -327,3 +327,26 @@ def test_a_file_growing_while_read_is_read_as_it_was(tmp_path: Path) -> None:
     os.utime(p, ns=(os.stat(p).st_mtime_ns + 10**9,) * 2)
     with pytest.raises(InputError, match="in.jsonl changed while the job was running"):
         list(src.iter_rows())
+
+
+def test_nesting_is_judged_the_same_in_every_run(tmp_path: Path) -> None:
+    """json's own recursion limit depends on the call stack's depth at that moment; a line is
+    refused by its own nesting instead, so the same line reads the same in every run."""
+    import sys as _sys
+
+    from batchgen.sources import MAX_PARSE_DEPTH, ROW_ERROR, open_source
+
+    deep = MAX_PARSE_DEPTH + 1
+    rows = [b'{"prompt": "ok", "other": ' + b"[" * (MAX_PARSE_DEPTH - 1) + b"]" * (MAX_PARSE_DEPTH - 1) + b"}",
+            b'{"prompt": "no", "other": ' + b"[" * deep + b"]" * deep + b"}",
+            b'{"prompt": "' + b"[" * 5000 + b'"}']  # brackets in a string are text
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+
+    def read(nested_calls: int) -> list[str | None]:
+        if nested_calls:
+            return read(nested_calls - 1)
+        return [r.get(ROW_ERROR) for _, _, r in open_source(_cfg(tmp_path, "in.jsonl")).iter_rows()]
+
+    shallow, deeper = read(0), read(_sys.getrecursionlimit() - MAX_PARSE_DEPTH - 200)  # 600 frames more
+    assert shallow == deeper
+    assert shallow[0] is None and shallow[2] is None and "nested too deeply" in shallow[1]

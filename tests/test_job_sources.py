@@ -252,27 +252,36 @@ def test_only_time_changed_says_how_to_restore_it(tmp_path: Path) -> None:
     ("first of two files", 1, False),  # every later row's index would shift
     ("one file", 2, False),  # row ranges: the new row count moves the ranges
     ("last of four files", 2, True),  # whole files per task, owners unchanged
+    ("a new file after the others", 1, True),
+    ("a new file after the others", 2, True),  # whole files; the new one goes to the lighter task
+    ("a new file before the others", 1, False),
+    ("a new file after one file", 2, False),  # ranges over one file become whole files: all move
 ])
 def test_append_is_accepted_only_where_no_row_moves(tmp_path: Path, layout: str, tasks: int, safe: bool) -> None:
     from batchgen.sources import identity_change
 
     (tmp_path / "d").mkdir()
-    names = {"one file": ["a"], "last of two files": ["a", "b"], "first of two files": ["a", "b"],
-             "last of four files": ["a", "b", "c", "d"]}[layout]
+    names = ["a"] if layout in ("one file", "a new file after one file") else (
+        ["a", "b"] if "two" in layout else ["b", "c", "d", "e"])
     for k, n in enumerate(names):
         write_jsonl(tmp_path / "d" / f"{n}.jsonl", rows_of(20 + 10 * (len(names) - k), 100 * k))
-    grown = tmp_path / "d" / f"{names[0] if layout.startswith('first') else names[-1]}.jsonl"
-    size = grown.stat().st_size
     inp = {"files": ["d"]}
     olds = [_src(tmp_path, inp, t, tasks).identity() for t in range(tasks)]
-    with open(grown, "a") as f:
-        f.write(json.dumps({"gid": 999, "prompt": "appended"}) + "\n")
-    assert grown.stat().st_size > size
+    if layout.startswith("a new file"):
+        name = "a.jsonl" if "before" in layout else "z.jsonl"
+        write_jsonl(tmp_path / "d" / name, rows_of(3, 900))
+    else:
+        grown = tmp_path / "d" / f"{names[0] if layout.startswith('first') else names[-1]}.jsonl"
+        size = grown.stat().st_size
+        with open(grown, "a") as f:
+            f.write(json.dumps({"gid": 999, "prompt": "appended"}) + "\n")
+        assert grown.stat().st_size > size
+        name = grown.name
     for t in range(tasks):
         msg = identity_change(olds[t], _src(tmp_path, inp, t, tasks).identity())
         assert (msg is None) == safe, msg
-        if not safe:
-            assert msg.startswith(f"d/{grown.name}: ")
+        if not safe and "before" not in layout:
+            assert msg.startswith(f"d/{name}: ") or "added after the old ones (d/z.jsonl" in msg, msg
 
 
 def test_parquet_and_dataset_changes_are_named(tmp_path: Path) -> None:
@@ -310,6 +319,11 @@ def test_identity_of_an_older_output_compares_paths(tmp_path: Path) -> None:
     new = _src(tmp_path, {"files": ["in.jsonl"]}).identity()
     assert identity_change({"files": ["in.jsonl"]}, new) is None
     assert "removed (gone.jsonl)" in identity_change({"files": ["gone.jsonl", "in.jsonl"]}, new)
+    # several tasks over row ranges: the old positions depended on the old runs' limits
+    ranges = _src(tmp_path, {"files": ["in.jsonl"]}, 0, 2).identity()
+    assert "older batchgen" in identity_change({"files": ["in.jsonl"]}, ranges)
+    whole_files = _src(tmp_path, {"files": ["in.jsonl"]}, 0, 1).identity()
+    assert identity_change({"files": ["in.jsonl"]}, whole_files) is None
 
 
 BODY = """\
@@ -399,3 +413,30 @@ def test_list_or_struct_id_column_is_refused_up_front(tmp_path: Path) -> None:
     datasets.Dataset.from_dict({"k": [[1, 2]], "prompt": ["p"]}).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(ConfigError, match=r"holds list<.*> values in dataset ds"):
         _src(tmp_path, {"dataset": "ds", "id_column": "k"})
+
+
+def test_new_files_after_the_old_ones_extend_a_two_task_job(tmp_path: Path, engine: Engine,
+                                                            tiny_checkpoint: Callable[..., Path]) -> None:
+    """Whole files per task: a new shard of data that sorts last is done once, by one task,
+    and nothing done is redone."""
+    (tmp_path / "model").symlink_to(tiny_checkpoint("smollm2"))
+    (tmp_path / "d").mkdir()
+    for k, n in enumerate("abc"):
+        write_jsonl(tmp_path / "d" / f"{n}.jsonl", rows_of(4 - k, 10 * k))
+    inp = {"files": ["d"], "columns": ["gid"]}
+    for t in range(2):
+        assert Job(job_cfg(tmp_path, inp), engine=Counting(engine), progress="off", task_id=t, num_tasks=2).run() == 0
+    write_jsonl(tmp_path / "d" / "y.jsonl", rows_of(5, 80))  # the largest file: the tasks' files would move
+    with pytest.raises(OutputError, match=r"added after the old ones \(d/y.jsonl .*balanced by size"):
+        Job(job_cfg(tmp_path, inp), engine=Counting(engine), progress="off", task_id=0, num_tasks=2).run()
+    os.unlink(tmp_path / "d" / "y.jsonl")
+    write_jsonl(tmp_path / "d" / "z.jsonl", rows_of(1, 90))  # the smallest: assigned last, nothing moves
+    seen = 0
+    for t in range(2):
+        eng = Counting(engine)
+        assert Job(job_cfg(tmp_path, inp), engine=eng, progress="off", task_id=t, num_tasks=2).run() == 0
+        seen += len(eng.seen)
+    assert seen == 1
+    out = read_out(tmp_path / "out")
+    assert sorted(r["gid"] for r in out) == [0, 1, 2, 3, 10, 11, 12, 20, 21, 90]
+    assert sorted(r["id"] for r in out) == list(range(10))
