@@ -810,3 +810,15 @@ def test_overwrite_deletes_only_batchgens_own_files(tmp_path: Path, shared: Call
     assert run(job, shared(), overwrite=True, overrides=["sampling.temperature=0.3"])[0] == 0
     assert {rel: (tmp_path / "out" / rel).read_text() for rel in mine} == mine
     assert read_shard_meta(next((tmp_path / "out").glob("part-t*.parquet")))["sampling"]["temperature"] == 0.3
+
+
+def test_progress_follows_the_engines_live_token_count(tmp_path: Path, engine: Engine) -> None:
+    """tok/s and the ETA count tokens as the engine samples them (engine.generated_tokens), not
+    only when a row's last sample finishes."""
+    import io
+
+    jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(6)])
+    j = Job(load_job(make_job(tmp_path, BASIC)), engine=engine, progress="log", log_every=0.0, stream=io.StringIO())
+    assert j.run() == 0
+    assert j._prog is not None and j._prog.live
+    assert not engine.scheduler.has_work()
