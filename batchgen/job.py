@@ -107,17 +107,27 @@ def sampling_params(cfg: JobConfig, seed: int) -> Any:
 
 def id_column_type(source: Source, id_column: str | None) -> pa.DataType:
     """The output's id type: int64 for row positions, else the input's type of input.id_column
-    (sources.py makes a row whose id that type can't hold an error row, so no id is lost as null)."""
+    (sources.py makes a row whose id that type can't hold an error row, so no id is lost as null)
+    when it is a number or a string, widened so that the id a row without one gets from its
+    position fits (int64, float64; uint64 as text); another type (dates, bytes...) is kept as text."""
     if not id_column:
         return pa.int64()
     t = source.types.get(id_column)
-    return pa.string() if t is None or pa.types.is_null(t) else t
+    if t is None:
+        return pa.string()
+    if pa.types.is_integer(t):  # int64 holds any narrower int and the negative ids rows get from positions
+        return pa.string() if t == pa.uint64() else pa.int64()
+    if pa.types.is_floating(t):
+        return pa.float64()
+    return pa.large_string() if pa.types.is_large_string(t) else pa.string()
 
 
 def position_id(id_type: pa.DataType, index: int) -> Any:
     """The id of a row that has none (null, or a line that could not be read), from its index in
     the input: unique, and never a real id's look-alike by accident."""
-    return -(index + 1) if pa.types.is_integer(id_type) else f"__batchgen_row_{index}"
+    if pa.types.is_integer(id_type) or pa.types.is_floating(id_type):
+        return -(index + 1)
+    return f"__batchgen_row_{index}"
 
 
 def _short(v: Any, limit: int = 60) -> str:
@@ -504,7 +514,10 @@ class Job:
         err = None
         fits, rid = column_value(raw, id_type)
         if raw is None or not fits:  # a row that could not be read, a null id, an id of another type
-            rid = position_id(id_type, idx)
+            ok, rid = column_value(position_id(id_type, idx), id_type)
+            if not ok:  # an id column typed by an older batchgen (e.g. int32): never write a null instead
+                raise OutputError(f"row {idx} has no usable id, and this output's id column ({id_type}, set by an "
+                                  "older batchgen) can't hold one made from its position: write to a new output.path")
             if ROW_ERROR not in row:
                 err = (f"id column '{id_col}' " + ("is null" if raw is None else
                        f"value {_short(raw)} does not fit the output's id column ({id_type})")
