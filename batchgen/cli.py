@@ -87,8 +87,12 @@ def _fail(msg: str, code: int = 2) -> None:
 @click.option("--log-interval", type=float, default=30.0, show_default=True, metavar="SECONDS",
               help="Seconds between progress log lines (when not a bar).")
 @click.option("--preview", type=int, default=3, show_default=True, help="Rows to print with --dry-run.")
+@click.option("--retry-errors", is_flag=True,
+              help="Generate the output's error rows again (e.g. with a bigger engine.kv_cache_tokens); their new "
+                   "rows replace the old in place, each (row, sample) once.")
 def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | None, num_tasks: int | None,
-                overrides: tuple[str, ...], progress: str, log_interval: float, preview: int) -> None:
+                overrides: tuple[str, ...], progress: str, log_interval: float, preview: int,
+                retry_errors: bool) -> None:
     """Run JOB_FILE (YAML): stream its input through the model into Parquet shards.
 
     Interrupted runs (kill, SIGTERM, Ctrl-C) resume where they stopped when the same command is
@@ -122,7 +126,8 @@ def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | No
             return
         from .job import Job
 
-        job = Job(cfg, task_id=tid, num_tasks=n, overwrite=overwrite, progress=progress, log_every=log_interval)
+        job = Job(cfg, task_id=tid, num_tasks=n, overwrite=overwrite, progress=progress, log_every=log_interval,
+                  retry_errors=retry_errors)
         restore = _attach_slurm(job)
         try:
             code = job.run()

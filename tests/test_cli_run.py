@@ -52,3 +52,37 @@ def test_task_defaults_from_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     assert task_from_env() == (2, 4)
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
     assert task_from_env() == (1, 4)
+
+
+def test_retry_errors_flag_regenerates_error_rows(tmp_path: Path, tiny_checkpoint) -> None:
+    """`batchgen run --retry-errors` in a real process: rows that failed on a too-small KV cache are generated
+    again with a bigger one, and the output then holds each (row, sample) once, none failed."""
+    import json
+
+    import pyarrow.dataset as pads
+
+    (tmp_path / "model").symlink_to(tiny_checkpoint("llama"))
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"p": "word " * (3 if i % 2 else 40)}) + "\n")
+    (tmp_path / "job.yaml").write_text(
+        "model: {path: model}\ninput: {files: [in.jsonl]}\nprompt: {column: p, chat_template: false}\n"
+        "sampling: {max_new_tokens: 4, temperature: 0}\noutput: {path: out}\n"
+        "engine: {device: cpu, kv_cache_tokens: 32, max_num_seqs: 4}\n")
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, "-m", "batchgen.cli", "run", str(tmp_path / "job.yaml"), "--progress",
+                               "off", *extra], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+
+    def errors() -> list:
+        t = pads.dataset(str(tmp_path / "out"), format="parquet").to_table(columns=["id", "error"]).to_pylist()
+        assert len(t) == 6 and len({r["id"] for r in t}) == 6
+        return sorted(r["id"] for r in t if r["error"])
+
+    r = run()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert errors() == [0, 2, 4]
+    r = run("--retry-errors", "--set", "engine.kv_cache_tokens=4096")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert errors() == []
