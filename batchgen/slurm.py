@@ -312,18 +312,27 @@ def render_sbatch_script(job_file: Path, output_dir: Path, opts: SubmitOptions,
 
 
 def write_sbatch_script(output_dir: Path, text: str, name: str) -> Path:
-    d = Path(output_dir) / SLURM_DIR
-    (d / "logs").mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = d / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{stamp}.sbatch"
-    n = 1
-    while path.exists():
-        n += 1
-        path = d / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{stamp}-{n}.sbatch"
-    tmp = path.with_suffix(".sbatch.tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    tmp.replace(path)
+    """Write the script under OUT/.batchgen/slurm/ (and its logs/ directory) without following a link on the
+    way: a link planted there must not make batchgen write elsewhere (sink's link-safe helpers)."""
+    from . import sink
+
+    out = Path(output_dir)
+    d = out / SLURM_DIR
+    try:
+        sink.make_dirs(out, d / "logs")
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = d / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{stamp}.sbatch"
+        n = 1
+        while os.path.lexists(path):
+            n += 1
+            path = d / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{stamp}-{n}.sbatch"
+        tmp = path.with_suffix(".sbatch.tmp")
+        with sink.open_new(out, tmp) as f:
+            f.write(text.encode())
+            os.fchmod(f.fileno(), 0o755)
+        sink.replace_into(out, tmp, path)
+    except sink.OutputError as e:
+        raise click.ClickException(str(e)) from None
     return path
 
 

@@ -561,3 +561,25 @@ def test_status_verify_without_a_verifier_says_so(tmp_path, monkeypatch):
     assert r.exit_code == 2 and r.output.startswith("error: --verify: this batchgen has no output verifier")
     assert "Traceback" not in r.output and "ImportError" not in r.output
     assert run_status(tmp_path).exit_code == 0  # plain status is unchanged
+
+
+def test_sbatch_script_is_never_written_through_a_link(tmp_path: Path) -> None:
+    """A link planted at OUT/.batchgen/slurm (or its logs/) must not make submit write elsewhere."""
+    import os
+
+    import click
+
+    from batchgen.slurm import write_sbatch_script
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    (out / ".batchgen").mkdir(parents=True)
+    os.symlink(elsewhere, out / ".batchgen" / "slurm")
+    with pytest.raises(click.ClickException, match="link"):
+        write_sbatch_script(out, "#!/bin/bash\n", "job")
+    assert list(elsewhere.iterdir()) == []
+    os.unlink(out / ".batchgen" / "slurm")
+    path = write_sbatch_script(out, "#!/bin/bash\necho hi\n", "my job")
+    assert path.read_text() == "#!/bin/bash\necho hi\n" and os.access(path, os.X_OK)
+    assert (out / ".batchgen/slurm/logs").is_dir() and not list(path.parent.glob("*.tmp"))
