@@ -50,7 +50,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import pyarrow as pa
 
-from .config import ConfigError, JobConfig, resolve_path, template_fields
+from .config import ConfigError, JobConfig, output_dir, resolve_path, template_fields
 
 ROW_ERROR = "__batchgen_row_error__"
 ROW_ORIGIN = "__batchgen_row_origin__"
@@ -121,6 +121,10 @@ def needed_columns(cfg: JobConfig) -> list[str]:
     if cfg.input.id_column:
         cols.append(cfg.input.id_column)
     cols += list(cfg.input.columns)
+    # per-row sampling values (sampling.from_columns, json_schema_column): read like any other column
+    cols += list(cfg.sampling.from_columns.values())
+    if cfg.sampling.json_schema_column:
+        cols.append(cfg.sampling.json_schema_column)
     seen: list[str] = []
     for c in cols:
         if c not in seen:
@@ -474,16 +478,23 @@ def _jsonl_lines(f: _File) -> Iterator[tuple[int, bytes | None]]:
 
 def expand_files(cfg: JobConfig) -> list[_File]:
     """Paths, globs and directories -> sorted unique supported files. ConfigError when any entry
-    matches nothing."""
+    matches nothing. Files inside output.path are never input: the job's own shards would be read
+    as rows on the next run."""
     out: dict[str, _File] = {}
     base = str(Path(cfg.base_dir).resolve())
+    own = os.path.join(str(output_dir(cfg)), "")
+    skipped: list[str] = []
 
-    def add(path: str) -> None:
+    def add(path: str) -> bool:
         p = os.path.abspath(path)
+        if p.startswith(own) or os.path.realpath(p).startswith(own):
+            skipped.append(p)
+            return False
         try:
             out[p] = _stat_file(p, base)
         except OSError as e:
             raise ConfigError(f"{_where(cfg, 'input.files')}: input.files: can't read {p}: {e.strerror}") from None
+        return True
 
     for i, spec in enumerate(cfg.input.files or []):
         key = f"input.files[{i}]" if len(cfg.input.files or []) > 1 else "input.files"
@@ -510,8 +521,7 @@ def expand_files(cfg: JobConfig) -> list[_File]:
                         if n.startswith((".", "_")):
                             continue
                         fp = os.path.join(root, n)
-                        if _kind(fp):
-                            add(fp)
+                        if _kind(fp) and add(fp):
                             found_any = True
             else:
                 k = _kind(m)
@@ -521,10 +531,10 @@ def expand_files(cfg: JobConfig) -> list[_File]:
                     raise ConfigError(
                         f"{cfg.source_path}: {key}: '{m}' is neither Parquet (.parquet) nor JSON Lines (.jsonl, .json, .jsonl.gz)"
                     )
-                add(m)
-                found_any = True
+                found_any = add(m) or found_any
         if not found_any:
-            raise ConfigError(f"{cfg.source_path}: {key}: '{spec}' holds no .parquet or .jsonl file")
+            why = " (only files in output.path, which are never input)" if skipped else ""
+            raise ConfigError(f"{cfg.source_path}: {key}: '{spec}' holds no .parquet or .jsonl file{why}")
     return [out[k] for k in sorted(out)]
 
 
@@ -1162,11 +1172,14 @@ def identity_change(old: dict, new: dict) -> str | None:
     never row ranges, which the new row count moves). This reads a few KiB of that file."""
     if not old or not new:
         return None
-    if old.get("version") != IDENTITY_VERSION:
-        return _v1_change(old, new)
-    if "files" in old and "dataset" not in old:
-        return _files_change(old, new)
-    return _dataset_change(old, new)
+    try:
+        if old.get("version") != IDENTITY_VERSION:
+            return _v1_change(old, new)
+        if "files" in old and "dataset" not in old:
+            return _files_change(old, new)
+        return _dataset_change(old, new)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a manifest edited by hand, or garbled
+        return f"the input it recorded can't be compared ({type(e).__name__}: {e})"
 
 
 def _v1_change(old: dict, new: dict) -> str | None:

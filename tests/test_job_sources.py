@@ -324,6 +324,8 @@ def test_identity_of_an_older_output_compares_paths(tmp_path: Path) -> None:
     assert "older batchgen" in identity_change({"files": ["in.jsonl"]}, ranges)
     whole_files = _src(tmp_path, {"files": ["in.jsonl"]}, 0, 1).identity()
     assert identity_change({"files": ["in.jsonl"]}, whole_files) is None
+    # a garbled record is a refusal that says so, never a crash
+    assert "can't be compared" in identity_change({"version": 2, "files": [{"size": 1}]}, whole_files)
 
 
 BODY = """\
@@ -440,3 +442,20 @@ def test_new_files_after_the_old_ones_extend_a_two_task_job(tmp_path: Path, engi
     out = read_out(tmp_path / "out")
     assert sorted(r["gid"] for r in out) == [0, 1, 2, 3, 10, 11, 12, 20, 21, 90]
     assert sorted(r["id"] for r in out) == list(range(10))
+
+
+def test_the_output_directory_is_never_input(tmp_path: Path) -> None:
+    """output.path inside an input directory (or under an input glob): the job's own shards are
+    not rows of its next run."""
+    (tmp_path / "data/out").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows_of(3)), tmp_path / "data/a.parquet")
+    pq.write_table(pa.table({"id": [0], "completion": ["x"]}), tmp_path / "data/out/part-t00000-000000.parquet")
+    for spec in ["data", "data/**/*.parquet", "data/out/part-t00000-000000.parquet"]:
+        cfg = parse_job({"model": {"path": "m"}, "input": {"files": [spec]}, "prompt": {"column": "prompt"},
+                         "output": {"path": "data/out"}}, base_dir=tmp_path)
+        if spec.startswith("data/out"):
+            with pytest.raises(ConfigError, match=r"holds no .parquet or .jsonl file \(only files in output.path"):
+                open_source(cfg)
+            continue
+        src = open_source(cfg)
+        assert [Path(f.path).name for f in src.files] == ["a.parquet"], spec
