@@ -309,6 +309,14 @@ def test_parquet_and_dataset_changes_are_named(tmp_path: Path) -> None:
     os.rename(tmp_path / "ds3", tmp_path / "ds")
     msg = identity_change(old, _src(tmp_path, {"dataset": "ds"}).identity())
     assert msg and "fingerprint" in msg
+    # a stream of local files: each file's size, time and content hash
+    inp = make_input(tmp_path, "stream-modulo", 10)
+    old = _src(tmp_path, inp).identity()
+    assert [f["path"] for f in old["files"]] == [str(tmp_path / "s.jsonl")]
+    assert identity_change(old, _src(tmp_path, inp).identity()) is None
+    write_jsonl(tmp_path / "s.jsonl", rows_of(10)[:5] + [{"gid": 5, "prompt": "edited"}] + rows_of(10)[6:])
+    msg = identity_change(old, _src(tmp_path, inp).identity())
+    assert msg and msg.startswith(f"its file {tmp_path / 's.jsonl'}: size"), msg
 
 
 def test_identity_of_an_older_output_compares_paths(tmp_path: Path) -> None:
