@@ -120,6 +120,9 @@ class OutputConfig:
     stop_grace_seconds: float = 10.0
     reasoning: str | None = None  # "split": a leading reasoning section goes to a `reasoning` column
     reasoning_tags: list[str] | None = None  # [open, close]; default: from the chat template (<think>)
+    # OUT/README.md, a Hugging Face dataset card, once the job is done. Off by default: pyarrow.dataset(OUT)
+    # reads every file that is not hidden, and would then need ignore_prefixes=[".", "_", "README"]
+    dataset_card: bool = False
 
 
 @dataclass
@@ -235,6 +238,7 @@ _RULES: dict[tuple[str, str], dict[str, Any]] = {
     ("output", "stop_grace_seconds"): dict(kind="float", min=0.0, max=86400.0),
     ("output", "reasoning"): dict(kind="str", nullable=True, choices=["split"]),
     ("output", "reasoning_tags"): dict(kind="strlist", nullable=True),
+    ("output", "dataset_card"): dict(kind="bool"),
     ("engine", "max_num_seqs"): _TOKENS,
     ("engine", "max_batch_tokens"): _TOKENS,
     ("engine", "gpu_memory_fraction"): dict(kind="float", min=0.0, min_exclusive=True, max=1.0),

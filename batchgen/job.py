@@ -27,17 +27,21 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 import pyarrow as pa
 
 from . import sink as sinkmod
-from .config import ConfigError, JobConfig, job_fingerprint, job_identity, output_dir
+from .config import CONSTRAINT_KEYS, ConfigError, JobConfig, job_fingerprint, job_identity, output_dir
 from .progress import Progress, format_summary, summary_dict, write_task_progress
+from .reasoning import DEFAULT_TAGS, split_reasoning
+from .reasoning import reasoning_tags as reasoning_tags_of
+from .request_params import RowParamsError, request_params
 from .prompts import PromptBuilder, load_tokenizer, model_location, row_seed
 from .sink import (IntervalSet, Ledger, LinkError, OutputDir, OutputError, ShardWriter, WriteError, column_value,
                    output_schema)
-from .sources import ROW_ERROR, Source, open_source
+from .sources import ROW_ERROR, InputError, Source, open_source
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -63,46 +67,43 @@ def task_from_env() -> tuple[int, int]:
 
 def make_engine(cfg: JobConfig) -> Any:
     """Load the engine for a job (imports torch and the engine only here)."""
+    from .config import engine_kwargs
     from .engine.engine import Engine
 
-    e = cfg.engine
-    return Engine.from_pretrained(
-        model_location(cfg),
-        device=e.device,
-        dtype=cfg.model.dtype,
-        max_num_seqs=e.max_num_seqs,
-        max_batch_tokens=e.max_batch_tokens,
-        kv_cache_tokens=e.kv_cache_tokens,
-        block_size=e.block_size,
-        prefix_caching=e.prefix_caching,
-        gpu_memory_fraction=e.gpu_memory_fraction,
-        overlap=e.overlap,
-        cuda_graphs=e.cuda_graphs,
-        attention=e.attention,
-        max_model_len=e.max_model_len,
-        seed=cfg.sampling.seed,
-        threads=e.threads,
-    )
+    return Engine.from_pretrained(model_location(cfg), **engine_kwargs(cfg))  # what preflight checked
 
 
-def sampling_params(cfg: JobConfig, seed: int) -> Any:
-    from .engine.request import SamplingParams
+def sampling_params(cfg: JobConfig, seed: int, row: dict[str, Any] | None = None) -> Any:
+    """The SamplingParams of one row (request_params: the job's values and the row's own)."""
+    return request_params(cfg, seed, row)
 
-    s = cfg.sampling
-    return SamplingParams(
-        max_new_tokens=s.max_new_tokens,
-        min_new_tokens=s.min_new_tokens,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        min_p=s.min_p,
-        repetition_penalty=s.repetition_penalty,
-        seed=seed,
-        n=s.n,
-        stop=list(s.stop),
-        stop_token_ids=list(s.stop_token_ids),
-        ignore_eos=s.ignore_eos,
-    )
+
+TOP_LOGPROB = pa.struct([pa.field("id", pa.int64()), pa.field("logprob", pa.float32())])
+
+
+def extra_fields(cfg: JobConfig) -> list[pa.Field]:
+    """Output columns the job asked for beyond the fixed ones: reasoning, logprobs, top_logprobs."""
+    out = []
+    if cfg.output.reasoning:
+        out.append(pa.field("reasoning", pa.string()))
+    if cfg.sampling.logprobs:
+        out.append(pa.field("logprobs", pa.list_(pa.float32())))
+    if cfg.sampling.top_logprobs:
+        out.append(pa.field("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB))))
+    return out
+
+
+def generation_extras(cfg: JobConfig, c: Any, failed: bool, tags: tuple[str, str] | None) -> dict[str, Any]:
+    """A sample's values of the extra columns (the completion's reasoning split off in place of its text)."""
+    extra: dict[str, Any] = {}
+    if tags is not None and not failed and c.text is not None:
+        extra["reasoning"], extra["completion"] = split_reasoning(c.text, tags)
+    if cfg.sampling.logprobs:
+        extra["logprobs"] = None if failed else c.logprobs
+    if cfg.sampling.top_logprobs:
+        extra["top_logprobs"] = None if failed or c.top_logprobs is None else [
+            [{"id": i, "logprob": lp} for i, lp in pos] for pos in c.top_logprobs]
+    return extra
 
 
 def id_column_type(source: Source, id_column: str | None) -> pa.DataType:
@@ -298,7 +299,7 @@ class Job:
         cfg = self.cfg
         copied = [(c, source.types.get(c, pa.string())) for c in cfg.input.columns]
         copied = [(c, pa.string() if pa.types.is_null(t) else t) for c, t in copied]
-        return output_schema(id_column_type(source, cfg.input.id_column), copied)
+        return output_schema(id_column_type(source, cfg.input.id_column), copied, extra_fields(cfg))
 
     def _footer(self, source: Source) -> dict:
         cfg = self.cfg
@@ -486,6 +487,9 @@ class Job:
                 self._set_fatal(e)
                 self._dropped += writer.discard()
                 code = self._fatal_code
+            except InputError as e:  # an input file unreadable or changed mid-run: one line naming it, rows done kept
+                self._fatal, self._fatal_code, self._fatal_hint = str(e), EXIT_USAGE, ""
+                code = EXIT_USAGE
             except Exception as e:  # noqa: BLE001 - flush what is complete, then report
                 import traceback
 
@@ -539,6 +543,8 @@ class Job:
         cfg = self.cfg
         n = cfg.sampling.n
         schema = writer.schema
+        reasoning_tags = (tuple(cfg.output.reasoning_tags) if cfg.output.reasoning_tags else
+                          reasoning_tags_of(builder.tok) or DEFAULT_TAGS) if cfg.output.reasoning else None
         pending: dict[int, tuple[Any, dict, int | None]] = {}
         self._in_flight = pending
         side = {"rows": 0, "errors": 0}
@@ -572,11 +578,18 @@ class Job:
                     if writer.due():
                         writer.flush()
                     continue
-                pending[pos] = (rid, copied, p.n_tokens)
                 seed_id = row.get(cfg.input.id_column) if cfg.input.id_column else idx
-                yield GenerationRequest(prompt=p.token_ids,
-                                        params=sampling_params(cfg, row_seed(cfg.sampling.seed, seed_id)),
-                                        request_id=pos)
+                try:
+                    params = sampling_params(cfg, row_seed(cfg.sampling.seed, seed_id), row)
+                except RowParamsError as e:  # a bad per-row sampling value fails its row only
+                    writer.add(pos, error_rows(rid, copied, p.n_tokens, str(e)),
+                               {"error_rows": 1, "errors": n, "prompt_tokens": 0, "completion_tokens": 0})
+                    with side_lock:
+                        side["rows"] += 1
+                        side["errors"] += 1
+                    continue
+                pending[pos] = (rid, copied, p.n_tokens)
+                yield GenerationRequest(prompt=p.token_ids, params=params, request_id=pos)
 
         def requests() -> Iterator[Any]:
             start = skip.prefix_end()
@@ -635,6 +648,7 @@ class Job:
                         "prompt_tokens": len(out.prompt_token_ids) if out.prompt_token_ids else ptoks,
                         "completion_tokens": ct,
                         "error": (c.error or "generation failed") if failed else None,
+                        **generation_extras(cfg, c, failed, reasoning_tags),
                     })
                 ptok_count = (len(out.prompt_token_ids) if out.prompt_token_ids else (ptoks or 0)) if errs < n else 0
                 writer.add(pos, rows, {"error_rows": int(errs > 0), "errors": errs,
@@ -703,8 +717,23 @@ class Job:
         summ = combine_summaries(parts, self.cfg.cost_per_hour)
         self._check_ids_unique(od, summ)
         sinkmod.write_json_atomic(od.meta / "summary.json", summ)
+        self._write_card(od, None, summ)
         self.say(f"all {self.num_tasks} tasks are done: {summ['rows']:,} rows, {summ['errors']:,} errors, "
                  f"{summ['output_tokens']:,} output tokens; summary: {od.meta / 'summary.json'}")
+
+    def _write_card(self, od: OutputDir, source: Source | None, summ: dict) -> None:
+        """The finished output's dataset card (OUT/README.md) when output.dataset_card; a failure costs no row."""
+        from .card import write_card
+
+        if not self.cfg.output.dataset_card:
+            return
+        footer = {"model": {"path": self.cfg.model.path}, "prompt": self.cfg.to_dict()["prompt"],
+                  "sampling": self.cfg.to_dict()["sampling"], "batchgen_version": _version()}
+        try:
+            write_card(od.path, Path(self.cfg.source_path).stem if self.cfg.source_path else "batchgen output",
+                       footer, summ)
+        except OSError as e:
+            self.say(f"warning: the dataset card {od.path / 'README.md'} was not written: {e}")
 
     def _set_fatal(self, e: OutputError) -> None:
         """A commit that could not be made: one line, no traceback. Exit 1 when the file system
@@ -758,6 +787,9 @@ class Job:
         )
         if writer is not None and writer.rewritten:
             summ["retried_rows"] = writer.rewritten
+        summ["incomplete_samples"] = tot.totals.get("incomplete", 0)  # cut by max_new_tokens
+        if any(getattr(cfg.sampling, k) not in (None, False) for k in CONSTRAINT_KEYS):
+            summ["constrained_samples"] = tot.samples
         self.summary = summ
         if code == EXIT_OK:
             if self.num_tasks == 1:  # a job of several tasks checks once all are done (_combined_summary)
@@ -766,6 +798,8 @@ class Job:
             sinkmod.write_json_atomic(od.summary_path(), summ)
             if self.num_tasks > 1:
                 self._combined_summary(od)
+            else:
+                self._write_card(od, source, summ)
             self.say(("" if self.num_tasks == 1 else f"task {self.task_id}: ") + "done. " + f"{od.path}\n" + format_summary(summ)
                      + f"\nsummary: {od.summary_path()}")
             return EXIT_OK

@@ -377,7 +377,10 @@ def _fmt_range(r: list[int]) -> str:
 OUTPUT_FIXED = ["completion", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
 
 
-def output_schema(id_type: pa.DataType, copied: list[tuple[str, pa.DataType]]) -> pa.Schema:
+def output_schema(id_type: pa.DataType, copied: list[tuple[str, pa.DataType]],
+                  extra: list[pa.Field] | None = None) -> pa.Schema:
+    """The output's columns: id, sample_index, the copied ones, the generation's, then `extra` (what the job asked
+    for: reasoning, logprobs, top_logprobs)."""
     fields_ = [pa.field("id", id_type), pa.field("sample_index", pa.int32())]
     fields_ += [pa.field(n, t) for n, t in copied]
     fields_ += [
@@ -387,7 +390,7 @@ def output_schema(id_type: pa.DataType, copied: list[tuple[str, pa.DataType]]) -
         pa.field("completion_tokens", pa.int32()),
         pa.field("error", pa.string()),
     ]
-    return pa.schema(fields_)
+    return pa.schema(fields_ + list(extra or ()))
 
 
 def schema_to_b64(schema: pa.Schema) -> str:
@@ -455,6 +458,7 @@ class ShardRecord:
     error_rows: int = 0  # input rows with an error
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    incomplete: int = 0  # output rows cut by max_new_tokens (finish_reason "length")
     bytes: int = 0
     sha256: str = ""
     layout: str = "sorted"  # rows in position order, samples // rows per position ("": older batchgen)
@@ -621,7 +625,7 @@ class Ledger:
         return first_overlap((r.positions, r.name) for r in self.records.values())
 
 
-_COUNTERS = ("rows", "samples", "errors", "error_rows", "prompt_tokens", "completion_tokens")
+_COUNTERS = ("rows", "samples", "errors", "error_rows", "prompt_tokens", "completion_tokens", "incomplete")
 
 
 def first_overlap(held: Iterable[tuple[list[list[int]], str]]) -> str | None:
@@ -648,15 +652,17 @@ def read_shard_meta(path: str | os.PathLike[str]) -> dict:
 def row_stats(groups: list[list[dict]]) -> dict[str, int]:
     """The counters of input rows' output rows (one list of samples per input row), as the run
     loop counts them: prompt tokens only for rows with a sample that did not fail."""
-    errors = error_rows = ptoks = ctoks = 0
+    errors = error_rows = ptoks = ctoks = incomplete = 0
     for rows in groups:
+        incomplete += sum(r.get("finish_reason") == "length" for r in rows)
         bad = sum(r.get("error") is not None for r in rows)
         errors += bad
         error_rows += int(bad > 0)
         ok = next((r for r in rows if r.get("error") is None), None)
         ptoks += int((ok or {}).get("prompt_tokens") or 0)
         ctoks += sum(int(r.get("completion_tokens") or 0) for r in rows)
-    return {"errors": errors, "error_rows": error_rows, "prompt_tokens": ptoks, "completion_tokens": ctoks}
+    return {"errors": errors, "error_rows": error_rows, "prompt_tokens": ptoks, "completion_tokens": ctoks,
+            "incomplete": incomplete}
 
 
 # --------------------------------------------------------------------------- the output directory
@@ -1163,7 +1169,8 @@ class OutputDir:
                 error_positions=meta.get("error_positions", []) if meta.get("layout") == "sorted" else [],
                 rows=int(meta.get("rows", 0)), samples=int(meta.get("samples", 0)), errors=int(meta.get("errors", 0)),
                 error_rows=int(meta.get("error_rows", 0)), prompt_tokens=int(meta.get("prompt_tokens", 0)),
-                completion_tokens=int(meta.get("completion_tokens", 0)), bytes=size, sha256=sha,
+                completion_tokens=int(meta.get("completion_tokens", 0)), incomplete=int(meta.get("incomplete", 0)),
+                bytes=size, sha256=sha,
                 layout=str(meta.get("layout", "")), created=str(meta.get("created", "")), note="from its footer"))
         overlap = first_overlap((r.positions, r.name) for r in recs)
         if overlap:
@@ -1333,6 +1340,7 @@ class ShardWriter:
             error_rows=sum(int(s.get("error_rows", 0)) for _, _, s in batch),
             prompt_tokens=sum(int(s.get("prompt_tokens", 0)) for _, _, s in batch),
             completion_tokens=sum(int(s.get("completion_tokens", 0)) for _, _, s in batch),
+            incomplete=sum(r.get("finish_reason") == "length" for r in rows),
             created=now_iso(),
         )
         name = shard_name(self.out.task_id, seq)
@@ -1367,7 +1375,7 @@ class ShardWriter:
                 positions=meta["positions"], error_positions=meta["error_positions"], rows=int(meta["rows"]),
                 samples=int(meta["samples"]), errors=int(meta["errors"]), error_rows=int(meta["error_rows"]),
                 prompt_tokens=int(meta["prompt_tokens"]), completion_tokens=int(meta["completion_tokens"]),
-                bytes=hw.n, sha256=hw.h.hexdigest(), created=now_iso())
+                incomplete=int(meta.get("incomplete", 0)), bytes=hw.n, sha256=hw.h.hexdigest(), created=now_iso())
             lf.append(rec)
             try:
                 replace_into(out.path, tmp, final)

@@ -273,8 +273,6 @@ def test_input_changed_mid_run_is_one_line_naming_the_file_and_committed_rows_st
     assert len(done) == json.loads((out / ".batchgen/progress/task-00000.json").read_text())["rows_done"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs job.py to treat sources.InputError raised mid-run as a refusal "
-                                       "(exit 2, no traceback): the call-site change asked for in issue 11 case 12")
 def test_input_changed_mid_run_is_exit_2_without_a_traceback(d: Path, tiny_checkpoint: Callable[..., Path]) -> None:
     code, log, _ = _changed_mid_run(d, tiny_checkpoint)
     assert code == 2 and "Traceback" not in log, log[-3000:]
