@@ -166,7 +166,9 @@ class PromptBuilder:
     def render(self, msgs: list[dict]) -> tuple[str, bool]:
         """(prompt text, whether it already holds the special tokens)."""
         if self.use_chat:
-            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            # prompt.chat_template_kwargs: the template's own switches (enable_thinking: false for Qwen3, ...)
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                **self.pc.chat_template_kwargs)
             return text, True
         if self.pc.messages_column is None:
             parts = [m["content"] for m in msgs]

@@ -149,3 +149,16 @@ def test_a_prompt_longer_than_any_fitting_one_is_not_tokenized_whole(tok: Any, p
     whole.max_chars = None  # no guard: tokenize it all
     ref = whole.build({"prompt": text})
     assert p.error is None and p.truncated and p.token_ids == ref.token_ids and p.text == ref.text
+
+
+def test_chat_template_kwargs_reach_the_template() -> None:
+    """prompt.chat_template_kwargs are the template's own switches (Qwen3's enable_thinking): a template that
+    reads one renders differently with it."""
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
+    plain = PromptBuilder(cfg(), tok).build({"prompt": "hi"}).text
+    off = PromptBuilder(cfg(chat_template_kwargs={"enable_thinking": False}), tok).build({"prompt": "hi"}).text
+    assert plain == "hi" and off == "hi<think></think>"
