@@ -930,11 +930,13 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
     for e in errors[n_err_shown:n_err_shown + 5]:
         print(f"  error row: {e}", file=out)
     if existing is not None:
-        same = existing.get("fingerprint") == job_fingerprint(cfg)
-        if same:
+        # the run's own comparison: job fingerprint, number of tasks and the input's content
+        mismatch = sinkmod.manifest_mismatch(existing, {"fingerprint": job_fingerprint(cfg), "num_tasks": num_tasks,
+                                                         "identity": job_identity(cfg), "source": source.identity()})
+        if mismatch is None:
             state = "exists for this job (a run resumes it)"
         elif od.has_committed_rows():
-            state = "holds a DIFFERENT job (a run is refused without --overwrite)"
+            state = f"can't be resumed by this job: {mismatch} (a run is refused without --overwrite)"
         else:
             state = "holds another job that committed no rows (a run replaces it)"
         print(f"output {od.path}: {state}", file=out)

@@ -759,7 +759,7 @@ class OutputDir:
         existing, why = self.read_manifest()
         committed = self.has_committed_rows()
         if existing is not None:
-            problem = _manifest_mismatch(existing, new)
+            problem = manifest_mismatch(existing, new)
             if problem is None:
                 return existing
             if committed and not overwrite:
@@ -802,7 +802,7 @@ class OutputDir:
                 os.link(tmp, self.manifest_path)  # atomic create: a task on a file system without locks may race us
             except FileExistsError:
                 existing = self.manifest() or {}
-                problem = _manifest_mismatch(existing, manifest)
+                problem = manifest_mismatch(existing, manifest)
                 if problem is not None:
                     raise OutputError(f"output {self.path} was just created by a different job ({problem})") from None
                 return existing
@@ -1182,7 +1182,8 @@ def source_sha(source: Any) -> str:
     return hashlib.sha256(json.dumps(source, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _manifest_mismatch(old: dict, new: dict) -> str | None:
+def manifest_mismatch(old: dict, new: dict) -> str | None:
+    """Why an output written under `old` can't be resumed by the job described by `new`, or None."""
     if old.get("fingerprint") == new.get("fingerprint"):
         if old.get("num_tasks") != new.get("num_tasks"):
             return (f"it was written with {old.get('num_tasks')} task(s), this run has {new.get('num_tasks')}; "

@@ -480,6 +480,21 @@ def test_dry_run_loads_only_the_tokenizer(tmp_path: Path, capsys: pytest.Capture
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_says_when_the_input_changed(tmp_path: Path, shared: Callable[..., Tap],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The dry run judges an existing output as the run would: an edited input file is named, not "resumes"."""
+    jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(6)])
+    job = make_job(tmp_path, BASIC)
+    assert run(job, shared())[0] == 0
+    capsys.readouterr()
+    dry_run(load_job(job), preview=0)
+    assert "exists for this job (a run resumes it)" in capsys.readouterr().out
+    jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}" if i != 2 else "edited", "cat": i} for i in range(6)])
+    dry_run(load_job(job), preview=0)
+    out = capsys.readouterr().out
+    assert "can't be resumed by this job: its input changed" in out and "in.jsonl" in out, out
+
+
 def test_progress_log_lines(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     import io
 
