@@ -45,8 +45,30 @@ def _record(system: str, wl: str, shape: str, figures: dict[str, Any], **setting
                 date=_dt.date.today().isoformat(), **settings, **figures)
 
 
+# --constraint json: every request's completion must match this schema, which cannot be complete within any
+# benchmark's max_new_tokens, so a constrained run generates exactly the tokens of an unconstrained one
+LONG_JSON = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 8192}
+
+
+def synthetic_tokenizer() -> Any:
+    """A byte-level BPE tokenizer (~1k ids) trained in-process, for constrained runs on random weights: the
+    grammar engine needs one, ids past its vocabulary are simply never allowed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ['{"a": [1, 2, 3], "b": "text"}', "0 1 2 3 4 5 6 7 8 9 10 100 999, 42, 7", "The quick brown fox. " * 4]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|eos|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
+
+
 def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attention: str,
-                 max_num_seqs: int, max_batch_tokens: int, block_size: int = 16) -> dict[str, Any]:
+                 max_num_seqs: int, max_batch_tokens: int, block_size: int = 16,
+                 constraint: str = "none") -> dict[str, Any]:
     import torch
 
     from .engine.engine import Engine
@@ -65,14 +87,19 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
                     max_batch_tokens=max_batch_tokens, overlap=overlap, cuda_graphs=cuda_graphs,
                     attention=attention, max_model_len=4096, prefix_caching=False, block_size=block_size)
     startup = time.perf_counter() - t0
+    extra: dict[str, Any] = {}
+    if constraint == "json":
+        engine.tokenizer = synthetic_tokenizer()
+        extra["json_schema"] = LONG_JSON
     # warm-up on the same prompts with a few new tokens each: compiles every kernel variant the
     # timed run meets (prefill chunks, mixed steps, sampler shapes) so no compile lands in the figures
-    engine.generate(prompts, [SamplingParams(max_new_tokens=2 + i % 8, ignore_eos=True) for i in range(len(prompts))])
+    engine.generate(prompts, [SamplingParams(max_new_tokens=2 + i % 8, ignore_eos=True, **extra)
+                              for i in range(len(prompts))])
     engine.reset_stats()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=n, ignore_eos=True), i)
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=n, ignore_eos=True, **extra), i)
             for i, (p, n) in enumerate(zip(prompts, new))]
     t0 = time.perf_counter()
     outs = list(engine.stream(reqs))
@@ -95,7 +122,8 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return _record("batchgen", wl, shape, figures, overlap=engine.overlap, cuda_graphs=engine.cuda_graphs,
-                   max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, block_size=block_size)
+                   max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, block_size=block_size,
+                   constraint=constraint)
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:
@@ -157,13 +185,15 @@ def run_transformers(wl: str, shape: str, max_batch_tokens: int = 4096) -> dict[
 @click.option("--block-size", type=int, default=16, show_default=True, help="KV cache block size (tokens)")
 @click.option("--compare", type=click.Choice(["transformers"]), default=None, help="also run the anchor, same workload")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="append JSON records here")
+@click.option("--constraint", type=click.Choice(["none", "json"]), default="none", show_default=True,
+              help="json: every completion constrained by a JSON schema (llguidance), same token counts")
 def bench_command(wl: str, shape: str | None, no_overlap: bool, no_cuda_graphs: bool, attention: str,
                   max_num_seqs: int, max_batch_tokens: int, block_size: int, compare: str | None,
-                  json_path: str | None) -> None:
+                  json_path: str | None, constraint: str) -> None:
     """Throughput on random weights of a named shape (nothing is downloaded)."""
     shape = shape or DEFAULT_SHAPE[wl]
     records = [run_batchgen(wl, shape, not no_overlap, not no_cuda_graphs, attention, max_num_seqs,
-                            max_batch_tokens, block_size)]
+                            max_batch_tokens, block_size, constraint)]
     click.echo(json.dumps(records[0]))
     if compare == "transformers":
         records.append(run_transformers(wl, shape))
