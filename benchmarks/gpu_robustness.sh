@@ -14,6 +14,8 @@ python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 old() { PYTHONPATH=$PWD/gpu_old "$@"; }  # the baseline package shadows the installed one
 if [ "${1:-tests}" = constrained ]; then
+  # llguidance is not on the device: carry its wheel (here: pip download --no-deps llguidance -d .whl; carry .whl)
+  python -m pip install -q --no-deps .whl/llguidance-*.whl > "$OUT/llguidance.log" 2>&1 || echo "no llguidance wheel in .whl/"
   timeout 200 python -m pytest -q tests/test_engine_constrained.py 2>&1 | tail -3 | tee "$OUT/constrained-tests.log"
   for i in 1 2; do
     for c in none json; do

@@ -22,7 +22,6 @@ from invariants import check_engine_idle  # noqa: E402
 from batchgen import GenerationRequest, SamplingParams  # noqa: E402
 
 pytest.importorskip("llguidance")
-jsonschema = pytest.importorskip("jsonschema")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,6 +61,7 @@ def chat(engine, text: str) -> str:
 
 @pytest.mark.slow
 def test_smollm2_json_schema_completions_validate(smol):
+    jsonschema = pytest.importorskip("jsonschema")
     prompts = [chat(smol, f"Invent person number {i}: name, age, favourite color and hobbies, as JSON.") for i in range(4)]
     params = [SamplingParams(max_new_tokens=96, json_schema=PERSON),  # greedy
               SamplingParams(max_new_tokens=96, json_schema=json.dumps(PERSON), temperature=0.8, seed=3, n=2)]
