@@ -73,6 +73,21 @@ def test_smollm2_json_schema_completions_validate(smol):
     check_engine_idle(smol)
 
 
+@pytest.mark.slow
+def test_smollm2_regex_choice_and_grammar_match(smol):
+    """The real model under a regex, a choice and a small Lark grammar: every stopped completion matches."""
+    ask = [chat(smol, q) for q in ("When was the Eiffel Tower finished? Give the date.", "Is water wet? yes or no.",
+                                   "List three small numbers.")]
+    params = [SamplingParams(max_new_tokens=24, regex=r"(1[89]|20)\d\d-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"),
+              SamplingParams(max_new_tokens=8, choice=["yes", "no"], temperature=0.7, seed=5, n=3),
+              SamplingParams(max_new_tokens=40, grammar=LIST_GRAMMAR)]
+    outs = smol.generate(ask, params)
+    pats = [r"(1[89]|20)\d\d-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])", r"yes|no", r"\[[0-9]{1,3}(,[0-9]{1,3})*\]"]
+    for o, pat in zip(outs, pats):
+        for c in o.outputs:
+            assert c.finish_reason == "stop" and re.fullmatch(pat, c.text), (pat, c.finish_reason, c.text)
+
+
 def test_regex_choice_and_lark_grammar_match(tiny):
     prompts = [[5 + i, 6, 7, 8] for i in range(6)]
     date = SamplingParams(max_new_tokens=40, regex=r"(19|20)\d\d-(0[1-9]|1[0-2])-[0-2]\d", temperature=1.0, seed=1)
