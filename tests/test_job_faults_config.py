@@ -385,6 +385,21 @@ def test_set_generated_pushes_the_count() -> None:
     assert p.eta() == pytest.approx((5 * 30 - 50) / 100)  # 30 tokens per row, 50 already sampled for the rest
 
 
+def test_eta_never_says_nothing_is_left_while_rows_run() -> None:
+    """Every row in flight and the short ones done first (make demo: 9 of 24 rows at 60 s): the in-flight rows
+    already hold more tokens than the finished rows' mean predicts, so the token estimate reached 0 ("ETA 00:00"
+    at 37%); the ETA then follows the finished rows' pace instead."""
+    from batchgen.progress import Progress
+
+    clock = FakeClock()
+    p = Progress(24, 0, mode="off", clock=clock, tokens_per_row=96)
+    p.start_clock()
+    clock.t += 60
+    p.set_generated(1300)  # 15 rows still running hold ~800 tokens
+    p.update(9, 500)  # the 9 finished rows were short: ~55 tokens each
+    assert p.eta() == pytest.approx(15 / (9 / 60)), p.eta()  # 100 s at the finished rows' pace, never 0
+
+
 def test_without_a_live_count_progress_is_as_before() -> None:
     from batchgen.progress import Progress
 
