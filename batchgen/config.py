@@ -630,22 +630,16 @@ def constraint_problem(sp: SamplingConfig, schema: Any = None) -> str | None:
         import llguidance
     except ImportError:
         return "structured output needs llguidance: pip install llguidance (or 'batchgen[structured]')"
+    from .engine.constraints import ConstraintSpec, constraint_of, grammar_text  # the engine's own grammars
+
+    if sp.choice is not None and (not sp.choice or not all(sp.choice)):
+        return "must be a non-empty list of non-empty strings"
     m = llguidance.LLMatcher
     try:
-        if schema is not None or sp.json_schema is not None:
-            grammar = m.grammar_from_json_schema(schema if schema is not None else sp.json_schema)
-        elif sp.json_object:
-            grammar = m.grammar_from_json_schema({"type": "object"})
-        elif sp.regex is not None:
-            grammar = m.grammar_from_regex(sp.regex)
-        elif sp.choice is not None:
-            if not sp.choice or not all(sp.choice):
-                return "must be a non-empty list of non-empty strings"
-            grammar = m.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in sp.choice))
-        elif sp.grammar is not None:
-            grammar = m.grammar_from_lark(sp.grammar)
-        else:
+        spec = ConstraintSpec("json_schema", json.dumps(schema)) if schema is not None else constraint_of(sp)
+        if spec is None:
             return None
+        grammar = grammar_text(llguidance, spec)
     except (ValueError, TypeError) as e:
         return f"is not valid: {_one_line(str(e))}"
     error = m.validate_grammar(grammar)

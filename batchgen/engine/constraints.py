@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .request import SamplingParams
 from .validation import grammar_error_line
+
+if TYPE_CHECKING:  # torch only where buffers are made: config.py checks constraints with grammar_text, torch-free
+    import torch
 
 
 class ConstraintError(ValueError):
@@ -34,7 +34,8 @@ class ConstraintSpec:
     source: str  # canonical text: the cache key and what the grammar is built from
 
 
-def constraint_of(p: SamplingParams) -> ConstraintSpec | None:
+def constraint_of(p: Any) -> ConstraintSpec | None:
+    """The constraint of a SamplingParams (or of a job's sampling section: same field names), or None."""
     if p.json_schema is not None:
         schema = json.loads(p.json_schema) if isinstance(p.json_schema, str) else p.json_schema
         return ConstraintSpec("json_schema", json.dumps(schema, sort_keys=True))
@@ -49,7 +50,8 @@ def constraint_of(p: SamplingParams) -> ConstraintSpec | None:
     return None
 
 
-def _grammar_text(llg: Any, spec: ConstraintSpec) -> str:
+def grammar_text(llg: Any, spec: ConstraintSpec) -> str:
+    """The llguidance grammar of a constraint (ValueError for a schema that is not JSON)."""
     m = llg.LLMatcher
     if spec.kind in ("json_schema", "json_object"):
         return m.grammar_from_json_schema(spec.source)
@@ -87,6 +89,8 @@ class Grammars:
         self._flip = 0
 
     def _alloc(self, rows: int) -> torch.Tensor:
+        import torch
+
         return torch.full((rows, self.width), -1, dtype=torch.int32, pin_memory=self._pin)
 
     def matcher(self, spec: ConstraintSpec) -> Any:
@@ -94,7 +98,7 @@ class Grammars:
         template = self._templates.get(spec)
         if template is None:
             try:
-                text = _grammar_text(self.llg, spec)
+                text = grammar_text(self.llg, spec)
             except ValueError as e:
                 raise ConstraintError(f"invalid {spec.kind}: {e}") from None
             template = self.llg.LLMatcher(self.tokenizer, text, log_level=0)
