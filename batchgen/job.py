@@ -34,7 +34,8 @@ import pyarrow as pa
 
 from . import sink as sinkmod
 from .config import CONSTRAINT_KEYS, ConfigError, JobConfig, job_fingerprint, job_identity, output_dir
-from .progress import Progress, format_summary, summary_dict, write_task_progress
+from .pipeline.run.summary import combine_summaries, format_summary, summary_dict
+from .progress import Progress, write_task_progress
 from .reasoning import DEFAULT_TAGS, split_reasoning
 from .reasoning import reasoning_tags as reasoning_tags_of
 from .request_params import RowParamsError, request_params
@@ -831,27 +832,6 @@ class Job:
         progress_file("failed", error="the engine stream ended early")
         self.say(f"error: the engine stopped before the input was done; {done_rows:,} rows are saved in {od.path}; rerun to resume")
         return EXIT_FAILED
-
-
-def combine_summaries(parts: list[dict], cost_per_hour: float | None) -> dict:
-    """The job's summary from its tasks' summaries: counts add up; wall time is the longest
-    task's (they run side by side), cost the sum of all tasks' time."""
-    add = ["rows", "samples", "errors", "error_rows", "prompt_tokens", "output_tokens", "run_output_tokens", "shards"]
-    d: dict[str, Any] = {k: sum(int(p.get(k) or 0) for p in parts) for k in add}
-    d["num_tasks"] = len(parts)
-    d["wall_s"] = max(float(p.get("wall_s") or 0) for p in parts)
-    d["total_wall_s"] = round(sum(float(p.get("total_wall_s") or 0) for p in parts), 3)
-    d["output_tok_s"] = round(sum(float(p.get("output_tok_s") or 0) for p in parts), 2)
-    busy = [p["gpu_busy_pct"] for p in parts if p.get("gpu_busy_pct") is not None]
-    d["gpu_busy_pct"] = round(sum(busy) / len(busy), 1) if busy else None
-    d["cost_per_hour"] = cost_per_hour
-    d["usd_total"] = d["usd_per_1m_output_tokens"] = None
-    if cost_per_hour is not None:
-        usd = cost_per_hour * d["total_wall_s"] / 3600.0
-        d["usd_total"] = round(usd, 6)
-        if d["output_tokens"]:
-            d["usd_per_1m_output_tokens"] = round(usd / (d["output_tokens"] / 1e6), 6)
-    return d
 
 
 def _model_source_error(e: BaseException) -> str | None:
