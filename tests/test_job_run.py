@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from engine_tap import EngineTap
 
 from batchgen.config import ConfigError, load_job
 from batchgen.engine.engine import Engine
@@ -50,43 +51,7 @@ def engine(checkpoint: Path) -> Iterator[Engine]:
     eng.close()
 
 
-class Tap:
-    """The real engine as the job sees it, plus a record and optional faults: `seen` lists the
-    request ids the job submitted; `crash_after=k` raises after k outputs reached the job (an
-    engine failure); `on_output(k)` runs after the k-th output was handed over; `yielded` lists
-    the request ids of the outputs in the order the engine finished them."""
-
-    def __init__(self, engine: Engine, *, crash_after: int | None = None,
-                 on_output: Callable[[int], Any] | None = None) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self.crash_after, self.on_output = crash_after, on_output
-        self.seen: list[Any] = []
-        self.yielded: list[Any] = []
-
-    @property
-    def stats(self) -> dict:
-        return self.engine.stats
-
-    def stream(self, requests: Iterable[GenerationRequest]) -> Iterator[RequestOutput]:
-        def submitted() -> Iterator[GenerationRequest]:
-            for r in requests:
-                self.seen.append(r.request_id)
-                yield r
-
-        done = 0
-        for out in self.engine.stream(submitted()):
-            if self.crash_after is not None and done >= self.crash_after:
-                raise RuntimeError("simulated engine crash")
-            self.yielded.append(out.request_id)
-            yield out
-            done += 1
-            if self.on_output is not None:
-                self.on_output(done)
-
-    def close(self) -> None:
-        self.engine.close()
+Tap = EngineTap  # the real engine with a record of what the job sent, and faults on demand
 
 
 @pytest.fixture
@@ -323,7 +288,7 @@ def test_too_long_policies_and_engine_rejects(tmp_path: Path, shared: Callable[.
     assert out[(1, 0)]["error"] is None and out[(1, 0)]["prompt_tokens"] <= 40
     # error: the job stops with a message naming the row; completed rows are kept
     code, j = run(job, shared(), overrides=["prompt.on_too_long=error", "output.path=out_e"])
-    assert code == 1 and "id=1" in j._fatal
+    assert code == 1 and "id=1" in j.error
     assert (1, 0) not in {(r["id"], r["sample_index"]) for r in read_out(tmp_path / "out_e")}
     # the engine rejecting a request: an error row, not a crash. A 32-token KV cache (the job
     # loads this engine itself) holds row 0 (14 prompt + 4 new tokens) but not row 2 (40 + 4)
@@ -784,7 +749,7 @@ def test_a_commit_into_an_output_replaced_meanwhile_is_refused(tmp_path: Path, m
             seen.append(sorted(p.name for p in out.glob("part-*.parquet")))
 
     code, j = run(job, engine_factory=own_engine(on_output=overwrite_from_elsewhere))
-    assert code == 2 and "was replaced while this task ran" in j._fatal
+    assert code == 2 and "was replaced while this task ran" in j.error
     assert seen[0] and seen[1] == []
     assert list(out.glob("part-*.parquet")) == []  # nothing of the old job after the clear
     assert OutputDir(out).manifest()["fingerprint"] == "other"
@@ -835,5 +800,5 @@ def test_progress_follows_the_engines_live_token_count(tmp_path: Path, engine: E
     jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(6)])
     j = Job(load_job(make_job(tmp_path, BASIC)), engine=engine, progress="log", log_every=0.0, stream=io.StringIO())
     assert j.run() == 0
-    assert j._prog is not None and j._prog.live
+    assert j.progress is not None and j.progress.live
     assert not engine.scheduler.has_work()

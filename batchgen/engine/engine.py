@@ -312,6 +312,14 @@ class Engine:
         """True while a request added with add() has not yet come back from step()."""
         return bool(self._push.unfinished or self._push.ready)
 
+    def abort(self) -> int:
+        """Drop every request added with add() that has not come back from step() (a caller that stops
+        without waiting for them): their blocks and slots are free at once. Returns how many were dropped."""
+        n = self._push.unfinished + len(self._push.ready)
+        if self.runner is not None:
+            self._drop(self._push)
+        return n
+
     def generate(self, prompts: list[str] | list[list[int]] | list[GenerationRequest],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run a list of prompts to completion; outputs in input order."""

@@ -1,0 +1,82 @@
+"""A finished request (or a failed row) as output rows, and the ledger counts they add.
+
+One place builds output rows; the columns themselves are the output schema's (sink: output_schema).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ...reasoning import split_reasoning
+from .work import WorkItem
+
+
+@dataclass(frozen=True)
+class RowShape:
+    """What the job's output rows hold beyond the fixed columns."""
+
+    samples: int  # sampling.n: output rows per input row
+    reasoning_tags: tuple[str, str] | None = None  # split the completion's reasoning into its own column
+    logprobs: bool = False
+    top_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """One input row's output rows, and what they add to the task's ledger."""
+
+    position: int
+    rows: list[dict[str, Any]]
+    errors: int  # samples that failed
+    prompt_tokens: int  # counted once per row, and only when some sample was generated
+    completion_tokens: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"error_rows": int(self.errors > 0), "errors": self.errors,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+
+def error_rows(shape: RowShape, item: WorkItem, message: str) -> RowBatch:
+    """Every sample of a row that could not be generated (bad input, too long, a bad per-row value)."""
+    rows = [_error_row(item, j, message) for j in range(shape.samples)]
+    return RowBatch(item.position, rows, errors=shape.samples, prompt_tokens=0, completion_tokens=0)
+
+
+def _error_row(item: WorkItem, j: int, message: str) -> dict[str, Any]:
+    return {"id": item.row_id, "sample_index": j, **item.copied, "completion": None, "finish_reason": "error",
+            "prompt_tokens": item.prompt_tokens, "completion_tokens": 0, "error": message}
+
+
+def sample_rows(shape: RowShape, item: WorkItem, out: Any) -> RowBatch:
+    """A RequestOutput as one row per sample (a sample the engine did not return is an error row)."""
+    by_index = {c.index: c for c in out.outputs}
+    prompt_len = len(out.prompt_token_ids) if out.prompt_token_ids else item.prompt_tokens
+    rows, errors, ctoks = [], 0, 0
+    for j in range(shape.samples):
+        c = by_index.get(j)
+        if c is None:
+            rows.append(_error_row(item, j, f"the engine returned no sample {j}"))
+            errors += 1
+            continue
+        failed = c.finish_reason == "error" or c.error is not None
+        errors += int(failed)
+        ctoks += len(c.token_ids or [])
+        rows.append(_sample_row(shape, item, j, c, failed, prompt_len))
+    ptoks = (prompt_len or 0) if errors < shape.samples else 0
+    return RowBatch(item.position, rows, errors=errors, prompt_tokens=ptoks, completion_tokens=ctoks)
+
+
+def _sample_row(shape: RowShape, item: WorkItem, j: int, c: Any, failed: bool, prompt_len: int | None) -> dict:
+    row = {"id": item.row_id, "sample_index": j, **item.copied,
+           "completion": None if failed and not c.text else c.text, "finish_reason": c.finish_reason,
+           "prompt_tokens": prompt_len, "completion_tokens": len(c.token_ids or []),
+           "error": (c.error or "generation failed") if failed else None}
+    if shape.reasoning_tags is not None and not failed and c.text is not None:
+        row["reasoning"], row["completion"] = split_reasoning(c.text, shape.reasoning_tags)
+    if shape.logprobs:
+        row["logprobs"] = None if failed else c.logprobs
+    if shape.top_logprobs:
+        row["top_logprobs"] = None if failed or c.top_logprobs is None else [
+            [{"id": i, "logprob": lp} for i, lp in pos] for pos in c.top_logprobs]
+    return row
