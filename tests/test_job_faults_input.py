@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from engine_tap import EngineTap
 import pytest
 
 ROOT = Path(__file__).absolute().parents[1]  # not resolve(): a copied tree tests its own package
@@ -219,29 +220,12 @@ def test_truncated_gzip_is_one_line_before_the_model_loads(d: Path) -> None:
     assert "input file data/b.jsonl.gz: can't be read after line" in line and "end-of-stream" in line, line
 
 
-class ChangeInput:
-    """The real engine; after its first output, `change()` runs (the input changes under the
-    running job). The source opens the second file only after dozens of outputs (job.py reads
-    64 rows at a time, the engine pulls at most 2 x max_num_seqs ahead), so the change always
+def change_input(engine: Any, change: Callable[[], None]) -> EngineTap:
+    """The real engine; once the job has its first output, `change()` runs (the input changes under
+    the running job). The source opens the second file only after dozens of outputs (the job reads
+    64 rows at a time and keeps at most 3 x max_num_seqs rows in the engine), so the change always
     comes before that file is opened."""
-
-    def __init__(self, engine: Any, change: Callable[[], None]) -> None:
-        self.engine, self.tokenizer, self.max_model_len = engine, engine.tokenizer, engine.max_model_len
-        self.change, self.outputs = change, 0
-
-    @property
-    def stats(self) -> dict:
-        return self.engine.stats
-
-    def stream(self, requests: Any) -> Any:
-        for out in self.engine.stream(requests):
-            yield out
-            self.outputs += 1
-            if self.outputs == 1:
-                self.change()
-
-    def close(self) -> None:
-        self.engine.close()
+    return EngineTap(engine, on_output=lambda k: k == 1 and change())
 
 
 def _changed_mid_run(d: Path, tiny_checkpoint: Callable[..., Path]) -> tuple[int, str, Path]:
@@ -258,7 +242,7 @@ def _changed_mid_run(d: Path, tiny_checkpoint: Callable[..., Path]) -> tuple[int
     buf = io.StringIO()
     cfg = load_job(d / "job.yaml")
     j = Job(cfg, progress="off", stream=buf,
-            engine_factory=lambda c: ChangeInput(make_engine(c), lambda: b.write_text(b.read_text()[:-40])))
+            engine_factory=lambda c: change_input(make_engine(c), lambda: b.write_text(b.read_text()[:-40])))
     return j.run(), buf.getvalue(), d / "out"
 
 
