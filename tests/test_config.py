@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import cli
-from batchgen.config import ConfigError, job_fingerprint, load_job
+from batchgen.pipeline.config import ConfigError, job_fingerprint, load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ def test_set_overrides_and_fingerprint(tmp_path: Path) -> None:
 
 
 def test_paths_relative_to_job_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchgen.config import output_dir
+    from batchgen.pipeline.config import output_dir
 
     job = write_job(tmp_path, GOOD)
     monkeypatch.chdir("/")
