@@ -84,7 +84,8 @@ def structured_checks(ctx: Ctx, cfg: JobConfig, lines: dict[str, dict]) -> None:
             raise ctx.err(f"sampling.from_columns.{k}", f"can't come from a column{did_you_mean(str(k), PER_ROW_KEYS)}",
                           sl.get("from_columns"))
         if not isinstance(col, str) or not col:
-            raise ctx.err(f"sampling.from_columns.{k}", f"must name a column, got {type_name(col)}", sl.get("from_columns"))
+            raise ctx.err(f"sampling.from_columns.{k}", f"must name a column, got {type_name(col)}",
+                          sl.get("from_columns"))
     if out.reasoning_tags is not None and (len(out.reasoning_tags) != 2 or not all(out.reasoning_tags)):
         raise ctx.err("output.reasoning_tags", "must be two non-empty strings: [open, close]",
                       lines["output"].get("reasoning_tags"))

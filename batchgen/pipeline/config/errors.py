@@ -43,7 +43,8 @@ def type_name(v: Any) -> str:
 class Ctx:
     """Where errors point: the job file and line, or the --set argument that set the key."""
 
-    def __init__(self, where: str, origins: dict[str, str] | None = None, base_dir: str | os.PathLike[str] = ".") -> None:
+    def __init__(self, where: str, origins: dict[str, str] | None = None,
+                 base_dir: str | os.PathLike[str] = ".") -> None:
         self.where, self.base_dir = where, base_dir
         self.origins = origins or {}  # "section.key" (or a section --set created) -> the --set argument
 

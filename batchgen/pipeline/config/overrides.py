@@ -43,7 +43,9 @@ def apply_overrides(data: Any, overrides: list[str], where: str) -> dict[str, st
             raise ConfigError(f"--set {one_line(item)}: expected section.key=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        value = override_value(raw, key_rule(parts[0]) if len(parts) > 2 else key_rule(".".join(parts)))
+        # a key inside a mapping key (sampling.from_columns.temperature) has no rule of its own
+        rule = key_rule(parts[0]) if len(parts) > 2 else key_rule(".".join(parts))
+        value = override_value(raw, rule)
         node = data
         for depth, p in enumerate(parts[:-1]):
             nxt = node.get(p)

@@ -16,7 +16,7 @@ _NULL_STR: dict[str, Any] = dict(default=None, kind="str", nullable=True)
 
 @dataclass
 class ModelSection:
-    path: str = setting(kind="str", non_empty=True,
+    path: str = setting(REQUIRED, kind="str", non_empty=True,
                         doc="a hub id, a local Hugging Face directory, a .gguf file or smollm2-135m-instruct")
     dtype: str = setting("auto", kind="str", choices=engine_rules.DTYPES,
                          doc="auto | float32 | float16 | bfloat16")
@@ -44,7 +44,8 @@ class PromptSection:
     messages_column: str | None = setting(**_NULL_STR, doc="the column holding a list of {role, content}")
     template: str | None = setting(**_NULL_STR, doc="a str.format template over the row's columns")
     system: str | None = setting(**_NULL_STR, doc="a system prompt")
-    chat_template: Any = setting("auto", kind="auto_bool", doc="apply the tokenizer's chat template: auto | true | false")
+    chat_template: Any = setting("auto", kind="auto_bool",
+                                 doc="apply the tokenizer's chat template: auto | true | false")
     chat_template_kwargs: dict[str, Any] = setting(kind="mapping", factory=dict, null_default=True,
                                                    doc="passed to the chat template")
     max_tokens: int = setting(4096, kind="int", **TOKENS, doc="the longest prompt, in tokens")
@@ -87,7 +88,7 @@ class SamplingSection:
 
 @dataclass
 class OutputSection:
-    path: str = setting(kind="str", non_empty=True, doc="the output directory")
+    path: str = setting(REQUIRED, kind="str", non_empty=True, doc="the output directory")
     rows_per_shard: int = setting(10000, kind="int", min=1, doc="output rows per shard")
     compression: str = setting("zstd", kind="str", choices=["zstd", "snappy", "gzip", "lz4", "brotli", "none"],
                                doc="the shards' Parquet compression")
