@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import cli
-from batchgen.config import ConfigError, job_fingerprint, load_job
+from batchgen.pipeline.config import ConfigError, job_fingerprint, load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ def test_set_overrides_and_fingerprint(tmp_path: Path) -> None:
 
 
 def test_paths_relative_to_job_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchgen.config import output_dir
+    from batchgen.pipeline.config import output_dir
 
     job = write_job(tmp_path, GOOD)
     monkeypatch.chdir("/")
@@ -321,3 +321,66 @@ def test_structured_output_keys_good(tmp_path: Path) -> None:
     for extra in ("sampling: {regex: '[0-9]+'}\n", "sampling: {choice: ['yes', 'no']}\n", "sampling: {json_object: true}\n",
                   "sampling: {grammar: 'start: \"a\" | \"b\"'}\n", "sampling: {json_schema_column: schema}\n"):
         load_job(write_job(tmp_path, GOOD + extra))
+
+
+# ------------------------------------------------------------------ one description per key
+def test_every_key_has_one_rule_with_a_description() -> None:
+    """The sections' fields are the only table of keys: each carries its rule and description."""
+    from dataclasses import fields
+
+    from batchgen.pipeline.config import SECTIONS, JobConfig, all_rules, rule_of
+
+    for name, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert rule_of(f).doc, f"{name}.{f.name} has no description"
+    assert rule_of(next(f for f in fields(JobConfig) if f.name == "cost_per_hour")).kind == "float"
+    assert len(all_rules()) == sum(len(fields(c)) for c in SECTIONS.values()) + 1
+
+
+def test_example_yaml_names_every_key() -> None:
+    from dataclasses import fields
+
+    from batchgen.pipeline.config import SECTIONS
+
+    text = (ROOT / "jobs" / "example.yaml").read_text()
+    sections = {}
+    current = None
+    for ln in text.splitlines():
+        if ln and not ln.startswith((" ", "#")):
+            current = ln.split(":", 1)[0]
+        elif current is not None:
+            sections.setdefault(current, []).append(ln.lstrip(" #"))
+    for name, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert any(ln.startswith(f"{f.name}:") for ln in sections.get(name, [])), f"{name}.{f.name}"
+
+
+def test_engine_and_sampling_arguments_come_from_the_fields(tmp_path: Path) -> None:
+    """Every Engine argument the job file has a key for is passed, and every SamplingParams field
+    the sampling section has (constraints aside): nothing is copied by hand, so none can be forgotten."""
+    import dataclasses
+    import inspect
+
+    from batchgen.engine.request import SamplingParams
+    from batchgen.engine.validation import check_engine_args
+    from batchgen.pipeline.config import CONSTRAINT_KEYS, engine_kwargs, sampling_kwargs
+
+    cfg = load_job(write_job(tmp_path, GOOD + "engine: {threads: 2, block_size: 32}\n"
+                             "sampling: {seed: 5, stop: [x], logprobs: true}\n"))
+    kw = engine_kwargs(cfg)
+    assert set(kw) == set(inspect.signature(check_engine_args).parameters)
+    assert kw["threads"] == 2 and kw["block_size"] == 32 and kw["seed"] == 5 and kw["dtype"] == cfg.model.dtype
+    skw = sampling_kwargs(cfg.sampling)
+    ours = {f.name for f in dataclasses.fields(cfg.sampling)}
+    assert set(skw) == {f.name for f in dataclasses.fields(SamplingParams)} & ours - set(CONSTRAINT_KEYS)
+    assert skw["stop"] == ["x"] and skw["stop"] is not cfg.sampling.stop and skw["logprobs"] is True
+    SamplingParams(**skw)
+
+
+def test_old_names_stay_exported_by_the_shim() -> None:
+    import batchgen.config as shim
+    from batchgen.pipeline import config as new
+
+    assert shim.ModelConfig is new.ModelSection and shim.SamplingConfig is new.SamplingSection
+    assert shim.EngineConfig is new.EngineSection and shim.JobConfig is new.JobConfig
+    assert shim._RULES[("sampling", "top_p")]["kind"] == "float"

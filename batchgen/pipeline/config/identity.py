@@ -1,0 +1,46 @@
+"""What a job is (its identity and fingerprint) and where its files are (paths from the job file)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .sections import JobConfig
+
+
+def resolve_path(cfg: JobConfig, value: str, *, must_exist: bool = False) -> Path:
+    """A path from the job file: absolute, ~, or relative to the job file's directory
+    (falling back to the current directory when must_exist and only that one exists)."""
+    p = Path(os.path.expandvars(value)).expanduser()
+    if p.is_absolute():
+        return p
+    first = Path(cfg.base_dir) / p
+    if must_exist and not first.exists() and not any(ch in value for ch in "*?[") and p.exists():
+        return p.resolve()
+    return first
+
+
+def output_dir(cfg: JobConfig) -> Path:
+    return resolve_path(cfg, cfg.output.path).resolve()
+
+
+def job_identity(cfg: JobConfig) -> dict[str, Any]:
+    """What defines the output: model, prompt, sampling and the input (limit excluded: raising it
+    extends a job; output and engine settings excluded: they don't change what is generated)."""
+    inp = asdict(cfg.input)
+    inp.pop("limit", None)
+    inp.pop("streaming", None)
+    return {
+        "model": asdict(cfg.model),
+        "input": inp,
+        "prompt": asdict(cfg.prompt),
+        "sampling": asdict(cfg.sampling),
+    }
+
+
+def job_fingerprint(cfg: JobConfig) -> str:
+    blob = json.dumps(job_identity(cfg), sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
