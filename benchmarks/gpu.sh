@@ -73,13 +73,13 @@ PY
 }
 
 cmd_tests() {  # the CUDA test files, then the n=8 workload that once stalled (on ./gpu_old too when it is there)
-  timeout 420 python -m pytest -q "${CUDA_TESTS[@]}" "$@" 2>&1 | tee "$OUT/cuda-tests.log" | tail -15 || true
+  timeout 360 python -m pytest -q "${CUDA_TESTS[@]}" "$@" 2>&1 | tee "$OUT/cuda-tests.log" | tail -15 || true
   local -a labels=(new)
   [[ -d gpu_old/batchgen ]] && labels+=(old)
   for label in "${labels[@]}"; do
     local -a pp=()
     [[ $label == old ]] && pp=("PYTHONPATH=$PWD/gpu_old")
-    env ${pp[@]+"${pp[@]}"} timeout 150 python benchmarks/n8_stress.py --label "$label" --json "$OUT/n8.jsonl" 2>&1 \
+    env ${pp[@]+"${pp[@]}"} timeout 110 python benchmarks/n8_stress.py --label "$label" --json "$OUT/n8.jsonl" 2>&1 \
       | tail -1 | cut -c1-400 || echo "n8 $label: FAILED"
   done
 }
