@@ -11,11 +11,11 @@ On this CPU-only path the forward runs on the same cores between the timed parts
 host's caches cold, which a GPU run does not do; `--forward none` skips it (every sequence
 "samples" token 0) to time the host work as it runs beside a GPU. Both are printed in the note.
 
-    .venv/bin/python benchmarks/host_step.py [--requests 256] [--steps 200] [--prompt-len 64]
+    PYTHONPATH=. python benchmarks/host_step.py [--requests 256] [--steps 200] [--prompt-len 64]
 
 Target: schedule + prepare < 1 ms for 256 running decode requests.
-It drives the engine's internals the way Engine.stream does (Engine._make_group, _enqueue,
-scheduler.schedule, runner.prepare / execute, _process); adjust here if those names change.
+It adds the requests with Engine.add, then drives one step's parts by hand the way Engine.step
+does (scheduler.schedule, runner.prepare / execute, Engine._process); adjust here if those change.
 """
 from __future__ import annotations
 
@@ -31,15 +31,11 @@ import torch
 
 
 def build_checkpoint(out: Path) -> Path:
+    """The tests' tiny llama (tests/checkpoints.py: BPE tokenizer, the same tiny shapes)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    try:  # the shared test fixture builder (BPE tokenizer, same tiny shapes as the tests)
-        from conftest import build_checkpoint as build
+    from checkpoints import build_checkpoint as build
 
-        return build("llama", out)
-    except ImportError:
-        from reference import make_tiny_checkpoint
-
-        return Path(make_tiny_checkpoint("llama", out))
+    return build("llama", out)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -75,13 +71,11 @@ def main() -> None:
                                      max_num_seqs=n, max_batch_tokens=max(8192, sum(lens) + n),
                                      kv_cache_tokens=kv_tokens, max_model_len=max(lens) + max_new + 16)
         vocab = eng.model.cfg.vocab_size
-        for i, L in enumerate(lens):
-            req = GenerationRequest([rng.randrange(3, vocab) for _ in range(L)],
-                                    SamplingParams(max_new_tokens=max_new, ignore_eos=True,
-                                                   temperature=0.0 if i % 2 else 0.8, top_p=0.95,
-                                                   seed=i),
-                                    request_id=i)
-            eng._enqueue(eng._make_group(req, None))
+        eng.add(GenerationRequest([rng.randrange(3, vocab) for _ in range(L)],
+                                  SamplingParams(max_new_tokens=max_new, ignore_eos=True,
+                                                 temperature=0.0 if i % 2 else 0.8, top_p=0.95, seed=i),
+                                  request_id=i)
+                for i, L in enumerate(lens))
 
         sched_ms, prep_ms, proc_ms, fwd_ms = [], [], [], []
         prof = None

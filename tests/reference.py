@@ -6,8 +6,8 @@ first step where the engine and the reference disagree and accepts the differenc
 reference's top-2 logits at that step are within TIE_TOL (recomputed there with a full forward),
 after which it stops comparing that prompt.
 
-Also holds a private tiny-checkpoint builder used when tests/conftest.py has no factory for a
-family (or for variants such as a GPT-2 checkpoint or a modified generation_config).
+Checkpoints come from tests/checkpoints.py (conftest's tiny_checkpoint fixture when a test has it,
+else `fallback_checkpoint`); `make_tiny_checkpoint` and `build_tokenizer` stay importable from here.
 """
 from __future__ import annotations
 
@@ -19,79 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from checkpoints import build_tokenizer, make_tiny_checkpoint  # noqa: F401 - names the tests use
 
 TIE_TOL = 1e-3
 FAMILIES = ["llama", "llama3.1", "mistral", "qwen2", "qwen3", "smollm2"]
 
 # ----------------------------------------------------------------------------------------------
-# Tiny checkpoints (fallback builder; tests prefer conftest's tiny_checkpoint fixture)
+# Tiny checkpoints: tests/checkpoints.py builds them (tests prefer conftest's tiny_checkpoint fixture)
 # ----------------------------------------------------------------------------------------------
-
-VOCAB = 512  # 4 special tokens + 508 words "w4".."w511"
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
-
-
-def build_tokenizer(vocab_size: int = VOCAB):
-    """A word-level tokenizer whose ids decode to space-separated words "w<id>" (clean text for
-    stop-string tests). Special ids: 0 <unk>, 1 <s>, 2 </s>, 3 <pad>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for i in range(len(SPECIALS), vocab_size):
-        vocab[f"w{i}"] = i
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<pad>")
-
-
-def _family_config(family: str, vocab_size: int):
-    import transformers as tf
-
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=0.08,
-                  tie_word_embeddings=False)
-    if family in ("llama", "smollm2"):
-        cfg = tf.LlamaConfig(**{**common, "tie_word_embeddings": family == "smollm2"})
-    elif family == "llama3.1":
-        cfg = tf.LlamaConfig(**common)
-        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
-        if hasattr(cfg, "rope_parameters"):
-            cfg.rope_parameters = {**(cfg.rope_parameters or {}), **scaling,
-                                   "rope_theta": getattr(cfg, "rope_theta", 10000.0)}
-        else:
-            cfg.rope_scaling = scaling
-    elif family == "mistral":
-        cfg = tf.MistralConfig(**common, sliding_window=None)
-    elif family == "qwen2":
-        cfg = tf.Qwen2Config(**common, use_sliding_window=False)
-    elif family == "qwen3":
-        cfg = tf.Qwen3Config(**common, head_dim=16, use_sliding_window=False)
-    elif family == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512,
-                            bos_token_id=1, eos_token_id=2)
-    else:
-        raise ValueError(f"unknown family {family}")
-    return cfg
-
-
-def make_tiny_checkpoint(family: str, path: str | os.PathLike, seed: int = 0) -> str:
-    """Save a tiny random-weight checkpoint of `family` (plus tokenizer) at `path`."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    cfg = _family_config(family, VOCAB)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    model.save_pretrained(path)
-    build_tokenizer(VOCAB).save_pretrained(path)
-    return str(path)
 
 
 def copy_with_eos(src: str, dst: str | os.PathLike, eos_ids: list[int]) -> str:
@@ -363,8 +298,8 @@ def greedy_params(max_new: list[int], **kw):
 
 
 def checkpoint_getter(request, tmp_path_factory):
-    """family -> checkpoint path: conftest's tiny_checkpoint factory when it exists, else the
-    private builder above."""
+    """family -> checkpoint path: conftest's tiny_checkpoint factory when it exists (not for gpt2),
+    else `fallback_checkpoint` (tests/checkpoints.py with the small init)."""
     def get(family: str, **overrides) -> str:
         try:
             factory = request.getfixturevalue("tiny_checkpoint")
