@@ -398,6 +398,27 @@ def test_every_row_has_a_unique_index_and_error_rows_say_where(tmp_path: Path) -
     assert all(set(r) == {ROW_ERROR, ROW_ORIGIN} for r in errs.values())  # no value of a bad row travels on
 
 
+def test_rows_are_typed_source_rows_and_iter_rows_is_their_old_form(tmp_path: Path) -> None:
+    """Source.rows() yields SourceRow(position, index, values, error, origin); iter_rows() is
+    the same rows as (position, index, dict) with the old ROW_ERROR/ROW_ORIGIN keys; start skips."""
+    from batchgen.pipeline.source.base import ROW_ORIGIN, RowOrigin, SourceRow
+
+    write_jsonl(tmp_path / "in.jsonl", [{"k": "x", "prompt": "p"}, "{bad", {"k": None, "prompt": "q"},
+                                        {"k": "z", "prompt": "r"}])
+    src = _src(tmp_path, {"files": ["in.jsonl"], "id_column": "k"})
+    rows = list(src.rows())
+    assert all(isinstance(r, SourceRow) for r in rows)
+    assert [(r.position, r.index) for r in rows] == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert rows[0].values == {"prompt": "p", "k": "x"} and rows[0].error is None and rows[0].origin is None
+    assert rows[1].values == {} and "malformed JSON at in.jsonl:2" in rows[1].error
+    assert rows[1].origin == RowOrigin("in.jsonl", 1, 2)
+    assert "id column 'k' is null" in rows[2].error and rows[2].origin == RowOrigin("in.jsonl", 2, 3)
+    old = list(src.iter_rows())
+    assert [(p, i) for p, i, _ in old] == [(r.position, r.index) for r in rows]
+    assert old[0][2] == rows[0].values and old[1][2] == {ROW_ERROR: rows[1].error, ROW_ORIGIN: rows[1].origin}
+    assert [(r.position, r.values) for r in src.rows(start=3)] == [(3, {"prompt": "r", "k": "z"})]
+
+
 def test_id_values_the_id_column_cannot_hold_are_error_rows(tmp_path: Path) -> None:
     """JSONL ids are typed from the first rows; a later id of another kind would be written as
     null (lost), so it is an error row naming it."""
