@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchgen.config import load_job
-from batchgen.request_params import RowParamsError, request_params
+from batchgen.pipeline.prompt.request_params import RowParamsError, request_params
 
 
 def job(tmp_path: Path, sampling: str, output: str = "") -> object:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchgen.reasoning import reasoning_tags, split_reasoning
+from batchgen.pipeline.prompt.reasoning import reasoning_tags, split_reasoning
 
 
 @pytest.mark.parametrize("text,want", [

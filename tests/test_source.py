@@ -20,7 +20,8 @@ from batchgen.config import ConfigError, load_job, parse_job
 from batchgen.engine.engine import Engine
 from batchgen.job import Job
 from batchgen.sink import OutputError
-from batchgen.sources import ROW_ERROR, open_source
+from batchgen.pipeline.source import open_source
+from batchgen.pipeline.source.base import ROW_ERROR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).absolute().parents[1]  # not resolve(): a copied tree tests its own package
@@ -191,7 +192,8 @@ def _src(d: Path, inp: dict, t: int = 0, n: int = 1) -> Any:
 
 
 def test_identity_holds_sizes_times_and_content(tmp_path: Path) -> None:
-    from batchgen.sources import content_hash, identity_change
+    from batchgen.pipeline.source.files import content_hash
+    from batchgen.pipeline.source.identity import identity_change
 
     write_jsonl(tmp_path / "in.jsonl", rows_of(30))
     ident = _src(tmp_path, {"files": ["in.jsonl"]}).identity()
@@ -204,7 +206,7 @@ def test_identity_holds_sizes_times_and_content(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("edit", ["insert", "delete", "same-size edit", "append, no newline before"])
 def test_changed_jsonl_is_named(tmp_path: Path, edit: str) -> None:
-    from batchgen.sources import identity_change
+    from batchgen.pipeline.source.identity import identity_change
 
     p = tmp_path / "in.jsonl"
     write_jsonl(p, rows_of(30))
@@ -234,7 +236,7 @@ def test_changed_jsonl_is_named(tmp_path: Path, edit: str) -> None:
 
 
 def test_only_time_changed_says_how_to_restore_it(tmp_path: Path) -> None:
-    from batchgen.sources import identity_change
+    from batchgen.pipeline.source.identity import identity_change
 
     p = write_jsonl(tmp_path / "in.jsonl", rows_of(5))
     old = _src(tmp_path, {"files": ["in.jsonl"]}).identity()
@@ -258,7 +260,7 @@ def test_only_time_changed_says_how_to_restore_it(tmp_path: Path) -> None:
     ("a new file after one file", 2, False),  # ranges over one file become whole files: all move
 ])
 def test_append_is_accepted_only_where_no_row_moves(tmp_path: Path, layout: str, tasks: int, safe: bool) -> None:
-    from batchgen.sources import identity_change
+    from batchgen.pipeline.source.identity import identity_change
 
     (tmp_path / "d").mkdir()
     names = ["a"] if layout in ("one file", "a new file after one file") else (
@@ -287,7 +289,7 @@ def test_append_is_accepted_only_where_no_row_moves(tmp_path: Path, layout: str,
 def test_parquet_and_dataset_changes_are_named(tmp_path: Path) -> None:
     import datasets
 
-    from batchgen.sources import identity_change
+    from batchgen.pipeline.source.identity import identity_change
 
     pq.write_table(pa.Table.from_pylist(rows_of(10)), tmp_path / "a.parquet")
     old = _src(tmp_path, {"files": ["a.parquet"]}).identity()
@@ -320,7 +322,7 @@ def test_parquet_and_dataset_changes_are_named(tmp_path: Path) -> None:
 
 
 def test_identity_of_an_older_output_compares_paths(tmp_path: Path) -> None:
-    from batchgen.sources import identity_change
+    from batchgen.pipeline.source.identity import identity_change
 
     """Manifests written before content identities (v1: paths only) are compared as before."""
     write_jsonl(tmp_path / "in.jsonl", rows_of(3))
@@ -380,7 +382,7 @@ def test_changed_input_refused_on_resume_and_append_extends(tmp_path: Path, engi
 def test_every_row_has_a_unique_index_and_error_rows_say_where(tmp_path: Path) -> None:
     """Malformed lines and null ids carry their place (file, line) and a unique index, so job.py
     can give each output row its own id."""
-    from batchgen.sources import ROW_ORIGIN, RowOrigin
+    from batchgen.pipeline.source.base import ROW_ORIGIN, RowOrigin
 
     (tmp_path / "d").mkdir()
     write_jsonl(tmp_path / "d/a.jsonl", [{"k": "x", "prompt": "p"}, "{bad", {"k": None, "prompt": "p"}, ""])
@@ -394,6 +396,27 @@ def test_every_row_has_a_unique_index_and_error_rows_say_where(tmp_path: Path) -
     assert "d/a.jsonl:2" in errs[1][ROW_ERROR] and "id column 'k' is null" in errs[2][ROW_ERROR]
     assert "not a JSON object" in errs[3][ROW_ERROR] and "is a list" in errs[5][ROW_ERROR]
     assert all(set(r) == {ROW_ERROR, ROW_ORIGIN} for r in errs.values())  # no value of a bad row travels on
+
+
+def test_rows_are_typed_source_rows_and_iter_rows_is_their_old_form(tmp_path: Path) -> None:
+    """Source.rows() yields SourceRow(position, index, values, error, origin); iter_rows() is
+    the same rows as (position, index, dict) with the old ROW_ERROR/ROW_ORIGIN keys; start skips."""
+    from batchgen.pipeline.source.base import ROW_ORIGIN, RowOrigin, SourceRow
+
+    write_jsonl(tmp_path / "in.jsonl", [{"k": "x", "prompt": "p"}, "{bad", {"k": None, "prompt": "q"},
+                                        {"k": "z", "prompt": "r"}])
+    src = _src(tmp_path, {"files": ["in.jsonl"], "id_column": "k"})
+    rows = list(src.rows())
+    assert all(isinstance(r, SourceRow) for r in rows)
+    assert [(r.position, r.index) for r in rows] == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert rows[0].values == {"prompt": "p", "k": "x"} and rows[0].error is None and rows[0].origin is None
+    assert rows[1].values == {} and "malformed JSON at in.jsonl:2" in rows[1].error
+    assert rows[1].origin == RowOrigin("in.jsonl", 1, 2)
+    assert "id column 'k' is null" in rows[2].error and rows[2].origin == RowOrigin("in.jsonl", 2, 3)
+    old = list(src.iter_rows())
+    assert [(p, i) for p, i, _ in old] == [(r.position, r.index) for r in rows]
+    assert old[0][2] == rows[0].values and old[1][2] == {ROW_ERROR: rows[1].error, ROW_ORIGIN: rows[1].origin}
+    assert [(r.position, r.values) for r in src.rows(start=3)] == [(3, {"prompt": "r", "k": "z"})]
 
 
 def test_id_values_the_id_column_cannot_hold_are_error_rows(tmp_path: Path) -> None:

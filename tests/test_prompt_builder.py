@@ -8,7 +8,8 @@ import pytest
 
 from batchgen.config import ConfigError, parse_job
 from batchgen.progress import Progress
-from batchgen.prompts import PromptBuilder, PromptTooLong, row_seed
+from batchgen.pipeline.prompt.builder import Prompt, PromptBuilder
+from batchgen.pipeline.prompt.seeds import row_seed
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +17,11 @@ def tok() -> Any:
     from conftest import build_tokenizer
 
     return build_tokenizer()
+
+
+def build(b: PromptBuilder, row: dict) -> Prompt:
+    """One row's prompt."""
+    return b.build_many([row])[0]
 
 
 def cfg(**prompt: Any) -> Any:
@@ -28,7 +34,7 @@ def cfg(**prompt: Any) -> Any:
 
 def test_template_and_system_with_chat_template(tok: Any) -> None:
     b = PromptBuilder(cfg(template="Translate to {lang}:\n{prompt}{missing}", system="Be brief."), tok)
-    p = b.build({"prompt": "hello", "lang": "French", "missing": None})
+    p = build(b, {"prompt": "hello", "lang": "French", "missing": None})
     assert p.error is None and p.text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
                                           "Translate to French:\nhello<|im_end|>\n<|im_start|>assistant\n")
     assert p.token_ids == list(tok(p.text, add_special_tokens=False)["input_ids"])
@@ -37,16 +43,16 @@ def test_template_and_system_with_chat_template(tok: Any) -> None:
 
 def test_plain_text_and_messages_without_chat_template(tok: Any) -> None:
     b = PromptBuilder(cfg(chat_template=False, system="Sys."), tok)
-    assert b.build({"prompt": "hello"}).text == "Sys.\n\nhello"
+    assert build(b, {"prompt": "hello"}).text == "Sys.\n\nhello"
     b = PromptBuilder(cfg(messages_column="m", chat_template=False), tok)
-    p = b.build({"m": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+    p = build(b, {"m": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
                        {"role": "user", "content": "again"}]})
     assert p.text == "user: hi\nassistant: yo\nuser: again\nassistant:"
     # a JSON string of messages works too; a system prompt is added unless there is one
     b = PromptBuilder(cfg(messages_column="m", system="S"), tok)
-    p = b.build({"m": '[{"role": "user", "content": "hi"}]'})
+    p = build(b, {"m": '[{"role": "user", "content": "hi"}]'})
     assert p.text.startswith("<|im_start|>system\nS<|im_end|>")
-    p = b.build({"m": [{"role": "system", "content": "own"}, {"role": "user", "content": "hi"}]})
+    p = build(b, {"m": [{"role": "system", "content": "own"}, {"role": "user", "content": "hi"}]})
     assert p.text.count("system") == 1 and "own" in p.text
 
 
@@ -57,7 +63,7 @@ def test_plain_text_and_messages_without_chat_template(tok: Any) -> None:
 ])
 def test_bad_messages_are_row_errors(tok: Any, value: Any, msg: str) -> None:
     b = PromptBuilder(cfg(messages_column="m"), tok)
-    p = b.build({"m": value})
+    p = build(b, {"m": value})
     assert p.token_ids is None and msg in p.error
 
 
@@ -74,16 +80,15 @@ def test_chat_template_true_needs_one(tok: Any) -> None:
 
 def test_truncate_keeps_the_template(tok: Any) -> None:
     b = PromptBuilder(cfg(template="Summarize:\n{prompt}\nEND", max_tokens=30, on_too_long="truncate"), tok)
-    p = b.build({"prompt": "the quick brown fox jumps over the lazy dog " * 20})
+    p = build(b, {"prompt": "the quick brown fox jumps over the lazy dog " * 20})
     assert p.error is None and p.truncated and len(p.token_ids) <= 30
     assert p.text.startswith("<|im_start|>user\nSummarize:\n") and p.text.endswith("\nEND<|im_end|>\n<|im_start|>assistant\n")
     b = PromptBuilder(cfg(template="{prompt}" + " padding" * 40, max_tokens=30, on_too_long="truncate"), tok)
-    p = b.build({"prompt": "x y z"})
+    p = build(b, {"prompt": "x y z"})
     assert p.token_ids is None and "can't make it fit" in p.error
     b = PromptBuilder(cfg(max_tokens=10, on_too_long="error"), tok)
-    with pytest.raises(PromptTooLong):
-        b.build({"prompt": "a b c d e f g h i j k l m n o p"})
-    assert b.build_many([{"prompt": "a b c d e f g h i j k l m n o p"}])[0].fatal
+    p = build(b, {"prompt": "a b c d e f g h i j k l m n o p"})
+    assert p.fatal and p.too_long and p.token_ids is None and "prompt limit of 10" in p.error
 
 
 def test_batch_encoding_matches_the_tokenizer(tok: Any) -> None:
@@ -116,16 +121,22 @@ def test_messages_string_nested_too_deeply_is_a_row_error(tok: Any) -> None:
     """json.loads of a messages string raises RecursionError past ~1000 levels: a row error like
     any other bad messages value, not a crash of the job (issue 11, case 9)."""
     b = PromptBuilder(cfg(messages_column="m"), tok)
-    p = b.build({"m": "[" * 100_000 + "]" * 100_000})
+    p = build(b, {"m": "[" * 100_000 + "]" * 100_000})
     assert p.token_ids is None and "is a string, not a list of messages" in p.error
 
 
 def test_source_error_rows_keep_their_reason(tok: Any) -> None:
-    from batchgen.sources import ROW_ERROR, ROW_ORIGIN, RowOrigin
+    from batchgen.pipeline.source.base import ROW_ERROR, ROW_ORIGIN, RowOrigin, SourceRow
 
     b = PromptBuilder(cfg(), tok)
-    (p,) = b.build_many([{ROW_ERROR: "in.jsonl:3: JSON nested too deeply to read", ROW_ORIGIN: RowOrigin("in.jsonl", 2, 3)}])
-    assert p.token_ids is None and p.error == "in.jsonl:3: JSON nested too deeply to read"
+    why, origin = "in.jsonl:3: JSON nested too deeply to read", RowOrigin("in.jsonl", 2, 3)
+    (p,) = b.build_many([{ROW_ERROR: why, ROW_ORIGIN: origin}])
+    assert p.token_ids is None and p.error == why
+    # the typed row: an error row keeps its reason; a good row builds from its values
+    bad, good = SourceRow(0, 2, {}, why, origin), SourceRow(1, 3, {"prompt": "hello"})
+    p, q = b.build_many([bad, good])
+    assert p.token_ids is None and p.error == why
+    assert q.error is None and q.token_ids == build(b, {"prompt": "hello"}).token_ids
 
 
 @pytest.mark.parametrize("policy", ["skip", "error", "truncate"])
@@ -147,7 +158,7 @@ def test_a_prompt_longer_than_any_fitting_one_is_not_tokenized_whole(tok: Any, p
     assert max(seen) < b.max_chars + 200  # the head only (plus the chat markup)
     whole = PromptBuilder(cfg(max_tokens=20, on_too_long="truncate"), tok)
     whole.max_chars = None  # no guard: tokenize it all
-    ref = whole.build({"prompt": text})
+    ref = build(whole, {"prompt": text})
     assert p.error is None and p.truncated and p.token_ids == ref.token_ids and p.text == ref.text
 
 
@@ -159,6 +170,6 @@ def test_chat_template_kwargs_reach_the_template() -> None:
     tok = build_tokenizer()
     tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
                          "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
-    plain = PromptBuilder(cfg(), tok).build({"prompt": "hi"}).text
-    off = PromptBuilder(cfg(chat_template_kwargs={"enable_thinking": False}), tok).build({"prompt": "hi"}).text
+    plain = build(PromptBuilder(cfg(), tok), {"prompt": "hi"}).text
+    off = build(PromptBuilder(cfg(chat_template_kwargs={"enable_thinking": False}), tok), {"prompt": "hi"}).text
     assert plain == "hi" and off == "hi<think></think>"
