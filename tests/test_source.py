@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from engine_tap import EngineTap
 
 from batchgen.config import ConfigError, load_job, parse_job
 from batchgen.engine.engine import Engine
@@ -106,23 +107,7 @@ def engine(tiny_checkpoint: Callable[..., Path]) -> Iterator[Engine]:
     eng.close()
 
 
-class Counting:
-    """The real engine, counting the requests each run submitted."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine, self.tokenizer, self.max_model_len = engine, engine.tokenizer, engine.max_model_len
-        self.seen: list[int] = []
-
-    @property
-    def stats(self) -> dict:
-        return self.engine.stats
-
-    def stream(self, requests: Any) -> Iterator[Any]:
-        def tap() -> Iterator[Any]:
-            for r in requests:
-                self.seen.append(r.request_id)
-                yield r
-        yield from self.engine.stream(tap())
+Counting = EngineTap  # the real engine, with `seen`: the positions each run submitted
 
 
 def read_out(out: Path) -> list[dict]:
