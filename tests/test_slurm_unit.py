@@ -1,4 +1,4 @@
-"""Unit tests of batchgen.slurm and batchgen.status (no cluster needed)."""
+"""Unit tests of batchgen.slurm (submit, sbatch, requeue, status; no cluster needed)."""
 from __future__ import annotations
 
 import json
@@ -8,13 +8,17 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from batchgen import slurm
-from batchgen.status import read_progress, render_table, status_command, summarize
+from batchgen.pipeline.task_progress import TaskProgress, process_identity
+from batchgen.slurm import requeue, sbatch
+from batchgen.slurm.status import read_progress, status_command
+from batchgen.slurm.status_view import render_table, summarize
 
 
 # ------------------------------------------------------------------------- helpers
@@ -167,7 +171,7 @@ class FakeJob:
 
 def test_attach_requeues_only_on_usr1_inside_slurm(monkeypatch):
     calls = []
-    monkeypatch.setattr(slurm, "requeue_self", lambda env=None, **k: calls.append(env) or True)
+    monkeypatch.setattr(requeue, "requeue_self", lambda env=None, **k: calls.append(env) or True)
     env = {"SLURM_ARRAY_JOB_ID": "3", "SLURM_ARRAY_TASK_ID": "1"}
     job = slurm.attach_to_job(FakeJob(), env)
     assert job.stop_signals[signal.SIGUSR1] == 128 + signal.SIGUSR1
@@ -186,7 +190,7 @@ def test_attach_requeues_only_on_usr1_inside_slurm(monkeypatch):
 
 def test_usr1_requeue_needs_progress_after_a_restart(monkeypatch):
     calls = []
-    monkeypatch.setattr(slurm, "requeue_self", lambda env=None, **k: calls.append(env) or True)
+    monkeypatch.setattr(requeue, "requeue_self", lambda env=None, **k: calls.append(env) or True)
     job = FakeJob()
     job.stopped_by, job.rows_committed_this_run = signal.SIGUSR1, 0
     first = {"SLURM_ARRAY_JOB_ID": "3", "SLURM_ARRAY_TASK_ID": "1"}
@@ -215,10 +219,12 @@ def test_requeue_self_runs_scontrol(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------- status
 def write_progress(out: Path, tasks: list[dict]) -> None:
+    """Each task's progress file as the run loop writes it: a TaskProgress's asdict (the field
+    names checked: a misspelled one is a TypeError)."""
     d = out / ".batchgen" / "progress"
     d.mkdir(parents=True, exist_ok=True)
     for t in tasks:
-        (d / f"task-{t['task_id']:05d}.json").write_text(json.dumps(t))
+        (d / f"task-{t['task_id']:05d}.json").write_text(json.dumps(asdict(TaskProgress(**t))))
 
 
 def run_status(out: Path, *args: str):
@@ -228,8 +234,8 @@ def run_status(out: Path, *args: str):
 def test_status_all_complete(tmp_path):
     now = time.time()
     write_progress(tmp_path, [
-        dict(task_id=i, num_tasks=3, state="complete", rows_done=10, rows_total=10, shards=2,
-             output_tokens=160, tok_per_s=0.0, updated_at=now - 5) for i in range(3)])
+        dict(task_id=i, num_tasks=3, state="done", rows_done=10, rows_total=10, shards=2,
+             output_tokens=160, tok_s=0.0, updated_unix=now - 5) for i in range(3)])
     r = run_status(tmp_path)
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
@@ -244,10 +250,10 @@ def test_status_all_complete(tmp_path):
 def test_status_partial_eta_and_missing_task(tmp_path):
     now = time.time()
     write_progress(tmp_path, [
-        dict(task_id=0, num_tasks=3, state="complete", rows_done=100, rows_total=100, shards=1,
-             output_tokens=1000, updated_at=now),
+        dict(task_id=0, num_tasks=3, state="done", rows_done=100, rows_total=100, shards=1,
+             output_tokens=1000, updated_unix=now),
         dict(task_id=1, num_tasks=3, state="running", rows_done=50, rows_total=100, shards=1,
-             output_tokens=500, tok_per_s=10.0, updated_at=now),  # 1 row/s
+             output_tokens=500, tok_s=10.0, updated_unix=now),  # 1 row/s
     ])
     r = run_status(tmp_path)
     assert r.exit_code == 1
@@ -257,7 +263,7 @@ def test_status_partial_eta_and_missing_task(tmp_path):
     assert s.rows_total is None and s.eta_s is None  # task 2's total is unknown
     # once task 2 reports its total, the ETA is remaining rows / row rate
     write_progress(tmp_path, [dict(task_id=2, num_tasks=3, state="running", rows_done=0, rows_total=100,
-                                   tok_per_s=10.0, output_tokens=0, updated_at=now)])
+                                   tok_s=10.0, output_tokens=0, updated_unix=now)])
     s = summarize(read_progress(tmp_path), now=now)
     assert s.rows_total == 300 and s.eta_s == pytest.approx(150 / 1.0)
     assert "ETA 2m30s" in render_table(s, now=now)
@@ -266,8 +272,8 @@ def test_status_partial_eta_and_missing_task(tmp_path):
 def test_status_stale_failed_and_unreadable(tmp_path):
     now = time.time()
     write_progress(tmp_path, [
-        dict(task_id=0, num_tasks=2, state="running", rows_done=1, rows_total=4, updated_at=now - 3600),
-        dict(task_id=1, num_tasks=2, state="failed", rows_done=0, rows_total=4, updated_at=now),
+        dict(task_id=0, num_tasks=2, state="running", rows_done=1, rows_total=4, updated_unix=now - 3600),
+        dict(task_id=1, num_tasks=2, state="failed", rows_done=0, rows_total=4, updated_unix=now),
     ])
     r = run_status(tmp_path)
     assert r.exit_code == 1 and "(stale)" in r.output and "failed" in r.output
@@ -277,7 +283,7 @@ def test_status_stale_failed_and_unreadable(tmp_path):
 
 
 def test_status_expected_tasks_and_json(tmp_path):
-    write_progress(tmp_path, [dict(task_id=0, state="complete", rows_done=3, rows_total=3)])
+    write_progress(tmp_path, [dict(task_id=0, state="done", rows_done=3, rows_total=3)])
     assert run_status(tmp_path).exit_code == 0  # one task, none declared: complete
     r = run_status(tmp_path, "--tasks", "2")
     assert r.exit_code == 1
@@ -296,7 +302,7 @@ def test_status_empty_and_missing_dir(tmp_path):
 def test_status_and_submit_use_the_manifest_task_count(tmp_path):
     job = write_job(tmp_path)
     out = tmp_path / "out"
-    write_progress(out, [dict(task_id=0, state="complete", rows_done=3, rows_total=3)])
+    write_progress(out, [dict(task_id=0, state="done", rows_done=3, rows_total=3)])
     (out / ".batchgen" / "manifest.json").write_text(json.dumps({"num_tasks": 3, "fingerprint": "f"}))
     r = run_status(out)
     assert r.exit_code == 1 and r.output.count("pending") == 2
@@ -427,7 +433,7 @@ def test_submit_with_hostile_cwd_and_job_path_end_to_end(tmp_path, monkeypatch):
     (bindir / "sbatch").write_text(f"#!/bin/sh\nRECORD={record} SLURM_ARRAY_TASK_ID=0 SLURM_ARRAY_TASK_COUNT=1 "
                                    'bash "$2" >/dev/null 2>&1 || exit 1\necho "51;cluster"\n')
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    monkeypatch.setattr(slurm, "batchgen_command", lambda: [str(fake)])
+    monkeypatch.setattr(sbatch, "batchgen_command", lambda: [str(fake)])
     monkeypatch.chdir(jobdir)
     r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "1", "--gpus-per-task", "0"],
                            catch_exceptions=False)
@@ -459,7 +465,7 @@ def test_status_shows_a_task_killed_with_sigkill_as_stopped(tmp_path):
     says stopped at once (no rate, no ETA), as a zombie and once reaped, not running for 10 minutes."""
     path = tmp_path / ".batchgen" / "progress" / "task-00000.json"
     path.parent.mkdir(parents=True)
-    code = ("import time\nfrom batchgen.progress import write_task_progress\n"
+    code = ("import time\nfrom batchgen.pipeline.task_progress import write_task_progress\n"
             f"write_task_progress({str(path)!r}, task_id=0, num_tasks=1, state='running', rows_done=5, "
             "rows_total=100, output_tokens=500, tok_s=50.0)\nprint('written', flush=True)\ntime.sleep(300)\n")
     root = Path(__file__).resolve().parents[1]
@@ -497,13 +503,11 @@ def _proc_state(pid: int) -> str | None:
 
 
 def test_status_is_not_fooled_by_a_reused_pid(tmp_path):
-    from batchgen.progress import process_identity
-
     me = process_identity()
     if me["pid_start"] is None:
         pytest.skip("no /proc here")
     base = dict(task_id=0, num_tasks=1, state="running", rows_done=1, rows_total=4, tok_s=2.0, output_tokens=4,
-                updated_at=time.time())
+                updated_unix=time.time())
     cases = [
         (me, "running"),  # this very process: alive
         (me | {"pid_start": me["pid_start"] + 1}, "stopped"),  # same pid, another process's start time
@@ -520,11 +524,11 @@ def test_status_is_not_fooled_by_a_reused_pid(tmp_path):
 def test_status_shows_why_a_task_failed_or_stopped(tmp_path):
     now = time.time()
     write_progress(tmp_path, [
-        dict(task_id=0, num_tasks=3, state="failed", rows_done=2, rows_total=4, updated_at=now,
+        dict(task_id=0, num_tasks=3, state="failed", rows_done=2, rows_total=4, updated_unix=now,
              error="RuntimeError: CUDA error: out of memory"),
-        dict(task_id=1, num_tasks=3, state="stopped", rows_done=2, rows_total=4, updated_at=now,
+        dict(task_id=1, num_tasks=3, state="stopped", rows_done=2, rows_total=4, updated_unix=now,
              reason="stopped by SIGTERM"),
-        dict(task_id=2, num_tasks=3, state="done", rows_done=4, rows_total=4, updated_at=now),
+        dict(task_id=2, num_tasks=3, state="done", rows_done=4, rows_total=4, updated_unix=now),
     ])
     r = run_status(tmp_path)
     assert "task 0 failed: RuntimeError: CUDA error: out of memory" in r.output
