@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, TextIO
+from typing import Callable, TextIO
 
 
 def _fmt_dur(s: float | None) -> str:

@@ -7,7 +7,8 @@ otherwise (a task missing, pending, running, stopped, failed or unreadable).
 A task whose file says running but whose process is gone (kill -9, OOM killer, node reboot)
 is shown as stopped as soon as that can be known: on the same host, by its pid, and by the
 pid's start time and the boot id the file records, so that a reused pid is not taken for it
-(TaskProgress.writer_gone). On other hosts it is flagged stale after STALE_AFTER_S without an update.
+(TaskProgress.writer_gone). On other hosts it is flagged stale after status_view.STALE_AFTER_S
+without an update.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import click
 
 from ..pipeline.task_progress import PROGRESS_DIR, ProgressFileError, TaskProgress
 from ..sink import META_DIR, read_json
-from .status_view import STALE_AFTER_S, TaskStatus, render_table, summarize, summary_json  # noqa: F401
+from .status_view import TaskStatus, render_table, summarize, summary_json
 
 
 def read_task(path: Path) -> TaskStatus:
