@@ -19,7 +19,8 @@ from batchgen.config import load_job
 from batchgen.engine.engine import Engine
 from batchgen.engine.request import GenerationRequest, RequestOutput
 from batchgen.job import Job, make_engine
-from batchgen.status import read_progress, summarize
+from batchgen.slurm.status import read_progress
+from batchgen.slurm.status_view import summarize
 
 N_ROWS, N_SAMPLES, N_TASKS = 30, 2, 3
 # a few rows at a time: outputs arrive over many steps
