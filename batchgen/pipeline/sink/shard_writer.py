@@ -15,7 +15,7 @@ from .columns import row_stats, rows_table
 from .intervals import IntervalSet
 from .layout import META_KEY, shard_name
 from .ledger import Ledger, ShardRecord
-from .output_dir import OutputDir
+from .paths import OutputPaths
 from .shard_file import HashingWriter
 
 Record = tuple[int, list[dict], dict]  # (position, its output rows, its counters)
@@ -30,7 +30,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        out: OutputDir,
+        out: OutputPaths,
         schema: pa.Schema,
         footer: dict,
         *,
@@ -247,7 +247,7 @@ class ShardWriter:
         self.rewritten += changed
 
 
-def _record_of(out: OutputDir, name: str, meta: dict, kind: str, hw: HashingWriter) -> ShardRecord:
+def _record_of(out: OutputPaths, name: str, meta: dict, kind: str, hw: HashingWriter) -> ShardRecord:
     """The ledger record of shard `name`, just written through `hw`, with footer `meta`."""
     return ShardRecord(
         name, out.task_id, int(meta["seq"]), kind=kind, generation=out.generation,
