@@ -1,14 +1,12 @@
 """The `batchgen` command line. Thin: parse, call, print. torch and the engine are imported only
 inside commands that need them, so `batchgen --help` is fast.
 
-Other modules add commands without editing this file: LAZY_COMMANDS maps a command name to
-"module:attribute" (a click command), imported only when that command runs or help lists it;
-a module that isn't there (yet) simply has no command.
+The other commands live with their wings: LAZY_COMMANDS maps a command name to the module and
+click command that implement it, imported only when that command runs (help lists them unimported).
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 from typing import Any
@@ -16,47 +14,27 @@ from typing import Any
 import click
 
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
-    "submit": ("batchgen.slurm", "submit_command"),
-    "status": ("batchgen.status", "status_command"),
+    "submit": ("batchgen.slurm.submit", "submit_command"),
+    "status": ("batchgen.slurm.status", "status_command"),
     "bench": ("batchgen.bench", "bench_command"),
     "show": ("batchgen.show", "show_command"),
 }
 
 
 class _LazyGroup(click.Group):
-    def _lazy(self, name: str) -> click.Command | None:
-        spec = LAZY_COMMANDS.get(name)
-        if spec is None:
-            return None
-        mod_name, attr = spec
-        try:
-            if importlib.util.find_spec(mod_name) is None:
-                return None
-        except (ImportError, ValueError):
-            return None
-        mod = importlib.import_module(mod_name)
-        cmd = getattr(mod, attr, None)
-        return cmd if isinstance(cmd, click.Command) else None
-
     def list_commands(self, ctx: click.Context) -> list[str]:
-        names = set(super().list_commands(ctx))
-        for name, (mod_name, _) in LAZY_COMMANDS.items():
-            try:
-                if importlib.util.find_spec(mod_name) is not None:
-                    names.add(name)
-            except (ImportError, ValueError):
-                pass
-        return sorted(names)
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         cmd = super().get_command(ctx, name)
-        if cmd is not None:
+        if cmd is not None or name not in LAZY_COMMANDS:
             return cmd
+        mod_name, attr = LAZY_COMMANDS[name]
         try:
-            return self._lazy(name)
-        except Exception as e:  # noqa: BLE001 - a broken optional module must not break the CLI
+            cmd = getattr(importlib.import_module(mod_name), attr)
+        except Exception as e:  # noqa: BLE001 - a command whose dependencies are broken must not break the CLI
             raise click.ClickException(f"command '{name}' is unavailable: {type(e).__name__}: {e}") from None
-
+        return cmd
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,9 +75,9 @@ def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | No
 
     Interrupted runs (kill, SIGTERM, Ctrl-C) resume where they stopped when the same command is
     run again; the output holds every input row exactly once. See jobs/example.yaml."""
-    from .config import ConfigError, engine_config_error, load_job, preflight
+    from .pipeline.config import ConfigError, engine_config_error, load_job, preflight
     from .engine.validation import EngineArgumentError  # torch-free
-    from .job import task_from_env
+    from .slurm.array_task import task_from_env
 
     env_task, env_n = task_from_env()
     tid = env_task if task_id is None else task_id
@@ -116,15 +94,15 @@ def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | No
     except ConfigError as e:
         _fail(str(e))
         return
-    from .sink import OutputError
+    from .pipeline.files import OutputError
 
     try:
         if dry_run:
-            from .job import dry_run as do_dry_run
+            from .pipeline.run.dry_run import dry_run as do_dry_run
 
             do_dry_run(cfg, task_id=tid, num_tasks=n, preview=preview)
             return
-        from .job import Job
+        from .pipeline.run.job import Job
 
         job = Job(cfg, task_id=tid, num_tasks=n, overwrite=overwrite, progress=progress, log_every=log_interval,
                   retry_errors=retry_errors)
@@ -146,19 +124,12 @@ def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | No
 
 
 def _attach_slurm(job: Any) -> Any:
-    """USR1 -> graceful stop + requeue inside Slurm (batchgen.slurm.attach_to_job), when that
-    module is there. Returns the function that puts the previous signal handlers back."""
-    try:
-        if importlib.util.find_spec("batchgen.slurm") is None:
-            return lambda: None
-        from . import slurm
-    except ImportError:
-        return lambda: None
-    attach = getattr(slurm, "attach_to_job", None)
-    if attach is None:
-        return lambda: None
-    attach(job)
-    return getattr(slurm, "restore_signals", lambda: None)
+    """USR1 -> graceful stop + requeue inside Slurm. Returns the function that puts the previous
+    signal handlers back."""
+    from .slurm.requeue import attach_to_job, restore_signals
+
+    attach_to_job(job)
+    return restore_signals
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -14,9 +14,7 @@ from typing import Any
 
 import click
 
-# columns every output row has (sink.output_schema); anything else was copied from the input
-_FIXED = ("id", "sample_index", "completion", "finish_reason", "prompt_tokens", "completion_tokens", "error",
-          "reasoning", "logprobs", "top_logprobs")
+from .pipeline.sink.columns import OWN_COLUMNS  # anything else was copied from the input
 
 
 def shard_paths(out: Path) -> list[Path]:
@@ -53,7 +51,7 @@ def render_row(row: dict[str, Any], as_json: bool, width: int = 100) -> str:
             f"{row.get('prompt_tokens')} prompt + {row.get('completion_tokens')} completion tokens")
     lines = [head]
     for k, v in row.items():
-        if k not in _FIXED:
+        if k not in OWN_COLUMNS:
             lines.append(f"  {k}: {_short(v, width - len(k) - 4)}")
     if row.get("error") is not None:
         lines.append(f"  error: {row['error']}")

@@ -114,8 +114,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where input and output go (default: a temp dir, removed)")
     args = ap.parse_args()
 
-    from batchgen.config import parse_job
-    from batchgen.job import Job
+    from batchgen.pipeline.config import parse_job
+    from batchgen.pipeline.run.job import Job
 
     tmp = tempfile.TemporaryDirectory(prefix="batchgen-rss-") if args.workdir is None else None
     wd = Path(args.workdir or tmp.name)  # type: ignore[union-attr]

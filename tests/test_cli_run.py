@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import cli
-from batchgen.job import task_from_env
+from batchgen.slurm.array_task import task_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

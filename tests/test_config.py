@@ -254,8 +254,8 @@ def test_engine_overlap_bad(tmp_path: Path, value: str, got: str) -> None:
 ])
 def test_make_engine_passes_threads_and_overlap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: str,
                                                 threads: int | None, overlap: object) -> None:
-    from batchgen import job as jobmod
     from batchgen.engine import engine as engmod
+    from batchgen.pipeline.run import engine_setup as jobmod
 
     seen: dict = {}
     monkeypatch.setattr(engmod.Engine, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
@@ -375,12 +375,3 @@ def test_engine_and_sampling_arguments_come_from_the_fields(tmp_path: Path) -> N
     assert set(skw) == {f.name for f in dataclasses.fields(SamplingParams)} & ours - set(CONSTRAINT_KEYS)
     assert skw["stop"] == ["x"] and skw["stop"] is not cfg.sampling.stop and skw["logprobs"] is True
     SamplingParams(**skw)
-
-
-def test_old_names_stay_exported_by_the_shim() -> None:
-    import batchgen.config as shim
-    from batchgen.pipeline import config as new
-
-    assert shim.ModelConfig is new.ModelSection and shim.SamplingConfig is new.SamplingSection
-    assert shim.EngineConfig is new.EngineSection and shim.JobConfig is new.JobConfig
-    assert shim._RULES[("sampling", "top_p")]["kind"] == "float"

@@ -106,7 +106,7 @@ class Committed:
         self.rows: dict[str, int] = {}
 
     def __call__(self) -> int:
-        from batchgen.sink import read_shard_meta
+        from batchgen.pipeline.sink.shard_file import read_shard_meta
 
         for n in shards(self.out) - set(self.rows):
             self.rows[n] = int(read_shard_meta(self.out / n)["rows"])
@@ -267,8 +267,8 @@ def test_dry_run_on_the_cli(workdir: Path) -> None:
 
 def test_engine_rejected_requests_become_error_rows(workdir: Path) -> None:
     """A request the real engine can't fit (KV cache smaller than prompt + max_new_tokens)."""
-    from batchgen.config import load_job
-    from batchgen.job import Job
+    from batchgen.pipeline.config import load_job
+    from batchgen.pipeline.run.job import Job
 
     with open(workdir / "mixed.jsonl", "w") as f:
         for i in range(6):

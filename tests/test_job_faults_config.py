@@ -20,9 +20,10 @@ from typing import Any, Callable
 import pytest
 from click.testing import CliRunner
 
-from batchgen import config as configmod
+from batchgen.pipeline import config as configmod
+from batchgen.pipeline.config.sections import all_rules
 from batchgen.cli import cli
-from batchgen.config import ConfigError, load_job, parse_job
+from batchgen.pipeline.config import ConfigError, load_job, parse_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ def test_bad_numbers_and_lists_are_refused_before_the_model_loads(tmp_path: Path
 
 
 def _numeric_rules() -> list[tuple[str, str, str]]:
-    return [(sec, key, r["kind"]) for (sec, key), r in configmod._RULES.items() if r["kind"] in ("int", "float")]
+    return [(sec, key, r.kind) for (sec, key), r in all_rules().items() if r.kind in ("int", "float")]
 
 
 def _job_data(section: str, key: str, value: Any) -> dict:
@@ -153,7 +154,7 @@ ENGINE_GRID = {"block_size": [1, 2, 16, 48, 256], "kv_cache_tokens": [None, 1, 1
 
 def test_config_accepts_nothing_the_engine_refuses() -> None:
     from batchgen.engine.validation import EngineArgumentError, check_engine_args
-    from batchgen.job import sampling_params
+    from batchgen.pipeline.prompt.request_params import request_params as sampling_params
 
     for section, grid in (("sampling", GRID), ("engine", ENGINE_GRID)):
         for key, values in grid.items():
@@ -324,7 +325,7 @@ def test_output_path_that_is_a_file_or_not_writable(tmp_path: Path, monkeypatch:
 def test_engine_argument_error_at_start_up_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        tiny_checkpoint: Callable[..., Path]) -> None:
     """Whatever the engine still refuses when it starts becomes the job file's error, not a traceback."""
-    from batchgen import job as jobmod
+    from batchgen.pipeline.run import engine_setup as jobmod
     from batchgen.engine.validation import EngineArgumentError
 
     def refuse(cfg: Any) -> Any:
@@ -353,7 +354,7 @@ class FakeClock:
 def test_tok_s_and_eta_count_tokens_as_they_are_generated() -> None:
     """300 rows of ~200 tokens at 1000 tok/s (a one-minute job): the first rows to finish are the
     short ones. Counted from finished rows, 10 s in, that was 20 tok/s and an ETA of 12 minutes."""
-    from batchgen.progress import Progress
+    from batchgen.pipeline.progress import Progress
 
     clock, engine = FakeClock(), {"generated": 0}
     p = Progress(300, 0, mode="off", generated=lambda: engine["generated"], tokens_per_row=512, clock=clock)
@@ -372,7 +373,7 @@ def test_tok_s_and_eta_count_tokens_as_they_are_generated() -> None:
 
 
 def test_set_generated_pushes_the_count() -> None:
-    from batchgen.progress import Progress
+    from batchgen.pipeline.progress import Progress
 
     clock = FakeClock()
     p = Progress(10, 0, mode="off", clock=clock)
@@ -391,7 +392,7 @@ def test_eta_never_says_nothing_is_left_while_rows_run() -> None:
     """Every row in flight and the short ones done first (make demo: 9 of 24 rows at 60 s): the in-flight rows
     already hold more tokens than the finished rows' mean predicts, so the token estimate reached 0 ("ETA 00:00"
     at 37%); the ETA then follows the finished rows' pace instead."""
-    from batchgen.progress import Progress
+    from batchgen.pipeline.progress import Progress
 
     clock = FakeClock()
     p = Progress(24, 0, mode="off", clock=clock, tokens_per_row=96)
@@ -403,7 +404,7 @@ def test_eta_never_says_nothing_is_left_while_rows_run() -> None:
 
 
 def test_without_a_live_count_progress_is_as_before() -> None:
-    from batchgen.progress import Progress
+    from batchgen.pipeline.progress import Progress
 
     clock = FakeClock()
     p = Progress(10, 0, mode="off", clock=clock)
@@ -417,7 +418,7 @@ def test_without_a_live_count_progress_is_as_before() -> None:
 def test_display_refreshes_while_no_row_finishes(mode: str) -> None:
     import io
 
-    from batchgen.progress import Progress
+    from batchgen.pipeline.progress import Progress
 
     buf, engine = io.StringIO(), {"generated": 0}
     p = Progress(50, 0, mode=mode, log_every=0.05, stream=buf, generated=lambda: engine["generated"],
@@ -438,9 +439,9 @@ def test_display_refreshes_while_no_row_finishes(mode: str) -> None:
 
 
 def test_urgent_prints_at_once_from_a_signal_handler_with_the_bar_on(tmp_path: Path) -> None:
-    """What job.py prints on the first Ctrl-C: written by one os.write, so it is on the terminal
+    """What the run loop prints on the first Ctrl-C: written by one os.write, so it is on the terminal
     at once (no buffer to flush, no lock the interrupted code may hold), the bar redrawn after."""
-    from batchgen.progress import Progress
+    from batchgen.pipeline.progress import Progress
 
     out = tmp_path / "tty"
     stream = open(out, "w")  # block-buffered: a print would sit in the buffer
@@ -468,8 +469,8 @@ def test_urgent_prints_at_once_from_a_signal_handler_with_the_bar_on(tmp_path: P
 
 
 def test_track_tokens_after_start_clock() -> None:
-    """The form job.py uses: the engine exists only after Progress started its clock."""
-    from batchgen.progress import Progress
+    """The form the run loop uses: the engine exists only after Progress started its clock."""
+    from batchgen.pipeline.progress import Progress
 
     clock, engine = FakeClock(), {"generated": 300}
     p = Progress(10, 0, mode="off", clock=clock)

@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
-from batchgen.sink import SHARD_RE, read_shard_meta, verify_output
+from batchgen.pipeline.sink.layout import SHARD_RE
+from batchgen.pipeline.sink.shard_file import read_shard_meta
+from batchgen.pipeline.sink.verify import verify_output
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ROWS = 24
@@ -325,8 +327,8 @@ def test_a_stop_says_at_once_what_it_does(workdir: Path, reference: dict) -> Non
 # --------------------------------------------------------------------------- the commit protocol under kill -9
 CRASH = """\
 import os, sys
-from batchgen.config import load_job
-from batchgen.job import Job
+from batchgen.pipeline.config import load_job
+from batchgen.pipeline.run.job import Job
 
 mode, k = sys.argv[2], int(sys.argv[3])
 real, seen = os.replace, []

@@ -75,8 +75,8 @@ def test_smollm2_job_schema_and_per_row_schemas_validate(tmp_path: Path, smollm2
 def test_extra_columns_per_row_values_and_reasoning(tmp_path: Path, tiny_checkpoint) -> None:
     """logprobs / top_logprobs columns, a reasoning column split at the tags, from_columns values per row
     (null: the job's own), and a bad per-row value as an error row naming its column."""
-    from batchgen.config import load_job
-    from batchgen.job import Job
+    from batchgen.pipeline.config import load_job
+    from batchgen.pipeline.run.job import Job
 
     rows = [{"q": "alpha beta", "budget": 3, "temp": None}, {"q": "gamma", "budget": 6, "temp": 0.0},
             {"q": "delta", "budget": "many", "temp": None}, {"q": "eps", "budget": None, "temp": None}]
@@ -104,7 +104,7 @@ def test_extra_columns_per_row_values_and_reasoning(tmp_path: Path, tiny_checkpo
         assert all(len(pos) == 3 and pos[0]["logprob"] >= pos[1]["logprob"] for pos in r["top_logprobs"])
         assert abs(r["top_logprobs"][0][0]["logprob"] - r["logprobs"][0]) < 1e-5  # greedy: the top one
     # the same job without the split: its completions, split at the tags, are exactly the two columns above
-    from batchgen.reasoning import split_reasoning
+    from batchgen.pipeline.prompt.reasoning import split_reasoning
 
     text = (tmp_path / "job.yaml").read_text().replace("path: out, reasoning: split, reasoning_tags: ['a', 'b']",
                                                        "path: raw")

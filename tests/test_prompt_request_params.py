@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.config import load_job
+from batchgen.pipeline.config import load_job
 from batchgen.pipeline.prompt.request_params import RowParamsError, request_params
 
 

@@ -1,5 +1,5 @@
 """The sink package on its own: ShardWriter's progress count comes from its ledger, each module
-imports alone (no import circle), and the batchgen.sink shim's patches reach the new modules."""
+imports alone (no import circle)."""
 from __future__ import annotations
 
 import subprocess
@@ -61,15 +61,3 @@ def test_rows_committed_counts_this_runs_commits_and_rewrites(tmp_path: Path) ->
 @pytest.mark.parametrize("name", MODULES)
 def test_each_module_imports_alone(name: str) -> None:
     subprocess.run([sys.executable, "-c", f"import batchgen.pipeline.{name}"], check=True)
-
-
-def test_the_shim_forwards_a_patch_to_the_modules_that_use_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchgen import sink
-    from batchgen.pipeline import files
-    from batchgen.pipeline.sink import shard_writer
-
-    real = sink.open_new
-    monkeypatch.setattr(sink, "open_new", lambda root, path: real(root, path))
-    assert shard_writer.open_new is sink.open_new is files.open_new
-    monkeypatch.undo()
-    assert shard_writer.open_new is real is files.open_new

@@ -1,4 +1,4 @@
-"""Properties of the task partition (batchgen.sources) that array jobs rely on:
+"""Properties of the task partition (batchgen.pipeline.source) that array jobs rely on:
 deterministic, balanced, stable across restarts, and the parts of all tasks together are
 exactly the input (no row lost, none twice). No cluster needed."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen.config import parse_job
-from batchgen.sources import open_source
+from batchgen.pipeline.config import parse_job
+from batchgen.pipeline.source import open_source
 
 
 def make_inputs(d: Path, sizes: list[int], kind: str) -> None:
@@ -41,7 +41,7 @@ def cfg_for(d: Path, limit: int | None = None):
 
 def task_rows(cfg, t: int, n: int, start: int = 0) -> list[tuple[int, int, int]]:
     src = open_source(cfg, t, n)
-    return [(pos, idx, row["gid"]) for pos, idx, row in src.iter_rows(start=start)]
+    return [(r.position, r.index, r.values["gid"]) for r in src.rows(start=start)]
 
 
 CASES = [

@@ -1,4 +1,4 @@
-"""The stop-and-requeue path of an array task, on the real run loop (batchgen.job.Job) and the
+"""The stop-and-requeue path of an array task, on the real run loop (batchgen.pipeline.run.job.Job) and the
 real engine on a tiny random-weight checkpoint (no cluster: a stub scontrol): USR1 mid-run ->
 commit -> `scontrol requeue <job>_<task>` exactly once -> exit 138; TERM -> commit, no
 self-requeue -> exit 143; the restarted task resumes, and the union of all tasks' shards is
@@ -13,12 +13,14 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from engine_tap import EngineTap
 
 from batchgen import slurm
-from batchgen.config import load_job
+from batchgen.pipeline.config import load_job
 from batchgen.engine.engine import Engine
 from batchgen.engine.request import GenerationRequest, RequestOutput
-from batchgen.job import Job, make_engine
+from batchgen.pipeline.run.job import Job
+from batchgen.pipeline.run.engine_setup import make_engine
 from batchgen.slurm.status import read_progress
 from batchgen.slurm.status_view import summarize
 
@@ -45,33 +47,17 @@ def engine(checkpoint: Path) -> Iterator[Engine]:
     eng.close()
 
 
-class Signalling:
-    """The real engine, and after `signal_after` outputs reached the job it sends `signum` to
-    this process (the handler runs in the main thread, like a signal from Slurm)."""
+def Signalling(engine: Engine, signum: int | None = None, signal_after: int = 0) -> EngineTap:
+    """The real engine; once `signal_after` outputs reached the job it sends `signum` to this
+    process (the handler runs in the main thread, like a signal from Slurm)."""
+    def send(k: int) -> None:
+        if signum is not None and k == signal_after:
+            os.kill(os.getpid(), signum)
 
-    def __init__(self, engine: Engine, signum: int | None = None, signal_after: int = 0) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self.signum, self.signal_after = signum, signal_after
-
-    @property
-    def stats(self) -> dict:
-        return self.engine.stats
-
-    def stream(self, requests: Iterable[GenerationRequest]) -> Iterator[RequestOutput]:
-        done = 0
-        for out in self.engine.stream(requests):
-            yield out
-            done += 1
-            if self.signum is not None and done == self.signal_after:
-                os.kill(os.getpid(), self.signum)
-
-    def close(self) -> None:
-        self.engine.close()
+    return EngineTap(engine, on_output=send)
 
 
-def own_engine(job_file: Path, signum: int, signal_after: int) -> Signalling:
+def own_engine(job_file: Path, signum: int, signal_after: int) -> EngineTap:
     """A fresh engine, loaded the way the job loads one (make_engine from the job file)."""
     return Signalling(make_engine(load_job(job_file)), signum, signal_after)
 

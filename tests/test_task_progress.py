@@ -20,7 +20,7 @@ from batchgen.slurm.status import read_progress, status_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# what the run loop passes to write_task_progress today (batchgen/job.py's progress_file and
+# what the run loop passes to write_task_progress today (batchgen/pipeline/run/task_file.py and
 # its "nothing to do" record), beside what TaskProgress.now fills in
 WRITER_FIELDS = dict(task_id=1, num_tasks=2, state="running", rows_done=5, rows_total=10, limit=None, shards=1,
                      output_tokens=500, errors=1, tok_s=12.5, run_started_unix=1.7e9, total_wall_s=3.25,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .validation import grammar_error_line
 
-if TYPE_CHECKING:  # torch only where buffers are made: config.py checks constraints with grammar_text, torch-free
+if TYPE_CHECKING:  # torch only where buffers are made: the job config checks constraints with grammar_text, torch-free
     import torch
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..sink import META_DIR, now_iso, read_json_checked, write_json_atomic
+from .files import META_DIR, now_iso, read_json_checked, write_json_atomic
 
 PROGRESS_DIR = f"{META_DIR}/progress"
 

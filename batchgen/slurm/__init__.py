@@ -8,7 +8,7 @@ How a batchgen array job behaves (the contract the tests check):
   (OUT/.batchgen/slurm/logs/<arrayjob>_<task>.log, appended across requeues) and a last line
   that `exec`s the absolute path of the batchgen that submitted it, so the batchgen process
   *is* the batch shell and receives the signals Slurm sends to it.
-- Each task reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (batchgen.job.task_from_env).
+- Each task reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (batchgen.slurm.array_task.task_from_env).
 - USR1 (the time-limit warning asked for by `--signal=B:USR1@grace`): the run stops admitting,
   commits what is complete, then (`requeue_on_usr1`, a Job.on_stop callback) runs
   `scontrol requeue <arrayjob>_<task>` and exits 138 (128 + USR1). Not when a restarted task
@@ -28,15 +28,12 @@ requeue resumes); 1 = failed; 2 = refused (bad job file, output of another job).
 """
 from __future__ import annotations
 
+from .array_task import task_from_env  # noqa: F401
 from .requeue import (  # noqa: F401
-    EARLY_SIGNALS, EXIT_USR1, _int_env, _saved_handlers, attach_to_job, own_slurm_job, requeue_on_usr1, requeue_self,
-    restart_count, restore_signals,
+    EARLY_SIGNALS, EXIT_USR1, attach_to_job, own_slurm_job, requeue_on_usr1, requeue_self, restart_count,
+    restore_signals,
 )
-from .sbatch import (  # noqa: F401
-    SLURM_DIR, _SBATCH_PATH_BAD, _sbatch_header, _sbatch_line, _sbatch_path, _script_body, batchgen_command, render_sbatch_script,
-    sbatch_submit, write_sbatch_script,
-)
+from .sbatch import SLURM_DIR, batchgen_command, render_sbatch_script, sbatch_submit, write_sbatch_script  # noqa: F401
 from .submit import (  # noqa: F401
-    DEFAULT_GRACE_S, JobRefused, SubmitOptions, _check_cpu_only, _check_task_count, job_output_dir, submit_command,
-    time_limit_seconds,
+    DEFAULT_GRACE_S, JobRefused, SubmitOptions, job_output_dir, submit_command, time_limit_seconds,
 )

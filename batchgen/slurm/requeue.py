@@ -51,7 +51,7 @@ _saved_handlers: dict[int, Any] = {}
 
 
 def attach_to_job(job: Any, environ: Mapping[str, str] | None = None, *, early_handlers: bool = True) -> Any:
-    """Make a batchgen.job.Job stop gracefully on USR1 too, and requeue itself afterwards when
+    """Make a batchgen.pipeline.run.job.Job stop gracefully on USR1 too, and requeue itself afterwards when
     it runs inside Slurm. Called by `batchgen run` before job.run(); harmless outside Slurm
     (USR1 then just stops the run, exit 138).
 

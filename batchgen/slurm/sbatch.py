@@ -120,12 +120,12 @@ def _script_body(run: str, workdir: Path) -> list[str]:
 def write_sbatch_script(output_dir: Path, text: str, name: str) -> Path:
     """Write the script under OUT/.batchgen/slurm/ (and its logs/ directory) without following a link on the
     way: a link planted there must not make batchgen write elsewhere (sink's link-safe helpers)."""
-    from .. import sink
+    from ..pipeline.files import OutputError, make_dirs, open_new, replace_into
 
     out = Path(output_dir)
     d = out / SLURM_DIR
     try:
-        sink.make_dirs(out, d / "logs")
+        make_dirs(out, d / "logs")
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = d / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{stamp}.sbatch"
         n = 1
@@ -133,11 +133,11 @@ def write_sbatch_script(output_dir: Path, text: str, name: str) -> Path:
             n += 1
             path = d / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{stamp}-{n}.sbatch"
         tmp = path.with_suffix(".sbatch.tmp")
-        with sink.open_new(out, tmp) as f:
+        with open_new(out, tmp) as f:
             f.write(text.encode())
             os.fchmod(f.fileno(), 0o755)
-        sink.replace_into(out, tmp, path)
-    except sink.OutputError as e:
+        replace_into(out, tmp, path)
+    except OutputError as e:
         raise click.ClickException(str(e)) from None
     return path
 

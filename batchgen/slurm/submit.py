@@ -84,16 +84,16 @@ def job_output_dir(job_file: Path, gpus_per_task: int | None = None) -> Path:
     """The job's output directory, absolute, resolved exactly as `batchgen run` resolves it.
     The whole job file is validated on the way, with the checks that hold on any node (a bad
     file fails here, not in N tasks): JobRefused."""
-    from .. import config as _config
+    from ..pipeline.config import ConfigError, load_job, output_dir, preflight
 
     try:
-        cfg = _config.load_job(job_file)
-        _config.preflight(cfg, local=False)  # the login node may have no GPU: no device check here
-    except _config.ConfigError as e:
+        cfg = load_job(job_file)
+        preflight(cfg, local=False)  # the login node may have no GPU: no device check here
+    except ConfigError as e:
         raise JobRefused(str(e)) from None
     if gpus_per_task == 0:
         _check_cpu_only(cfg)
-    return Path(_config.output_dir(cfg))
+    return Path(output_dir(cfg))
 
 
 def _check_cpu_only(cfg: Any) -> None:

@@ -6,7 +6,7 @@ import json
 import string
 from typing import Any
 
-from ...config import PromptConfig
+from ..config import PromptSection
 
 
 class _NoneAsEmpty(string.Formatter):
@@ -44,7 +44,7 @@ def chars(msgs: list[dict]) -> int:
     return sum(len(m["content"]) for m in msgs if isinstance(m["content"], str))
 
 
-def row_messages(pc: PromptConfig, row: dict) -> tuple[list[dict] | None, str | None]:
+def row_messages(pc: PromptSection, row: dict) -> tuple[list[dict] | None, str | None]:
     """The chat messages of a row, or (None, error)."""
     if pc.messages_column is not None:
         return _from_messages_column(pc, row.get(pc.messages_column))
@@ -67,7 +67,7 @@ def _message_list(col: str, msgs: Any) -> tuple[Any, str | None]:
     return msgs, None
 
 
-def _from_messages_column(pc: PromptConfig, value: Any) -> tuple[list[dict] | None, str | None]:
+def _from_messages_column(pc: PromptSection, value: Any) -> tuple[list[dict] | None, str | None]:
     col = pc.messages_column
     assert col is not None
     msgs, err = _message_list(col, value)
@@ -90,7 +90,7 @@ def _from_messages_column(pc: PromptConfig, value: Any) -> tuple[list[dict] | No
     return out, None
 
 
-def _from_prompt_column(pc: PromptConfig, row: dict) -> tuple[list[dict] | None, str | None]:
+def _from_prompt_column(pc: PromptSection, row: dict) -> tuple[list[dict] | None, str | None]:
     value = row.get(pc.column)  # type: ignore[arg-type]
     if value is None:
         return None, f"prompt column '{pc.column}' is null"

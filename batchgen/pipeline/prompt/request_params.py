@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ...config import JobConfig
+from ..config import JobConfig
 from .reasoning import DEFAULT_TAGS
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...config import ConfigError, JobConfig, resolve_path
+from ..config import ConfigError, JobConfig, resolve_path
 from ..source.describe import first_line
 
 

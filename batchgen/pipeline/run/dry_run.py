@@ -6,13 +6,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ... import sink as sinkmod
-from ...config import JobConfig, job_fingerprint, job_identity, output_dir
-from ...prompts import Prompt, PromptBuilder, load_tokenizer
-from ...sink import OutputDir
-from ...sources import open_source
+from ..sink.manifest import manifest_mismatch
+from ..config import JobConfig, job_fingerprint, job_identity, output_dir
+from ..prompt.builder import Prompt, PromptBuilder
+from ..prompt.tokenizer import load_tokenizer
+from ..sink.output_dir import OutputDir
+from ..source import open_source
 from .engine_setup import model_context
-from .session import _source_rows
 
 
 @dataclass
@@ -66,7 +66,7 @@ def _preview(cfg: JobConfig, source: Any, builder: PromptBuilder, preview: int, 
              out: TextIO) -> tuple[Sample, int]:
     """Build the first `limit` rows' prompts, printing the first `preview`; (the sample, errors printed)."""
     s, shown, shown_errors = Sample(), 0, 0
-    for row in _source_rows(source, 0):
+    for row in source.rows():
         if s.seen >= limit:
             break
         rid = row.values.get(cfg.input.id_column) if cfg.input.id_column else row.index
@@ -106,7 +106,7 @@ def _output_state(cfg: JobConfig, od: OutputDir, source: Any, num_tasks: int) ->
     if existing is None:
         return "new"
     # the run's own comparison: job fingerprint, number of tasks and the input's content
-    mismatch = sinkmod.manifest_mismatch(existing, {"fingerprint": job_fingerprint(cfg), "num_tasks": num_tasks,
+    mismatch = manifest_mismatch(existing, {"fingerprint": job_fingerprint(cfg), "num_tasks": num_tasks,
                                                      "identity": job_identity(cfg), "source": source.identity()})
     if mismatch is None:
         return "exists for this job (a run resumes it)"

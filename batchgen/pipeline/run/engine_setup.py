@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...config import ConfigError, JobConfig, engine_kwargs
-from ...prompts import load_tokenizer, model_location
+from ..config import ConfigError, JobConfig, engine_kwargs
+from ..prompt.tokenizer import load_tokenizer, model_location
 
 
 def make_engine(cfg: JobConfig) -> Any:

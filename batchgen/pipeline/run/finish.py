@@ -6,10 +6,12 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ... import sink as sinkmod
-from ...config import CONSTRAINT_KEYS, JobConfig
-from ...sink import Ledger, OutputDir
-from ...sources import Source
+from ..files import read_json, write_json_atomic
+from ..sink.verify import repeated_ids
+from ..config import CONSTRAINT_KEYS, JobConfig
+from ..sink.ledger import Ledger
+from ..sink.output_dir import OutputDir
+from ..source.base import Source
 from .layout import version
 from .summary import combine_summaries, format_summary, summary_dict
 from .task_file import TaskFile
@@ -74,7 +76,7 @@ class Finisher:
         if self.num_tasks == 1:  # a job of several tasks checks once all are done (combine)
             self.check_ids_unique(summ)
         task_file.write("done", summary=summ)
-        sinkmod.write_json_atomic(self.od.summary_path(), summ)
+        write_json_atomic(self.od.summary_path(), summ)
         if self.num_tasks > 1:
             self.combine()
         else:
@@ -84,13 +86,13 @@ class Finisher:
         """When every task of the job is done, write the job's summary.json (any task may be last)."""
         parts = []
         for t in range(self.num_tasks):
-            prog = sinkmod.read_json(self.od.progress_path(t))
+            prog = read_json(self.od.progress_path(t))
             if not isinstance(prog, dict) or prog.get("state") != "done" or not isinstance(prog.get("summary"), dict):
                 return
             parts.append(prog["summary"])
         summ = combine_summaries(parts, self.cfg.cost_per_hour)
         self.check_ids_unique(summ)
-        sinkmod.write_json_atomic(self.od.meta / "summary.json", summ)
+        write_json_atomic(self.od.meta / "summary.json", summ)
         self.write_card(summ)
         self.say(f"all {self.num_tasks} tasks are done: {summ['rows']:,} rows, {summ['errors']:,} errors, "
                  f"{summ['output_tokens']:,} output tokens; summary: {self.od.meta / 'summary.json'}")
@@ -101,7 +103,7 @@ class Finisher:
         col = self.cfg.input.id_column
         if not col:
             return  # ids are row positions: unique by construction
-        n, examples = sinkmod.repeated_ids(self.od.shard_files())
+        n, examples = repeated_ids(self.od.shard_files())
         summ["repeated_ids"] = n
         if n:
             self.say(f"warning: input.id_column '{col}' is not unique: {n:,} id(s) name more than one input row "
@@ -109,7 +111,7 @@ class Finisher:
 
     def write_card(self, summ: dict) -> None:
         """The finished output's dataset card (OUT/README.md) when output.dataset_card; a failure costs no row."""
-        from ...card import write_card
+        from ..sink.card import write_card
 
         if not self.cfg.output.dataset_card:
             return

@@ -13,10 +13,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from ...config import JobConfig
-from ...prompts import Prompt, PromptBuilder, row_seed
-from ...request_params import RowParamsError, request_params
-from ...sink import OutputError, column_value
+from ..config import JobConfig
+from ..prompt.builder import Prompt, PromptBuilder
+from ..prompt.seeds import row_seed
+from ..prompt.request_params import RowParamsError, request_params
+from ..files import OutputError
+from ..sink.columns import column_value
 from .layout import position_id
 from .rows import RowBatch, RowShape, error_rows
 from .work import WorkItem

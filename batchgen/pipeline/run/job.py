@@ -25,10 +25,13 @@ from typing import Any, Callable, TextIO
 
 import pyarrow as pa
 
-from ... import sink as sinkmod
-from ...config import JobConfig, job_fingerprint, output_dir
-from ...sink import IntervalSet, OutputDir, WriteError
-from ...sources import open_source
+from ..files import write_json_atomic
+from ..sink.columns import schema_from_b64
+from ..config import JobConfig, job_fingerprint, output_dir
+from ..sink.intervals import IntervalSet
+from ..sink.output_dir import OutputDir
+from ..files import WriteError
+from ..source import open_source
 from . import layout
 from .finish import Finisher, summarize
 from .resume import Resume, plan_resume
@@ -100,7 +103,7 @@ class Job:
             od.lock()  # before prepare: --overwrite must not clear a running task's output
             manifest = od.prepare(layout.manifest(self.cfg, source, self.num_tasks), overwrite=self.overwrite,
                                   say=self.say)
-            schema = sinkmod.schema_from_b64(manifest["schema"])
+            schema = schema_from_b64(manifest["schema"])
             return self._run_locked(source, od, schema, t_start)
         except WriteError as e:  # before any row: the disk is full, a file can't be written
             self.say(f"error: {e}; nothing more was written: fix that, then run the same command to resume")
@@ -127,7 +130,7 @@ class Job:
         if not plan.recorded_done:  # killed after its last commit: record it
             summ = summarize(self.cfg, self.task_id, self.num_tasks, od, source, led, "done", plan.prev_wall_s)
             task_file.write("done", summary=summ)
-            sinkmod.write_json_atomic(od.summary_path(), summ)
+            write_json_atomic(od.summary_path(), summ)
             if self.num_tasks > 1:
                 finisher.combine()
         if self.retry_errors:

@@ -6,13 +6,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from ... import sink as sinkmod
-from ...config import JobConfig, job_fingerprint, job_identity
-from ...sink import output_schema
-from ...sources import Source
-
-TOP_LOGPROB = pa.struct([pa.field("id", pa.int64()), pa.field("logprob", pa.float32())])
-
+from ..files import now_iso
+from ..sink.columns import schema_to_b64
+from ..sink.layout import FORMAT_VERSION
+from ..sink.manifest import source_sha
+from ..config import JobConfig, job_fingerprint, job_identity
+from ..sink.columns import output_schema
+from ..source.base import Source
 
 def version() -> str:
     try:
@@ -23,16 +23,11 @@ def version() -> str:
         return "0+unknown"
 
 
-def extra_fields(cfg: JobConfig) -> list[pa.Field]:
+def optional_columns(cfg: JobConfig) -> list[str]:
     """Output columns the job asked for beyond the fixed ones: reasoning, logprobs, top_logprobs."""
-    out = []
-    if cfg.output.reasoning:
-        out.append(pa.field("reasoning", pa.string()))
-    if cfg.sampling.logprobs:
-        out.append(pa.field("logprobs", pa.list_(pa.float32())))
-    if cfg.sampling.top_logprobs:
-        out.append(pa.field("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB))))
-    return out
+    asked = {"reasoning": cfg.output.reasoning, "logprobs": cfg.sampling.logprobs,
+             "top_logprobs": cfg.sampling.top_logprobs}
+    return [name for name, on in asked.items() if on]
 
 
 def id_column_type(source: Source, id_column: str | None) -> pa.DataType:
@@ -63,21 +58,21 @@ def position_id(id_type: pa.DataType, index: int) -> Any:
 def schema(cfg: JobConfig, source: Source) -> pa.Schema:
     copied = [(c, source.types.get(c, pa.string())) for c in cfg.input.columns]
     copied = [(c, pa.string() if pa.types.is_null(t) else t) for c, t in copied]
-    return output_schema(id_column_type(source, cfg.input.id_column), copied, extra_fields(cfg))
+    return output_schema(id_column_type(source, cfg.input.id_column), copied, optional_columns(cfg))
 
 
 def manifest(cfg: JobConfig, source: Source, num_tasks: int) -> dict:
     """What binds an output directory to one job: a later run resumes it only when these agree."""
     return {
-        "format": sinkmod.FORMAT_VERSION,
+        "format": FORMAT_VERSION,
         "fingerprint": job_fingerprint(cfg),
         "identity": job_identity(cfg),
         "num_tasks": num_tasks,
         "source": source.identity(),
-        "schema": sinkmod.schema_to_b64(schema(cfg, source)),
+        "schema": schema_to_b64(schema(cfg, source)),
         "job_file": cfg.source_path,
         "config": cfg.to_dict(),
-        "created": sinkmod.now_iso(),
+        "created": now_iso(),
         "batchgen_version": version(),
     }
 
@@ -86,9 +81,9 @@ def footer(cfg: JobConfig, source: Source) -> dict:
     """The metadata every shard carries: enough to tell which job and settings wrote it."""
     d = cfg.to_dict()
     return {
-        "format": sinkmod.FORMAT_VERSION,
+        "format": FORMAT_VERSION,
         "fingerprint": job_fingerprint(cfg),
-        "source_sha": sinkmod.source_sha(source.identity()),
+        "source_sha": source_sha(source.identity()),
         "model": {"path": cfg.model.path, "dtype": cfg.model.dtype},
         "sampling": json.loads(json.dumps(d["sampling"])),
         "prompt": d["prompt"],

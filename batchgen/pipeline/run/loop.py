@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...progress import Progress
-from ...sink import ShardWriter
+from ..progress import Progress
+from ..sink.shard_writer import ShardWriter
 from .intake import Intake
 from .rows import RowBatch, RowShape, sample_rows
 from .stopping import HardStop, StopControl

@@ -6,9 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ... import sink as sinkmod
-from ...config import JobConfig
-from ...sink import IntervalSet, Ledger, OutputDir
+from ..files import read_json_checked
+from ..config import JobConfig
+from ..sink.intervals import IntervalSet
+from ..sink.ledger import Ledger
+from ..sink.output_dir import OutputDir
 
 
 @dataclass
@@ -47,7 +49,7 @@ def plan_resume(cfg: JobConfig, od: OutputDir, source: Any, led: Ledger, *, retr
 def read_previous_progress(od: OutputDir, say: Callable[[str], None]) -> dict | None:
     """The previous run's progress file: advisory (the ledger is the checkpoint), so one that
     is unreadable is said and rewritten, never fatal."""
-    data, why = sinkmod.read_json_checked(od.progress_path())
+    data, why = read_json_checked(od.progress_path())
     if why is None and not isinstance(data, dict):
         why = "unreadable (not a JSON object)"
     if why is not None and why != "missing":

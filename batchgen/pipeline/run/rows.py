@@ -1,13 +1,14 @@
 """A finished request (or a failed row) as output rows, and the ledger counts they add.
 
-One place builds output rows; the columns themselves are the output schema's (sink: output_schema).
+The columns and their order are the sink's (sink/columns.py: output_schema, output_row).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from ...reasoning import split_reasoning
+from ..prompt.reasoning import split_reasoning
+from ..sink.columns import output_row
 from .work import WorkItem
 
 
@@ -44,8 +45,7 @@ def error_rows(shape: RowShape, item: WorkItem, message: str) -> RowBatch:
 
 
 def _error_row(item: WorkItem, j: int, message: str) -> dict[str, Any]:
-    return {"id": item.row_id, "sample_index": j, **item.copied, "completion": None, "finish_reason": "error",
-            "prompt_tokens": item.prompt_tokens, "completion_tokens": 0, "error": message}
+    return output_row(item.row_id, j, item.copied, None, "error", item.prompt_tokens, 0, message)
 
 
 def sample_rows(shape: RowShape, item: WorkItem, out: Any) -> RowBatch:
@@ -68,15 +68,14 @@ def sample_rows(shape: RowShape, item: WorkItem, out: Any) -> RowBatch:
 
 
 def _sample_row(shape: RowShape, item: WorkItem, j: int, c: Any, failed: bool, prompt_len: int | None) -> dict:
-    row = {"id": item.row_id, "sample_index": j, **item.copied,
-           "completion": None if failed and not c.text else c.text, "finish_reason": c.finish_reason,
-           "prompt_tokens": prompt_len, "completion_tokens": len(c.token_ids or []),
-           "error": (c.error or "generation failed") if failed else None}
+    completion = None if failed and not c.text else c.text
+    optional: dict[str, Any] = {}
     if shape.reasoning_tags is not None and not failed and c.text is not None:
-        row["reasoning"], row["completion"] = split_reasoning(c.text, shape.reasoning_tags)
+        optional["reasoning"], completion = split_reasoning(c.text, shape.reasoning_tags)
     if shape.logprobs:
-        row["logprobs"] = None if failed else c.logprobs
+        optional["logprobs"] = None if failed else c.logprobs
     if shape.top_logprobs:
-        row["top_logprobs"] = None if failed or c.top_logprobs is None else [
+        optional["top_logprobs"] = None if failed or c.top_logprobs is None else [
             [{"id": i, "logprob": lp} for i, lp in pos] for pos in c.top_logprobs]
-    return row
+    return output_row(item.row_id, j, item.copied, completion, c.finish_reason, prompt_len, len(c.token_ids or []),
+                      (c.error or "generation failed") if failed else None, **optional)

@@ -10,15 +10,19 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from ...config import ConfigError
-from ...progress import Progress
-from ...prompts import PromptBuilder
-from ...reasoning import DEFAULT_TAGS
-from ...reasoning import reasoning_tags as reasoning_tags_of
-from ...sink import Ledger, OutputDir, OutputError, ShardWriter, WriteError
-from ...sources import InputError
+from ..config import ConfigError
+from ..progress import Progress
+from ..prompt.builder import PromptBuilder
+from ..prompt.reasoning import DEFAULT_TAGS
+from ..prompt.reasoning import reasoning_tags as reasoning_tags_of
+from ..sink.ledger import Ledger
+from ..sink.output_dir import OutputDir
+from ..files import OutputError, WriteError
+from ..sink.shard_writer import ShardWriter
+from ..source.base import InputError
 from . import layout
-from .engine_setup import job_tokenizer, make_engine, model_source_error
+from . import engine_setup
+from .engine_setup import job_tokenizer, model_source_error
 from .finish import Finisher, RunFigures, engine_stats, summarize
 from .intake import Intake
 from .loop import LoopEnd, RunLoop
@@ -83,7 +87,7 @@ class Generation:
     def _load_engine(self) -> Any:
         self.say(f"loading model {self.cfg.model.path} ...")
         try:
-            engine = (self.job.engine_factory or make_engine)(self.cfg)
+            engine = (self.job.engine_factory or engine_setup.make_engine)(self.cfg)
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -141,7 +145,7 @@ class Generation:
     def _rows(self) -> Iterator[Any]:
         """This task's rows not yet done, from the first position not done."""
         skip = self.plan.skip
-        for row in _source_rows(self.source, skip.prefix_end()):
+        for row in self.source.rows(start=skip.prefix_end()):
             if row.position not in skip:
                 yield row
 
@@ -232,17 +236,3 @@ class Generation:
                 cb(self.job)
             except Exception as e:  # noqa: BLE001
                 self.say(f"warning: stop callback failed: {e}")
-
-
-def _source_rows(source: Any, start: int) -> Iterator[Any]:
-    """The source's typed rows (an adapter while sources.py still yields tuples)."""
-    rows = getattr(source, "rows", None)
-    if callable(rows):
-        yield from rows(start=start)
-        return
-    from types import SimpleNamespace
-
-    from ...sources import ROW_ERROR
-
-    for pos, idx, row in source.iter_rows(start=start):
-        yield SimpleNamespace(position=pos, index=idx, values=row, error=row.get(ROW_ERROR))

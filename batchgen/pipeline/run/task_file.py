@@ -7,8 +7,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ...progress import Progress, write_task_progress
-from ...sink import Ledger, LinkError, OutputDir, WriteError
+from ..progress import Progress
+from ..task_progress import write_task_progress
+from ..sink.ledger import Ledger
+from ..files import LinkError, WriteError
+from ..sink.output_dir import OutputDir
 
 
 class TaskFile:

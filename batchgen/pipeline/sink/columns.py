@@ -15,20 +15,32 @@ _ARROW_REFUSALS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedErr
                    OverflowError)
 
 
-def output_schema(id_type: pa.DataType, copied: list[tuple[str, pa.DataType]],
-                  extra: list[pa.Field] | None = None) -> pa.Schema:
-    """The output's columns: id, sample_index, the copied ones, the generation's, then `extra` (what the job asked
-    for: reasoning, logprobs, top_logprobs)."""
+TOP_LOGPROB = pa.struct([pa.field("id", pa.int64()), pa.field("logprob", pa.float32())])
+KEY = ("id", "sample_index")  # (id, sample_index) names one output row
+GENERATED = (("completion", pa.string()), ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()),
+             ("completion_tokens", pa.int32()), ("error", pa.string()))
+OPTIONAL = {"reasoning": pa.string(), "logprobs": pa.list_(pa.float32()),  # the columns a job may ask for
+            "top_logprobs": pa.list_(pa.list_(TOP_LOGPROB))}
+OWN_COLUMNS = KEY + tuple(n for n, _ in GENERATED) + tuple(OPTIONAL)  # every column not copied from the input
+
+
+def output_schema(id_type: pa.DataType, copied: list[tuple[str, pa.DataType]], optional: list[str] = ()) -> pa.Schema:
+    """The output's columns: id, sample_index, the copied ones, the generation's, then the optional
+    ones the job asked for (in OPTIONAL's order)."""
     fields_ = [pa.field("id", id_type), pa.field("sample_index", pa.int32())]
     fields_ += [pa.field(n, t) for n, t in copied]
-    fields_ += [
-        pa.field("completion", pa.string()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("prompt_tokens", pa.int32()),
-        pa.field("completion_tokens", pa.int32()),
-        pa.field("error", pa.string()),
-    ]
-    return pa.schema(fields_ + list(extra or ()))
+    fields_ += [pa.field(n, t) for n, t in GENERATED]
+    fields_ += [pa.field(n, t) for n, t in OPTIONAL.items() if n in optional]
+    return pa.schema(fields_)
+
+
+def output_row(row_id: Any, sample_index: int, copied: dict[str, Any], completion: str | None,
+               finish_reason: str | None, prompt_tokens: int | None, completion_tokens: int, error: str | None,
+               **optional: Any) -> dict[str, Any]:
+    """One output row as the shard writer takes it (an optional column left out is null)."""
+    return {"id": row_id, "sample_index": sample_index, **copied, "completion": completion,
+            "finish_reason": finish_reason, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "error": error, **optional}
 
 
 def schema_to_b64(schema: pa.Schema) -> str:

@@ -24,7 +24,7 @@ def manifest_mismatch(old: dict, new: dict) -> str | None:
         if old.get("num_tasks") != new.get("num_tasks"):
             return (f"it was written with {old.get('num_tasks')} task(s), this run has {new.get('num_tasks')}; "
                     "rerun with the same --num-tasks")
-        from ...sources import identity_change  # sizes, times, content hashes; safe appends pass
+        from ..source.identity import identity_change
 
         change = identity_change(old.get("source") or {}, new.get("source") or {})
         if change:

@@ -24,7 +24,7 @@ appended while a job runs are left for the next run.
 """
 from __future__ import annotations
 
-from ...config import ConfigError, JobConfig
+from ..config import ConfigError, JobConfig
 from .base import InputError, RowOrigin, Source, SourceRow
 from .dataset_source import DatasetSource
 from .file_source import FileSource

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ...config import ConfigError, JobConfig, template_fields
+from ..config import ConfigError, JobConfig, template_fields
 from .describe import kind_of
 
 # Values of the job's columns nested deeper than this are error rows: deeper values risk Python's

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...config import ConfigError, JobConfig, resolve_path
+from ..config import ConfigError, JobConfig, resolve_path
 from .describe import first_line
 
 

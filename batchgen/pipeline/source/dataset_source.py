@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from ...config import JobConfig
+from ..config import JobConfig
 from .base import RowOrigin, Source, SourceRow
 from .checks import check_columns, check_id_type, infer_type, needed_columns
 from .dataset_load import import_datasets, load, saved_files

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any, Generator, Iterator
 
-from ...config import ConfigError, JobConfig
+from ..config import ConfigError, JobConfig
 from .base import InputError, RowRead, Source, SourceRow
 from .checks import check_columns, check_id_type, infer_type, needed_columns, where
 from .files import InputFile, content_hash, expand_files

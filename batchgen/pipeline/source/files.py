@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ...config import ConfigError, JobConfig, output_dir, resolve_path
+from ..config import ConfigError, JobConfig, output_dir, resolve_path
 from .base import InputError
 from .checks import where
 from .lines import jsonl_lines

@@ -7,7 +7,7 @@ from typing import Any, Callable, Generator, Iterator
 
 import pyarrow as pa
 
-from ...config import ConfigError, JobConfig
+from ..config import ConfigError, JobConfig
 from .base import InputError, RowError, RowOrigin, RowRead
 from .checks import same_type, where
 from .describe import first_line
