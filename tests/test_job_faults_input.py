@@ -73,9 +73,8 @@ def good(i: int) -> dict:
 def test_bad_jsonl_lines_are_error_rows_and_the_job_completes(d: Path) -> None:
     """The reported bug: one line nested 100,000 levels deep raised RecursionError on every
     rerun. It and its siblings are error rows; the good lines around them are generated."""
-    import batchgen.sources as sources
-
-    MAX_DEPTH, MAX_LINE_BYTES = getattr(sources, "MAX_DEPTH", 64), getattr(sources, "MAX_LINE_BYTES", 64 << 20)
+    from batchgen.pipeline.source.checks import MAX_DEPTH
+    from batchgen.pipeline.source.lines import MAX_LINE_BYTES
 
     lines: list[bytes] = [b"\xef\xbb\xbf" + json.dumps(good(0)).encode()]  # a byte order mark first
     bad: dict[int, str] = {}
@@ -231,8 +230,9 @@ def change_input(engine: Any, change: Callable[[], None]) -> EngineTap:
 def _changed_mid_run(d: Path, tiny_checkpoint: Callable[..., Path]) -> tuple[int, str, Path]:
     import io
 
-    from batchgen.config import load_job
-    from batchgen.job import Job, make_engine
+    from batchgen.pipeline.config import load_job
+    from batchgen.pipeline.run.job import Job
+    from batchgen.pipeline.run.engine_setup import make_engine
 
     (d / "data").mkdir()
     (d / "data/a.jsonl").write_text("".join(json.dumps(good(i)) + "\n" for i in range(100)))
@@ -281,7 +281,7 @@ def test_changed_input_is_refused_in_one_line_and_overwrite_starts_over(d: Path)
 
 # --------------------------------------------------------------------------- a file changing under a running job
 def _cfg(d: Path, files: str) -> Any:
-    from batchgen.config import parse_job
+    from batchgen.pipeline.config import parse_job
 
     return parse_job({"model": {"path": "m"}, "input": {"files": [files]}, "prompt": {"column": "prompt"},
                       "output": {"path": "out"}}, base_dir=d)
@@ -290,25 +290,27 @@ def _cfg(d: Path, files: str) -> Any:
 def test_a_file_growing_while_read_is_read_as_it_was(tmp_path: Path) -> None:
     """Rows appended while the job runs (a producer still writing) are left for the next run,
     which sees a safe append; a file rewritten before the job reads it is a clear error."""
-    from batchgen.sources import InputError, identity_change, open_source
+    from batchgen.pipeline.source.base import InputError
+    from batchgen.pipeline.source.identity import identity_change
+    from batchgen.pipeline.source import open_source
 
     p = tmp_path / "in.jsonl"
     p.write_text("".join(json.dumps(good(i)) + "\n" for i in range(5)))
     src = open_source(_cfg(tmp_path, "in.jsonl"))
     with open(p, "a") as f:
         f.write(json.dumps(good(5)) + "\n" + '{"prompt": "half a li')  # the producer is mid-line
-    assert [r["prompt"] for _, _, r in src.iter_rows()] == [f"question {i}" for i in range(5)]
+    assert [r.values["prompt"] for r in src.rows()] == [f"question {i}" for i in range(5)]
     with open(p, "a") as f:
         f.write('ne"}\n')
     later = open_source(_cfg(tmp_path, "in.jsonl"))
     assert identity_change(src.identity(), later.identity()) is None
-    assert [r.get("prompt") for _, _, r in later.iter_rows(start=5)] == ["question 5", "half a line"]
+    assert [r.values.get("prompt") for r in later.rows(start=5)] == ["question 5", "half a line"]
     # rewritten in place between start-up and reading
     src = open_source(_cfg(tmp_path, "in.jsonl"))
     p.write_text(p.read_text().replace("question 1", "question 7"))
     os.utime(p, ns=(os.stat(p).st_mtime_ns + 10**9,) * 2)
     with pytest.raises(InputError, match="in.jsonl changed while the job was running"):
-        list(src.iter_rows())
+        list(src.rows())
 
 
 def test_nesting_is_judged_the_same_in_every_run(tmp_path: Path) -> None:
@@ -316,7 +318,8 @@ def test_nesting_is_judged_the_same_in_every_run(tmp_path: Path) -> None:
     refused by its own nesting instead, so the same line reads the same in every run."""
     import sys as _sys
 
-    from batchgen.sources import MAX_PARSE_DEPTH, ROW_ERROR, open_source
+    from batchgen.pipeline.source.jsonl import MAX_PARSE_DEPTH
+    from batchgen.pipeline.source import open_source
 
     deep = MAX_PARSE_DEPTH + 1
     rows = [b'{"prompt": "ok", "other": ' + b"[" * (MAX_PARSE_DEPTH - 1) + b"]" * (MAX_PARSE_DEPTH - 1) + b"}",
@@ -327,7 +330,7 @@ def test_nesting_is_judged_the_same_in_every_run(tmp_path: Path) -> None:
     def read(nested_calls: int) -> list[str | None]:
         if nested_calls:
             return read(nested_calls - 1)
-        return [r.get(ROW_ERROR) for _, _, r in open_source(_cfg(tmp_path, "in.jsonl")).iter_rows()]
+        return [r.error for r in open_source(_cfg(tmp_path, "in.jsonl")).rows()]
 
     shallow, deeper = read(0), read(_sys.getrecursionlimit() - MAX_PARSE_DEPTH - 200)  # 600 frames more
     assert shallow == deeper

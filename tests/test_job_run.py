@@ -17,13 +17,18 @@ import pyarrow.parquet as pq
 import pytest
 from engine_tap import EngineTap
 
-from batchgen.config import ConfigError, load_job
+from batchgen.pipeline.config import ConfigError, load_job
 from batchgen.engine.engine import Engine
 from batchgen.engine.request import GenerationRequest, RequestOutput, SamplingParams
-from batchgen.job import Job, dry_run, make_engine
-from batchgen.prompts import row_seed
-from batchgen.sink import IntervalSet, OutputDir, OutputError, read_shard_meta
-from batchgen.sources import open_source
+from batchgen.pipeline.run.job import Job
+from batchgen.pipeline.run.dry_run import dry_run
+from batchgen.pipeline.run.engine_setup import make_engine
+from batchgen.pipeline.prompt.seeds import row_seed
+from batchgen.pipeline.sink.intervals import IntervalSet
+from batchgen.pipeline.sink.output_dir import OutputDir
+from batchgen.pipeline.files import OutputError
+from batchgen.pipeline.sink.shard_file import read_shard_meta
+from batchgen.pipeline.source import open_source
 
 # the engine section of every job file below, and of the module's shared engine: a few rows at
 # a time, so outputs arrive over many steps and not in submission order
@@ -372,9 +377,9 @@ def test_source_skip_start_parquet_and_jsonl(tmp_path: Path, start: int) -> None
         cfg = load_job(make_job(tmp_path, body))
         src = open_source(cfg)
         assert src.total == 30
-        got = list(src.iter_rows(start=start))
-        assert [(p, i) for p, i, _ in got] == [(k, k) for k in range(start, 30)]
-        assert [r["prompt"] for _, _, r in got] == [f"p {k}" for k in range(start, 30)]
+        got = list(src.rows(start=start))
+        assert [(r.position, r.index) for r in got] == [(k, k) for k in range(start, 30)]
+        assert [r.values["prompt"] for r in got] == [f"p {k}" for k in range(start, 30)]
 
 
 def test_save_to_disk_dataset_input(tmp_path: Path, shared: Callable[..., Tap]) -> None:
@@ -409,7 +414,7 @@ def test_streaming_modulo_partition(tmp_path: Path) -> None:
     """A streaming (iterable) dataset of unknown length: rows index % num_tasks == task."""
     import datasets
 
-    from batchgen.sources import DatasetSource
+    from batchgen.pipeline.source import DatasetSource
 
     jsonl(tmp_path / "a.jsonl", [{"prompt": f"p {i}"} for i in range(23)])
     body = f"""\
@@ -423,12 +428,12 @@ output: {{path: out}}
     for t in range(3):
         src = DatasetSource(cfg, t, 3)
         assert isinstance(src.ds, datasets.IterableDataset)
-        rows = list(src.iter_rows())
-        assert [p for p, _, _ in rows] == list(range(len(rows)))
-        assert all(i % 3 == t for _, i, _ in rows)
-        seen += [i for _, i, _ in rows]
+        rows = list(src.rows())
+        assert [r.position for r in rows] == list(range(len(rows)))
+        assert all(r.index % 3 == t for r in rows)
+        seen += [r.index for r in rows]
         # resuming at position 2 skips exactly the first two of this task's rows
-        assert [i for _, i, _ in src.iter_rows(start=2)] == [i for _, i, _ in rows][2:]
+        assert [r.index for r in src.rows(start=2)] == [r.index for r in rows][2:]
     assert sorted(seen) == list(range(23))
 
 
@@ -510,7 +515,7 @@ def test_concurrent_overwrite_keeps_every_new_tasks_shards(tmp_path: Path) -> No
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from batchgen.sink import OutputDir\n"
+        "from batchgen.pipeline.sink.output_dir import OutputDir\n"
         "out, t, gate = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])\n"
         "(gate / f'ready-{t}').touch()\n"
         "while not (gate / 'go').exists(): time.sleep(0.0005)\n"
@@ -551,7 +556,7 @@ def test_jsonl_bom_gz_and_globs(tmp_path: Path) -> None:
     for files in ("d", "'d/[ab].json*'", "'d/**/[ab].jsonl*'"):  # directories skip _ and . files
         body = BASIC.replace("files: [in.jsonl]", f"files: [{files}]").replace("columns: [cat]", "columns: []")
         src = open_source(load_job(make_job(tmp_path, body)))
-        assert [(i, r["prompt"]) for _, i, r in src.iter_rows()] == [(0, "p 0"), (1, "p 1"), (2, "p 2")], files
+        assert [(r.index, r.values["prompt"]) for r in src.rows()] == [(0, "p 0"), (1, "p 1"), (2, "p 2")], files
         assert src.total == 3
 
 
@@ -657,7 +662,7 @@ def test_retry_errors_replaces_error_rows_exactly_once(tmp_path: Path, shared: C
     s = json.loads((tmp_path / "out/.batchgen/summary.json").read_text())
     assert s["error_rows"] == 1 and s["errors"] == 2 and s["retried_rows"] == 3
     assert s["output_tokens"] == sum(r["completion_tokens"] for r in after.values())
-    from batchgen.sink import verify_output
+    from batchgen.pipeline.sink.verify import verify_output
 
     assert verify_output(tmp_path / "out") == []
     eng = shared()
@@ -674,15 +679,16 @@ def test_disk_full_mid_run_keeps_what_was_committed(tmp_path: Path, shared: Call
     import errno
     import io
 
-    from batchgen import sink
-    from batchgen.sink import verify_output
+    from batchgen.pipeline import files
+    from batchgen.pipeline.sink import ledger, shard_writer
+    from batchgen.pipeline.sink.verify import verify_output
 
     jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(20)])
     job = make_job(tmp_path, BASIC.replace("rows_per_shard: 6", "rows_per_shard: 4"))
     for where in ("bytes", "fsync", "ledger"):
         out = tmp_path / f"out-{where}"
         opened = []
-        real_open, real_fsync, real_append = sink.open_new, os.fsync, sink.LedgerFile.append
+        real_open, real_fsync, real_append = files.open_new, os.fsync, ledger.LedgerFile.append
 
         def full() -> OSError:
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -704,12 +710,12 @@ def test_disk_full_mid_run_keeps_what_was_committed(tmp_path: Path, shared: Call
 
         def append(self: Any, rec: Any) -> None:
             if where == "ledger" and len(opened) == 4:
-                raise sink.write_error(full(), self.path)
+                raise files.write_error(full(), self.path)
             real_append(self, rec)
 
-        monkeypatch.setattr(sink, "open_new", open_new)
-        monkeypatch.setattr(sink.os, "fsync", fsync)
-        monkeypatch.setattr(sink.LedgerFile, "append", append)
+        monkeypatch.setattr(shard_writer, "open_new", open_new)  # where the shard writer looks it up
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(ledger.LedgerFile, "append", append)
         cfg = load_job(job, [f"output.path={out.name}"])
         buf = io.StringIO()
         j = Job(cfg, engine=shared(), progress="off", stream=buf)

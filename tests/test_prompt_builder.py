@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from batchgen.config import ConfigError, parse_job
-from batchgen.progress import Progress
+from batchgen.pipeline.config import ConfigError, parse_job
+from batchgen.pipeline.progress import Progress
 from batchgen.pipeline.prompt.builder import Prompt, PromptBuilder
 from batchgen.pipeline.prompt.seeds import row_seed
 
@@ -126,13 +126,13 @@ def test_messages_string_nested_too_deeply_is_a_row_error(tok: Any) -> None:
 
 
 def test_source_error_rows_keep_their_reason(tok: Any) -> None:
-    from batchgen.pipeline.source.base import ROW_ERROR, ROW_ORIGIN, RowOrigin, SourceRow
+    from batchgen.pipeline.source.base import RowOrigin, SourceRow
 
     b = PromptBuilder(cfg(), tok)
     why, origin = "in.jsonl:3: JSON nested too deeply to read", RowOrigin("in.jsonl", 2, 3)
-    (p,) = b.build_many([{ROW_ERROR: why, ROW_ORIGIN: origin}])
+    (p,) = b.build_many([SourceRow(0, 2, {}, why, origin)])
     assert p.token_ids is None and p.error == why
-    # the typed row: an error row keeps its reason; a good row builds from its values
+    # an error row keeps its reason next to a good row, which builds from its values
     bad, good = SourceRow(0, 2, {}, why, origin), SourceRow(1, 3, {"prompt": "hello"})
     p, q = b.build_many([bad, good])
     assert p.token_ids is None and p.error == why

@@ -17,12 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from engine_tap import EngineTap
 
-from batchgen.config import ConfigError, load_job, parse_job
+from batchgen.pipeline.config import ConfigError, load_job, parse_job
 from batchgen.engine.engine import Engine
-from batchgen.job import Job
-from batchgen.sink import OutputError
+from batchgen.pipeline.run.job import Job
+from batchgen.pipeline.files import OutputError
 from batchgen.pipeline.source import open_source
-from batchgen.pipeline.source.base import ROW_ERROR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).absolute().parents[1]  # not resolve(): a copied tree tests its own package
@@ -84,7 +83,7 @@ def test_limit_changes_move_no_row_between_tasks(tmp_path: Path, mode: str, num_
         parts = []
         for t in range(num_tasks):
             src = open_source(job_cfg(tmp_path, inp, limit), t, num_tasks)
-            got = [(p, i, r["gid"]) for p, i, r in src.iter_rows()]
+            got = [(r.position, r.index, r.values["gid"]) for r in src.rows()]
             assert all(i == g for _, i, g in got)  # the index is the row's place in the input
             assert [p for p, _, _ in got] == list(range(len(got)))
             if src.total is not None:
@@ -365,28 +364,27 @@ def test_changed_input_refused_on_resume_and_append_extends(tmp_path: Path, engi
 
 # --------------------------------------------------------------------------- case 5: where error rows are
 def test_every_row_has_a_unique_index_and_error_rows_say_where(tmp_path: Path) -> None:
-    """Malformed lines and null ids carry their place (file, line) and a unique index, so job.py
+    """Malformed lines and null ids carry their place (file, line) and a unique index, so the run loop
     can give each output row its own id."""
-    from batchgen.pipeline.source.base import ROW_ORIGIN, RowOrigin
+    from batchgen.pipeline.source.base import RowOrigin
 
     (tmp_path / "d").mkdir()
     write_jsonl(tmp_path / "d/a.jsonl", [{"k": "x", "prompt": "p"}, "{bad", {"k": None, "prompt": "p"}, ""])
     write_jsonl(tmp_path / "d/b.jsonl", ["[1]", {"k": "y", "prompt": "p"}, {"k": [1], "prompt": "p"}])
-    rows = list(_src(tmp_path, {"files": ["d"], "id_column": "k"}).iter_rows())
-    assert [i for _, i, _ in rows] == list(range(6))
-    errs = {i: r for _, i, r in rows if ROW_ERROR in r}
-    assert {i: r[ROW_ORIGIN] for i, r in errs.items()} == {
+    rows = list(_src(tmp_path, {"files": ["d"], "id_column": "k"}).rows())
+    assert [r.index for r in rows] == list(range(6))
+    errs = {r.index: r for r in rows if r.error is not None}
+    assert {i: r.origin for i, r in errs.items()} == {
         1: RowOrigin("d/a.jsonl", 1, 2), 2: RowOrigin("d/a.jsonl", 2, 3),
         3: RowOrigin("d/b.jsonl", 0, 1), 5: RowOrigin("d/b.jsonl", 2, 3)}
-    assert "d/a.jsonl:2" in errs[1][ROW_ERROR] and "id column 'k' is null" in errs[2][ROW_ERROR]
-    assert "not a JSON object" in errs[3][ROW_ERROR] and "is a list" in errs[5][ROW_ERROR]
-    assert all(set(r) == {ROW_ERROR, ROW_ORIGIN} for r in errs.values())  # no value of a bad row travels on
+    assert "d/a.jsonl:2" in errs[1].error and "id column 'k' is null" in errs[2].error
+    assert "not a JSON object" in errs[3].error and "is a list" in errs[5].error
+    assert all(r.values == {} for r in errs.values())  # no value of a bad row travels on
 
 
-def test_rows_are_typed_source_rows_and_iter_rows_is_their_old_form(tmp_path: Path) -> None:
-    """Source.rows() yields SourceRow(position, index, values, error, origin); iter_rows() is
-    the same rows as (position, index, dict) with the old ROW_ERROR/ROW_ORIGIN keys; start skips."""
-    from batchgen.pipeline.source.base import ROW_ORIGIN, RowOrigin, SourceRow
+def test_rows_are_typed_source_rows(tmp_path: Path) -> None:
+    """Source.rows() yields SourceRow(position, index, values, error, origin); start skips."""
+    from batchgen.pipeline.source.base import RowOrigin, SourceRow
 
     write_jsonl(tmp_path / "in.jsonl", [{"k": "x", "prompt": "p"}, "{bad", {"k": None, "prompt": "q"},
                                         {"k": "z", "prompt": "r"}])
@@ -398,9 +396,7 @@ def test_rows_are_typed_source_rows_and_iter_rows_is_their_old_form(tmp_path: Pa
     assert rows[1].values == {} and "malformed JSON at in.jsonl:2" in rows[1].error
     assert rows[1].origin == RowOrigin("in.jsonl", 1, 2)
     assert "id column 'k' is null" in rows[2].error and rows[2].origin == RowOrigin("in.jsonl", 2, 3)
-    old = list(src.iter_rows())
-    assert [(p, i) for p, i, _ in old] == [(r.position, r.index) for r in rows]
-    assert old[0][2] == rows[0].values and old[1][2] == {ROW_ERROR: rows[1].error, ROW_ORIGIN: rows[1].origin}
+    assert rows[2].values == {}
     assert [(r.position, r.values) for r in src.rows(start=3)] == [(3, {"prompt": "r", "k": "z"})]
 
 
@@ -410,9 +406,9 @@ def test_id_values_the_id_column_cannot_hold_are_error_rows(tmp_path: Path) -> N
     write_jsonl(tmp_path / "in.jsonl", [{"k": i, "prompt": "p"} for i in range(100)]
                 + [{"k": "x7", "prompt": "p"}, {"k": 2**70, "prompt": "p"}, {"k": 1.5, "prompt": "p"},
                    '{"k": NaN, "prompt": "p"}', {"k": True, "prompt": "p"}])
-    rows = [r for _, _, r in _src(tmp_path, {"files": ["in.jsonl"], "id_column": "k"}).iter_rows()]
-    assert [r["k"] for r in rows[:100]] == list(range(100))
-    msgs = [r.get(ROW_ERROR, "") for r in rows[100:]]
+    rows = list(_src(tmp_path, {"files": ["in.jsonl"], "id_column": "k"}).rows())
+    assert [r.values["k"] for r in rows[:100]] == list(range(100))
+    msgs = [r.error or "" for r in rows[100:]]
     assert "is a str ('x7'), but this input's ids are int64" in msgs[0]
     assert "out of the range of int64" in msgs[1] and "is a float" in msgs[2]
     assert "is nan" in msgs[3] and "is a boolean" in msgs[4]

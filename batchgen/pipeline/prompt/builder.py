@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ...config import ConfigError, JobConfig
-from ..source.base import ROW_ERROR, SourceRow
+from ..config import ConfigError, JobConfig
+from ..source.base import SourceRow
 from ..source.describe import first_line
 from .messages import chars, content_text, row_messages
 
@@ -110,8 +110,9 @@ class PromptBuilder:
 
     # ------------------------------------------------------------------ building
     def build_many(self, rows: Sequence[dict | SourceRow]) -> list[Prompt]:
-        """Prompts for a batch of rows (row dicts, or SourceRows), tokenized together; never raises
-        for a row's data (on_too_long: error gives a Prompt with fatal=True)."""
+        """Prompts for a batch of rows (a row's values as a dict, or SourceRows: an error row's
+        Prompt is its error), tokenized together; never raises for a row's data (on_too_long:
+        error gives a Prompt with fatal=True)."""
         out: list[Prompt | None] = [None] * len(rows)
         values: list[dict] = []  # a row cut for truncation replaces its entry here, not in the caller's
         todo: list[_Rendered] = []
@@ -129,13 +130,12 @@ class PromptBuilder:
         return out  # type: ignore[return-value]
 
     def _prepare(self, i: int, row: dict | SourceRow) -> tuple[dict, Prompt | _Rendered]:
-        """(the row's values, its Prompt when it already has one (an error), else its rendering)."""
+        """(the row's values, and its Prompt when that is known before tokenizing (an error row,
+        bad messages, too many characters, a failed rendering), else its rendering)."""
         if isinstance(row, SourceRow):
             if row.error is not None:
                 return {}, Prompt(None, error=row.error)
             row = row.values
-        elif ROW_ERROR in row:
-            return row, Prompt(None, error=row[ROW_ERROR])
         msgs, err = self._messages(row)
         if err is not None:
             return row, Prompt(None, error=err)

@@ -10,13 +10,8 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from ...config import ConfigError, JobConfig
+from ..config import ConfigError, JobConfig
 from .checks import id_problem
-
-# The old row contract's keys (a row dict holding the reason a row is unusable, and where it is):
-# kept for iter_rows() callers until the run loop reads SourceRow.
-ROW_ERROR = "__batchgen_row_error__"
-ROW_ORIGIN = "__batchgen_row_origin__"
 
 
 class InputError(ConfigError):
@@ -67,12 +62,6 @@ class SourceRow:
             return cls(position, index, {}, read.reason, read.origin)
         return cls(position, index, read)
 
-    def as_dict(self) -> dict[str, Any]:
-        """The old contract: the values, or {ROW_ERROR: reason, ROW_ORIGIN: origin}."""
-        if self.error is not None:
-            return {ROW_ERROR: self.error, ROW_ORIGIN: self.origin}
-        return self.values
-
 
 class Source:
     """Base of FileSource and DatasetSource: see the package docstring."""
@@ -86,11 +75,6 @@ class Source:
     def rows(self, start: int = 0) -> Iterator[SourceRow]:
         """This task's rows from position `start` on (the first `start` are skipped cheaply)."""
         raise NotImplementedError
-
-    def iter_rows(self, start: int = 0) -> Iterator[tuple[int, int, dict]]:
-        """The old contract: (position, index, row dict with ROW_ERROR/ROW_ORIGIN for bad rows)."""
-        for r in self.rows(start):
-            yield r.position, r.index, r.as_dict()
 
     def identity(self) -> dict[str, Any]:
         """What the rows and their positions depend on (checked again on resume with identity_change)."""
