@@ -2,7 +2,7 @@
 ledger, resume, stop, bad rows, refusals, progress files. One engine is shared by the module;
 runs that abandon in-flight rows (a crash) get their own, built by the job's make_engine.
 Faults are injected by a thin wrapper around the real Engine.stream (see Tap). `batchgen run`
-as a subprocess, killed and resumed, is in test_job_e2e.py."""
+as a subprocess, killed and resumed, is in test_run_e2e.py."""
 from __future__ import annotations
 
 import json
