@@ -15,8 +15,8 @@ import json
 
 import torch
 
-from batchgen.engine.attention.triton_kernels import fused
-from batchgen.engine.attention.triton_kernels.skinny_gemm import default_config, skinny_gemm
+from batchgen.engine.kernels import fused
+from batchgen.engine.kernels.skinny_gemm import default_config, skinny_gemm
 
 SHAPES = {  # hidden, inter, q_heads, kv_heads, head_dim
     "llama-3.1-8b": (4096, 14336, 32, 8, 128),

@@ -183,7 +183,7 @@ def fused_bench():
 def seed_sweep(bw: float, out_path: str | None = None):
     """Decode attention in the seed regime: llama-3.1-8b heads (32/8/128), equal context lengths, head-major
     cache (the runner's layout), host bound max_seq_len=4096 (as in CUDA graphs), 3 rotating input sets per
-    timed graph (L2 cold, graph launch gaps included). Phase 1: splits x block_n x fused reduce at ctx 768;
+    timed graph (L2 cold, graph launch gaps included). Phase 1: splits x block_n at ctx 768;
     phase 2: warps/stages for the best (splits, block_n) at ctx 384/768/1152; phase 3: splits vs batch size."""
     from batchgen.engine.attention.torch_backend import TorchAttention
     from batchgen.engine.attention.triton_kernels import decode
@@ -218,8 +218,7 @@ def seed_sweep(bw: float, out_path: str | None = None):
 
     def run(B, L, cfg):
         kc, vc, tables, sl, qsl, q, outs, ref = case(B, L)
-        kw = dict(num_splits=cfg["S"], block_n=cfg["bn"], num_warps=cfg["w"], num_stages=cfg["st"],
-                  fused_reduce=bool(cfg["fused"]))
+        kw = dict(num_splits=cfg["S"], block_n=cfg["bn"], num_warps=cfg["w"], num_stages=cfg["st"])
 
         def f():
             for i in range(NSETS):
@@ -231,23 +230,21 @@ def seed_sweep(bw: float, out_path: str | None = None):
         us = bench(f, graph=True) / NSETS
         floor = B * L * KVH * D * 2 * 2 / bw * 1e6
         r = dict(B=B, L=L, **cfg, us=us, err=err, floor_us=floor, tbps=B * L * KVH * D * 4 / us / 1e6)
-        print(f"  sweep B={B:3d} L={L:5d} S={cfg['S']} bn={cfg['bn']:3d} w={cfg['w']} st={cfg['st']} "
-              f"fused={cfg['fused']}: {us:6.1f} us ({r['tbps']:.2f} TB/s, floor {floor:5.1f}) err {err:.1e}",
+        print(f"  sweep B={B:3d} L={L:5d} S={cfg['S']} bn={cfg['bn']:3d} w={cfg['w']} st={cfg['st']}: "
+              f"{us:6.1f} us ({r['tbps']:.2f} TB/s, floor {floor:5.1f}) err {err:.1e}",
               flush=True)
         assert err < 2e-2, r
         return r
 
     t_start = time.time()
     res = dict(phase1=[], phase2=[], phase3=[])
-    base = dict(S=4, bn=64, w=4, st=None, fused=0)
+    base = dict(S=4, bn=64, w=4, st=None)
     for S in (1, 2, 3, 4, 5, 6, 8):
         for bn in (32, 64, 128):
-            res["phase1"].append(run(32, 768, dict(S=S, bn=bn, w=4, st=None, fused=1)))
-    for S in (2, 3, 4, 6, 8):
-        res["phase1"].append(run(32, 768, dict(S=S, bn=64, w=4, st=None, fused=0)))
+            res["phase1"].append(run(32, 768, dict(S=S, bn=bn, w=4, st=None)))
     top = []
     for r in sorted(res["phase1"], key=lambda r: r["us"]):
-        if r["fused"] and (r["S"], r["bn"]) not in top:
+        if (r["S"], r["bn"]) not in top:
             top.append((r["S"], r["bn"]))
     top = top[:3]
     for L in (384, 768, 1152):
@@ -255,23 +252,22 @@ def seed_sweep(bw: float, out_path: str | None = None):
     for S, bn in top:
         for w, st in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)):
             for L in (384, 768, 1152):
-                res["phase2"].append(run(32, L, dict(S=S, bn=bn, w=w, st=st, fused=1)))
+                res["phase2"].append(run(32, L, dict(S=S, bn=bn, w=w, st=st)))
     # best over the three lengths (sum of times)
     tot = {}
     for r in res["phase2"]:
-        k = (r["S"], r["bn"], r["w"], r["st"], r["fused"])
+        k = (r["S"], r["bn"], r["w"], r["st"])
         tot[k] = tot.get(k, 0.0) + r["us"]
     best = min(tot, key=tot.get)
-    res["best"] = dict(zip(("S", "bn", "w", "st", "fused"), best), sum_us=tot[best],
-                       base_sum_us=tot[(4, 64, 4, None, 0)])
+    res["best"] = dict(zip(("S", "bn", "w", "st"), best), sum_us=tot[best],
+                       base_sum_us=tot[(4, 64, 4, None)])
     print(f"SWEEP best over L=384/768/1152: {res['best']}", flush=True)
-    S0, bn, w, st, _ = best
-    env = f"splits={S0},block_n={bn},warps={w},fused=1" + (f",stages={st}" if st else "")
-    print(f"SWEEP_ENV {env}", flush=True)
+    S0, bn, w, st = best
+    print(f"SWEEP_BEST paged_decode(num_splits={S0}, block_n={bn}, num_warps={w}, num_stages={st})", flush=True)
     for B in (8, 16, 64, 128, 256):
         for S in (1, 2, 4, 8, 16):
             if B * KVH * S <= 8192 and time.time() - t_start < 150:
-                res["phase3"].append(run(B, 768, dict(S=S, bn=bn, w=w, st=st, fused=1)))
+                res["phase3"].append(run(B, 768, dict(S=S, bn=bn, w=w, st=st)))
     if out_path:
         Path(out_path).write_text(json.dumps(res, indent=1))
     return res
