@@ -21,13 +21,9 @@ def get_backend(name: str, device: torch.device, block_size: int = 16) -> Attent
     if name == "flash":
         return _flash(block_size)
     if importlib.util.find_spec("triton") is not None and device.type == "cuda":
-        try:
-            from .triton_backend import make_triton_backend
-        except ImportError:
-            if name == "triton":
-                raise
-        else:
-            return make_triton_backend()
+        from .triton_backend import make_triton_backend
+
+        return make_triton_backend()
     if name == "triton":
         raise EngineArgumentError("Engine: attention 'triton' needs CUDA and the triton package")
     return TorchAttention()
