@@ -23,7 +23,7 @@ class Switches:
     skinny_configs: str | None = None  # BATCHGEN_SKINNY_CONFIGS: JSON file of swept configs {"K,N": [5 ints]}
     skinny_prefetch: int = 256  # BATCHGEN_SKINNY_PREFETCH: weight rows each skinny GEMM program prefetches (0 = off)
     fused_decode: bool = True  # BATCHGEN_FUSED_DECODE=0: decode steps take the unfused layer path (ablation)
-    cache_dir: Path = Path("~/.cache/batchgen")  # BATCHGEN_CACHE: where GGUF checkpoints are converted to
+    cache_dir: Path = Path.home() / ".cache" / "batchgen"  # BATCHGEN_CACHE: where GGUF checkpoints are converted to
     triton_interpret: bool = False  # TRITON_INTERPRET=1: Triton's CPU interpreter (tests); CPU tensors take Triton ops
 
     @classmethod
@@ -35,7 +35,7 @@ class Switches:
             skinny_configs=env.get("BATCHGEN_SKINNY_CONFIGS") or None,
             skinny_prefetch=int(env.get("BATCHGEN_SKINNY_PREFETCH", "256")),
             fused_decode=env.get("BATCHGEN_FUSED_DECODE", "1") != "0",
-            cache_dir=Path(env.get("BATCHGEN_CACHE") or "~/.cache/batchgen").expanduser(),
+            cache_dir=Path(env["BATCHGEN_CACHE"]).expanduser() if env.get("BATCHGEN_CACHE") else cls.cache_dir,
             triton_interpret=env.get("TRITON_INTERPRET") == "1",
         )
 
