@@ -1,10 +1,12 @@
-"""The engine's counters (updated on the step path) and the `EngineStats` snapshot read from them."""
+"""The engine's counters (updated on the step path) and the `EngineStats` snapshot read from them.
+Torch-free at import (the events are only type hints), so job code may import EngineStats."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
