@@ -1,5 +1,9 @@
-"""`batchgen bench`: the workloads and model shapes of benchmarks.md on random weights, our engine
-and (optionally) transformers' continuous batching on the same work in the same run."""
+"""`batchgen bench`: two fixed workloads on random weights of a named model shape, our engine and
+(optionally) transformers' continuous batching on the same work in the same run.
+
+seed: 32 prompts of 256 random token ids, 1024 new tokens each (llama-3.1-8b shape);
+nanovllm: 256 prompts of 100-1024 ids, 100-1024 new tokens each (qwen3-0.6b shape, nano-vllm's own
+benchmark). Greedy, EOS ignored, so every run generates exactly the same number of tokens."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -25,7 +29,7 @@ DEFAULT_SHAPE = {"seed": "llama-3.1-8b", "nanovllm": "qwen3-0.6b"}
 
 
 def workload(name: str) -> tuple[list[list[int]], list[int]]:
-    """Token-id prompts and new-token counts, generated exactly as benchmarks.md defines them."""
+    """Token-id prompts and new-token counts of a workload (fixed seed: the same on every run)."""
     rng = random.Random(0)
     if name == "seed":
         return [[rng.randrange(100, 100000) for _ in range(256)] for _ in range(32)], [1024] * 32
@@ -110,13 +114,13 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
     figures = dict(requests=len(prompts), output_tokens=out_tokens, seconds=round(wall, 3),
                    output_tok_s=round(out_tokens / wall, 1),
                    total_tok_s=round((out_tokens + sum(map(len, prompts))) / wall, 1),
-                   mean_decode_step_ms=_r(s["mean_decode_step_ms"]), mean_decode_gpu_ms=_r(s["mean_decode_gpu_ms"]),
-                   gpu_busy_fraction=_r(s["gpu_busy_fraction"], 4),
-                   decode_gpu_busy_fraction=_r(s["decode_gpu_busy_fraction"], 4),
-                   host_ms_per_step=_r(s["host_ms_per_step"]), steps=s["steps"],
+                   mean_decode_step_ms=_r(s.mean_decode_step_ms), mean_decode_gpu_ms=_r(s.mean_decode_gpu_ms),
+                   gpu_busy_fraction=_r(s.gpu_busy_fraction, 4),
+                   decode_gpu_busy_fraction=_r(s.decode_gpu_busy_fraction, 4),
+                   host_ms_per_step=_r(s.host_ms_per_step), steps=s.steps,
                    peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
                    startup_s=round(startup, 2), cuda_graph_capture_s=round(engine.graph_capture_s, 2),
-                   attention_backend=engine.backend.name, kv_cache_tokens=s["kv_cache_tokens"])
+                   attention_backend=engine.backend.name, kv_cache_tokens=s.kv_cache_tokens)
     engine.close()
     del model
     if device.type == "cuda":

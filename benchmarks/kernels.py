@@ -180,23 +180,26 @@ def fused_bench():
     return res
 
 
-def seed_sweep(bw: float, out_path: str | None = None):
+class _SeedRegime:
     """Decode attention in the seed regime: llama-3.1-8b heads (32/8/128), equal context lengths, head-major
-    cache (the runner's layout), host bound max_seq_len=4096 (as in CUDA graphs), 3 rotating input sets per
-    timed graph (L2 cold, graph launch gaps included). Phase 1: splits x block_n x fused reduce at ctx 768;
-    phase 2: warps/stages for the best (splits, block_n) at ctx 384/768/1152; phase 3: splits vs batch size."""
-    from batchgen.engine.attention.torch_backend import TorchAttention
-    from batchgen.engine.attention.triton_kernels import decode
-
+    cache (the runner's layout), host bound max_seq_len=4096 (as in CUDA graphs), NSETS rotating input sets
+    per timed graph (L2 cold, graph launch gaps included)."""
     H, KVH, D, bs, NSETS = 32, 8, 128, 16, 3
-    dtype = torch.bfloat16
-    scale = D ** -0.5
-    g = torch.Generator(device=DEV).manual_seed(0)
-    cases = {}
 
-    def case(B, L):
-        if (B, L) in cases:
-            return cases[(B, L)]
+    def __init__(self, bw: float) -> None:
+        self.bw, self.dtype, self.scale = bw, torch.bfloat16, self.D ** -0.5
+        self.g = torch.Generator(device=DEV).manual_seed(0)
+        self.cases: dict = {}
+
+    def case(self, B: int, L: int):
+        if (B, L) not in self.cases:
+            self.cases[(B, L)] = self._make_case(B, L)
+        return self.cases[(B, L)]
+
+    def _make_case(self, B: int, L: int):
+        from batchgen.engine.attention.torch_backend import TorchAttention
+
+        H, KVH, D, bs, NSETS, g, dtype = self.H, self.KVH, self.D, self.bs, self.NSETS, self.g, self.dtype
         nblk = -(-L // bs)
         total = B * nblk * NSETS + 8
         kc = torch.randn(total, KVH, bs, D, device=DEV, dtype=dtype, generator=g).permute(0, 2, 1, 3)
@@ -212,66 +215,70 @@ def seed_sweep(bw: float, out_path: str | None = None):
         q = torch.randn(B, H, D, device=DEV, dtype=dtype, generator=g)
         outs = [torch.empty_like(q) for _ in range(NSETS)]
         meta = AttentionMetadata(torch.zeros(B, dtype=torch.int64, device=DEV), qsl, sl, tables[0], 1, L, True)
-        ref = TorchAttention().attend(q.float(), kc.float(), vc.float(), meta, scale)
-        cases[(B, L)] = (kc, vc, tables, sl, qsl, q, outs, ref)
-        return cases[(B, L)]
+        ref = TorchAttention().attend(q.float(), kc.float(), vc.float(), meta, self.scale)
+        return kc, vc, tables, sl, qsl, q, outs, ref
 
-    def run(B, L, cfg):
-        kc, vc, tables, sl, qsl, q, outs, ref = case(B, L)
-        kw = dict(num_splits=cfg["S"], block_n=cfg["bn"], num_warps=cfg["w"], num_stages=cfg["st"],
-                  fused_reduce=bool(cfg["fused"]))
+    def run(self, B: int, L: int, cfg: dict) -> dict:
+        from batchgen.engine.attention.triton_kernels import decode
+
+        kc, vc, tables, sl, qsl, q, outs, ref = self.case(B, L)
+        kw = dict(num_splits=cfg["S"], block_n=cfg["bn"], num_warps=cfg["w"], num_stages=cfg["st"])
 
         def f():
-            for i in range(NSETS):
-                decode.paged_decode(q, kc, vc, tables[i], sl, qsl, 4096, scale, out=outs[i], **kw)
+            for i in range(self.NSETS):
+                decode.paged_decode(q, kc, vc, tables[i], sl, qsl, 4096, self.scale, out=outs[i], **kw)
         for o in outs:
             o.fill_(float("nan"))
         f()
         err = rel(outs[0].float(), ref)
-        us = bench(f, graph=True) / NSETS
-        floor = B * L * KVH * D * 2 * 2 / bw * 1e6
+        us = bench(f, graph=True) / self.NSETS
+        KVH, D = self.KVH, self.D
+        floor = B * L * KVH * D * 2 * 2 / self.bw * 1e6
         r = dict(B=B, L=L, **cfg, us=us, err=err, floor_us=floor, tbps=B * L * KVH * D * 4 / us / 1e6)
-        print(f"  sweep B={B:3d} L={L:5d} S={cfg['S']} bn={cfg['bn']:3d} w={cfg['w']} st={cfg['st']} "
-              f"fused={cfg['fused']}: {us:6.1f} us ({r['tbps']:.2f} TB/s, floor {floor:5.1f}) err {err:.1e}",
+        print(f"  sweep B={B:3d} L={L:5d} S={cfg['S']} bn={cfg['bn']:3d} w={cfg['w']} st={cfg['st']}: "
+              f"{us:6.1f} us ({r['tbps']:.2f} TB/s, floor {floor:5.1f}) err {err:.1e}",
               flush=True)
         assert err < 2e-2, r
         return r
 
-    t_start = time.time()
-    res = dict(phase1=[], phase2=[], phase3=[])
-    base = dict(S=4, bn=64, w=4, st=None, fused=0)
-    for S in (1, 2, 3, 4, 5, 6, 8):
-        for bn in (32, 64, 128):
-            res["phase1"].append(run(32, 768, dict(S=S, bn=bn, w=4, st=None, fused=1)))
-    for S in (2, 3, 4, 6, 8):
-        res["phase1"].append(run(32, 768, dict(S=S, bn=64, w=4, st=None, fused=0)))
-    top = []
-    for r in sorted(res["phase1"], key=lambda r: r["us"]):
-        if r["fused"] and (r["S"], r["bn"]) not in top:
-            top.append((r["S"], r["bn"]))
-    top = top[:3]
-    for L in (384, 768, 1152):
-        res["phase2"].append(run(32, L, base))
-    for S, bn in top:
-        for w, st in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)):
-            for L in (384, 768, 1152):
-                res["phase2"].append(run(32, L, dict(S=S, bn=bn, w=w, st=st, fused=1)))
-    # best over the three lengths (sum of times)
-    tot = {}
-    for r in res["phase2"]:
-        k = (r["S"], r["bn"], r["w"], r["st"], r["fused"])
+
+def _best_of_phase2(phase2: list[dict]) -> tuple[tuple, dict]:
+    """The (S, bn, w, st) with the least time summed over the three lengths, and its record."""
+    tot: dict = {}
+    for r in phase2:
+        k = (r["S"], r["bn"], r["w"], r["st"])
         tot[k] = tot.get(k, 0.0) + r["us"]
     best = min(tot, key=tot.get)
-    res["best"] = dict(zip(("S", "bn", "w", "st", "fused"), best), sum_us=tot[best],
-                       base_sum_us=tot[(4, 64, 4, None, 0)])
+    return best, dict(zip(("S", "bn", "w", "st"), best), sum_us=tot[best], base_sum_us=tot[(4, 64, 4, None)])
+
+
+def seed_sweep(bw: float, out_path: str | None = None):
+    """The seed regime (_SeedRegime). Phase 1: splits x block_n at ctx 768; phase 2: warps/stages for the
+    best (splits, block_n) at ctx 384/768/1152; phase 3: splits vs batch size."""
+    sweep = _SeedRegime(bw)
+    t_start = time.time()
+    res = dict(phase1=[], phase2=[], phase3=[])
+    for S in (1, 2, 3, 4, 5, 6, 8):
+        for bn in (32, 64, 128):
+            res["phase1"].append(sweep.run(32, 768, dict(S=S, bn=bn, w=4, st=None)))
+    top = []
+    for r in sorted(res["phase1"], key=lambda r: r["us"]):
+        if (r["S"], r["bn"]) not in top:
+            top.append((r["S"], r["bn"]))
+    for L in (384, 768, 1152):
+        res["phase2"].append(sweep.run(32, L, dict(S=4, bn=64, w=4, st=None)))  # the base
+    for S, bn in top[:3]:
+        for w, st in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)):
+            for L in (384, 768, 1152):
+                res["phase2"].append(sweep.run(32, L, dict(S=S, bn=bn, w=w, st=st)))
+    best, res["best"] = _best_of_phase2(res["phase2"])
     print(f"SWEEP best over L=384/768/1152: {res['best']}", flush=True)
-    S0, bn, w, st, _ = best
-    env = f"splits={S0},block_n={bn},warps={w},fused=1" + (f",stages={st}" if st else "")
-    print(f"SWEEP_ENV {env}", flush=True)
+    S0, bn, w, st = best
+    print(f"SWEEP_BEST paged_decode(num_splits={S0}, block_n={bn}, num_warps={w}, num_stages={st})", flush=True)
     for B in (8, 16, 64, 128, 256):
         for S in (1, 2, 4, 8, 16):
-            if B * KVH * S <= 8192 and time.time() - t_start < 150:
-                res["phase3"].append(run(B, 768, dict(S=S, bn=bn, w=w, st=st, fused=1)))
+            if B * sweep.KVH * S <= 8192 and time.time() - t_start < 150:
+                res["phase3"].append(sweep.run(B, 768, dict(S=S, bn=bn, w=w, st=st)))
     if out_path:
         Path(out_path).write_text(json.dumps(res, indent=1))
     return res

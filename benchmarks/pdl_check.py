@@ -1,9 +1,9 @@
 """Does programmatic dependent launch take effect inside a CUDA graph here, and does it shorten a
 decode-like kernel chain? Times (a) a chain of tiny dependent Triton kernels and (b) 32 x
-[rms_norm -> qkv-shaped skinny GEMM] with BATCHGEN_PDL on/off and the GEMM's L2 prefetch. JSON lines."""
+[rms_norm -> qkv-shaped skinny GEMM] with BATCHGEN_PDL on/off and the GEMM's L2 prefetch. JSON lines.
+The switches are read once (engine/switches.py): each setting sets the variables and reloads them."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
@@ -37,10 +37,9 @@ def main() -> None:
     h = torch.randn(32, K, device="cuda", dtype=torch.bfloat16)
     for pdl, pf in (("0", 0), ("1", 0), ("1", 256), ("1", 1024), ("1", 4096)):
         os.environ["BATCHGEN_PDL"], os.environ["BATCHGEN_SKINNY_PREFETCH"] = pdl, str(pf)
-        from batchgen.engine.attention.triton_kernels import fused, pdl as pdl_mod, skinny_gemm
-        importlib.reload(pdl_mod)
-        importlib.reload(skinny_gemm)
-        importlib.reload(fused)
+        from batchgen.engine import switches
+        from batchgen.engine.kernels import fused, skinny_gemm
+        switches.reload()
 
         def layers_fn():
             for w in ws:

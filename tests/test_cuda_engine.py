@@ -45,7 +45,7 @@ def test_overlap_equals_sync_and_reference(ckpt, work, attention):
     overlapped = _engine(ckpt, attention=attention, overlap=True)
     assert overlapped.overlap
     got = _greedy(overlapped, prompts, max_new)
-    assert overlapped.stats["gpu_busy_fraction"] is not None
+    assert overlapped.stats.gpu_busy_fraction is not None
     sync = _engine(ckpt, attention=attention, overlap=False, cuda_graphs=overlapped.cuda_graphs)
     assert _greedy(sync, prompts, max_new) == got  # same kernels, same order: bit-identical
     failures, _ = R.compare_greedy(R.get_reference(ckpt), prompts, got, ref)
@@ -57,7 +57,7 @@ def test_graphs_and_preemption_match_reference(ckpt, work):
     eng = _engine(ckpt, attention="triton", kv_cache_tokens=1024, cuda_graphs=True)
     assert eng.cuda_graphs and eng.runner.graphs is not None
     got = _greedy(eng, prompts, max_new)
-    assert eng.stats["preemptions"] > 0
+    assert eng.stats.preemptions > 0
     failures, _ = R.compare_greedy(R.get_reference(ckpt), prompts, got, ref)
     assert not failures, R.format_failures(failures, "cuda graphs + preemption")
 

@@ -137,7 +137,7 @@ def test_constrained_overlap_equals_sync_under_preemption(tiny_checkpoint, seed)
             outs = sorted(eng.stream(reqs), key=lambda o: o.request_id)
             results.append([[(c.token_ids, c.finish_reason, c.error) for c in o.outputs] for o in outs])
             check_engine_idle(eng)
-        assert eng.stats["preemptions"] > 0
+        assert eng.stats.preemptions > 0
         assert results[0] == results[1]
         assert all(err is None for r in results[0] for _, _, err in r)
     finally:

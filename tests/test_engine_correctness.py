@@ -5,8 +5,8 @@ A difference is tolerated only at a near-tie of the reference (top-2 logits with
 which that prompt is not compared further (see reference.compare_greedy).
 
 Scenarios: one_batch (all in one step), max_seqs_3, chunked_prefill (max_batch_tokens=64),
-preemption (small kv cache; stats["preemptions"] > 0), prefix_cache (shared 100-token prefix;
-stats["prefix_cache_hit_tokens"] > 0), eos (EOS honoured: reference truncated at the first EOS).
+preemption (small kv cache; stats.preemptions > 0), prefix_cache (shared 100-token prefix;
+stats.prefix_cache_hit_tokens > 0), eos (EOS honoured: reference truncated at the first EOS).
 By default every scenario runs on llama and qwen3 and one_batch + chunked_prefill on the other
 families; BATCHGEN_ENGINE_FULL=1 runs every scenario on every family.
 """
@@ -112,17 +112,17 @@ def test_greedy_matches_transformers(ckpt, family, scenario):
         _assert_matches(path, prompts, outs, ref_results, label)
         stats = engine.stats
         if scenario == "preemption":
-            assert stats.get("preemptions", 0) > 0, f"{label}: no preemption happened: {stats}"
+            assert stats.preemptions > 0, f"{label}: no preemption happened: {stats}"
         if scenario == "prefix_cache":
-            assert stats.get("prefix_cache_hit_tokens", 0) > 0, f"{label}: no prefix-cache hit: {stats}"
+            assert stats.prefix_cache_hit_tokens > 0, f"{label}: no prefix-cache hit: {stats}"
             # Second pass on the same engine: every prompt is now fully cached up to its last block.
-            hits_before = stats["prefix_cache_hit_tokens"]
+            hits_before = stats.prefix_cache_hit_tokens
             outs2 = engine.generate(prompts, R.greedy_params(max_new))
             _check_outputs(outs2, prompts, max_new, label + "/second-pass")
             _assert_matches(path, prompts, outs2, ref_results, label + "/second-pass")
-            assert engine.stats["prefix_cache_hit_tokens"] > hits_before, engine.stats
+            assert engine.stats.prefix_cache_hit_tokens > hits_before, engine.stats
         if scenario in ("one_batch", "max_seqs_3"):
-            assert stats.get("preemptions", 0) == 0, f"{label}: unexpected preemptions: {stats}"
+            assert stats.preemptions == 0, f"{label}: unexpected preemptions: {stats}"
     finally:
         engine.close()
 

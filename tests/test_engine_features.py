@@ -410,7 +410,7 @@ def test_seeded_sampling_invariant_to_preemption(path):
     try:
         a = roomy.generate(ps, params)
         b = tight.generate(ps, params)
-        assert tight.stats["preemptions"] > 0, tight.stats
+        assert tight.stats.preemptions > 0, tight.stats
     finally:
         roomy.close()
         tight.close()
@@ -443,10 +443,10 @@ def test_prefix_hits_with_tiny_cache_match_and_are_not_overcounted(path):
         eng.close()
     assert_greedy_equal(path, ps, [list(o.outputs[0].token_ids) for o in outs],
                         ref_greedy(path, ps, max_new), "prefix + tiny kv")
-    assert st["prefix_cache_hit_tokens"] > 0
-    assert st["prefix_cache_hit_tokens"] <= st["prompt_tokens"] + st["output_tokens"], (
-        f"prefix_cache_hit_tokens {st['prefix_cache_hit_tokens']} > prompt_tokens {st['prompt_tokens']} + "
-        f"output_tokens {st['output_tokens']}: hits counted on admissions that were rolled back")
+    assert st.prefix_cache_hit_tokens > 0
+    assert st.prefix_cache_hit_tokens <= st.prompt_tokens + st.output_tokens, (
+        f"prefix_cache_hit_tokens {st.prefix_cache_hit_tokens} > prompt_tokens {st.prompt_tokens} + "
+        f"output_tokens {st.output_tokens}: hits counted on admissions that were rolled back")
 
 
 def test_engine_freezes_what_it_holds_from_the_cyclic_gc(path):

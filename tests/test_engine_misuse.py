@@ -218,3 +218,27 @@ def test_use_after_close(path):
     for name, call in calls.items():
         with pytest.raises(EngineClosedError, match=re.escape("this Engine was closed; create a new one")):
             call()
+
+
+def _fake_flash_attn(monkeypatch):
+    """A flash_attn 2 stand-in (only what the backend probes for): the real package is CUDA-only."""
+    import importlib.machinery
+    import types
+
+    mod = types.ModuleType("flash_attn")
+    mod.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    mod.flash_attn_with_kvcache = mod.flash_attn_varlen_func = lambda *a, **k: None
+    monkeypatch.setitem(sys.modules, "flash_attn", mod)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # no FA3
+
+
+def test_flash_block_size_checked_when_asked_for(monkeypatch):
+    """attention='flash' checks the block size against FA2's paged layout (multiples of 256); auto never picks it."""
+    from batchgen.engine.attention import get_backend
+    from batchgen.engine.validation import EngineArgumentError
+
+    _fake_flash_attn(monkeypatch)
+    with pytest.raises(EngineArgumentError, match=r"block_size % 256 == 0 \(got 16\)"):
+        get_backend("flash", torch.device("cpu"), 16)
+    assert get_backend("flash", torch.device("cpu"), 256).name == "flash"
+    assert get_backend("auto", torch.device("cpu"), 256).name == "torch"

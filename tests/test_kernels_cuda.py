@@ -89,7 +89,7 @@ def _head_major(c: torch.Tensor) -> torch.Tensor:
 
 
 def check_attention(seqs, heads, kv_heads, head_dim, block_size, dtype, device, window=None, seed=0,
-                    num_splits=None, force_prefill_kernel=False, fused_reduce=None, head_major=False,
+                    num_splits=None, force_prefill_kernel=False, head_major=False,
                     max_seq_len=None, **decode_kw):
     from batchgen.engine.attention.triton_kernels import cache_ops, decode, prefill
 
@@ -106,9 +106,8 @@ def check_attention(seqs, heads, kv_heads, head_dim, block_size, dtype, device, 
     out = torch.full_like(case["q"], float("nan"))  # poisoned: every row must be written
     if meta.decode_only and not force_prefill_kernel:
         decode.paged_decode(case["q"], kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                            meta.max_seq_len, scale, window=window, out=out, num_splits=num_splits,
-                            fused_reduce=fused_reduce, **decode_kw)
-        from batchgen.engine.attention.triton_kernels.counters import _BUFFERS
+                            meta.max_seq_len, scale, window=window, out=out, num_splits=num_splits, **decode_kw)
+        from batchgen.engine.kernels.counters import _BUFFERS
 
         sem = _BUFFERS.get(("decode", out.device))
         assert sem is None or not sem.any(), "fused-reduce counters not reset"
@@ -226,11 +225,9 @@ def test_decode_cuda(dtype, gqa):
 @cuda_only
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 8, 32])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("fused_reduce", [True, False])
-def test_decode_splits_cuda(num_splits, head_dim, fused_reduce):
+def test_decode_splits_cuda(num_splits, head_dim):
     seqs = [(n, 1) for n in (1, 5, 300, 5000)]
-    check_attention(seqs, 16, 4, head_dim, 16, torch.bfloat16, "cuda", num_splits=num_splits,
-                    fused_reduce=fused_reduce)
+    check_attention(seqs, 16, 4, head_dim, 16, torch.bfloat16, "cuda", num_splits=num_splits)
 
 
 @cuda_only
@@ -340,8 +337,8 @@ def check_skinny_gemm(device, dtype, cases, seed=0, graph=False):
     """Triton split-K GEMM (optionally SiLU-and-mul fused on load, bias) vs the torch ops it replaces.
     cases: (M, K, N, config or None, silu_mul, bias)."""
     from batchgen.engine import fused_ops as F
-    from batchgen.engine.attention.triton_kernels.counters import _BUFFERS
-    from batchgen.engine.attention.triton_kernels.skinny_gemm import skinny_gemm
+    from batchgen.engine.kernels.counters import _BUFFERS
+    from batchgen.engine.kernels.skinny_gemm import skinny_gemm
 
     g = torch.Generator().manual_seed(seed)
     for M, K, N, cfg, silu, bias in cases:
@@ -370,20 +367,17 @@ def check_skinny_gemm(device, dtype, cases, seed=0, graph=False):
 
 
 def check_skinny_fusions(device, dtype, cases, seed=0, graph=False):
-    """The skinny GEMM's fused decode options vs the unfused torch ops: RMSNorm of x before the
-    product (norm; "folded": its weight pre-multiplied into w), SiLU-and-mul of the gate | up halves
-    after it (gated), and the residual add in place (residual).
-    cases: (M, K, N, config, norm, gated, residual, bias); N is the output width."""
+    """The skinny GEMM's fused decode options vs the unfused torch ops: SiLU-and-mul of the gate | up
+    halves after the product (gated), and the residual add in place (residual).
+    cases: (M, K, N, config, gated, residual, bias); N is the output width."""
     from batchgen.engine import fused_ops as F
-    from batchgen.engine.attention.triton_kernels.skinny_gemm import skinny_gemm
+    from batchgen.engine.kernels.skinny_gemm import skinny_gemm
 
     g = torch.Generator().manual_seed(seed)
-    for M, K, N, cfg, norm, gated, residual, bias in cases:
+    for M, K, N, cfg, gated, residual, bias in cases:
         Nw = 2 * N if gated else N
         w = (torch.randn(K, Nw, generator=g) / K ** 0.5).to(dtype).to(device)
-        nw = (1 + 0.3 * torch.randn(K, generator=g)).to(dtype).to(device) if norm else None
         b = torch.randn(Nw, generator=g).to(dtype).to(device) if bias else None
-        w_call = (w.double() * nw.double()[:, None]).to(dtype) if norm == "folded" else w
 
         def inputs():
             x = (3 * torch.randn(M, K, generator=g)).to(dtype).to(device)
@@ -391,23 +385,19 @@ def check_skinny_fusions(device, dtype, cases, seed=0, graph=False):
             return x, r
 
         def reference(x, r):
-            a = F.rms_norm(x, nw, 1e-5, force="torch") if norm else x
-            y = a.double() @ w.double() + (b.double() if bias else 0)
+            y = x.double() @ w.double() + (b.double() if bias else 0)
             if gated:
                 y = F.silu_and_mul(y.to(dtype), force="torch").double()
             return y + r.double() if residual else y
 
         def call(x, r):
-            if norm == "folded":  # the norm weight multiplied into w's rows beforehand
-                return skinny_gemm(x, w_call, b, norm_folded=True, eps=1e-5, gated=gated, residual=r, out=r,
-                                   config=cfg)
-            return skinny_gemm(x, w, b, norm_weight=nw, eps=1e-5, gated=gated, residual=r, out=r, config=cfg)
+            return skinny_gemm(x, w, b, gated=gated, residual=r, out=r, config=cfg)
 
         x, r = inputs()
         ref = reference(x, r)
         out = call(x, r)
         assert out.shape == (M, N) and out.dtype == dtype and (r is None or out.data_ptr() == r.data_ptr())
-        assert _rel(out.cpu(), ref.cpu()) < TOL[dtype], (M, K, N, cfg, norm, gated, residual, bias)
+        assert _rel(out.cpu(), ref.cpu()) < TOL[dtype], (M, K, N, cfg, gated, residual, bias)
         if graph:  # captured once, replayed with new inputs copied into the captured buffers
             cg = torch.cuda.CUDAGraph()
             with torch.cuda.graph(cg):
@@ -419,24 +409,22 @@ def check_skinny_fusions(device, dtype, cases, seed=0, graph=False):
                     r.copy_(r2)
                 ref = reference(x2, r2)
                 cg.replay()
-                assert _rel(out.cpu(), ref.cpu()) < TOL[dtype], (M, K, N, cfg, norm, gated, residual, bias)
+                assert _rel(out.cpu(), ref.cpu()) < TOL[dtype], (M, K, N, cfg, gated, residual, bias)
 
 
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_skinny_gemm_fused_decode_options_cuda(dtype):
-    cases = [(32, 4096, 6144, (64, 128, 1, 4, 5), True, False, False, False),    # qkv with input_layernorm
-             (32, 4096, 14336, (256, 64, 1, 4, 3), True, True, False, False),    # gate_up + norm + SiLU-and-mul
-             (32, 4096, 4096, (32, 256, 1, 4, 4), False, False, True, False),    # o_proj + residual
-             (32, 14336, 4096, (64, 128, 2, 4, 5), False, False, True, False),   # down + residual, K split
-             (1, 1024, 200, (64, 64, 1, 4, 3), True, True, True, True),
-             (7, 1000, 96, (32, 128, 1, 4, 2), True, False, False, True),
-             (32, 4096, 6144, (64, 128, 1, 4, 5), "folded", False, False, False),
-             (5, 1024, 256, (64, 64, 1, 4, 3), "folded", True, False, True),
-             (64, 512, 320, None, False, False, True, True)]
+    cases = [(32, 4096, 14336, (256, 64, 1, 4, 3), True, False, False),    # gate_up + SiLU-and-mul
+             (32, 4096, 4096, (32, 256, 1, 4, 4), False, True, False),     # o_proj + residual
+             (32, 14336, 4096, (64, 128, 2, 4, 5), False, True, False),    # down + residual, K split
+             (1, 1024, 200, (64, 64, 1, 4, 3), True, True, True),
+             (7, 1000, 96, (32, 128, 1, 4, 2), False, False, True),
+             (5, 1024, 256, (64, 64, 1, 4, 3), True, False, True),
+             (64, 512, 320, None, False, True, True)]
     check_skinny_fusions("cuda", dtype, cases)
-    check_skinny_fusions("cuda", dtype, [(24, 2048, 1024, (128, 64, 1, 4, 3), True, True, False, False),
-                                         (24, 2048, 1024, (64, 64, 4, 4, 3), False, False, True, False)], graph=True)
+    check_skinny_fusions("cuda", dtype, [(24, 2048, 1024, (128, 64, 1, 4, 3), True, False, False),
+                                         (24, 2048, 1024, (64, 64, 4, 4, 3), False, True, False)], graph=True)
 
 
 @cuda_only
@@ -461,16 +449,16 @@ def test_engine_linears_use_skinny_gemm_at_decode_sizes(monkeypatch):
 
     from batchgen.engine.models import linear_layout
     from batchgen.engine.models.linear_layout import make_input_major
+    from batchgen.engine.switches import Switches
 
     monkeypatch.setitem(linear_layout.TUNED, (256, 384), (64, 64, 2, 4, 3))
     monkeypatch.setitem(linear_layout.TUNED, (512, 256), (64, 64, 2, 4, 3))
-    monkeypatch.setenv("BATCHGEN_SKINNY", "qkv_proj")
 
     m = nn.ModuleDict({"qkv_proj": nn.Linear(256, 384, bias=True), "down_proj": nn.Linear(512, 256, bias=False)})
     m = m.to("cuda", torch.bfloat16)
     x = torch.randn(48, 256, device="cuda", dtype=torch.bfloat16)
     ref = m["qkv_proj"](x)
-    make_input_major(m)
+    make_input_major(m, sw=Switches(skinny=("qkv_proj",)))
     assert m["qkv_proj"].skinny is not None and m["down_proj"].skinny is None
     for rows in (48, 200):
         xx = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16) if rows != 48 else x
@@ -481,16 +469,17 @@ def test_engine_linears_use_skinny_gemm_at_decode_sizes(monkeypatch):
 
 
 @cuda_only
-@pytest.mark.parametrize("graphs,norm_in_gemm", [(True, ""), (False, "qkv_proj,gate_up_proj")])
-def test_engine_fused_decode_path_matches_reference(monkeypatch, tmp_path, graphs, norm_in_gemm):
+@pytest.mark.parametrize("graphs", [True, False])
+def test_engine_fused_decode_path_matches_reference(monkeypatch, tmp_path, graphs):
     """With gate_up on the skinny GEMM (no K split), decode steps take the fused layer path (residual
-    adds and SiLU-and-mul inside the GEMMs, optionally the norms too). In bfloat16 its greedy tokens
+    adds and SiLU-and-mul inside the GEMMs). In bfloat16 its greedy tokens
     follow the float32 transformers reference up to bf16-sized near-ties, and its hidden states
     match the unfused path's on the same step."""
     sys.path.insert(0, str(Path(__file__).parent))
     import reference as R
 
     from batchgen import Engine
+    from batchgen.engine import switches
     from batchgen.engine.models import linear_layout
 
     ckpt = R.make_tiny_checkpoint("llama", tmp_path / "llama")  # hidden 64, inter 128, 4 heads / 2 kv of 16
@@ -498,12 +487,12 @@ def test_engine_fused_decode_path_matches_reference(monkeypatch, tmp_path, graph
     monkeypatch.setitem(linear_layout.TUNED, (64, 256), (64, 64, 1, 4, 2))   # gate_up
     monkeypatch.setitem(linear_layout.TUNED, (64, 64), (32, 64, 1, 4, 2))    # o
     monkeypatch.setitem(linear_layout.TUNED, (128, 64), (32, 64, 2, 4, 2))   # down, K split
-    monkeypatch.setenv("BATCHGEN_SKINNY", "qkv_proj,o_proj,gate_up_proj,down_proj")
-    monkeypatch.setenv("BATCHGEN_NORM_IN_GEMM", norm_in_gemm)
+    # the engine reads its switches once: swap the process's registry for this test (restored after it)
+    monkeypatch.setattr(switches, "_CURRENT", switches.Switches(skinny=("qkv_proj", "o_proj", "gate_up_proj",
+                                                                        "down_proj")))
     eng = Engine.from_pretrained(ckpt, device="cuda", dtype="bfloat16", max_num_seqs=48, max_batch_tokens=512,
                                  kv_cache_tokens=16384, cuda_graphs=graphs)
     assert eng.model.fused_rows == 64
-    assert eng.model.layers[0].mlp.gate_up_proj.norm_in_gemm == bool(norm_in_gemm)
     prompts, max_new = R.random_prompts_for(ckpt, 40), R.random_max_new(40)
     got = [o.outputs[0].token_ids for o in eng.generate(prompts, R.greedy_params(max_new))]
     failures, ties = R.compare_greedy(R.get_reference(ckpt), prompts, got, R.cached_greedy(ckpt, prompts, max_new),
@@ -536,13 +525,16 @@ def test_engine_fused_decode_path_matches_reference(monkeypatch, tmp_path, graph
 
 def test_skinny_configs_file_errors_name_the_problem(tmp_path, monkeypatch):
     from batchgen.engine.models.linear_layout import skinny_config
+    from batchgen.engine.switches import Switches
 
     f = tmp_path / "best.json"
     monkeypatch.setenv("BATCHGEN_SKINNY_CONFIGS", str(f))
     monkeypatch.setenv("BATCHGEN_SKINNY", "qkv_proj")
+    sw = Switches.from_env()  # the registry as the engine builds it from these variables
+    assert sw.skinny == ("qkv_proj",) and sw.skinny_configs == str(f)
     f.write_text('{"64,128": [64, 64, 1, 4, 2]}')
-    assert skinny_config("layers.0.qkv_proj", 64, 128) == (64, 64, 1, 4, 2)
-    assert skinny_config("layers.0.qkv_proj", 64, 96) is None  # not in the file, not tuned: cuBLAS
+    assert skinny_config("layers.0.qkv_proj", 64, 128, sw) == (64, 64, 1, 4, 2)
+    assert skinny_config("layers.0.qkv_proj", 64, 96, sw) is None  # not in the file, not tuned: cuBLAS
     for text, problem in (('{"64,128": [64, 64]}', "not 5 positive integers"), ("{oops", "Expecting"),
                           (None, "No such file")):
         if text is None:
@@ -550,7 +542,7 @@ def test_skinny_configs_file_errors_name_the_problem(tmp_path, monkeypatch):
         else:
             f.write_text(text)
         with pytest.raises(ValueError, match=problem) as e:
-            skinny_config("layers.0.qkv_proj", 64, 128)
+            skinny_config("layers.0.qkv_proj", 64, 128, sw)
         assert str(f) in str(e.value) and "BATCHGEN_SKINNY_CONFIGS" in str(e.value)
 
 
@@ -599,19 +591,16 @@ def interpreter_suite():
     check_write_kv(20, 4, 64, 32, torch.float32, "cpu")
     results.append(check_attention([(1, 1), (40, 1), (300, 1)], 8, 2, 64, 16, torch.float32, "cpu",
                                    num_splits=3, head_major=True, max_seq_len=4096))
-    results.append(check_attention([(40, 1), (300, 1)], 8, 2, 64, 16, torch.float32, "cpu", num_splits=4,
-                                   fused_reduce=False))
     check_rope_write_kv(20, 8, 2, 64, 64, 16, torch.float32, "cpu")
     check_rope_write_kv(20, 8, 2, 64, 32, 16, torch.bfloat16, "cpu", interleaved=True, head_major=True)
     check_skinny_gemm("cpu", torch.float32, [(3, 256, 96, (64, 64, 1, 4, 2), False, False),
                                               (17, 512, 128, (64, 64, 4, 4, 2), False, True),
                                               (32, 384, 200, (64, 64, 2, 4, 2), True, False)])
     check_skinny_gemm("cpu", torch.bfloat16, [(5, 256, 64, (64, 64, 3, 4, 2), True, True)])
-    check_skinny_fusions("cpu", torch.float32, [(3, 256, 96, (64, 64, 1, 4, 2), True, True, False, True),
-                                                 (9, 320, 64, (32, 64, 1, 4, 2), True, False, True, False),
-                                                 (5, 512, 128, (64, 64, 3, 4, 2), False, False, True, True)])
-    check_skinny_fusions("cpu", torch.bfloat16, [(5, 256, 64, (64, 64, 1, 4, 2), True, True, True, False),
-                                                  (3, 256, 64, (64, 64, 1, 4, 2), "folded", True, False, False)])
+    check_skinny_fusions("cpu", torch.float32, [(3, 256, 96, (64, 64, 1, 4, 2), True, False, True),
+                                                 (9, 320, 64, (32, 64, 1, 4, 2), False, True, False),
+                                                 (5, 512, 128, (64, 64, 3, 4, 2), False, True, True)])
+    check_skinny_fusions("cpu", torch.bfloat16, [(5, 256, 64, (64, 64, 1, 4, 2), True, True, False)])
     if os.environ.get("SKIP_FUSED") != "1":
         check_fused_ops("cpu", torch.float32)
         check_fused_ops("cpu", torch.bfloat16)

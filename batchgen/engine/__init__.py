@@ -1,6 +1,7 @@
 from .request import CompletionOutput, GenerationRequest, RequestOutput, SamplingParams
+from .stats import EngineStats
 
-__all__ = ["Engine", "SamplingParams", "GenerationRequest", "RequestOutput", "CompletionOutput"]
+__all__ = ["Engine", "EngineStats", "SamplingParams", "GenerationRequest", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .attention import get_backend
@@ -30,6 +29,7 @@ from .request import GenerationRequest, RequestOutput, SamplingParams
 from .runner import ModelRunner, StepHandle
 from .scheduler import Scheduler
 from .sequence import RequestGroup, Sequence, Status
+from .stats import Counters, EngineStats
 from .validation import (EngineArgumentError, EngineArgumentTypeError, EngineClosedError, check_engine_args,
                          check_prompts, check_request)
 
@@ -47,6 +47,12 @@ def _mix(*parts: int) -> int:
     return x & _MASK63
 
 
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 class Engine:
     def __init__(self, model_dir: str | Path | None, device: str = "auto", dtype: str | torch.dtype = "auto",
                  max_num_seqs: int = 256, max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
@@ -58,58 +64,30 @@ class Engine:
                           kv_cache_tokens=kv_cache_tokens, block_size=block_size, prefix_caching=prefix_caching,
                           gpu_memory_fraction=gpu_memory_fraction, overlap=overlap, cuda_graphs=cuda_graphs,
                           attention=attention, max_model_len=max_model_len, seed=seed, threads=threads)
-        from transformers import AutoTokenizer, GenerationConfig
-
         self.model_dir = Path(model_dir) if model_dir is not None else None
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if device == "auto" else device))
-        self.backend = get_backend(attention, self.device)  # before the model loads: a missing package fails fast
+        self.device = _pick_device(device)
+        self.backend = get_backend(attention, self.device, block_size)  # before the model loads: fails fast
         self.threads = None
         if self.device.type == "cpu":
             from .threads import apply_cpu_threads
 
             self.threads = apply_cpu_threads(threads)
-        if model is None:
-            model, raw_config = load_model(self.model_dir, self.device, dtype)
-        else:  # a model built elsewhere (benchmarks: random weights of a named shape)
-            raw_config = {}
-        if self.device.type == "cuda":
-            from .models.linear_layout import fused_decode_rows, make_input_major
-
-            make_input_major(model, skip=("lm_head",) if model.cfg.tie_word_embeddings else ())
-            model.fused_rows = fused_decode_rows(model)
-        self.model = model
-        cfg = model.cfg
-        self.dtype = next(model.parameters()).dtype
-        has_tokenizer = self.model_dir is not None and any(
-            (self.model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir) if has_tokenizer else None
-        self.generation_config = None
-        if self.model_dir is not None and (self.model_dir / "generation_config.json").exists():
-            self.generation_config = GenerationConfig.from_pretrained(self.model_dir)
+        self.model, raw_config = self._load_model(model, dtype)
+        self.dtype = next(self.model.parameters()).dtype
+        self._load_tokenizer()
         self.eos_token_ids = self._eos_ids(raw_config)
-        self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
+        cfg_len = self.model.cfg.max_position_embeddings
+        self.max_model_len = min(cfg_len, max_model_len or cfg_len)
         self.block_size, self.seed = block_size, seed
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
-        num_blocks = self._num_blocks(kv_cache_tokens, gpu_memory_fraction)
-        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
-        head_major = self.backend.name == "triton"
-        self.runner = ModelRunner(model, self.backend, self.device, self.dtype, num_blocks, block_size,
-                                  max_num_seqs, self.max_model_len, head_major)
+        self._build_runtime(self._num_blocks(kv_cache_tokens, gpu_memory_fraction), prefix_caching)
         # "auto": overlapped on CUDA, where the host has a step in flight to hide behind; synchronous on the CPU
         self.overlap = self.device.type == "cuda" if overlap == "auto" else bool(overlap)
         # decode graphs need an attention backend whose launches depend only on host bounds
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend.name != "torch"
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend.graph_capturable
         self.graph_capture_s = self.runner.capture_graphs(max_num_seqs) if self.cuda_graphs else 0.0
         log.info("engine: %s", self.describe())
-        self._arrivals = itertools.count()
-        self._live: dict[int, RequestGroup] = {}  # accepted, not yet finished: uid -> group
-        self._inflight: StepHandle | None = None  # the launched step whose tokens are not processed yet
-        self._push = _Owner()  # owner of the requests added with add()
-        self._grammars_: Grammars | None = None  # built with the first constrained request
-        self._constrained_groups = 0  # live requests with a constraint: 0 keeps the plain step path
-        self.reset_stats()
+        self._init_loop_state()
         # What exists now (torch, transformers, the model, graphs: ~400k tracked objects) lives as long as
         # the engine. Frozen, the cyclic GC stops walking it: a full collection in the middle of a run
         # otherwise stalls the host for 0.1-0.4 s, and the GPU with it. close() unfreezes.
@@ -131,6 +109,46 @@ class Engine:
         return cls(resolve_model_dir(path_or_hub_id), **kwargs)
 
     # ------------------------------------------------------------------ set-up
+    def _load_model(self, model: Any, dtype: str | torch.dtype) -> tuple[Any, dict]:
+        """The model (loaded from model_dir unless one is given) and its raw HF config; on CUDA its linears
+        are laid out for decode (input-major weights, the skinny GEMM where the switches pick it)."""
+        if model is None:
+            model, raw_config = load_model(self.model_dir, self.device, dtype)
+        else:  # a model built elsewhere (benchmarks: random weights of a named shape)
+            raw_config = {}
+        if self.device.type == "cuda":
+            from .models.linear_layout import fused_decode_rows, make_input_major
+
+            make_input_major(model, skip=("lm_head",) if model.cfg.tie_word_embeddings else ())
+            model.fused_rows = fused_decode_rows(model)
+        return model, raw_config
+
+    def _load_tokenizer(self) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        d = self.model_dir
+        has_tokenizer = d is not None and any((d / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        self.tokenizer = AutoTokenizer.from_pretrained(d) if has_tokenizer else None
+        self.generation_config = None
+        if d is not None and (d / "generation_config.json").exists():
+            self.generation_config = GenerationConfig.from_pretrained(d)
+
+    def _build_runtime(self, num_blocks: int, prefix_caching: bool) -> None:
+        """KV cache blocks, scheduler and runner (the runner allocates the caches)."""
+        self.blocks = BlockManager(num_blocks, self.block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, self.max_num_seqs, self.max_batch_tokens)
+        self.runner = ModelRunner(self.model, self.backend, self.device, self.dtype, num_blocks, self.block_size,
+                                  self.max_num_seqs, self.max_model_len)
+
+    def _init_loop_state(self) -> None:
+        self._arrivals = itertools.count()
+        self._live: dict[int, RequestGroup] = {}  # accepted, not yet finished: uid -> group
+        self._inflight: StepHandle | None = None  # the launched step whose tokens are not processed yet
+        self._push = _Owner()  # owner of the requests added with add()
+        self._grammars_: Grammars | None = None  # built with the first constrained request
+        self._constrained_groups = 0  # live requests with a constraint: 0 keeps the plain step path
+        self.reset_stats()
+
     def _eos_ids(self, raw: dict) -> list[int]:
         ids = getattr(self.generation_config, "eos_token_id", None)
         if ids is None:
@@ -167,36 +185,18 @@ class Engine:
         return -(-tokens // self.block_size) + 1  # + the scratch block
 
     def reset_stats(self) -> None:
-        self._stats = dict(steps=0, prompt_tokens=0, output_tokens=0, generated_tokens=0, requests=0, errors=0,
-                           wall_s=0.0, host_s=0.0, busy_ms=0.0, decode_steps=0, decode_busy_ms=0.0, decode_gap_ms=0.0)
-        self._gpu_first: torch.cuda.Event | None = None
-        self._gpu_last: torch.cuda.Event | None = None
+        self._counters = Counters()
 
     @property
     def generated_tokens(self) -> int:
         """Tokens sampled so far (every sample, finished or not): cheap enough for a progress bar to poll."""
-        return self._stats["generated_tokens"]
+        return self._counters.generated_tokens
 
     @property
-    def stats(self) -> dict[str, Any]:
-        s = self._stats
-        busy = None
-        if self._gpu_first is not None and self._gpu_last is not None:
-            span = self._gpu_first.elapsed_time(self._gpu_last)
-            busy = min(1.0, s["busy_ms"] / span) if span > 0 else None
-        return dict(steps=s["steps"], requests=s["requests"], errors=s["errors"], prompt_tokens=s["prompt_tokens"],
-                    output_tokens=s["output_tokens"], generated_tokens=s["generated_tokens"], wall_s=s["wall_s"],
-                    gpu_busy_fraction=busy,
-                    host_ms_per_step=1000 * s["host_s"] / max(1, s["steps"]),
-                    output_tok_s=s["output_tokens"] / s["wall_s"] if s["wall_s"] else 0.0,
-                    decode_steps=s["decode_steps"],
-                    decode_gpu_busy_fraction=(s["decode_busy_ms"] / (s["decode_busy_ms"] + s["decode_gap_ms"])
-                                              if s["decode_busy_ms"] else None),
-                    mean_decode_step_ms=((s["decode_busy_ms"] + s["decode_gap_ms"]) / s["decode_steps"]
-                                         if s["decode_busy_ms"] else None),
-                    mean_decode_gpu_ms=s["decode_busy_ms"] / s["decode_steps"] if s["decode_busy_ms"] else None,
-                    preemptions=self.scheduler.preemptions, prefix_cache_hit_tokens=self.blocks.hit_tokens,
-                    kv_cache_tokens=self.blocks.usable_blocks * self.block_size)
+    def stats(self) -> EngineStats:
+        """A snapshot of the counters (EngineStats: steps, tokens, GPU busy fractions, preemptions, ...)."""
+        return self._counters.snapshot(self.scheduler.preemptions, self.blocks.hit_tokens,
+                                       self.blocks.usable_blocks * self.block_size)
 
     # ------------------------------------------------------------------ requests
     def _decode(self, ids: list[int], skip_special: bool = True) -> str:
@@ -274,11 +274,11 @@ class Engine:
         group = self._make_group(req, default, position, "add()" if owner is self._push else "stream()")
         group.owner = owner
         if group.seqs[0].error is not None:
-            self._stats["errors"] += 1
+            self._counters.errors += 1
             owner.ready.append(group)
             return group
-        self._stats["requests"] += 1
-        self._stats["prompt_tokens"] += len(group.prompt_ids)
+        self._counters.requests += 1
+        self._counters.prompt_tokens += len(group.prompt_ids)
         self._live[group.uid] = group
         owner.unfinished += 1
         self._constrained_groups += group.seqs[0].matcher is not None
@@ -369,7 +369,7 @@ class Engine:
                     return
                 self._advance()
         finally:
-            self._stats["wall_s"] += time.perf_counter() - t0
+            self._counters.wall_s += time.perf_counter() - t0
             if owner.unfinished and self.runner is not None:
                 self._drop(owner)
 
@@ -384,12 +384,12 @@ class Engine:
             handle = None
             if batch is not None:
                 step = self.runner.prepare(batch)
-                self._stats["host_s"] += time.perf_counter() - h0
+                self._counters.host_s += time.perf_counter() - h0
                 launched = self.runner.forward(step)
                 if not (self._constrained_groups and any(s.matcher is not None for s in step.sample_seqs)):
                     handle = self.runner.sample(launched)  # the common case: the whole step is enqueued now
                 # else the masks need step N's tokens: the host waits for them while this forward runs
-                self._stats["steps"] += 1
+                self._counters.steps += 1
             previous, self._inflight = self._inflight, handle
             if previous is not None:
                 self._deliver(self._process(previous))
@@ -460,14 +460,7 @@ class Engine:
         tokens, logprobs = self.runner.collect(handle)
         h0 = time.perf_counter()
         if handle.started is not None:  # GPU timeline: this step's busy time and the idle gap before it
-            busy = handle.started.elapsed_time(handle.done)
-            self._stats["busy_ms"] += busy
-            if handle.decode_only and self._gpu_last is not None:
-                self._stats["decode_steps"] += 1
-                self._stats["decode_busy_ms"] += busy
-                self._stats["decode_gap_ms"] += max(0.0, self._gpu_last.elapsed_time(handle.started))
-            self._gpu_first = self._gpu_first or handle.started
-            self._gpu_last = handle.done
+            self._counters.add_gpu_step(handle.started, handle.done, handle.decode_only)
         done: list[RequestGroup] = []
         taken = 0
         toks = tokens.tolist()
@@ -486,12 +479,12 @@ class Engine:
             if reason is not None:
                 seq.finish_reason = reason
                 self.scheduler.finish(seq)
-                self._stats["output_tokens"] += seq.num_generated
+                self._counters.output_tokens += seq.num_generated
                 seq.group.num_finished += 1
                 if seq.group.num_finished == len(seq.group.seqs):
                     done.append(seq.group)
-        self._stats["generated_tokens"] += taken
-        self._stats["host_s"] += time.perf_counter() - h0
+        self._counters.generated_tokens += taken
+        self._counters.host_s += time.perf_counter() - h0
         return done
 
     @staticmethod
@@ -547,7 +540,7 @@ class Engine:
         self.runner = None  # type: ignore[assignment]
         self.model = None
         gc.unfreeze()
-        gc.collect()  # runner <-> graphs hold each other
+        gc.collect()  # frees the model, caches and graphs now, before empty_cache
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

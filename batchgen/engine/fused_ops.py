@@ -14,34 +14,31 @@ multiply by the weight; SiLU: act(gate) rounded to the model dtype, then * up). 
 in fp32 and rounded once (HF rounds cos/sin to the model dtype first: differences are ~1 ulp).
 
 `force="torch"|"triton"` overrides the automatic choice (tests and benchmarks). The automatic
-choice uses Triton on CUDA only for the ops listed in USE_TRITON, i.e. those measured faster than
-the torch version on H100 (benchmarks/kernels.py, notes/KERNELS.md).
+choice is Triton on CUDA tensors (and on CPU ones under TRITON_INTERPRET=1, read once in
+switches.py): all three measured faster than eager torch on H100 (benchmarks/kernels.py,
+notes/KERNELS.md). Without triton installed every op runs in torch.
 """
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
-# ops measured faster with Triton than with eager torch on H100 (see notes/KERNELS.md)
-USE_TRITON = {"rms_norm": True, "silu_and_mul": True, "apply_rope": True}
+from .switches import switches
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _use_triton(op: str, t: torch.Tensor, force: str | None) -> bool:
+def _use_triton(t: torch.Tensor, force: str | None) -> bool:
     if force is not None:
         if force not in ("torch", "triton"):
             raise ValueError(f"force must be 'torch' or 'triton', not {force!r}")
         return force == "triton"
-    if not (_HAS_TRITON and USE_TRITON.get(op, False)):
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return _HAS_TRITON and (t.is_cuda or switches().triton_interpret)
 
 
 def _fused():
-    from .attention.triton_kernels import fused
+    from .kernels import fused
 
     return fused
 
@@ -49,23 +46,19 @@ def _fused():
 # ----------------------------------------------------------------------------- RMSNorm
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              *, force: str | None = None):
-    if _use_triton("rms_norm", x, force):
-        return _fused().rms_norm(x, weight, eps, residual, _out_dtype(x, weight))
+    if _use_triton(x, force):  # HF: weight * h.to(input_dtype); weights are loaded in the model dtype
+        return _fused().rms_norm(x, weight, eps, residual, x.dtype)
     if residual is not None:
         x = x + residual
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    out = (weight * h.to(x.dtype)).to(_out_dtype(x, weight))
+    out = (weight * h.to(x.dtype)).to(x.dtype)
     return (out, x) if residual is not None else out
-
-
-def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    return x.dtype  # HF: weight * h.to(input_dtype); weights are loaded in the model dtype
 
 
 # ----------------------------------------------------------------------------- SiLU-and-mul
 def silu_and_mul(x: torch.Tensor, *, force: str | None = None) -> torch.Tensor:
-    if _use_triton("silu_and_mul", x, force):
+    if _use_triton(x, force):
         return _fused().silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
@@ -90,7 +83,7 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_pos: int, device: torch.devic
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                interleaved: bool = False, *, force: str | None = None) -> None:
     """Rotate q [T, H, D] and k [T, KVH, D] in place (first rot_dim = cos_sin_cache.shape[-1] dims)."""
-    if _use_triton("apply_rope", q, force) and q.stride(-1) == 1 and k.stride(-1) == 1:
+    if _use_triton(q, force) and q.stride(-1) == 1 and k.stride(-1) == 1:
         _fused().apply_rope(q, k, positions, cos_sin_cache, interleaved)
         return
     rot = cos_sin_cache.shape[-1]

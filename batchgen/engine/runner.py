@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from .attention.base import AttentionBackend, AttentionMetadata
+from .cuda_graphs import DecodeGraphs
 from .models.llama import LlamaModel
 from .sampler import Sampler, SamplingBatch, top_k_bound_hint, top_logprobs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+from .step_inputs import StepInputs
 
 
 _STAGED = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32))
@@ -26,7 +28,7 @@ _STAGED = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.float32))
 @dataclass
 class PreparedStep:
     """Host work of one step, done: device inputs staged, metadata ready, sampling rows chosen."""
-    dev: dict[str, torch.Tensor]
+    inputs: StepInputs
     meta: AttentionMetadata
     needs_gather: bool  # some input ids are still on the device (token_buf)
     all_sample: bool  # every sequence samples (logits rows == batch rows)
@@ -57,9 +59,9 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
-                 num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int,
-                 head_major: bool = False) -> None:
+                 num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int) -> None:
         cfg = model.cfg
+        head_major = backend.kv_head_major
         self.model, self.backend, self.device, self.dtype = model, backend, device, dtype
         self.block_size = block_size
         self.kv_caches = [(self._cache_tensor(num_blocks, block_size, cfg, head_major),
@@ -83,13 +85,12 @@ class ModelRunner:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._flip = 0
         self.max_model_len = max_model_len
-        self.graphs = None  # DecodeGraphs once captured
+        self.graphs: DecodeGraphs | None = None  # once captured
 
     def capture_graphs(self, max_batch: int) -> float:
-        """Capture decode CUDA graphs (needs a capturable attention backend); returns seconds spent."""
-        from .cuda_graphs import DecodeGraphs
-
-        self.graphs = DecodeGraphs(self, max_batch, self.max_model_len)
+        """Capture decode CUDA graphs (needs backend.graph_capturable); returns seconds spent."""
+        self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, self.token_buf, max_batch,
+                                   self.max_model_len, self.table.shape[1])
         self.graphs.capture()
         return self.graphs.capture_s
 
@@ -156,16 +157,16 @@ class ModelRunner:
         suppress = self._suppress_ids(s_slots, s_pos)
         if suppress is not None:  # staged with the rest: a separate copy would wait for the step in flight
             arrays["suppress"] = suppress
-        dev = self._upload(arrays)
+        inputs = StepInputs(**self._upload(arrays))
         meta = AttentionMetadata(
-            slot_mapping=dev["slot_mapping"], query_start_loc=dev["qsl"], seq_lens=dev["seq_lens"],
-            block_tables=dev["tables"], max_query_len=max_query_len, max_seq_len=max_seq_len,
+            slot_mapping=inputs.slot_mapping, query_start_loc=inputs.qsl, seq_lens=inputs.seq_lens,
+            block_tables=inputs.tables, max_query_len=max_query_len, max_seq_len=max_seq_len,
             decode_only=max_query_len == 1)
-        sampling = self._sampling_batch(dev, arrays, s_slots, s_pos) if len(rows) else None
+        sampling = self._sampling_batch(inputs, arrays, s_slots) if len(rows) else None
         all_sample = len(rows) == B
         sample_seqs = seqs if all_sample else [seqs[i] for i in rows]
         top_k = int(self.top_k_logprobs[s_slots].max()) if len(rows) else 0
-        return PreparedStep(dev, meta, bool((ids_np < 0).any()), all_sample, sample_seqs, sampling, top_k)
+        return PreparedStep(inputs, meta, bool((ids_np < 0).any()), all_sample, sample_seqs, sampling, top_k)
 
     def execute(self, step: PreparedStep) -> StepHandle:
         """Enqueue the whole step (forward and sampling) on the device; returns at once on CUDA."""
@@ -174,29 +175,29 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, step: PreparedStep) -> LaunchedForward:
         """Enqueue the forward pass and the logits of the rows that sample; returns at once on CUDA."""
-        dev = step.dev
+        inputs = step.inputs
         started = None
         if self.cuda:
             started = torch.cuda.Event(enable_timing=True)
             started.record()
         batch = step.meta.seq_lens.shape[0]
         if self.graphs is not None and step.meta.decode_only and self.graphs.fits(batch):
-            logits = self.graphs.run(step, batch)
+            logits = self.graphs.run(inputs, batch)
             if not step.all_sample:
-                logits = logits[dev["logit_rows"]]
+                logits = logits[inputs.logit_rows]
         else:
-            input_ids = dev["ids"]
+            input_ids = inputs.ids
             if step.needs_gather:
-                input_ids = torch.where(input_ids >= 0, input_ids, self.token_buf[dev["tok_slot"]])
-            hidden = self.model(input_ids, dev["pos"], self.kv_caches, step.meta, self.backend)
-            logits = self.model.logits(hidden[dev["logit_rows"]]) if step.sampling is not None else None
+                input_ids = torch.where(input_ids >= 0, input_ids, self.token_buf[inputs.tok_slot])
+            hidden = self.model(input_ids, inputs.pos, self.kv_caches, step.meta, self.backend)
+            logits = self.model.logits(hidden[inputs.logit_rows]) if step.sampling is not None else None
         return LaunchedForward(step, logits, started)
 
     @torch.inference_mode()
     def sample(self, fwd: LaunchedForward, allowed: torch.Tensor | None = None) -> StepHandle:
         """Enqueue sampling of a launched forward. `allowed`: host [rows, ceil(vocab / 32)] int32 bitmask of the
         tokens each row may take (constrained decoding; all bits set on free rows), or None."""
-        step, dev, logits = fwd.step, fwd.step.dev, fwd.logits
+        step, logits = fwd.step, fwd.logits
         tokens_host = logprobs_host = top_ids = top_lps = None
         if step.sampling is not None:
             if allowed is not None:
@@ -204,8 +205,8 @@ class ModelRunner:
             if step.top_logprobs:
                 top_ids, top_lps = (self._download(t) for t in top_logprobs(logits, step.top_logprobs))
             tokens, logprobs = self.sampler(logits, step.sampling)
-            self.token_buf[dev["s_slots"]] = tokens
-            self.sampler.record(dev["s_slots"], tokens)
+            self.token_buf[step.inputs.s_slots] = tokens
+            self.sampler.record(step.inputs.s_slots, tokens)
             tokens_host = self._download(tokens)
             logprobs_host = self._download(logprobs) if logprobs is not None else None
         done = None
@@ -215,15 +216,14 @@ class ModelRunner:
         return StepHandle(step.sample_seqs, tokens_host, logprobs_host, done, fwd.started, step.meta.decode_only,
                           top_ids, top_lps)
 
-    def _sampling_batch(self, dev: dict[str, torch.Tensor], host: dict[str, np.ndarray], s_slots: np.ndarray,
-                        s_pos: np.ndarray) -> SamplingBatch:
+    def _sampling_batch(self, inputs: StepInputs, host: dict[str, np.ndarray], s_slots: np.ndarray) -> SamplingBatch:
         fp, ip = host["fparams"], host["iparams"]
         set_f = (fp != self.fdefault).any(axis=1)  # per parameter: does any row leave its default
         top_k_on = bool((ip[0] > 0).any())
-        f, i = dev["fparams"], dev["iparams"]
+        f, i = inputs.fparams, inputs.iparams
         return SamplingBatch(
             temperature=f[0], top_p=f[1], min_p=f[2], repetition_penalty=f[3], top_k=i[0], seeds=i[1],
-            positions=dev["s_pos"], slots=dev["s_slots"], suppress_ids=dev.get("suppress"), all_greedy=not set_f[0],
+            positions=inputs.s_pos, slots=inputs.s_slots, suppress_ids=inputs.suppress, all_greedy=not set_f[0],
             any_top_k=top_k_on, any_top_p=bool(set_f[1]), any_min_p=bool(set_f[2]), any_penalty=bool(set_f[3]),
             want_logprobs=bool(self.logprobs[s_slots].any()),
             top_k_bound=top_k_bound_hint(ip[0].tolist(), fp[1].tolist()) if top_k_on else 0)

@@ -53,8 +53,17 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
+        """This step's batch (None when nothing can run): running sequences first, then admissions,
+        unless a running sequence had to be preempted (then the cache is full: admit nobody)."""
         batch = ScheduledBatch()
-        budget = self.max_batch_tokens
+        budget, preempted = self._schedule_running(batch, self.max_batch_tokens)
+        if not preempted:
+            self._admit_waiting(batch, budget)
+        return batch if batch.seqs else None
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[int, bool]:
+        """Each running sequence takes what it still needs, in admission order, preempting the most recent
+        ones when blocks run out. Returns (the budget left, whether anything was preempted)."""
         preempted = False
         bs, bm, running = self.bm.block_size, self.bm, self.running
         add_seq, add_start, add_len, add_slot = batch.seqs.append, batch.starts.append, batch.lens.append, batch.slots.append
@@ -95,7 +104,11 @@ class Scheduler:
                 self._take(batch, seq, n)
             budget -= n
             i += 1
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        return budget, preempted
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        """Admit waiting sequences (prefix-cache hits first) while the budget, the slots and the blocks allow."""
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if len(seq.token_ids) < seq.num_tokens:  # preempted with a token still on the device
                 break
@@ -120,7 +133,6 @@ class Scheduler:
             batch.admitted.append(seq)
             self._take(batch, seq, n)
             budget -= n
-        return batch if batch.seqs else None
 
     def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         start = seq.num_computed

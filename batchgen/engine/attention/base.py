@@ -28,6 +28,9 @@ class AttentionBackend:
     """Stateless per-layer attention over a paged KV cache."""
 
     name: str = "base"
+    # capabilities the engine asks for instead of testing names:
+    kv_head_major: bool = False  # caches stored [blocks, kv_heads, block_size, head_dim] (viewed token-major)
+    graph_capturable: bool = False  # launches depend only on host bounds: decode steps may be CUDA graphs
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  meta: AttentionMetadata) -> None:

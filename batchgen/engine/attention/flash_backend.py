@@ -34,28 +34,13 @@ def _load_flash():
     return None, None
 
 
-def flash_supported(block_size: int, head_dim: int, dtype: torch.dtype, device) -> tuple[bool, str]:
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False, "flash-attn needs CUDA"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return False, f"flash-attn supports fp16/bf16, not {dtype}"
-    if head_dim > 256 or head_dim % 8:
-        return False, f"head_dim {head_dim} not supported by flash-attn"
-    ver, _ = _load_flash()
-    if ver is None:
-        return False, "flash-attn is not installed"
-    if ver == 2 and block_size % 256:
-        return False, f"flash-attn 2 paged KV needs block_size % 256 == 0 (got {block_size}); FA3 has no such limit"
-    return True, ""
-
-
 def _window(window: int | None) -> tuple[int, int]:
     return (window - 1, 0) if window else (-1, -1)
 
 
 class FlashAttention(AttentionBackend):
     name = "flash"
+    graph_capturable = True  # with the Triton K/V write (the torch fallback syncs: only without triton)
 
     def __init__(self) -> None:
         self.version, self.fa = _load_flash()
@@ -108,9 +93,10 @@ class FlashAttention(AttentionBackend):
             causal=True, window_size=_window(window), block_table=meta.block_tables)
 
 
-def make_flash_backend(block_size: int | None = None) -> FlashAttention:
+def make_flash_backend(block_size: int) -> FlashAttention:
     """Raises RuntimeError if flash-attn is missing, ValueError if FA2 cannot page this block size."""
     be = FlashAttention()
-    if be.version == 2 and block_size is not None and block_size % 256:
-        raise ValueError(f"flash-attn 2 paged KV needs block_size % 256 == 0 (got {block_size})")
+    if be.version == 2 and block_size % 256:
+        raise ValueError(f"flash-attn 2 paged KV needs block_size % 256 == 0 (got {block_size}); "
+                         "FlashAttention-3 has no such limit")
     return be

@@ -38,7 +38,7 @@ def _mask(q_pos: torch.Tensor, key_len: int, window: int | None, device: torch.d
 
 
 class TorchAttention(AttentionBackend):
-    name = "torch"
+    name = "torch"  # write_kv works for any cache strides; not graph-capturable (host-sized gathers)
 
     def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
         bs = k_cache.shape[1]

@@ -1,7 +1,6 @@
 """Triton attention backend: paged decode (split-K), paged varlen prefill/mixed, K/V cache writes.
 
-    from batchgen.engine.attention.triton_backend import make_triton_backend, triton_supported
-    ok, why = triton_supported(head_dim, dtype, device)
+    from batchgen.engine.attention.triton_backend import make_triton_backend
     backend = make_triton_backend()          # raises RuntimeError if triton is not importable
 
 Everything here is CUDA-graph capturable: no host reads of device values, grids from host bounds
@@ -12,33 +11,16 @@ correctness, and the split length is derived per sequence on the device.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
 from .base import AttentionBackend, AttentionMetadata
 
 
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_supported(head_dim: int, dtype: torch.dtype, device: torch.device | str) -> tuple[bool, str]:
-    """Whether the Triton kernels run this configuration (and why not)."""
-    device = torch.device(device)
-    if not _triton_importable():
-        return False, "triton is not installed"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False, f"triton kernels need a CUDA device (got {device.type})"
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        return False, f"head_dim {head_dim} is not a power of two in [16, 256]"
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False, f"dtype {dtype} not supported"
-    return True, ""
-
-
 class TritonAttention(AttentionBackend):
     name = "triton"
+    kv_head_major = True  # the decode kernel reads one contiguous run per (block, kv head)
+    graph_capturable = True
 
     def __init__(self, decode_num_splits: int | None = None) -> None:
         from .triton_kernels import cache_ops, decode, prefill  # lazy: needs triton
@@ -55,8 +37,6 @@ class TritonAttention(AttentionBackend):
                      scale: float, window: int | None = None) -> torch.Tensor:
         """fused_ops.apply_rope(q, k, positions, cos_sin) + forward(q, k, v, ...) with the rotation and the
         K/V cache write in one kernel (q is rotated in place; k is left unrotated: only the cache is read)."""
-        if os.environ.get("BATCHGEN_ROPE_KV", "1") == "0":  # ablation: the two-kernel path
-            return super().forward_rope(q, k, v, positions, cos_sin, k_cache, v_cache, meta, scale, window)
         self._cache_ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
         return self.attend(q, k_cache, v_cache, meta, scale, window)
 
@@ -74,6 +54,6 @@ class TritonAttention(AttentionBackend):
 
 def make_triton_backend(**kwargs) -> TritonAttention:
     """kwargs: decode_num_splits (None = heuristic from batch size, kv heads and SM count)."""
-    if not _triton_importable():
+    if importlib.util.find_spec("triton") is None:
         raise RuntimeError("attention='triton' needs the `triton` package")
     return TritonAttention(**kwargs)

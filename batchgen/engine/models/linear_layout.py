@@ -6,24 +6,23 @@ cuBLAS picks faster kernels for x @ W with W stored [in, out] than for x @ W.T w
 once here. For batches of at most skinny_gemm.MAX_M rows, the projections chosen by
 `skinny_config()` (those with a swept config) go through the Triton skinny GEMM instead: on their
 own they match cuBLAS, and in the step they launch early and prefetch their weights while the
-kernel before them finishes (attention/triton_kernels/pdl.py; notes/KERNELS.md).
+kernel before them finishes (kernels/pdl.py; notes/KERNELS.md).
 
 BATCHGEN_SKINNY=0 turns the Triton path off (ablation); BATCHGEN_SKINNY=qkv_proj,o_proj,gate_up_proj,down_proj
 (a list of projection names) picks where it is used. Where gate_up takes it, decode steps also fold
-SiLU-and-mul and the residual adds into the GEMMs (fused_decode_rows, llama.py);
-BATCHGEN_NORM_IN_GEMM=<names> moves those projections' RMSNorm into the GEMM as well (off by default).
+SiLU-and-mul and the residual adds into the GEMMs (fused_decode_rows, llama.py). The switches are
+read once (engine/switches.py), when the engine lays out its model.
 """
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 from torch import nn
 
 from .. import fused_ops
+from ..switches import Switches, switches
 
-DEFAULT_SKINNY = "qkv_proj,gate_up_proj"
 SkinnyConfig = tuple[int, int, int, int, int]  # BN, BK, SPLIT_K, num_warps, num_stages
 # best at M=32 on H100 (benchmarks/gemm_sweep.py), keyed by (in, out): llama-3.1-8b's projections.
 # Alone each is within 2% of cuBLAS; in the step they gain because they launch early (pdl.py) and
@@ -36,15 +35,14 @@ TUNED: dict[tuple[int, int], SkinnyConfig] = {
 
 
 class InputMajorLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, skinny: SkinnyConfig | None = None, norm_in_gemm: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, skinny: SkinnyConfig | None = None) -> None:
         super().__init__()
         self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
         self.bias = linear.bias
         self.skinny = skinny  # config for the Triton skinny GEMM, None = always cuBLAS
-        self.norm_in_gemm = norm_in_gemm and self.can_gate  # normed(): RMSNorm inside the GEMM's loads
         self._skinny_max_m = 0
         if skinny is not None:  # triton is imported only where the skinny path is used
-            from ..attention.triton_kernels import skinny_gemm
+            from ..kernels import skinny_gemm
 
             self._skinny_gemm, self._skinny_max_m = skinny_gemm.skinny_gemm, skinny_gemm.MAX_M
 
@@ -60,19 +58,17 @@ class InputMajorLinear(nn.Module):
     @property
     def can_gate(self) -> bool:
         """Whether the skinny GEMM can take a whole row per program (no K split): needed for the
-        gated (SiLU-and-mul) epilogue and for the RMSNorm inside the GEMM."""
+        gated (SiLU-and-mul) epilogue."""
         return self.skinny is not None and self.skinny[2] == 1
 
     def normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gated: bool = False) -> torch.Tensor:
         """rms_norm(x) @ W (+ bias) for at most MAX_M rows; gated=True (needs can_gate): W is gate | up
-        and the result SiLU(gate) * up, in the GEMM's epilogue. The norm is its own kernel unless
-        norm_in_gemm (measured slower for most configs: the scaled x cannot stream as a dot operand)."""
-        if not self.norm_in_gemm:
-            x, norm_weight = fused_ops.rms_norm(x, norm_weight, eps), None
-            if not gated:
-                return self(x)
-        return self._skinny_gemm(x, self.weight_t, self.bias, norm_weight=norm_weight, eps=eps, gated=gated,
-                                 config=self.skinny)
+        and the result SiLU(gate) * up, in the GEMM's epilogue. The norm is its own kernel (inside the
+        GEMM it measured slower: the scaled x cannot stream as a dot operand)."""
+        x = fused_ops.rms_norm(x, norm_weight, eps)
+        if not gated:
+            return self(x)
+        return self._skinny_gemm(x, self.weight_t, self.bias, gated=True, config=self.skinny)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual += x @ W (+ bias), in place, with the add in the GEMM's epilogue (no add kernel)."""
@@ -83,12 +79,12 @@ class InputMajorLinear(nn.Module):
         return residual.add_(self.bias) if self.bias is not None else residual
 
 
-def skinny_config(name: str, in_features: int, out_features: int) -> SkinnyConfig | None:
+def skinny_config(name: str, in_features: int, out_features: int, sw: Switches | None = None) -> SkinnyConfig | None:
     """The Triton skinny GEMM config for this projection at decode batch sizes, or None (cuBLAS)."""
-    chosen = os.environ.get("BATCHGEN_SKINNY", DEFAULT_SKINNY)
-    if not name.endswith(tuple(p for p in chosen.split(",") if p and p != "0")):
+    sw = sw or switches()
+    if not name.endswith(sw.skinny):  # BATCHGEN_SKINNY
         return None
-    tuned = os.environ.get("BATCHGEN_SKINNY_CONFIGS")  # JSON {"K,N": [BN, BK, SPLIT_K, warps, stages]} (sweeps)
+    tuned = sw.skinny_configs  # BATCHGEN_SKINNY_CONFIGS: JSON {"K,N": [BN, BK, SPLIT_K, warps, stages]} (sweeps)
     if tuned:
         config = _config_from_file(tuned, f"{in_features},{out_features}")
         if config is not None:
@@ -114,13 +110,13 @@ def _config_from_file(path: str, key: str) -> SkinnyConfig | None:
     return tuple(config)
 
 
-def fused_decode_rows(model: nn.Module) -> int:
+def fused_decode_rows(model: nn.Module, sw: Switches | None = None) -> int:
     """Largest step (in tokens) for the model's fused decode layer path, 0 where it is off. It needs
     every gate_up projection on the skinny GEMM without a K split: then SiLU-and-mul runs in its
     epilogue and the residual adds inside the o / down GEMMs (cuBLAS beta = 1 or the skinny
     epilogue), two launches fewer per layer. BATCHGEN_FUSED_DECODE=0 turns it off."""
     layers = getattr(model, "layers", None)
-    if os.environ.get("BATCHGEN_FUSED_DECODE", "1") == "0" or not layers:
+    if not (sw or switches()).fused_decode or not layers:
         return 0
     gate_ups = [layer.mlp.gate_up_proj for layer in layers]
     if not all(isinstance(g, InputMajorLinear) and g.can_gate for g in gate_ups):
@@ -128,19 +124,18 @@ def fused_decode_rows(model: nn.Module) -> int:
     return gate_ups[0]._skinny_max_m
 
 
-def make_input_major(model: nn.Module, skip: tuple[str, ...] = ()) -> None:
+def make_input_major(model: nn.Module, skip: tuple[str, ...] = (), sw: Switches | None = None) -> None:
     """Swap every nn.Linear (but those named in skip) for an InputMajorLinear, freeing the old weight."""
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     skinny = (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
               and importlib.util.find_spec("triton") is not None)
-    norm_in_gemm = tuple(p for p in os.environ.get("BATCHGEN_NORM_IN_GEMM", "").split(",") if p)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and full not in skip:
-                cfg = skinny_config(full, child.in_features, child.out_features) if skinny else None
-                setattr(module, child_name, InputMajorLinear(child, cfg, full.endswith(norm_in_gemm)))
+                cfg = skinny_config(full, child.in_features, child.out_features, sw) if skinny else None
+                setattr(module, child_name, InputMajorLinear(child, cfg))
                 del child
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -87,8 +87,8 @@ class DecoderLayer(nn.Module):
 
     def forward_fused(self, h, positions, cos_sin, kv, meta, backend) -> torch.Tensor:
         """Decode-sized steps (linear_layout.fused_decode_rows): each residual add inside the GEMM
-        before it, SiLU-and-mul in gate_up's epilogue (optionally the norms inside the GEMMs after
-        them: InputMajorLinear.normed). h is the residual stream, updated in place and returned."""
+        before it, SiLU-and-mul in gate_up's epilogue (InputMajorLinear.normed / add_to). h is the
+        residual stream, updated in place and returned."""
         attn, mlp = self.self_attn, self.mlp
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
         out = attn.attend(attn.qkv_proj.normed(h, ln1.weight, ln1.eps), positions, cos_sin, kv, meta, backend)

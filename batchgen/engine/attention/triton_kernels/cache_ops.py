@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
-from .fused import rope_cos_sin, rotate_heads
+from ...kernels import pdl
+from ...kernels.fused import rope_cos_sin, rotate_heads
 
 
 @triton.jit

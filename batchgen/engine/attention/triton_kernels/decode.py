@@ -5,22 +5,21 @@ are loaded once for the whole group) over the s-th of NUM_SPLITS equal pieces of
 attended range. The piece length is computed in the kernel from the sequence's own length, so
 every sequence uses all splits however loose the host's max_seq_len bound is (CUDA graphs).
 With NUM_SPLITS == 1 the program writes the output directly; otherwise it writes a normalised
-partial output and its log-sum-exp, and a reduce kernel (grid (B, heads)) merges the splits.
+partial output and its log-sum-exp, and the last split of each (sequence, kv head) to finish merges
+them (a counter per pair, reset by the merging program; one launch, no separate reduce kernel,
+which measured slower and was removed).
 
 No host reads of device values: the grid depends only on B, kv_heads and the host bound
 max_seq_len; programs past a sequence's end exit early.
 """
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import pdl
-from .counters import zeroed_counters
+from ...kernels import pdl
+from ...kernels.counters import zeroed_counters
 
 _LOG2E = 1.4426950408889634
 
@@ -28,7 +27,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _split_range(seq_len, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
     """A sequence's attended range [start, seq_len), its length, and the length of each of its
-    NUM_SPLITS pieces (whole BLOCK_N tiles). Shared by the split and reduce kernels."""
+    NUM_SPLITS pieces (whole BLOCK_N tiles)."""
     start = 0
     if USE_WINDOW:
         start = tl.maximum(seq_len - window, 0)
@@ -47,7 +46,7 @@ def _decode_split_kernel(
     stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # see pdl.py: every program waits before touching anything, the next kernel launches
         tl.extra.cuda.gdc_wait()  # once all programs are past their main loop
@@ -62,7 +61,7 @@ def _decode_split_kernel(
     heads = kvh * G + g
     gmask = g < G
     if lo >= seq_len:
-        if (NUM_SPLITS == 1 or FUSED_REDUCE) and s == 0:  # empty sequence (graph padding): zeros, not garbage
+        if s == 0:  # empty sequence (graph padding): zeros, not garbage
             t = tl.load(qsl_ptr + b).to(tl.int64)
             tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
                      tl.zeros([G_PAD, HEAD_DIM], tl.float32).to(out_ptr.dtype.element_ty),
@@ -105,61 +104,31 @@ def _decode_split_kernel(
         row = (b.to(tl.int64) * H + heads) * NUM_SPLITS + s  # [G_PAD]
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
         tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=gmask)
-        if FUSED_REDUCE:
-            # the last of this (b, kvh)'s non-empty splits to finish merges them (no reduce launch):
-            # barrier so every thread's partial stores precede the counter's release, acq_rel atomic
-            # (one thread), L2 reads of the partials; the merging program resets the counter to 0.
-            n_valid = tl.cdiv(length, part)
-            tl.debug_barrier()
-            sem = sem_ptr + b * tl.num_programs(1) + kvh
-            cnt = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
-            if cnt == n_valid - 1:
-                row0 = (b.to(tl.int64) * H + heads) * NUM_SPLITS
-                m_r = tl.full([G_PAD], float("-inf"), tl.float32)
-                l_r = tl.zeros([G_PAD], tl.float32)
-                o_r = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
-                for j in range(0, n_valid):
-                    lse_j = tl.load(part_lse_ptr + row0 + j, mask=gmask, other=0.0, cache_modifier=".cg")
-                    po = tl.load(part_out_ptr + (row0 + j)[:, None] * HEAD_DIM + d[None, :], mask=gmask[:, None],
-                                 other=0.0, cache_modifier=".cg")
-                    m_n = tl.maximum(m_r, lse_j)
-                    a_r = tl.exp2(m_r - m_n)
-                    w_j = tl.exp2(lse_j - m_n)
-                    o_r = o_r * a_r[:, None] + po * w_j[:, None]
-                    l_r = l_r * a_r + w_j
-                    m_r = m_n
-                tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                         (o_r / l_r[:, None]).to(out_ptr.dtype.element_ty), mask=gmask[:, None])
-                tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, qsl_ptr, window,
-    stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    H = tl.num_programs(1)
-    seq_len = tl.load(seq_lens_ptr + b)
-    start, length, part = _split_range(seq_len, window, NUM_SPLITS, BLOCK_N, USE_WINDOW)
-    n_valid = tl.cdiv(length, tl.maximum(part, 1))
-    s = tl.arange(0, S_PAD)
-    smask = s < n_valid
-    d = tl.arange(0, HEAD_DIM)
-    row = (b.to(tl.int64) * H + h) * NUM_SPLITS + s
-    lse = tl.load(part_lse_ptr + row, mask=smask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
-    w = tl.where(smask, w, 0.0)
-    po = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None], other=0.0)
-    denom = tl.sum(w, 0)
-    o = tl.sum(po * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    t = tl.load(qsl_ptr + b).to(tl.int64)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+        # the last of this (b, kvh)'s non-empty splits to finish merges them (no reduce launch):
+        # barrier so every thread's partial stores precede the counter's release, acq_rel atomic
+        # (one thread), L2 reads of the partials; the merging program resets the counter to 0.
+        n_valid = tl.cdiv(length, part)
+        tl.debug_barrier()
+        sem = sem_ptr + b * tl.num_programs(1) + kvh
+        cnt = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
+        if cnt == n_valid - 1:
+            row0 = (b.to(tl.int64) * H + heads) * NUM_SPLITS
+            m_r = tl.full([G_PAD], float("-inf"), tl.float32)
+            l_r = tl.zeros([G_PAD], tl.float32)
+            o_r = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+            for j in range(0, n_valid):
+                lse_j = tl.load(part_lse_ptr + row0 + j, mask=gmask, other=0.0, cache_modifier=".cg")
+                po = tl.load(part_out_ptr + (row0 + j)[:, None] * HEAD_DIM + d[None, :], mask=gmask[:, None],
+                             other=0.0, cache_modifier=".cg")
+                m_n = tl.maximum(m_r, lse_j)
+                a_r = tl.exp2(m_r - m_n)
+                w_j = tl.exp2(lse_j - m_n)
+                o_r = o_r * a_r[:, None] + po * w_j[:, None]
+                l_r = l_r * a_r + w_j
+                m_r = m_n
+            tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                     (o_r / l_r[:, None]).to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+            tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -174,26 +143,12 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _env_config() -> dict:
-    """BATCHGEN_DECODE="splits=2,block_n=64,warps=4,stages=3,fused=1" overrides the defaults (benchmarks)."""
-    cfg: dict = {}
-    for item in filter(None, os.environ.get("BATCHGEN_DECODE", "").split(",")):
-        k, v = item.split("=")
-        cfg[k.strip()] = int(v)
-    return cfg
-
-
-_ENV = _env_config()
-
-
 def choose_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device,
                       block_n: int, programs_per_sm: int = 2, min_part: int = 128) -> int:
     """Host-only heuristic: split only when batch * kv_heads programs leave the GPU short of about
     programs_per_sm per SM (power of 2, rounded down), pieces of at least min_part tokens.
     H100, llama heads 32/8, ctx 768, bf16 (notes/KERNELS.md): B=8 -> 4, B=16 -> 2, B>=32 -> 1 measured best;
     splitting at B=32 (S=4, the old choice) cost 15% (46.2 vs 39.3 us)."""
-    if "splits" in _ENV:
-        return max(1, _ENV["splits"])
     base = max(batch * kv_heads, 1)
     want = max(programs_per_sm * _sm_count(device) // base, 1)
     cap = max(-(-max_len // max(min_part, block_n)), 1)
@@ -205,11 +160,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_seq_len: int, scale: float,
                  window: int | None = None, out: torch.Tensor | None = None,
                  num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, fused_reduce: bool | None = None) -> torch.Tensor:
+                 num_stages: int | None = None) -> torch.Tensor:
     """q: [T, H, D] with sequence b's query at row query_start_loc[b]; returns out [T, H, D] (rows of
     sequences b < B written; other rows untouched). max_seq_len: host upper bound of seq_lens.
-    fused_reduce: with num_splits > 1, the last split program of each (sequence, kv head) merges the
-    partial results (one launch instead of two)."""
+    With num_splits > 1 the last split program of each (sequence, kv head) merges the partial results."""
     T, H, D = q.shape
     B = seq_lens.shape[0]
     nb, bs, kvh, d2 = k_cache.shape
@@ -221,25 +175,22 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         return out
     fp32 = k_cache.dtype == torch.float32
     if block_n is None:  # H100 sweep (notes/KERNELS.md): 128 tokens x 2 stages, 4 warps for 16-bit caches
-        block_n = 32 if fp32 else _ENV.get("block_n", 128)
+        block_n = 32 if fp32 else 128
     if num_warps is None:
-        num_warps = _ENV.get("warps", 4)
-    if num_stages is None:
-        num_stages = _ENV.get("stages", None if fp32 else 2)
-    if fused_reduce is None:
-        fused_reduce = bool(_ENV.get("fused", 1))
+        num_warps = 4
+    if num_stages is None and not fp32:
+        num_stages = 2
     max_len = min(max_seq_len, window) if window else max_seq_len
     if num_splits is None:
         num_splits = choose_num_splits(B, kvh, max_len, q.device, block_n)
     use_window = bool(window)
-    fused_reduce = fused_reduce and num_splits > 1
     extra = {} if num_stages is None else {"num_stages": num_stages}
     if num_splits > 1:
         part_out = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
-    sem = zeroed_counters("decode", B * kvh, q.device, 1 << 14) if fused_reduce else seq_lens
+    sem = zeroed_counters("decode", B * kvh, q.device, 1 << 14) if num_splits > 1 else seq_lens
     _decode_split_kernel[(B, kvh, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         out, part_out, part_lse, sem,
@@ -250,14 +201,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         block_tables.stride(0),
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_SIZE=bs,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=use_window,
-        DOT_PREC="ieee" if fp32 else "tf32", FUSED_REDUCE=fused_reduce, num_warps=num_warps, **extra,
+        DOT_PREC="ieee" if fp32 else "tf32", num_warps=num_warps, **extra,
         **pdl.launch_options(q.device),
     )
-    if num_splits > 1 and not fused_reduce:
-        _decode_reduce_kernel[(B, H)](
-            out, part_out, part_lse, seq_lens, query_start_loc, window or 0,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_N=block_n, NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)),
-            USE_WINDOW=use_window, num_warps=4,
-        )
     return out

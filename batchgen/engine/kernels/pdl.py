@@ -9,19 +9,20 @@ are visible. Rules every PDL kernel here follows, so that completion stays trans
 chain: each program waits before it reads or writes anything another kernel touches, and no
 program can finish without having waited.
 
-BATCHGEN_PDL=0 turns it off (ablation); it is off on GPUs before sm_90 and under the interpreter.
+BATCHGEN_PDL=0 turns it off (ablation, engine/switches.py); it is off on GPUs before sm_90 and under
+the interpreter.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ..switches import switches
 
 _ON: dict[int, bool] = {}
 
 
 def enabled(device: torch.device) -> bool:
-    if device.type != "cuda" or os.environ.get("BATCHGEN_PDL", "1") == "0":
+    if device.type != "cuda" or not switches().pdl:
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _ON:

@@ -11,17 +11,13 @@ the fp32 partials (a counter per tile, reset by that program), in one launch.
 Fusions for the decode layer (llama.py forward_fused), measured on H100 (notes/KERNELS.md):
 - gated: w is gate | up, the epilogue applies SiLU-and-mul: the activation kernel goes away (used);
 - residual: y = residual + x @ w in the epilogue, in place (used where o/down take the skinny GEMM);
-- norm_weight: RMSNorm of x on load, 1/rms applied to the sums (optional: scaling the x tile in
-  registers costs more than the norm kernel it saves for most configs, 3x for the 8B qkv config);
-  norm_folded: the same with the norm weight folded into w, so only the squares are summed: still
-  2.4x for qkv. Any use of the x tile in registers stops its loads from being pipelined; a norm
-  inside this GEMM needs 1/rms computed elsewhere (e.g. by the GEMM that writes x);
 - silu_mul: SiLU-and-mul of x on load (slower than a separate kernel for the 8B down projection;
   kept for benchmarks).
+An RMSNorm of x inside the GEMM (on load, or with its weight folded into w) measured 2.4-3x slower
+than the norm kernel it saves: any use of the x tile in registers stops its loads from being
+pipelined. It was removed (notes/KERNELS.md).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -30,13 +26,14 @@ import triton.language as tl
 from . import pdl
 from .counters import zeroed_counters
 from .fused import silu_mul
+from ..switches import switches
 
 
 @triton.jit
-def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr, sem_ptr, M, N, K, k_per_split, eps,
+def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, part_ptr, sem_ptr, M, N, K, k_per_split,
                         stride_xm, stride_wk, stride_rm, stride_ym,
                         BM: tl.constexpr, WN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                        SILU_MUL: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr,
+                        SILU_MUL: tl.constexpr, GATED: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DOT_PREC: tl.constexpr,
                         PREFETCH: tl.constexpr, PF_COLS: tl.constexpr, USE_PDL: tl.constexpr):
     # WN output columns per program; GATED: w is [K, 2N] (gate | up), a tile reads WN columns of each half.
@@ -66,7 +63,6 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BM, WN], tl.float32)
     acc_up = tl.zeros([BM, WN], tl.float32)  # GATED only
-    squares = tl.zeros([BM, BK], tl.float32)  # NORM only
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + rk
         kmask = kk < k_hi
@@ -78,12 +74,6 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr
         if SILU_MUL:
             up = tl.load(x_rows + K + kk[None, :], mask=amask, other=0.0)
             a = silu_mul(a, up).to(up.dtype)
-        if NORM:  # RMSNorm of the rows: scale by the norm weight now, by 1/rms once K is summed
-            af = a.to(tl.float32)
-            squares += af * af  # summed over K after the loop: a reduction per step would stall it
-            if NORM_W:  # else the norm weight is already folded into w's rows
-                nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-                a = (af * nw[None, :]).to(a.dtype)
         acc += tl.dot(a, w, input_precision=DOT_PREC)
         if GATED:
             w_up = tl.load(w_rows + N + rn[None, :], mask=wmask, other=0.0)
@@ -94,10 +84,6 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     res_ptrs = res_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :]
     if SPLIT_K == 1:
-        if NORM:
-            inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
-            acc *= inv_rms[:, None]
-            acc_up *= inv_rms[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
             if GATED:
@@ -127,12 +113,11 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, nw_ptr, y_ptr, part_ptr
 
 
 MAX_M = 64
-PREFETCH_ROWS = int(os.environ.get("BATCHGEN_SKINNY_PREFETCH", "256"))  # rows of w per program (0 = off)
 
 
 def _prefetch_rows(rows: int | None, k_per: int, device: torch.device) -> int:
     """Power of 2, at most the program's slice; 0 where there is no early launch to hide it behind."""
-    rows = PREFETCH_ROWS if rows is None else rows
+    rows = switches().skinny_prefetch if rows is None else rows  # BATCHGEN_SKINNY_PREFETCH
     if rows <= 0 or not pdl.enabled(device):
         return 0
     return min(triton.next_power_of_2(rows), triton.next_power_of_2(k_per))
@@ -150,20 +135,14 @@ def default_config(M: int, N: int, K: int, sm_count: int) -> tuple[int, int, int
 
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
-                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, norm_folded: bool = False,
-                gated: bool = False,
-                residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                gated: bool = False, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 config: tuple[int, int, int, int, int] | None = None, sm_count: int = 132,
                 prefetch: int | None = None) -> torch.Tensor:
     """y = x @ w (+ bias) for x [M, K] and w [K, N] row-major, in x's dtype. Options:
     silu_mul  x is [M, 2K] (gate | up), SiLU-and-mul applied on load;
-    norm_weight  RMSNorm of x's rows first (HF's op order up to rounding: the weight scales x on load,
-                 1/rms the fp32 sums), so the norm kernel before the GEMM goes away;
-    norm_folded  RMSNorm with the norm weight already multiplied into w's rows: x stays as loaded
-                 and only 1/rms scales the sums (norm_weight is then not needed);
-    gated     w is [K, 2I] (gate | up) and y = silu(x @ gate) * (x @ up), [M, I];
-    residual  y = residual + x @ w (+ bias), one rounding; out=residual updates it in place.
-    norm_weight, norm_folded and gated need a config without a K split."""
+    gated     w is [K, 2I] (gate | up) and y = silu(x @ gate) * (x @ up), [M, I]; needs a config
+              without a K split;
+    residual  y = residual + x @ w (+ bias), one rounding; out=residual updates it in place."""
     M = x.shape[0]
     K, Nw = w.shape
     N = Nw // 2 if gated else Nw
@@ -173,9 +152,8 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     if M == 0:
         return y
     BN, BK, split, warps, stages = config or default_config(M, Nw, K, sm_count)
-    norm = norm_weight is not None or norm_folded
-    if (norm or gated) and split > 1:
-        raise ValueError(f"skinny_gemm: norm_weight/gated need a config without a K split, got {config}")
+    if gated and split > 1:
+        raise ValueError(f"skinny_gemm: gated needs a config without a K split, got {config}")
     BM = max(16, triton.next_power_of_2(M))
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)  # no empty splits
@@ -185,10 +163,9 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     sem = zeroed_counters("skinny_gemm", tiles, x.device) if split > 1 else y
     res = residual if residual is not None else y
     _skinny_gemm_kernel[(tiles, split)](
-        x, w, bias if bias is not None else y, res, norm_weight if norm_weight is not None else y, y, part, sem,
-        M, N, K, k_per, eps, x.stride(0), w.stride(0), res.stride(0), y.stride(0),
-        BM=BM, WN=WN, BK=BK, SPLIT_K=split, SILU_MUL=silu_mul, NORM=norm, NORM_W=norm_weight is not None and not norm_folded,
-        GATED=gated,
+        x, w, bias if bias is not None else y, res, y, part, sem,
+        M, N, K, k_per, x.stride(0), w.stride(0), res.stride(0), y.stride(0),
+        BM=BM, WN=WN, BK=BK, SPLIT_K=split, SILU_MUL=silu_mul, GATED=gated,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         PREFETCH=_prefetch_rows(prefetch, k_per, x.device), PF_COLS=max(BN // 64, 2 if gated else 1),

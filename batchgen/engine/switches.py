@@ -1,0 +1,58 @@
+"""Every environment switch the engine reads, in one typed registry read once.
+
+`switches()` builds a frozen `Switches` from the environment on its first call and returns that
+same object afterwards, so no kernel launch or layer looks at os.environ. Tests and benchmarks
+that change a variable in-process call `reload()` (then re-create what read the old values: an
+Engine reads its switches when it is built). Standard library only: job config code may import it.
+The README's "Switches" section lists them for users.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_SKINNY = ("qkv_proj", "gate_up_proj")
+
+
+@dataclass(frozen=True)
+class Switches:
+    pdl: bool = True  # BATCHGEN_PDL=0: no programmatic dependent launch (ablation; off before sm_90 anyway)
+    skinny: tuple[str, ...] = DEFAULT_SKINNY  # BATCHGEN_SKINNY: projections on the Triton skinny GEMM ("0": none)
+    skinny_configs: str | None = None  # BATCHGEN_SKINNY_CONFIGS: JSON file of swept configs {"K,N": [5 ints]}
+    skinny_prefetch: int = 256  # BATCHGEN_SKINNY_PREFETCH: weight rows each skinny GEMM program prefetches (0 = off)
+    fused_decode: bool = True  # BATCHGEN_FUSED_DECODE=0: decode steps take the unfused layer path (ablation)
+    cache_dir: Path = Path.home() / ".cache" / "batchgen"  # BATCHGEN_CACHE: where GGUF checkpoints are converted to
+    triton_interpret: bool = False  # TRITON_INTERPRET=1: Triton's CPU interpreter (tests); CPU tensors take Triton ops
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Switches":
+        skinny = env.get("BATCHGEN_SKINNY")
+        return cls(
+            pdl=env.get("BATCHGEN_PDL", "1") != "0",
+            skinny=DEFAULT_SKINNY if skinny is None else tuple(p for p in skinny.split(",") if p and p != "0"),
+            skinny_configs=env.get("BATCHGEN_SKINNY_CONFIGS") or None,
+            skinny_prefetch=int(env.get("BATCHGEN_SKINNY_PREFETCH", "256")),
+            fused_decode=env.get("BATCHGEN_FUSED_DECODE", "1") != "0",
+            cache_dir=Path(env["BATCHGEN_CACHE"]).expanduser() if env.get("BATCHGEN_CACHE") else cls.cache_dir,
+            triton_interpret=env.get("TRITON_INTERPRET") == "1",
+        )
+
+
+_CURRENT: Switches | None = None
+
+
+def switches() -> Switches:
+    """The process's switches, read from the environment on first use."""
+    global _CURRENT
+    if _CURRENT is None:
+        _CURRENT = Switches.from_env()
+    return _CURRENT
+
+
+def reload() -> Switches:
+    """Read the environment again (tests and benchmarks that set a variable in-process)."""
+    global _CURRENT
+    _CURRENT = Switches.from_env()
+    return _CURRENT
