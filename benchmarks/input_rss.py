@@ -5,7 +5,7 @@
 
 Writes a Parquet input of --rows rows (several files, 64k-row row groups), then runs the real
 Job (sources, prompt rendering + tokenization, the ledger, the shard writer with fsync) with an
-instant stand-in engine that honours Engine.stream's contract (lazy pull, bounded lookahead,
+instant stand-in engine behind the push API the run loop drives (add / step / has_unfinished,
 completion order != input order), so only the pipeline's own memory is measured. Prints RSS
 samples through the run and the peak (ru_maxrss), as JSON on the last line.
 """
@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,34 +46,33 @@ def build_tokenizer() -> Any:
 
 
 class InstantEngine:
-    """Engine.stream's contract with no model: pulls up to `lookahead` requests ahead, answers
-    them in reverse order of arrival within each window."""
+    """The engine's push API with no model: every step answers what was added, in reverse order of
+    arrival (so the run loop maps outputs by their work item, not by order)."""
 
-    def __init__(self, tokenizer: Any, lookahead: int = 512) -> None:
+    def __init__(self, tokenizer: Any, max_num_seqs: int = 256) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = 4096
-        self.lookahead = lookahead
-        self.stats = {"gpu_busy_fraction": None}
+        self.max_num_seqs = max_num_seqs  # the loop keeps 3 x this many rows in the engine
+        self.stats = None
         self.seen = 0
+        self._added: list[Any] = []
 
-    def stream(self, requests: Iterable[Any]) -> Iterator[Any]:
+    def add(self, requests: Iterable[Any]) -> list[Any]:
+        reqs = list(requests)
+        self._added += reqs
+        return [r.request_id for r in reqs]
+
+    def step(self) -> list[Any]:
         from batchgen.engine.request import CompletionOutput, RequestOutput
 
-        buf: list[Any] = []
+        done, self._added = self._added[::-1], []
+        self.seen += len(done)
+        text = "lorem ipsum dolor sit amet " * 6
+        return [RequestOutput(r.request_id, r.prompt, [CompletionOutput(j, [7] * 48, f"completion: {text}", "length")
+                                                        for j in range(r.params.n)]) for r in done]
 
-        def answer(r: Any) -> Any:
-            text = f"completion for row {r.request_id}: " + "lorem ipsum dolor sit amet " * 6
-            outs = [CompletionOutput(j, [7] * 48, text, "length") for j in range(r.params.n)]
-            return RequestOutput(r.request_id, r.prompt, outs)
-
-        for r in requests:
-            buf.append(r)
-            if len(buf) >= self.lookahead:
-                while buf:
-                    self.seen += 1
-                    yield answer(buf.pop())
-        while buf:
-            yield answer(buf.pop())
+    def has_unfinished(self) -> bool:
+        return bool(self._added)
 
     def close(self) -> None:
         pass
@@ -138,12 +137,14 @@ def main() -> None:
     samples: list[tuple[int, float]] = []
 
     class Probe(InstantEngine):
-        def stream(self, requests: Iterable[Any]) -> Iterator[Any]:
-            step = max(args.rows // 20, 1)
-            for i, out in enumerate(super().stream(requests)):
-                if i % step == 0:
-                    samples.append((i, round(rss_mb(), 1)))
-                yield out
+        every = max(args.rows // 20, 1)
+
+        def step(self) -> list[Any]:
+            before = self.seen
+            outs = super().step()
+            if before // self.every != self.seen // self.every:
+                samples.append((self.seen, round(rss_mb(), 1)))
+            return outs
 
     eng = Probe(tok)
     t1 = time.time()

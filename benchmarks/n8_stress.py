@@ -53,7 +53,7 @@ def main() -> None:
         complete = lost == 0 and samples == args.requests * args.n and tokens == samples * args.new
         record.update(outcome="complete" if complete else f"INCOMPLETE: {lost} requests lost, {samples} samples",
                       seconds=round(wall, 2), output_tok_s=round(tokens / wall, 1),
-                      preemptions=engine.stats["preemptions"], kv_cache_tokens=engine.stats["kv_cache_tokens"])
+                      preemptions=engine.stats.preemptions, kv_cache_tokens=engine.stats.kv_cache_tokens)
     print(json.dumps(record))
     if args.json:
         with open(args.json, "a") as f:

@@ -172,7 +172,7 @@ def test_signal_while_the_model_loads_stops_and_requeues(tmp_path, checkpoint, e
 
     code, job = run_task(job_file, 0, None, env, engine_factory=slow_load)
     assert code == 128 + signal.SIGUSR1 and job.stopped_by == signal.SIGUSR1
-    assert len(loaded) == 1 and loaded[0].stats["requests"] == 0  # the model loaded, nothing was admitted
+    assert len(loaded) == 1 and loaded[0].stats.requests == 0  # the model loaded, nothing was admitted
     assert calls.read_text() == "requeue 9_0\n"
     assert all_output(tmp_path / "out") == []
     # the restarted task is warned mid-load again: nothing committed twice in a row -> no requeue loop

@@ -2,7 +2,7 @@
 Torch-free at import (the events are only type hints), so job code may import EngineStats."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,22 +32,6 @@ class EngineStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    # dict-style reads for callers written against the old string-keyed stats (shim for the issue-12
-    # move: removed by the integrator)
-    def __getitem__(self, key: str) -> Any:
-        if key not in _FIELDS:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in _FIELDS else default
-
-    def items(self):
-        return self.as_dict().items()
-
-
-_FIELDS = frozenset(f.name for f in fields(EngineStats))
 
 
 @dataclass

@@ -2,12 +2,13 @@
 job-wide summary once every task is done, the dataset card, and the one line that says how it ended."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ..files import read_json, write_json_atomic
 from ..sink.verify import repeated_ids
+from ...engine.stats import EngineStats
 from ..config import CONSTRAINT_KEYS, JobConfig
 from ..sink.ledger import Ledger
 from ..sink.output_dir import OutputDir
@@ -31,11 +32,7 @@ class RunFigures:
 def engine_stats(engine: Any) -> dict[str, Any]:
     """The engine's figures as plain values (an engine without stats has none)."""
     stats = getattr(engine, "stats", None)
-    if is_dataclass(stats):
-        stats = asdict(stats)
-    if not isinstance(stats, dict):
-        return {}
-    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, type(None)))}
+    return stats.as_dict() if isinstance(stats, EngineStats) else {}
 
 
 def summarize(cfg: JobConfig, task_id: int, num_tasks: int, od: OutputDir, source: Source, led: Ledger,
