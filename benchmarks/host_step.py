@@ -25,7 +25,9 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +45,18 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def main() -> None:
+@dataclass
+class StepTimes:
+    """Per-step milliseconds of each part, over the timed steady-state decode steps."""
+
+    sched: list[float] = field(default_factory=list)
+    prep: list[float] = field(default_factory=list)
+    proc: list[float] = field(default_factory=list)
+    fwd: list[float] = field(default_factory=list)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--steps", type=int, default=200, help="timed decode steps")
@@ -54,77 +67,108 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile schedule + prepare over the timed steps")
     ap.add_argument("--forward", choices=["cpu", "none"], default="cpu",
                     help="run the model forward on the CPU between steps (default) or skip it")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    return ap.parse_args()
 
+
+def build_engine(args: argparse.Namespace, path: Path) -> Any:
+    """A CPU Engine sized for args.requests requests, with all of them added (random prompts, seed 0)."""
     from batchgen import Engine, GenerationRequest, SamplingParams
+
+    n = args.requests
+    max_new = args.warmup + args.steps + 8
+    rng = random.Random(0)
+    lens = [max(1, int(args.prompt_len * rng.uniform(0.5, 1.5))) for _ in range(n)]
+    kv_tokens = sum(L + max_new + 16 for L in lens) + 1024
+    eng = Engine.from_pretrained(str(path), device="cpu", dtype="float32", cuda_graphs=False,
+                                 max_num_seqs=n, max_batch_tokens=max(8192, sum(lens) + n),
+                                 kv_cache_tokens=kv_tokens, max_model_len=max(lens) + max_new + 16)
+    vocab = eng.model.cfg.vocab_size
+    eng.add(GenerationRequest([rng.randrange(3, vocab) for _ in range(L)],
+                              SamplingParams(max_new_tokens=max_new, ignore_eos=True,
+                                             temperature=0.0 if i % 2 else 0.8, top_p=0.95, seed=i),
+                              request_id=i)
+            for i, L in enumerate(lens))
+    return eng
+
+
+def run_step(eng: Any, forward: str, prof: Any | None) -> tuple[Any, list[float]]:
+    """One engine step's parts by hand, as Engine.step does; returns the batch and 5 perf_counter stamps.
+
+    prof, when given, is enabled around schedule + prepare only.
+    """
     from batchgen.engine.runner import StepHandle
+
+    if prof is not None:
+        prof.enable()
+    t0 = time.perf_counter()
+    batch = eng.scheduler.schedule()
+    t1 = time.perf_counter()
+    step = eng.runner.prepare(batch)
+    t2 = time.perf_counter()
+    if prof is not None:
+        prof.disable()
+    if forward == "cpu":
+        handle = eng.runner.execute(step)
+    else:  # host work only: token 0 for every sampling row, nothing runs on the device
+        handle = StepHandle(step.sample_seqs, torch.zeros(len(step.sample_seqs), dtype=torch.int64),
+                            None, None, None)
+    t3 = time.perf_counter()
+    finished = list(eng._process(handle))
+    t4 = time.perf_counter()
+    assert not finished, "a request finished before the timed steps ended"
+    return batch, [t0, t1, t2, t3, t4]
+
+
+def timed_loop(eng: Any, args: argparse.Namespace, prof: Any | None) -> StepTimes:
+    """Step until warmup + steps steady-state decode steps have run; time the last args.steps of them."""
+    times = StepTimes()
+    n = args.requests
+    decode_steps = 0
+    while decode_steps < args.warmup + args.steps:
+        timed = prof is not None and decode_steps >= args.warmup
+        batch, (t0, t1, t2, t3, t4) = run_step(eng, args.forward, prof if timed else None)
+        steady = len(batch.seqs) == n and all(x == 1 for x in batch.lens)
+        if steady:
+            decode_steps += 1
+            if decode_steps > args.warmup:
+                times.sched.append(1e3 * (t1 - t0))
+                times.prep.append(1e3 * (t2 - t1))
+                times.fwd.append(1e3 * (t3 - t2))
+                times.proc.append(1e3 * (t4 - t3))
+    return times
+
+
+def report(args: argparse.Namespace, times: StepTimes, t_all: float) -> None:
+    """Print the min / median / p90 table and the < 1 ms target line (t_all: perf_counter at loop start)."""
+    host = [a + b for a, b in zip(times.sched, times.prep)]
+    host_all = [a + b + c for a, b, c in zip(times.sched, times.prep, times.proc)]
+    print(f"host step, {args.requests} running decode requests, {len(host)} steps, forward {args.forward}, "
+          f"torch {torch.__version__} (CPU, {args.threads} thread(s)); total loop {time.perf_counter() - t_all:.1f}s")
+    print(f"{'part':<32}{'min ms':>9}{'median ms':>11}{'p90 ms':>9}")
+    for name, xs in (("schedule()", times.sched), ("runner.prepare()", times.prep),
+                     ("schedule + prepare", host), ("_process() (token bookkeeping)", times.proc),
+                     ("host total", host_all), ("forward+sample (not host)", times.fwd)):
+        print(f"{name:<32}{min(xs):>9.3f}{statistics.median(xs):>11.3f}{pct(xs, 0.9):>9.3f}")
+    ok = statistics.median(host) < 1.0
+    print(f"target schedule + prepare < 1 ms: {'MET' if ok else 'NOT MET'} "
+          f"(median {statistics.median(host):.3f} ms)")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.checkpoint) if args.checkpoint else build_checkpoint(Path(tmp) / "llama")
-        n = args.requests
-        max_new = args.warmup + args.steps + 8
-        rng = random.Random(0)
-        lens = [max(1, int(args.prompt_len * rng.uniform(0.5, 1.5))) for _ in range(n)]
-        kv_tokens = sum(L + max_new + 16 for L in lens) + 1024
-        eng = Engine.from_pretrained(str(path), device="cpu", dtype="float32", cuda_graphs=False,
-                                     max_num_seqs=n, max_batch_tokens=max(8192, sum(lens) + n),
-                                     kv_cache_tokens=kv_tokens, max_model_len=max(lens) + max_new + 16)
-        vocab = eng.model.cfg.vocab_size
-        eng.add(GenerationRequest([rng.randrange(3, vocab) for _ in range(L)],
-                                  SamplingParams(max_new_tokens=max_new, ignore_eos=True,
-                                                 temperature=0.0 if i % 2 else 0.8, top_p=0.95, seed=i),
-                                  request_id=i)
-                for i, L in enumerate(lens))
-
-        sched_ms, prep_ms, proc_ms, fwd_ms = [], [], [], []
+        eng = build_engine(args, path)
         prof = None
         if args.profile:
             import cProfile
 
             prof = cProfile.Profile()
-        decode_steps = 0
         t_all = time.perf_counter()
-        while decode_steps < args.warmup + args.steps:
-            timed = prof is not None and decode_steps >= args.warmup
-            if timed:
-                prof.enable()
-            t0 = time.perf_counter()
-            batch = eng.scheduler.schedule()
-            t1 = time.perf_counter()
-            step = eng.runner.prepare(batch)
-            t2 = time.perf_counter()
-            if timed:
-                prof.disable()
-            if args.forward == "cpu":
-                handle = eng.runner.execute(step)
-            else:  # host work only: token 0 for every sampling row, nothing runs on the device
-                handle = StepHandle(step.sample_seqs, torch.zeros(len(step.sample_seqs), dtype=torch.int64),
-                                    None, None, None)
-            t3 = time.perf_counter()
-            finished = list(eng._process(handle))
-            t4 = time.perf_counter()
-            assert not finished, "a request finished before the timed steps ended"
-            steady = len(batch.seqs) == n and all(x == 1 for x in batch.lens)
-            if steady:
-                decode_steps += 1
-                if decode_steps > args.warmup:
-                    sched_ms.append(1e3 * (t1 - t0))
-                    prep_ms.append(1e3 * (t2 - t1))
-                    fwd_ms.append(1e3 * (t3 - t2))
-                    proc_ms.append(1e3 * (t4 - t3))
-        host = [a + b for a, b in zip(sched_ms, prep_ms)]
-        host_all = [a + b + c for a, b, c in zip(sched_ms, prep_ms, proc_ms)]
-        print(f"host step, {n} running decode requests, {len(host)} steps, forward {args.forward}, "
-              f"torch {torch.__version__} (CPU, {args.threads} thread(s)); total loop {time.perf_counter() - t_all:.1f}s")
-        print(f"{'part':<32}{'min ms':>9}{'median ms':>11}{'p90 ms':>9}")
-        for name, xs in (("schedule()", sched_ms), ("runner.prepare()", prep_ms),
-                         ("schedule + prepare", host), ("_process() (token bookkeeping)", proc_ms),
-                         ("host total", host_all), ("forward+sample (not host)", fwd_ms)):
-            print(f"{name:<32}{min(xs):>9.3f}{statistics.median(xs):>11.3f}{pct(xs, 0.9):>9.3f}")
-        ok = statistics.median(host) < 1.0
-        print(f"target schedule + prepare < 1 ms: {'MET' if ok else 'NOT MET'} "
-              f"(median {statistics.median(host):.3f} ms)")
+        times = timed_loop(eng, args, prof)
+        report(args, times, t_all)
         if prof is not None:
             import pstats
 

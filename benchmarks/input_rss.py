@@ -104,25 +104,38 @@ def make_input(d: Path, rows: int, files: int) -> None:
         k += n
 
 
-def main() -> None:
+class ProbeEngine(InstantEngine):
+    """The instant engine, sampling RSS into `samples` every `every` answered rows."""
+
+    def __init__(self, tokenizer: Any, every: int, samples: list[tuple[int, float]]) -> None:
+        super().__init__(tokenizer)
+        self.every = every
+        self.samples = samples
+
+    def step(self) -> list[Any]:
+        before = self.seen
+        outs = super().step()
+        if before // self.every != self.seen // self.every:
+            self.samples.append((self.seen, round(rss_mb(), 1)))
+        return outs
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--rows-per-shard", type=int, default=10000)
     ap.add_argument("--chat-template", action="store_true", help="render every prompt through a chat template")
     ap.add_argument("--workdir", default=None, help="where input and output go (default: a temp dir, removed)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def make_job_config(args: argparse.Namespace, wd: Path) -> Any:
+    """The job config: the Parquet input under wd/input, shards out to wd/out."""
     from batchgen.pipeline.config import parse_job
-    from batchgen.pipeline.run.job import Job
 
-    tmp = tempfile.TemporaryDirectory(prefix="batchgen-rss-") if args.workdir is None else None
-    wd = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
-    t0 = time.time()
-    make_input(wd / "input", args.rows, args.files)
-    t_in = time.time() - t0
-    tok = build_tokenizer()
-    cfg = parse_job({
+    return parse_job({
         "model": {"path": "stand-in"},
         "input": {"files": [str(wd / "input")], "columns": ["category"], "id_column": "uid"},
         "prompt": {"column": "prompt", "chat_template": bool(args.chat_template), "max_tokens": 512},
@@ -130,31 +143,36 @@ def main() -> None:
         "output": {"path": str(wd / "out"), "rows_per_shard": args.rows_per_shard, "flush_seconds": 30},
     }, where="input_rss", base_dir=wd)
 
+
+def run_with_probe(cfg: Any, tok: Any, rows: int) -> tuple[float, list[tuple[int, float]], float]:
+    """Run the Job on the probing stand-in engine; returns (RSS before the run, RSS samples, run seconds)."""
+    from batchgen.pipeline.run.job import Job
+
     import gc
 
     gc.collect()
     base = rss_mb()
     samples: list[tuple[int, float]] = []
-
-    class Probe(InstantEngine):
-        every = max(args.rows // 20, 1)
-
-        def step(self) -> list[Any]:
-            before = self.seen
-            outs = super().step()
-            if before // self.every != self.seen // self.every:
-                samples.append((self.seen, round(rss_mb(), 1)))
-            return outs
-
-    eng = Probe(tok)
+    eng = ProbeEngine(tok, max(rows // 20, 1), samples)
     t1 = time.time()
     code = Job(cfg, engine=eng, progress="log", log_every=30).run()
     t_run = time.time() - t1
     assert code == 0, code
+    return base, samples, t_run
+
+
+def count_output(wd: Path, rows: int) -> int:
+    """The rows in the output shards under wd/out (asserted == rows)."""
     import pyarrow.dataset as pds
 
     n_out = pds.dataset(str(wd / "out"), format="parquet").count_rows()
-    assert n_out == args.rows, (n_out, args.rows)
+    assert n_out == rows, (n_out, rows)
+    return n_out
+
+
+def report(args: argparse.Namespace, base: float, samples: list[tuple[int, float]], t_in: float, t_run: float,
+           n_out: int) -> None:
+    """Print the RSS samples, the summary line and the JSON result (last line)."""
     result = {
         "rows": args.rows, "input_files": args.files, "chat_template": bool(args.chat_template),
         "rss_before_run_mb": round(base, 1), "rss_samples_mb": samples, "peak_rss_mb": round(peak_mb(), 1),
@@ -166,6 +184,24 @@ def main() -> None:
     print(f"rows {args.rows:,}: RSS before run {base:.1f} MiB, peak {peak_mb():.1f} MiB, "
           f"{args.rows / t_run:,.0f} rows/s")
     print(json.dumps(result))
+
+
+def main() -> None:
+    args = parse_args()
+    # the pipeline (pyarrow with it) is imported up front, so input_write_s times only the writing
+    import batchgen.pipeline.config  # noqa: F401
+    import batchgen.pipeline.run.job  # noqa: F401
+
+    tmp = tempfile.TemporaryDirectory(prefix="batchgen-rss-") if args.workdir is None else None
+    wd = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
+    t0 = time.time()
+    make_input(wd / "input", args.rows, args.files)
+    t_in = time.time() - t0
+    tok = build_tokenizer()
+    cfg = make_job_config(args, wd)
+    base, samples, t_run = run_with_probe(cfg, tok, args.rows)
+    n_out = count_output(wd, args.rows)
+    report(args, base, samples, t_in, t_run, n_out)
     if tmp is not None:
         tmp.cleanup()
 
