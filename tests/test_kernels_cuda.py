@@ -496,7 +496,8 @@ def test_engine_fused_decode_path_matches_reference(monkeypatch, tmp_path, graph
     prompts, max_new = R.random_prompts_for(ckpt, 40), R.random_max_new(40)
     got = [o.outputs[0].token_ids for o in eng.generate(prompts, R.greedy_params(max_new))]
     failures, ties = R.compare_greedy(R.get_reference(ckpt), prompts, got, R.cached_greedy(ckpt, prompts, max_new),
-                                      tol=0.02)  # bf16 rounding flips top-2 gaps of ~0.003 here
+                                      tol=0.04)  # bf16 keeps 8 bits: logits of magnitude ~4 round by
+    # ~0.016 each, so a top-2 gap up to ~0.03 can flip (0.0204 did, on the shared tiny checkpoint)
     assert not failures, R.format_failures(failures, "fused decode path, bf16")
 
     # the same 40-token batch through both layer paths of the same model (eager, torch attention)
