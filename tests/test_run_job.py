@@ -240,6 +240,32 @@ def test_request_stop_flushes_and_resumes(tmp_path: Path, shared: Callable[..., 
     assert code == 0 and keyset(read_out(tmp_path / "out")) == sorted((i, s) for i in range(30) for s in range(2))
 
 
+@pytest.mark.parametrize("damage", [b"\x00garbage{", b"[1, 2]", b'{"task_id": 0, "state": "stopped", "total_wall_s": "ten"}'])
+def test_a_damaged_progress_file_is_said_and_rewritten(tmp_path: Path, shared: Callable[..., Tap],
+                                                       capsys: pytest.CaptureFixture[str], damage: bytes) -> None:
+    """The progress file only reports progress (the ledger is the checkpoint): one that is not a
+    task's progress (bytes, another shape, a field of the wrong type) is said once, the run resumes
+    from its shards, and the file is written again whole."""
+    from batchgen.pipeline.task_progress import TaskProgress
+
+    jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(30)])
+    job = make_job(tmp_path, BASIC)
+    holder: dict[str, Job] = {}
+    eng = shared(on_output=lambda n: n == 4 and holder["job"].request_stop("stopped by test", exit_code=99))
+    holder["job"] = Job(load_job(job), engine=eng, progress="off")
+    assert holder["job"].run() == 99
+    path = tmp_path / "out/.batchgen/progress/task-00000.json"
+    path.write_bytes(damage)
+    capsys.readouterr()
+    assert run(job, shared())[0] == 0
+    err = capsys.readouterr().err
+    assert f"warning: {path} is unreadable (" in err and "so it is written again" in err, err
+    assert "resuming" in err
+    again = TaskProgress.read(path)
+    assert again.state == "done" and again.rows_done == 30
+    assert keyset(read_out(tmp_path / "out")) == sorted((i, s) for i in range(30) for s in range(2))
+
+
 def test_changed_job_refused_unless_overwrite(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     jsonl(tmp_path / "in.jsonl", [{"prompt": f"q {i}", "cat": i} for i in range(5)])
     job = make_job(tmp_path, BASIC)

@@ -41,7 +41,7 @@ def test_rows_committed_counts_this_runs_commits_and_rewrites(tmp_path: Path) ->
         w.add(i, rows, row_stats([rows]))
         if w.due():
             w.flush(all_rows=False)
-    assert w.rows_committed == 4 == sum(m["rows"] for m in w.committed)
+    assert w.rows_committed == 4 == sum(r.rows for r in w.ledger.records.values())
     w.flush()
     assert w.rows_committed == 5 == w.ledger.rows
     w.out.unlock()

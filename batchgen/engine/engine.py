@@ -303,10 +303,13 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests added with add() that finished, in completion order."""
         self._check_open()
+        t0 = time.perf_counter()
         if self._live or self._inflight is not None:
             self._advance()
         done, self._push.ready = list(self._push.ready), deque()
-        return [g.output(self._decode) for g in done]
+        outputs = [g.output(self._decode) for g in done]
+        self._counters.wall_s += time.perf_counter() - t0
+        return outputs
 
     def has_unfinished(self) -> bool:
         """True while a request added with add() has not yet come back from step()."""

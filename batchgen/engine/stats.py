@@ -18,7 +18,7 @@ class EngineStats:
     prompt_tokens: int
     output_tokens: int  # of finished samples
     generated_tokens: int  # every sampled token used, finished or not
-    wall_s: float  # time inside generate() / stream() calls
+    wall_s: float  # time inside generate() / stream() / step() calls
     gpu_busy_fraction: float | None  # GPU busy time over the span from the first step to the last (CUDA)
     host_ms_per_step: float
     output_tok_s: float

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..config import JobConfig
+from ..config import JobConfig, sampling_kwargs
 from .reasoning import DEFAULT_TAGS
 
 
@@ -46,11 +46,7 @@ def request_params(cfg: JobConfig, seed: int, row: dict[str, Any] | None = None)
     from ...engine.request import SamplingParams  # lazily: the engine package imports torch
 
     s = cfg.sampling
-    kw: dict[str, Any] = dict(
-        max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature, top_k=s.top_k,
-        top_p=s.top_p, min_p=s.min_p, repetition_penalty=s.repetition_penalty, seed=seed, n=s.n, stop=list(s.stop),
-        stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs,
-        top_logprobs=s.top_logprobs)
+    kw: dict[str, Any] = {**sampling_kwargs(s), "seed": seed}  # the section's fields SamplingParams takes
     overridden: dict[str, str] = {}
     for key, col in s.from_columns.items():
         value = (row or {}).get(col)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..files import read_json, write_json_atomic
+from ..files import write_json_atomic
 from ..sink.verify import repeated_ids
 from ...engine.stats import EngineStats
 from ..config import CONSTRAINT_KEYS, JobConfig
@@ -14,6 +14,7 @@ from ..sink.ledger import Ledger
 from ..sink.output_dir import OutputDir
 from ..source.base import Source
 from .layout import version
+from ..task_progress import ProgressFileError, TaskProgress
 from .summary import combine_summaries, format_summary, summary_dict
 from .task_file import TaskFile
 
@@ -83,10 +84,13 @@ class Finisher:
         """When every task of the job is done, write the job's summary.json (any task may be last)."""
         parts = []
         for t in range(self.num_tasks):
-            prog = read_json(self.od.progress_path(t))
-            if not isinstance(prog, dict) or prog.get("state") != "done" or not isinstance(prog.get("summary"), dict):
+            try:
+                prog = TaskProgress.read(self.od.progress_path(t))
+            except ProgressFileError:
+                return  # not done (or its file is unreadable: that task's next run rewrites it)
+            if prog.state != "done" or prog.summary is None:
                 return
-            parts.append(prog["summary"])
+            parts.append(prog.summary)
         summ = combine_summaries(parts, self.cfg.cost_per_hour)
         self.check_ids_unique(summ)
         write_json_atomic(self.od.meta / "summary.json", summ)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..files import read_json_checked
+from ..task_progress import ProgressFileError, TaskProgress
 from ..config import JobConfig
 from ..sink.intervals import IntervalSet
 from ..sink.ledger import Ledger
@@ -36,27 +36,28 @@ def plan_resume(cfg: JobConfig, od: OutputDir, source: Any, led: Ledger, *, retr
     prev = read_previous_progress(od, say)
     retry = retry_set(led, say) if retry_errors else {}
     skip = led.done.minus(IntervalSet.from_points(retry)) if retry else led.done
-    plan = Resume(skip, retry, float((prev or {}).get("total_wall_s", 0.0) or 0.0))
-    plan.recorded_done = bool(prev and prev.get("state") == "done")
+    plan = Resume(skip, retry, prev.total_wall_s if prev is not None else 0.0)
+    plan.recorded_done = prev is not None and prev.state == "done"
     if not retry:
         if source.total is not None:
             plan.nothing_to_do = skip.covers(source.total)
         else:  # a stream of unknown length: done when the last run said so, under the same limit
-            plan.nothing_to_do = plan.recorded_done and prev.get("limit") == cfg.input.limit
+            plan.nothing_to_do = plan.recorded_done and prev.limit == cfg.input.limit
     return plan
 
 
-def read_previous_progress(od: OutputDir, say: Callable[[str], None]) -> dict | None:
+def read_previous_progress(od: OutputDir, say: Callable[[str], None]) -> TaskProgress | None:
     """The previous run's progress file: advisory (the ledger is the checkpoint), so one that
     is unreadable is said and rewritten, never fatal."""
-    data, why = read_json_checked(od.progress_path())
-    if why is None and not isinstance(data, dict):
-        why = "unreadable (not a JSON object)"
-    if why is not None and why != "missing":
-        say(f"warning: {od.progress_path()} is {why}; it only reports progress (the shards and "
-            f"{od.ledger_path()} are the checkpoint), so it is written again")
+    try:
+        return TaskProgress.read(od.progress_path())
+    except ProgressFileError as e:
+        why = str(e)
+        if why != "missing":
+            why = why if why.startswith("unreadable") else f"unreadable ({why})"
+            say(f"warning: {od.progress_path()} is {why}; it only reports progress (the shards and "
+                f"{od.ledger_path()} are the checkpoint), so it is written again")
         return None
-    return data
 
 
 def retry_set(led: Ledger, say: Callable[[str], None]) -> dict[int, str]:

@@ -185,7 +185,7 @@ class Generation:
         if self.prog is not None:
             self.prog.close()
         w = self.writer
-        self.job.rows_committed_this_run = (sum(int(m.get("rows", 0)) for m in w.committed) + w.rewritten) if w else 0
+        self.job.rows_committed_this_run = w.rows_committed if w is not None else 0
         stopped = self.job.stop.requested.is_set() and self.failure is None
         state = "done" if code == EXIT_OK else ("stopped" if stopped else "failed")
         wall = self.task_file.wall_s()

@@ -59,7 +59,6 @@ class ShardWriter:
         self._replaced: dict[str, dict[int, list[dict]]] = {}  # shard -> position -> new rows
         self._replaced_samples = 0
         self._last_flush = time.monotonic()
-        self.committed: list[dict] = []  # footer metadata of shards committed by this run
         self.rewritten = 0  # input rows replaced in place by this run (--retry-errors)
         self.busy = False  # inside a commit: signal handlers must not raise here
 
@@ -141,7 +140,6 @@ class ShardWriter:
             raise OutputError(f"shard {self.out.path / name} already exists; it is never rewritten")
         self._write(name, rows_table(self.schema, rows, meta), meta, "commit")
         meta["name"] = name
-        self.committed.append(meta)
         return meta
 
     def _footer_of(self, batch: list[Record], rows: list[dict], seq: int) -> dict:
