@@ -1,7 +1,7 @@
 """Structured output, logprobs, reasoning and per-row settings through `batchgen run`.
 
-SmolLM2-135M-Instruct in a real `batchgen run` process with a job-level JSON schema and per-row schemas:
-every completion that finished "stop" validates. The tiny checkpoint, in process, for the extra columns
+SmolLM2-135M-Instruct in real `batchgen run` processes with a job-level JSON schema, per-row schemas, a
+regex, a choice and a Lark grammar: every completion that finished "stop" validates. The tiny checkpoint, in process, for the extra columns
 (logprobs, top_logprobs, reasoning), sampling.from_columns and bad per-row values as error rows.
 """
 from __future__ import annotations
@@ -70,6 +70,36 @@ def test_smollm2_job_schema_and_per_row_schemas_validate(tmp_path: Path, smollm2
         if r["finish_reason"] == "stop":
             jsonschema.validate(json.loads(r["completion"]), PERSON if r["id"] % 2 else CITY)
     assert sum(r["finish_reason"] == "stop" for r in rows_b) >= 2
+
+
+@pytest.mark.slow
+def test_smollm2_job_regex_choice_and_grammar_validate(tmp_path: Path, smollm2_dir: Path) -> None:
+    """sampling.regex, sampling.choice and sampling.grammar (Lark) in real `batchgen run` processes on
+    SmolLM2-135M-Instruct: every completion that finished "stop" is in the language asked for."""
+    import re
+
+    grammar = 'start: "[" num ("," num)* "]"\nnum: /[0-9]{1,3}/'
+    kinds = {  # the job's constraint, what the prompt asks for, the same language as a Python regex
+        "regex": ("regex: '[0-9]{4}-[0-9]{2}-[0-9]{2}'", "today's date", r"[0-9]{4}-[0-9]{2}-[0-9]{2}"),
+        "choice": ("choice: [positive, negative, neutral]", "the sentiment of 'what a lovely day'",
+                   r"positive|negative|neutral"),
+        "grammar": (f"grammar: {json.dumps(grammar)}", "three small numbers as a list", r"\[[0-9]{1,3}(,[0-9]{1,3})*\]"),
+    }
+    for name, (line, what, language) in kinds.items():
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for i in range(3):
+                f.write(json.dumps({"q": f"Question {i}: {what}? Answer briefly."}) + "\n")
+        (tmp_path / f"{name}.yaml").write_text(
+            f"model: {{path: {smollm2_dir}}}\ninput: {{files: [{name}.jsonl]}}\nprompt: {{column: q}}\n"
+            "engine: {device: cpu, max_num_seqs: 4, kv_cache_tokens: 4096, max_model_len: 1024}\n"
+            f"output: {{path: out-{name}}}\nsampling: {{{line}, max_new_tokens: 24, temperature: 0.8, n: 2}}\n")
+        r = run_cli(tmp_path / f"{name}.yaml")
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = read_rows(tmp_path / f"out-{name}")
+        done = [row["completion"] for row in rows if row["finish_reason"] == "stop"]
+        assert len(rows) == 6 and all(row["error"] is None for row in rows)
+        assert len(done) >= 3, (name, [(row["finish_reason"], row["completion"]) for row in rows])
+        assert all(re.fullmatch(language, t) for t in done), (name, done)
 
 
 def test_extra_columns_per_row_values_and_reasoning(tmp_path: Path, tiny_checkpoint) -> None:
