@@ -101,6 +101,22 @@ def test_emulated_forward_equals_float32_reference(bias: bool) -> None:
                                .reshape(2, 5, 48).bfloat16(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_scaled_mm_call_on_the_cpu_kernel(m: int) -> None:
+    """The GPU path's own code (Fp8Linear._scaled_mm: operand layout, [M, 1] and [1, N] scales, bf16 out,
+    bias after) run on torch's CPU _scaled_mm where this torch has one: the emulation within bf16 rounding."""
+    g = torch.Generator().manual_seed(m)
+    lin = nn.Linear(64, 48, bias=True)
+    fp8 = Fp8Linear.from_linear(lin)
+    x = torch.randn(m, 64, generator=g).bfloat16()
+    try:
+        y = fp8._scaled_mm(x)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"no CPU torch._scaled_mm here: {str(e).splitlines()[0]}")
+    assert y.dtype == torch.bfloat16 and y.shape == (m, 48)
+    assert rel_err(y, fp8._emulated(x)) < 1e-2
+
+
 def test_from_quantized_takes_a_checkpoints_codes_and_scales() -> None:
     lin = nn.Linear(32, 16, bias=True)
     codes, scale = quantize_weight(lin.weight)
@@ -325,7 +341,7 @@ def test_cuda_scaled_mm_matches_emulation(m: int, bias: bool) -> None:
     y = fp8(x)
     emulated = fp8._emulated(x)  # same codes and scales, float32 GEMM
     assert y.dtype == torch.bfloat16 and y.shape == (m, 384)
-    assert rel_err(y, emulated) < 5e-3  # bf16 output rounding and accumulation order only
+    assert rel_err(y, emulated) < 1e-2  # bf16 output rounding (and the bias add after it) only
     torch.testing.assert_close(y.float(), ref_fp8_linear(x, lin.weight, lin.bias), rtol=2e-2, atol=2e-2)
 
 
@@ -349,7 +365,7 @@ def test_cuda_fp8_engine_greedy(tmp_path: Path) -> None:
         outs = engine.generate(prompts, SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True))
         runs.append([o.outputs[0].token_ids for o in outs])
         if overlap:
-            assert engine.cuda_graphs
+            assert engine.cuda_graphs == engine.backend.graph_capturable  # decode graphs wherever they run
             # bf16: the decode kernels' activations differ from one prefill's in the last bits, and an FP8
             # code can flip with them; a real disagreement is far larger than this
             check_greedy_is_the_models(engine, prompts, runs[0], tie=0.1)

@@ -20,13 +20,19 @@ PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "ml
 
 @dataclass(frozen=True)
 class Fp8Summary:
-    """What apply_fp8 did: how many projections it swapped and how their GEMMs run here."""
+    """What apply_fp8 did: how many projections it swapped and how many of them run emulated here."""
     projections: int
-    tensor_cores: bool  # every projection on torch._scaled_mm; False: some or all emulated in float32
+    emulated: int  # on float32 emulation: all of them off FP8 hardware, else those _scaled_mm can't take
     device: str
 
+    @property
+    def tensor_cores(self) -> bool:
+        """Every projection on torch._scaled_mm (FP8 tensor cores)."""
+        return self.emulated == 0
+
     def describe(self) -> str:
-        how = "FP8 tensor cores (torch._scaled_mm)" if self.tensor_cores else "emulated in float32"
+        how = ("FP8 tensor cores (torch._scaled_mm)" if self.tensor_cores else "emulated in float32"
+               if self.emulated == self.projections else f"{self.emulated} emulated in float32")
         return f"weights fp8 e4m3 ({self.projections} projections, per-channel scales, per-token activations, {how})"
 
 
@@ -59,8 +65,19 @@ def apply_fp8(model: nn.Module, prequantized: dict[str, Fp8Linear] | None = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     device = swapped[0].weight.device
-    summary = Fp8Summary(len(swapped), all(m.uses_tensor_cores for m in swapped), str(device))
-    if not summary.tensor_cores:  # the one line that says FP8 runs without FP8 hardware here
-        log.info("fp8: no FP8 tensor cores on %s (CUDA capability >= 8.9 needed): FP8 weights run "
-                 "dequantized, emulated in float32 (same numerics, no speed-up)", device)
+    summary = Fp8Summary(len(swapped), sum(not m.uses_tensor_cores for m in swapped), str(device))
+    _say(summary, device)
     return summary
+
+
+def _say(summary: Fp8Summary, device: torch.device) -> None:
+    """The one log line for FP8 without FP8 hardware (a warning on a GPU, where it costs speed)."""
+    if summary.tensor_cores:
+        return
+    level = logging.WARNING if device.type == "cuda" else logging.INFO
+    if summary.emulated == summary.projections:
+        log.log(level, "fp8: no FP8 tensor cores on %s (CUDA capability >= 8.9 needed): FP8 weights run "
+                "dequantized, emulated in float32 (same numerics, no speed-up)", device)
+    else:
+        log.log(level, "fp8: %d of %d projections run dequantized, emulated in float32 (torch._scaled_mm needs "
+                "dimensions that are multiples of 16)", summary.emulated, summary.projections)

@@ -102,8 +102,9 @@ class Fp8Linear(nn.Module):
         # second operand column-major: the row-major [N, K] weight's transpose; scales [M, 1] and [1, N]
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
                              out_dtype=torch.bfloat16)
-        y = y if x.dtype == torch.bfloat16 else y.to(x.dtype)
-        return y + self.bias if self.bias is not None else y
+        if self.bias is not None:  # after the GEMM: row-wise _scaled_mm takes no bias on every build
+            y = y + self.bias
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _emulated(self, x: torch.Tensor) -> torch.Tensor:
         """The same numerics in float32: per-token quantize, dequantize both, matmul, cast."""
