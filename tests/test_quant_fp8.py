@@ -124,6 +124,8 @@ def test_from_quantized_takes_a_checkpoints_codes_and_scales() -> None:
     b = Fp8Linear.from_quantized(codes, scale.view(-1, 1), lin.bias)  # compressed-tensors stores [N, 1]
     x = torch.randn(4, 32)
     assert torch.equal(a(x), b(x)) and b.weight_scale.shape == (16,)
+    per_tensor = Fp8Linear.from_quantized(codes, torch.tensor(0.5))  # one scale for the whole tensor
+    assert torch.equal(per_tensor.dequantized_weight(), codes.float() * 0.5)
     with pytest.raises(ValueError, match="e4m3fn"):
         Fp8Linear.from_quantized(lin.weight.detach(), scale)
     with pytest.raises(ValueError, match="one scale per output channel"):

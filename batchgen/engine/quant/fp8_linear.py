@@ -49,6 +49,8 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"Fp8Linear: weight must be a 2-D {fp8.E4M3} tensor, got {weight.dtype} "
                              f"of shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
+        if weight_scale.numel() == 1:  # a per-tensor scale (some FP8 checkpoints) is every row's
+            weight_scale = weight_scale.reshape(1).expand(self.out_features)
         if weight_scale.numel() != self.out_features:
             raise ValueError(f"Fp8Linear: weight_scale needs one scale per output channel ({self.out_features}), "
                              f"got shape {tuple(weight_scale.shape)}")
@@ -68,8 +70,8 @@ class Fp8Linear(nn.Module):
     @classmethod
     def from_quantized(cls, weight: torch.Tensor, weight_scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> "Fp8Linear":
-        """From an e4m3 weight [N, K] and its per-output-channel fp32 scales ([N] or [N, 1]), as an FP8
-        checkpoint stores them (compressed-tensors' channel strategy): no requantization."""
+        """From an e4m3 weight [N, K] and its scales as an FP8 checkpoint stores them: one per output channel
+        ([N] or [N, 1], compressed-tensors' channel strategy) or one for the tensor; no requantization."""
         return cls(weight, weight_scale, bias)
 
     def _tensor_cores_here(self) -> bool:
