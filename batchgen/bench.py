@@ -72,7 +72,7 @@ def synthetic_tokenizer() -> Any:
 
 def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attention: str,
                  max_num_seqs: int, max_batch_tokens: int, block_size: int = 16,
-                 constraint: str = "none") -> dict[str, Any]:
+                 constraint: str = "none", quantization: str | None = None) -> dict[str, Any]:
     import torch
 
     from .engine.engine import Engine
@@ -89,7 +89,8 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
     t0 = time.perf_counter()
     engine = Engine(None, model=model, device=str(device), max_num_seqs=max_num_seqs,
                     max_batch_tokens=max_batch_tokens, overlap=overlap, cuda_graphs=cuda_graphs,
-                    attention=attention, max_model_len=4096, prefix_caching=False, block_size=block_size)
+                    attention=attention, max_model_len=4096, prefix_caching=False, block_size=block_size,
+                    quantization=quantization)
     startup = time.perf_counter() - t0
     extra: dict[str, Any] = {}
     if constraint == "json":
@@ -120,14 +121,15 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
                    host_ms_per_step=_r(s.host_ms_per_step), steps=s.steps,
                    peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
                    startup_s=round(startup, 2), cuda_graph_capture_s=round(engine.graph_capture_s, 2),
-                   attention_backend=engine.backend.name, kv_cache_tokens=s.kv_cache_tokens)
+                   attention_backend=engine.backend.name, kv_cache_tokens=s.kv_cache_tokens,
+                   precision=engine.precision or str(engine.dtype).removeprefix("torch."))
     engine.close()
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return _record("batchgen", wl, shape, figures, overlap=engine.overlap, cuda_graphs=engine.cuda_graphs,
                    max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, block_size=block_size,
-                   constraint=constraint)
+                   constraint=constraint, quantization=quantization)
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:
@@ -191,13 +193,16 @@ def run_transformers(wl: str, shape: str, max_batch_tokens: int = 4096) -> dict[
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="append JSON records here")
 @click.option("--constraint", type=click.Choice(["none", "json"]), default="none", show_default=True,
               help="json: every completion constrained by a JSON schema (llguidance), same token counts")
+@click.option("--quantization", type=click.Choice(["none", "fp8"]), default="none", show_default=True,
+              help="fp8: the projections' weights quantized to FP8 at load (Engine(quantization='fp8'))")
 def bench_command(wl: str, shape: str | None, no_overlap: bool, no_cuda_graphs: bool, attention: str,
                   max_num_seqs: int, max_batch_tokens: int, block_size: int, compare: str | None,
-                  json_path: str | None, constraint: str) -> None:
+                  json_path: str | None, constraint: str, quantization: str) -> None:
     """Throughput on random weights of a named shape (nothing is downloaded)."""
     shape = shape or DEFAULT_SHAPE[wl]
     records = [run_batchgen(wl, shape, not no_overlap, not no_cuda_graphs, attention, max_num_seqs,
-                            max_batch_tokens, block_size, constraint)]
+                            max_batch_tokens, block_size, constraint,
+                            None if quantization == "none" else quantization)]
     click.echo(json.dumps(records[0]))
     if compare == "transformers":
         records.append(run_transformers(wl, shape))

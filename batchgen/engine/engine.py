@@ -59,11 +59,12 @@ class Engine:
                  block_size: int = 16, prefix_caching: bool = True, gpu_memory_fraction: float = 0.9,
                  overlap: bool | str = "auto", cuda_graphs: bool = True, attention: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, threads: int | None = None,
-                 model: Any = None) -> None:
+                 quantization: str | None = None, model: Any = None) -> None:
         check_engine_args(device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                           kv_cache_tokens=kv_cache_tokens, block_size=block_size, prefix_caching=prefix_caching,
                           gpu_memory_fraction=gpu_memory_fraction, overlap=overlap, cuda_graphs=cuda_graphs,
-                          attention=attention, max_model_len=max_model_len, seed=seed, threads=threads)
+                          attention=attention, max_model_len=max_model_len, seed=seed, threads=threads,
+                          quantization=quantization)
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.device = _pick_device(device)
         self.backend = get_backend(attention, self.device, block_size)  # before the model loads: fails fast
@@ -72,6 +73,8 @@ class Engine:
             from .threads import apply_cpu_threads
 
             self.threads = apply_cpu_threads(threads)
+        self.quantization = quantization  # None | "fp8": weights quantized at load (engine/quant)
+        self.precision = ""  # how the quantized weights run here, for describe() ("" unquantized)
         self.model, raw_config = self._load_model(model, dtype)
         self.dtype = next(self.model.parameters()).dtype
         self._load_tokenizer()
@@ -98,7 +101,8 @@ class Engine:
         """One line on what was set up: model, device, attention, KV cache, overlap, CUDA graph capture time."""
         graphs = (f", {len(self.runner.graphs.sizes)} decode CUDA graphs captured in {self.graph_capture_s:.1f} s"
                   if self.cuda_graphs else "")
-        return (f"{self.model.cfg.model_type} {str(self.dtype).removeprefix('torch.')} on {self.device}, "
+        precision = f", {self.precision}" if self.precision else ""
+        return (f"{self.model.cfg.model_type} {str(self.dtype).removeprefix('torch.')}{precision} on {self.device}, "
                 f"attention {self.backend.name}, KV cache {self.blocks.usable_blocks * self.block_size:,} tokens "
                 f"in {self.block_size}-token blocks, overlap {'on' if self.overlap else 'off'}{graphs}")
 
@@ -110,12 +114,17 @@ class Engine:
 
     # ------------------------------------------------------------------ set-up
     def _load_model(self, model: Any, dtype: str | torch.dtype) -> tuple[Any, dict]:
-        """The model (loaded from model_dir unless one is given) and its raw HF config; on CUDA its linears
-        are laid out for decode (input-major weights, the skinny GEMM where the switches pick it)."""
+        """The model (loaded from model_dir unless one is given) and its raw HF config; with quantization
+        "fp8" its projections quantized (engine/quant); on CUDA its other linears laid out for decode
+        (input-major weights, the skinny GEMM where the switches pick it)."""
         if model is None:
             model, raw_config = load_model(self.model_dir, self.device, dtype)
         else:  # a model built elsewhere (benchmarks: random weights of a named shape)
             raw_config = {}
+        if self.quantization == "fp8":  # before the GPU layout, which then leaves the FP8 projections alone
+            from .quant import apply_fp8
+
+            self.precision = apply_fp8(model).describe()
         if self.device.type == "cuda":
             from .models.linear_layout import fused_decode_rows, make_input_major
 

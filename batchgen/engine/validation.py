@@ -20,6 +20,7 @@ MAX_TOP_LOGPROBS = 64  # per position: each one is downloaded every step
 MAX_N = 4096  # samples per request: each one is a full sequence, so more is surely a mistake
 BACKENDS = ("auto", "torch", "triton", "flash")  # attention backends get_backend knows (auto: Triton on CUDA)
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # the model weights' types loader.py builds
+QUANTIZATIONS = ("fp8",)  # Engine(quantization=...) besides None: weights quantized at load (engine/quant)
 CLOSED_MESSAGE = "this Engine was closed; create a new one"
 _PROMPT_KINDS = "a str, a list of token ids or a GenerationRequest"
 
@@ -177,7 +178,7 @@ def check_engine_args(*, device: Any = "auto", dtype: Any = "auto", max_num_seqs
                       max_batch_tokens: Any = 8192, kv_cache_tokens: Any = None, block_size: Any = 16,
                       prefix_caching: Any = True, gpu_memory_fraction: Any = 0.9, overlap: Any = "auto",
                       cuda_graphs: Any = True, attention: Any = "auto", max_model_len: Any = None,
-                      seed: Any = 0, threads: Any = None) -> None:
+                      seed: Any = 0, threads: Any = None, quantization: Any = None) -> None:
     """Check the Engine constructor's arguments (defaults: the Engine's, so tests can pass one)."""
     e = "Engine: "
     _check_device(device)
@@ -195,6 +196,7 @@ def check_engine_args(*, device: Any = "auto", dtype: Any = "auto", max_num_seqs
     _opt_int(e + "max_model_len", max_model_len, 1)
     _int(e + "seed", seed)
     _opt_int(e + "threads", threads, 1)
+    _check_quantization(quantization)
 
 
 def _check_device(device: object) -> None:
@@ -247,6 +249,12 @@ def _check_attention(attention: object) -> None:
     if not (isinstance(attention, str) and attention in BACKENDS):
         _fail("Engine: attention", f"one of {', '.join(map(repr, BACKENDS))}", attention,
               not isinstance(attention, str))
+
+
+def _check_quantization(quantization: object) -> None:
+    if quantization is not None and not (isinstance(quantization, str) and quantization in QUANTIZATIONS):
+        _fail("Engine: quantization", "None or " + " or ".join(map(repr, QUANTIZATIONS)), quantization,
+              not isinstance(quantization, str))
 
 
 # ------------------------------------------------------------------ prompts

@@ -125,7 +125,9 @@ def fused_decode_rows(model: nn.Module, sw: Switches | None = None) -> int:
 
 
 def make_input_major(model: nn.Module, skip: tuple[str, ...] = (), sw: Switches | None = None) -> None:
-    """Swap every nn.Linear (but those named in skip) for an InputMajorLinear, freeing the old weight."""
+    """Swap every nn.Linear (but those named in skip) for an InputMajorLinear, freeing the old weight.
+    FP8 projections (engine/quant Fp8Linear, not nn.Linear) keep their own layout, and with them
+    fused_decode_rows is 0: the bf16 skinny GEMM and its fused epilogues never see FP8 weights."""
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     skinny = (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)

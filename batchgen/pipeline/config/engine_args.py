@@ -3,7 +3,7 @@ errors turned into job-file errors that name the key.
 
 `engine_kwargs(cfg)`: every parameter of the Engine constructor (engine.validation.check_engine_args
 has its signature and needs no torch) that a section has a field of that name for, looked up in
-ENGINE_ARG_SECTIONS order (dtype comes from model, seed from sampling). `sampling_kwargs(section)`:
+ENGINE_ARG_SECTIONS order (dtype and quantization come from model, seed from sampling). `sampling_kwargs(section)`:
 every SamplingParams field the sampling section has, except the constraint keys (at most one of them
 applies, and json_schema_column replaces it per row: request_params builds that part).
 """

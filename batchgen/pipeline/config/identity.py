@@ -33,8 +33,11 @@ def job_identity(cfg: JobConfig) -> dict[str, Any]:
     inp = asdict(cfg.input)
     inp.pop("limit", None)
     inp.pop("streaming", None)
+    model = asdict(cfg.model)
+    if model.get("quantization") is None:  # unquantized: the identity (and fingerprint) of jobs from before the key
+        model.pop("quantization", None)
     return {
-        "model": asdict(cfg.model),
+        "model": model,
         "input": inp,
         "prompt": asdict(cfg.prompt),
         "sampling": asdict(cfg.sampling),

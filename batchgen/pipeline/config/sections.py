@@ -20,6 +20,8 @@ class ModelSection:
                         doc="a hub id, a local Hugging Face directory, a .gguf file or smollm2-135m-instruct")
     dtype: str = setting("auto", kind="str", choices=engine_rules.DTYPES,
                          doc="auto | float32 | float16 | bfloat16")
+    quantization: str | None = setting(None, kind="str", nullable=True, choices=engine_rules.QUANTIZATIONS,
+                                       doc="null | fp8: the projections' weights quantized to FP8 at load")
 
 
 @dataclass

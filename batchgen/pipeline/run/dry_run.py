@@ -54,6 +54,10 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
           + (f", task {task_id}/{num_tasks}" if num_tasks > 1 else ""), file=out)
     print(f"chat template: {'applied' if builder.use_chat else 'not applied'}; prompt limit {builder.limit} tokens "
           f"(on_too_long: {cfg.prompt.on_too_long})", file=out)
+    if cfg.model.quantization == "fp8":
+        print(f"precision: weights fp8 (e4m3, per-channel weight and per-token activation scales; FP8 tensor "
+              f"cores on CUDA capability 8.9+, emulated in float32 elsewhere), embeddings and lm_head "
+              f"in model.dtype ({cfg.model.dtype})", file=out)
     s, shown_errors = _preview(cfg, source, builder, preview, max(sample, preview), out)
     est = _estimate(cfg, source.total, s, out)
     for e in s.errors[shown_errors:shown_errors + 5]:

@@ -1,0 +1,83 @@
+"""apply_fp8(model): the decoder's projections become Fp8Linear, quantized where the model lies.
+
+Swapped: every layer's qkv_proj, o_proj, gate_up_proj and down_proj (q/k/v and gate/up are fused
+in llama.py, and per-output-channel scales fuse with them: each row keeps its own). Untouched:
+embeddings, lm_head (tied or not) and the norms, which stay in the model dtype.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .fp8_linear import Fp8Linear
+
+log = logging.getLogger("batchgen.engine")
+PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class Fp8Summary:
+    """What apply_fp8 did: how many projections it swapped and how many of them run emulated here."""
+    projections: int
+    emulated: int  # on float32 emulation: all of them off FP8 hardware, else those _scaled_mm can't take
+    device: str
+
+    @property
+    def tensor_cores(self) -> bool:
+        """Every projection on torch._scaled_mm (FP8 tensor cores)."""
+        return self.emulated == 0
+
+    def describe(self) -> str:
+        how = ("FP8 tensor cores (torch._scaled_mm)" if self.tensor_cores else "emulated in float32"
+               if self.emulated == self.projections else f"{self.emulated} emulated in float32")
+        return f"weights fp8 e4m3 ({self.projections} projections, per-channel scales, per-token activations, {how})"
+
+
+def apply_fp8(model: nn.Module, prequantized: dict[str, Fp8Linear] | None = None) -> Fp8Summary:
+    """Swap the projections of model.layers for Fp8Linear, freeing their bf16/fp32 weights.
+    prequantized maps "layers.{i}.{projection}" to an Fp8Linear built from a checkpoint's own FP8
+    weights (Fp8Linear.from_quantized): used as is; every other projection is quantized here."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        raise ValueError("apply_fp8: the model has no decoder layers (model.layers)")
+    given = prequantized or {}
+
+    def make(old: nn.Module, path: str) -> Fp8Linear:
+        if path in given:
+            return given[path]
+        if isinstance(old, Fp8Linear):
+            return old
+        if not isinstance(old, nn.Linear):
+            raise TypeError(f"apply_fp8: {path} is a {type(old).__name__}, not an nn.Linear "
+                            "(apply FP8 before the GPU layout, linear_layout.make_input_major)")
+        return Fp8Linear.from_linear(old)
+
+    swapped: list[Fp8Linear] = []
+    for i, layer in enumerate(layers):
+        for path in PROJECTIONS:
+            parent_name, _, child = path.rpartition(".")
+            parent = layer.get_submodule(parent_name)
+            swapped.append(make(getattr(parent, child), f"layers.{i}.{path}"))
+            setattr(parent, child, swapped[-1])  # the old linear (and its weight) is freed here
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    device = swapped[0].weight.device
+    summary = Fp8Summary(len(swapped), sum(not m.uses_tensor_cores for m in swapped), str(device))
+    _say(summary, device)
+    return summary
+
+
+def _say(summary: Fp8Summary, device: torch.device) -> None:
+    """The one log line for FP8 without FP8 hardware (a warning on a GPU, where it costs speed)."""
+    if summary.tensor_cores:
+        return
+    level = logging.WARNING if device.type == "cuda" else logging.INFO
+    if summary.emulated == summary.projections:
+        log.log(level, "fp8: no FP8 tensor cores on %s (CUDA capability >= 8.9 needed): FP8 weights run "
+                "dequantized, emulated in float32 (same numerics, no speed-up)", device)
+    else:
+        log.log(level, "fp8: %d of %d projections run dequantized, emulated in float32 (torch._scaled_mm needs "
+                "dimensions that are multiples of 16)", summary.emulated, summary.projections)

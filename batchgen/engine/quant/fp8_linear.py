@@ -1,0 +1,130 @@
+"""Fp8Linear: a projection whose weight is held in e4m3 with one fp32 scale per output channel.
+
+forward(x): x is quantized per token (dynamic, fp8.quantize_activation), then
+  - on a CUDA device with FP8 tensor cores (capability >= 8.9): torch._scaled_mm with row-wise
+    scales (x's [M, 1], the weight's [1, N]) applied in the GEMM's epilogue, bf16 out;
+  - anywhere else (the CPU, older GPUs, shapes _scaled_mm refuses): the same numerics emulated,
+    both operands dequantized and multiplied in float32.
+Both paths quantize with the same code, so they differ only in accumulation order.
+
+It is deliberately not an nn.Linear: linear_layout.make_input_major swaps nn.Linear only, so the
+bf16 input-major / skinny-GEMM / fused-decode layout never touches an FP8 projection.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from . import fp8
+
+_ALIGN = 16  # _scaled_mm needs K and N multiples of 16
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether `device` runs row-wise-scaled FP8 GEMMs: CUDA capability >= 8.9 and a tiny
+    torch._scaled_mm that works (a build without the row-wise kernel says so by raising)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 9) or not hasattr(torch, "_scaled_mm"):
+        return False
+    try:
+        a = torch.ones(16, 32, device=device).to(fp8.E4M3)
+        b = torch.ones(16, 32, device=device).to(fp8.E4M3)
+        torch._scaled_mm(a, b.t(), scale_a=torch.ones(16, 1, device=device),
+                         scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ W.T (+ bias) with W = weight (e4m3, [N, K]) * weight_scale (fp32, [N])."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if weight.dtype != fp8.E4M3 or weight.dim() != 2:
+            raise ValueError(f"Fp8Linear: weight must be a 2-D {fp8.E4M3} tensor, got {weight.dtype} "
+                             f"of shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        if weight_scale.numel() == 1:  # a per-tensor scale (some FP8 checkpoints) is every row's
+            weight_scale = weight_scale.reshape(1).expand(self.out_features)
+        if weight_scale.numel() != self.out_features:
+            raise ValueError(f"Fp8Linear: weight_scale needs one scale per output channel ({self.out_features}), "
+                             f"got shape {tuple(weight_scale.shape)}")
+        # buffers, not parameters: model.parameters() (the engine reads its dtype there) stays in the model dtype
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight_scale", weight_scale.detach().float().reshape(-1).contiguous())
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+        self._dequantized: torch.Tensor | None = None  # CPU emulation: fp32 weight, built once
+        self.uses_tensor_cores = self._tensor_cores_here()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+        """Quantize an nn.Linear's weight per output channel (on its own device)."""
+        codes, scale = fp8.quantize_weight(linear.weight)
+        return cls(codes, scale, linear.bias)
+
+    @classmethod
+    def from_quantized(cls, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> "Fp8Linear":
+        """From an e4m3 weight [N, K] and its scales as an FP8 checkpoint stores them: one per output channel
+        ([N] or [N, 1], compressed-tensors' channel strategy) or one for the tensor; no requantization."""
+        return cls(weight, weight_scale, bias)
+
+    def _tensor_cores_here(self) -> bool:
+        """Whether forward runs torch._scaled_mm (FP8 tensor cores) where the weight is now, or is emulated.
+        Decided once per placement (here and after a move), not per call: the step path stays cheap."""
+        aligned = self.in_features % _ALIGN == 0 and self.out_features % _ALIGN == 0
+        return aligned and fp8_tensor_cores(self.weight.device)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # .to(device) / .cuda() move the buffers: the path and the CPU cache follow the weight
+        out = super()._apply(fn, recurse)
+        self._dequantized = None
+        self.uses_tensor_cores = self._tensor_cores_here()
+        return out
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the FP8 GEMM multiplies by, in float32 [N, K]."""
+        return fp8.dequantize(self.weight, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = self._scaled_mm(x2) if x.is_cuda and self.uses_tensor_cores else self._emulated(x2)
+        return y.view(*lead, self.out_features)
+
+    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.new_empty(0, self.out_features)
+        xq, xs = fp8.quantize_activation(x.contiguous())
+        # second operand column-major: the row-major [N, K] weight's transpose; scales [M, 1] and [1, N]
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
+                             out_dtype=torch.bfloat16)
+        if self.bias is not None:  # after the GEMM: row-wise _scaled_mm takes no bias on every build
+            y = y + self.bias
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _emulated(self, x: torch.Tensor) -> torch.Tensor:
+        """The same numerics in float32: per-token quantize, dequantize both, matmul, cast."""
+        xq, xs = fp8.quantize_activation(x)
+        y = fp8.dequantize(xq, xs) @ self._weight_f32().t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def _weight_f32(self) -> torch.Tensor:
+        # cached on the CPU (the emulation is there for numerics, and re-dequantizing every step is
+        # the slow part); on a GPU without FP8 it is rebuilt per call, so the weights stay 1 byte each
+        if self.weight.device.type != "cpu":
+            return self.dequantized_weight()
+        if self._dequantized is None or self._dequantized.device != self.weight.device:
+            self._dequantized = self.dequantized_weight()
+        return self._dequantized
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, weight=e4m3 per-channel")
