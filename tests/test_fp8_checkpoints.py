@@ -54,7 +54,14 @@ VARIANTS: dict[str, tuple[str, tuple[int, int] | None, dict[str, Any], bool]] = 
     "ct-block32": ("block", (32, 32), _ct("block", [32, 32]), False),
     "fp8-block128": ("block", (128, 128), _fp8([128, 128]), False),
     "fp8-block32": ("block", (32, 32), _fp8([32, 32]), False),
+    # AutoFP8 / vLLM-serialized: quant_method fp8 without blocks, per-tensor weight_scale + input_scale
+    "fp8-tensor-static": ("tensor", None, {"quant_method": "fp8", "activation_scheme": "static",
+                                           "ignored_layers": ["lm_head"]}, True),
 }
+
+
+def _scale_suffix(qconfig: dict[str, Any]) -> str:
+    return "weight_scale_inv" if "weight_block_size" in qconfig else "weight_scale"
 
 
 def quantize(w: torch.Tensor, kind: str, block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +112,7 @@ def write_fp8_checkpoint(src: Path, out: Path, variant: str, scale_dtype: torch.
     tensors = load_file(str(src / "model.safetensors"))
     fp8: dict[str, torch.Tensor] = {}
     plain: dict[str, torch.Tensor] = {}
-    suffix = "weight_scale_inv" if qconfig["quant_method"] == "fp8" else "weight_scale"
+    suffix = _scale_suffix(qconfig)
     for name, t in tensors.items():
         if name.endswith(tuple(f"{p}.weight" for p in PROJ)):
             q, scale = quantize(t.float(), kind, block)
@@ -143,14 +150,15 @@ def test_loaded_weights_are_the_exact_dequantization(src: Path, tmp_path: Path, 
     ref, _ = load_model(d / "plain", CPU, "float32")
     _same_params(model, ref)
     # directly, too: layer 1's k_proj rows of the fused qkv weight
-    kind, block, _, static = VARIANTS[variant]
+    kind, block, qconfig, static = VARIANTS[variant]
     stored = load_file(str(d / "fp8" / "model.safetensors"))
     name = "model.layers.1.self_attn.k_proj.weight"
-    scale = stored[name.replace(".weight", ".weight_scale_inv" if variant.startswith("fp8") else ".weight_scale")]
+    scale = stored[name.replace(".weight", "." + _scale_suffix(qconfig))]
     q_rows = model.cfg.num_heads * model.cfg.head_dim
     k_rows = model.cfg.num_kv_heads * model.cfg.head_dim
     got = model.layers[1].self_attn.qkv_proj.weight[q_rows:q_rows + k_rows]
     assert torch.equal(got, dequant_reference(stored[name], scale, kind, block))
+    assert not torch.equal(got, load_file(str(src / "model.safetensors"))[name])  # FP8 rounding did happen
     # the raw FP8 weights and scales, kept as stored, for FP8 GEMMs
     info = model.fp8_checkpoint
     assert info.dequantized == len(info.linears) == 7 * model.cfg.num_layers
@@ -166,6 +174,15 @@ def dequantize_entry(entry: Any) -> torch.Tensor:
     from batchgen.engine.fp8_weights import dequantize
 
     return dequantize(entry.weight, entry.scale, entry.kind, entry.block)
+
+
+def test_qkv_bias_family_loads_exactly(tiny_checkpoint, tmp_path: Path) -> None:
+    """qwen2: q/k/v biases stay as stored beside their FP8 weights."""
+    d = write_fp8_checkpoint(tiny_checkpoint("qwen2"), tmp_path, "fp8-block32")
+    model, _ = load_model(d / "fp8", CPU, "float32")
+    ref, _ = load_model(d / "plain", CPU, "float32")
+    _same_params(model, ref)
+    assert model.layers[0].self_attn.qkv_proj.bias is not None
 
 
 def test_without_keep_quantized_no_fp8_copies_are_held(src: Path, tmp_path: Path) -> None:
@@ -269,7 +286,8 @@ TENSOR_REFUSED = {  # name -> (edit of the stored tensors, what the message says
                                         t["model.layers.0.mlp.up_proj.weight"].float().to(torch.float8_e5m2)}),
                     "float8_e5m2"),
     "missing-scale": (lambda t: t.pop("model.layers.0.mlp.up_proj.weight_scale"), "without its"),
-    "scale-shape": (lambda t: t.update({"model.layers.0.mlp.up_proj.weight_scale": torch.ones(3, 7)}), r"has shape \(3, 7\)"),
+    "scale-shape": (lambda t: t.update({"model.layers.0.mlp.up_proj.weight_scale": torch.ones(3, 7)}),
+                    r"has shape \(3, 7\)"),
     "scale-on-float-weight": (lambda t: t.update({"lm_head.weight_scale": torch.ones(1)}), "not float8_e4m3fn"),
 }
 

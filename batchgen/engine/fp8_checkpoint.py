@@ -71,7 +71,8 @@ def _compressed_tensors(qc: dict[str, Any]) -> Fp8Scheme:
                       f"{' or '.join(CT_FORMATS)} (FP8 weights) only")
     sparsity = qc.get("sparsity_config")
     if sparsity and (sparsity.get("format") not in (None, "dense")):
-        raise _refuse("sparsity_config.format", sparsity.get("format"), "sparse compressed-tensors weights are not supported")
+        raise _refuse("sparsity_config.format", sparsity.get("format"),
+                      "sparse compressed-tensors weights are not supported")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise _refuse("config_groups", groups, "expected at least one config group")
@@ -117,7 +118,8 @@ def _ct_weights(where: str, group: Any) -> tuple[str, tuple[int, int] | None]:
 
 def _ct_activations(where: str, group: dict[str, Any]) -> str:
     if group.get("output_activations"):
-        raise _refuse(f"{where}.output_activations", group["output_activations"], "output quantization is not supported")
+        raise _refuse(f"{where}.output_activations", group["output_activations"],
+                      "output quantization is not supported")
     a = group.get("input_activations")
     if not a:
         return "none"

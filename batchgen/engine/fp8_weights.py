@@ -87,7 +87,7 @@ class Fp8Reader:
         return dequantize(t.to(self.device), s, kind, block)
 
     def _scale(self, scale_name: str, shape: tuple[int, int], scale: torch.Tensor) -> tuple[ScaleKind, torch.Tensor]:
-        """The scale's kind, from its shape among those the config allows; normalised to float32 (see QuantizedLinear)."""
+        """The scale's kind, from its shape among those the config allows; float32, shaped as in QuantizedLinear."""
         n, k = shape
         s, kinds = scale.to(torch.float32), self.scheme.kinds
         if "block" in kinds and self.scheme.block is not None:
@@ -116,7 +116,8 @@ class Fp8Reader:
             raise Fp8CheckpointError(f"the config declares FP8 ({self.scheme.label}) but the checkpoint holds no "
                                      "float8_e4m3fn weights")
         log.info("FP8 checkpoint (%s): %d FP8 linears run dequantized to %s on %s: %s", self.scheme.describe(),
-                 self.out.dequantized, str(model_dtype).removeprefix("torch."), self.device, _why_dequantized(self.device))
+                 self.out.dequantized, str(model_dtype).removeprefix("torch."), self.device,
+                 _why_dequantized(self.device))
         return self.out
 
 
