@@ -185,6 +185,39 @@ def test_qkv_bias_family_loads_exactly(tiny_checkpoint, tmp_path: Path) -> None:
     assert model.layers[0].self_attn.qkv_proj.bias is not None
 
 
+def test_scales_in_another_shard_are_found(src: Path, tmp_path: Path) -> None:
+    """Sharded checkpoints: every scale in a second file, the FP8 weights in the first."""
+    d = write_fp8_checkpoint(src, tmp_path, "ct-channel")
+    f = d / "fp8" / "model.safetensors"
+    tensors = load_file(str(f))
+    f.unlink()
+    scales = {n: t for n, t in tensors.items() if n.endswith("_scale")}
+    weights = {n: t for n, t in tensors.items() if n not in scales}
+    save_file(weights, str(d / "fp8" / "model-00001-of-00002.safetensors"))
+    save_file(scales, str(d / "fp8" / "model-00002-of-00002.safetensors"))
+    model, _ = load_model(d / "fp8", CPU, "float32")
+    ref, _ = load_model(d / "plain", CPU, "float32")
+    _same_params(model, ref)
+
+
+def test_smollm2_fp8_checkpoint_generates_its_dequantized_tokens(smollm2_dir: Path, tmp_path: Path) -> None:
+    """Real weights (tied embeddings, 576-wide: partial 128-blocks): block-wise FP8 SmolLM2 == its dequantization."""
+    d = write_fp8_checkpoint(smollm2_dir, tmp_path, "fp8-block128")
+    engines = {w: R.make_engine(d / w, max_num_seqs=4, kv_cache_tokens=1024) for w in ("fp8", "plain")}
+    try:
+        chat = [{"role": "user", "content": "Name three colours of the rainbow."}]
+        prompt = engines["plain"].tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        prompts = [prompt, "The capital of France is", "def fibonacci(n):"]
+        out = {w: [list(o.outputs[0].token_ids) for o in e.generate(prompts, R.greedy_params([24] * 3))]
+               for w, e in engines.items()}
+        model = engines["fp8"].model
+        assert model.cfg.tie_word_embeddings and model.fp8_checkpoint.dequantized == 7 * model.cfg.num_layers
+    finally:
+        for e in engines.values():
+            e.close()
+    assert out["fp8"] == out["plain"]
+
+
 def test_without_keep_quantized_no_fp8_copies_are_held(src: Path, tmp_path: Path) -> None:
     d = write_fp8_checkpoint(src, tmp_path, "fp8-block128")
     model, _ = load_model(d / "fp8", CPU, "float32")
