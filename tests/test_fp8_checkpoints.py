@@ -287,6 +287,8 @@ REFUSED = {  # name -> (quantization_config, key the message must name)
     "int8-activations": (_edit(_ct("channel"), f"{A}.type", "int"), f"{A}.type"),
     "pack-quantized": (_edit(_ct("channel"), "format", "pack-quantized"), "format"),
     "int-quantized": (_edit(_ct("channel"), "format", "int-quantized"), "format"),
+    "no-groups": (_edit(_ct("channel"), "config_groups", {}), "config_groups"),
+    "sparse": (_edit(_ct("channel"), "sparsity_config", {"format": "sparse-24-bitmask"}), "sparsity_config.format"),
     "e5m2": (_edit(_fp8([128, 128]), "fmt", "e5m2"), "fmt"),
     "bad-block": (_edit(_fp8([128, 128]), "weight_block_size", [128]), "weight_block_size"),
     "block-static": (_edit(_fp8([128, 128]), "activation_scheme", "static"), "activation_scheme"),
@@ -335,6 +337,19 @@ def test_malformed_fp8_tensors_are_refused_in_one_line(src: Path, tmp_path: Path
     assert "\n" not in str(e.value)
 
 
+def test_kv_cache_only_compressed_tensors_loads_as_plain(src: Path, tmp_path: Path) -> None:
+    """llm-compressor's FP8 KV cache alone (no config groups): 16-bit weights, loaded as before."""
+    d = tmp_path / "ckpt"
+    kv = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False, "symmetric": True}
+    _copy_dir(src, d, {"quant_method": "compressed-tensors", "format": "dense", "config_groups": {},
+                       "kv_cache_scheme": kv, "ignore": []})
+    shutil.copy(src / "model.safetensors", d / "model.safetensors")
+    model, _ = load_model(d, CPU, "float32")
+    ref, _ = load_model(src, CPU, "float32")
+    _same_params(model, ref)
+    assert not hasattr(model, "fp8_checkpoint")
+
+
 def test_fp8_config_without_fp8_weights_is_refused(src: Path, tmp_path: Path) -> None:
     d = tmp_path / "ckpt"
     _copy_dir(src, d, _fp8([128, 128]))
@@ -352,3 +367,24 @@ def test_cuda_load_equals_cpu_dequantization(src: Path, tmp_path: Path, variant:
     cpu, _ = load_model(d / "fp8", CPU, "float32")
     for (n, a), (_, b) in zip(gpu.named_parameters(), cpu.named_parameters()):
         assert torch.equal(a.cpu(), b.to(torch.bfloat16)), n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_runs_the_fp8_checkpoint_as_its_dequantization(src: Path, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """bfloat16 on the GPU: the same greedy tokens as the plain checkpoint of the dequantized weights, one log line."""
+    d = write_fp8_checkpoint(src, tmp_path, "fp8-block128")
+    prompts = R.random_prompts_for(str(d / "plain"), 8, max_len=60)
+    max_new = R.random_max_new(len(prompts), hi=16)
+    got = {}
+    for which in ("fp8", "plain"):
+        with caplog.at_level(logging.INFO, logger="batchgen.engine"):
+            engine = R.make_engine(d / which, device="cuda", dtype="bfloat16", cuda_graphs=True,
+                                   max_num_seqs=8, kv_cache_tokens=2048)
+        try:
+            got[which] = [list(o.outputs[0].token_ids) for o in engine.generate(prompts, R.greedy_params(max_new))]
+        finally:
+            engine.close()
+    assert got["fp8"] == got["plain"]
+    lines = [r.getMessage() for r in caplog.records if "FP8 checkpoint" in r.getMessage()]
+    assert len(lines) == 1 and "dequantized to bfloat16 on cuda" in lines[0], lines

@@ -64,7 +64,10 @@ def _refuse(key: str, value: object, why: str) -> Fp8CheckpointError:
     return Fp8CheckpointError(f"quantization_config.{key} = {value!r}: {why}")
 
 
-def _compressed_tensors(qc: dict[str, Any]) -> Fp8Scheme:
+def _compressed_tensors(qc: dict[str, Any]) -> Fp8Scheme | None:
+    groups = qc.get("config_groups")
+    if not groups and qc.get("kv_cache_scheme"):
+        return None  # only the KV cache is quantized: 16-bit weights load as before (its k/v scales: item 3)
     fmt = qc.get("format")
     if fmt not in CT_FORMATS:
         raise _refuse("format", fmt, f"batchgen loads compressed-tensors checkpoints in format "
@@ -73,7 +76,6 @@ def _compressed_tensors(qc: dict[str, Any]) -> Fp8Scheme:
     if sparsity and (sparsity.get("format") not in (None, "dense")):
         raise _refuse("sparsity_config.format", sparsity.get("format"),
                       "sparse compressed-tensors weights are not supported")
-    groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise _refuse("config_groups", groups, "expected at least one config group")
     kinds: set[str] = set()
