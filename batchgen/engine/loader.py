@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .fp8_checkpoint import read_fp8_scheme
+from .fp8_weights import Fp8Reader
 from .models.config import ModelConfig
 from .models.llama import LlamaModel
 from .models.rope import cos_sin_table
@@ -69,7 +71,8 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, qkv_
     return model.eval().requires_grad_(False)
 
 
-def load_weights(model: LlamaModel, model_dir: Path) -> None:
+def load_weights(model: LlamaModel, model_dir: Path, fp8: Fp8Reader | None = None) -> None:
+    """Copy the checkpoint's tensors into the model; `fp8` (an FP8 checkpoint) dequantizes its FP8 weights."""
     from safetensors import safe_open
 
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -84,7 +87,7 @@ def load_weights(model: LlamaModel, model_dir: Path) -> None:
                 target, rows = _target(name, part_rows)
                 if target is None or target not in params:
                     continue  # rotary inv_freq and other buffers some checkpoints carry
-                t = st.get_tensor(name)
+                t = st.get_tensor(name) if fp8 is None else fp8.get(st, name, target, rows)
                 p = params[target]
                 with torch.no_grad():
                     dst = p if rows is None else p[rows[0]:rows[1]]
@@ -127,10 +130,17 @@ def init_random(model: LlamaModel, seed: int = 0, std: float = 0.02) -> None:
                 p.normal_(0.0, std, generator=g)
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: str | torch.dtype) -> tuple[LlamaModel, dict]:
+def load_model(model_dir: Path, device: torch.device, dtype: str | torch.dtype,
+               keep_quantized: bool = False) -> tuple[LlamaModel, dict]:
+    """The model and its raw config. An FP8 checkpoint (fp8_checkpoint.py) loads dequantized to `dtype` and
+    leaves `model.fp8_checkpoint` (a QuantizedWeights; with keep_quantized, every FP8 weight as stored)."""
     raw, cfg = read_config(model_dir)
+    scheme = read_fp8_scheme(raw)  # before any allocation: an unsupported format fails fast
     files = _safetensor_files(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg, device)
     model = build_model(cfg, device, torch_dtype, _has_qkv_bias(files))
-    load_weights(model, model_dir)
+    fp8 = None if scheme is None else Fp8Reader(scheme, files, device, keep_quantized)
+    load_weights(model, model_dir, fp8)
+    if fp8 is not None:
+        model.fp8_checkpoint = fp8.finish(torch_dtype)
     return model, raw
