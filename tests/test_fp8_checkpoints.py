@@ -388,3 +388,76 @@ def test_cuda_engine_runs_the_fp8_checkpoint_as_its_dequantization(src: Path, tm
     assert got["fp8"] == got["plain"]
     lines = [r.getMessage() for r in caplog.records if "FP8 checkpoint" in r.getMessage()]
     assert len(lines) == 1 and "dequantized to bfloat16 on cuda" in lines[0], lines
+
+
+def _stored_codes(d: Path, layer: int, parts: tuple[str, ...]) -> torch.Tensor:
+    """The e4m3 codes the checkpoint stores for one fused projection, its parts stacked in row order."""
+    t = load_file(str(d / "model.safetensors"))
+    return torch.cat([t[f"model.layers.{layer}.{p}.weight"] for p in parts])
+
+
+@pytest.mark.parametrize("variant", ["ct-channel", "ct-tensor-static"])
+def test_quantization_fp8_runs_the_checkpoints_own_fp8_weights(src: Path, tmp_path: Path, variant: str) -> None:
+    """quantization "fp8" on an FP8 checkpoint with per-channel or per-tensor scales: the projections are
+    the stored e4m3 codes and scales, not a requantization of their dequantization."""
+    from batchgen.engine.quant import Fp8Linear
+
+    d = write_fp8_checkpoint(src, tmp_path, variant)
+    engine = R.make_engine(d / "fp8", max_num_seqs=4, kv_cache_tokens=1024, quantization="fp8")
+    try:
+        assert "from the checkpoint's FP8 weights" in engine.precision
+        layer = engine.model.layers[0]
+        assert isinstance(layer.self_attn.qkv_proj, Fp8Linear) and isinstance(layer.mlp.down_proj, Fp8Linear)
+        qkv = _stored_codes(d / "fp8", 0, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+        assert torch.equal(layer.self_attn.qkv_proj.weight.view(torch.uint8), qkv.view(torch.uint8))
+        gate_up = _stored_codes(d / "fp8", 0, ("mlp.gate_proj", "mlp.up_proj"))
+        assert torch.equal(layer.mlp.gate_up_proj.weight.view(torch.uint8), gate_up.view(torch.uint8))
+        # each projection's dequantized weight is the checkpoint's own dequantization
+        plain = load_file(str(d / "plain" / "model.safetensors"))
+        want = torch.cat([plain[f"model.layers.0.mlp.{p}.weight"] for p in ("gate_proj", "up_proj")])
+        assert torch.equal(layer.mlp.gate_up_proj.dequantized_weight(), want)
+        assert not engine.model.fp8_checkpoint.linears  # the host copies are freed
+        out = engine.generate([[5, 6, 7, 8]], R.greedy_params([6]))[0]
+        assert len(out.outputs[0].token_ids) == 6
+    finally:
+        engine.close()
+
+
+def test_block_scaled_checkpoint_with_quantization_fp8_is_quantized_per_channel(src: Path, tmp_path: Path) -> None:
+    """Block-wise scales are not the FP8 GEMM's per-row ones: such a checkpoint loads dequantized and
+    quantization "fp8" quantizes its projections per channel, as for a bf16 checkpoint."""
+    d = write_fp8_checkpoint(src, tmp_path, "fp8-block32")
+    engine = R.make_engine(d / "fp8", max_num_seqs=4, kv_cache_tokens=1024, quantization="fp8")
+    try:
+        assert engine.precision.startswith("weights fp8") and "from the checkpoint" not in engine.precision
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8 tensor cores")
+def test_cuda_fp8_checkpoint_runs_on_fp8_tensor_cores_without_being_asked(src: Path, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """On FP8 hardware a per-channel FP8 checkpoint runs its stored weights on FP8 tensor cores (no
+    dequantized line), and its greedy tokens follow the same FP8 numerics emulated on the CPU up to
+    near-ties (bf16 activations against float32)."""
+    d = write_fp8_checkpoint(src, tmp_path, "ct-channel")
+    with caplog.at_level(logging.INFO, logger="batchgen.engine"):
+        gpu = R.make_engine(d / "fp8", device="cuda", dtype="bfloat16", max_num_seqs=8, kv_cache_tokens=2048)
+    try:
+        assert "from the checkpoint's FP8 weights" in gpu.precision, gpu.precision
+        assert gpu.model.layers[0].self_attn.qkv_proj.uses_tensor_cores
+        assert not [r for r in caplog.records if "dequantized" in r.getMessage()]
+        prompts = R.random_prompts_for(str(d / "plain"), 8, max_len=60)
+        max_new = R.random_max_new(len(prompts), hi=16)
+        got = [list(o.outputs[0].token_ids) for o in gpu.generate(prompts, R.greedy_params(max_new))]
+    finally:
+        gpu.close()
+    assert [len(t) for t in got] == max_new
+    cpu = R.make_engine(d / "fp8", max_num_seqs=8, kv_cache_tokens=2048, quantization="fp8")
+    try:
+        emulated = [list(o.outputs[0].token_ids) for o in cpu.generate(prompts, R.greedy_params(max_new))]
+    finally:
+        cpu.close()
+    first = [a[0] == b[0] for a, b in zip(got, emulated)]
+    assert sum(first) >= 6, (got, emulated)  # first tokens: the same model up to bf16-sized near-ties

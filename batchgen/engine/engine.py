@@ -117,20 +117,38 @@ class Engine:
         """The model (loaded from model_dir unless one is given) and its raw HF config; with quantization
         "fp8" its projections quantized (engine/quant); on CUDA its other linears laid out for decode
         (input-major weights, the skinny GEMM where the switches pick it)."""
+        from .quant import fp8_tensor_cores
+
+        # an FP8 checkpoint's own weights run on FP8 tensor cores where there are some (or when fp8 is asked for)
+        keep_fp8 = self.quantization == "fp8" or fp8_tensor_cores(self.device)
         if model is None:
-            model, raw_config = load_model(self.model_dir, self.device, dtype)
+            model, raw_config = load_model(self.model_dir, self.device, dtype, keep_quantized=keep_fp8)
         else:  # a model built elsewhere (benchmarks: random weights of a named shape)
             raw_config = {}
-        if self.quantization == "fp8":  # before the GPU layout, which then leaves the FP8 projections alone
-            from .quant import apply_fp8
-
-            self.precision = apply_fp8(model).describe()
+        self._apply_fp8(model, keep_fp8)
         if self.device.type == "cuda":
             from .models.linear_layout import fused_decode_rows, make_input_major
 
             make_input_major(model, skip=("lm_head",) if model.cfg.tie_word_embeddings else ())
             model.fused_rows = fused_decode_rows(model)
         return model, raw_config
+
+    def _apply_fp8(self, model: Any, keep_fp8: bool) -> None:
+        """quantization "fp8": the projections become FP8 (the checkpoint's own FP8 weights where it has
+        them, quantized at load otherwise); an FP8 checkpoint on FP8 hardware runs its weights as stored.
+        Before the GPU layout, which then leaves the FP8 projections alone."""
+        from .quant import apply_fp8
+        from .quant.from_checkpoint import checkpoint_linears, covers_every_projection
+
+        stored = checkpoint_linears(model) if keep_fp8 else {}
+        if self.quantization == "fp8" or (stored and covers_every_projection(model, stored)):
+            summary = apply_fp8(model, prequantized=stored)
+            self.precision = summary.describe() + (" from the checkpoint's FP8 weights" if stored else "")
+        elif stored:  # some projections of the checkpoint are not FP8: all of them run dequantized
+            log.info("FP8 checkpoint: not every projection is FP8, so all run dequantized to %s",
+                     str(model.embed_tokens.weight.dtype).removeprefix("torch."))
+        if getattr(model, "fp8_checkpoint", None) is not None:
+            model.fp8_checkpoint.linears.clear()  # the stored copies (host memory) are not needed any more
 
     def _load_tokenizer(self) -> None:
         from transformers import AutoTokenizer, GenerationConfig

@@ -115,19 +115,26 @@ class Fp8Reader:
         if self.out.dequantized == 0:
             raise Fp8CheckpointError(f"the config declares FP8 ({self.scheme.label}) but the checkpoint holds no "
                                      "float8_e4m3fn weights")
-        log.info("FP8 checkpoint (%s): %d FP8 linears run dequantized to %s on %s: %s", self.scheme.describe(),
-                 self.out.dequantized, str(model_dtype).removeprefix("torch."), self.device,
-                 _why_dequantized(self.device))
+        why = _why_dequantized(self.device, self.scheme, self.keep)
+        if why is not None:
+            log.info("FP8 checkpoint (%s): %d FP8 linears run dequantized to %s on %s: %s", self.scheme.describe(),
+                     self.out.dequantized, str(model_dtype).removeprefix("torch."), self.device, why)
         return self.out
 
 
-def _why_dequantized(device: torch.device) -> str:
+def _why_dequantized(device: torch.device, scheme: Fp8Scheme, keep: bool) -> str | None:
+    """Why the checkpoint runs dequantized here; None when the engine takes its FP8 weights as stored
+    (kept, with per-channel or per-tensor scales: the engine says how they run)."""
+    if keep and "block" not in scheme.kinds:
+        return None
     if device.type != "cuda":
         return f"the {device.type.upper()} has no FP8 GEMMs"
     cap = torch.cuda.get_device_capability(device)
     if cap < (8, 9):
         return f"this GPU has no FP8 tensor cores (compute capability {cap[0]}.{cap[1]} < 8.9)"
-    return "FP8 GEMMs do not take checkpoint weights yet"
+    if "block" in scheme.kinds:
+        return "the FP8 GEMMs take per-channel or per-tensor weight scales, not blocks"
+    return "torch._scaled_mm with row-wise scales is not available in this torch build"
 
 
 def _small_tensors(files: list[Path], suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
