@@ -75,6 +75,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # q/k RMSNorm; head_dim 32 != hidden/heads (16), so code must read config.head_dim
     "qwen3": dict(model_type="qwen3", rope_theta=1000000.0, head_dim=32, use_sliding_window=False),
     "smollm2": dict(model_type="llama", rope_theta=100000.0, tie_word_embeddings=True),
+    # checkpoints store fused qkv_proj / gate_up_proj; partial rotary and longrope are overrides
+    "phi3": dict(model_type="phi3", rope_theta=10000.0, sliding_window=None),
     # an architecture the engine does not support (its error message is tested)
     "gpt2": dict(model_type="gpt2"),
 }

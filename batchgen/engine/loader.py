@@ -66,7 +66,7 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, qkv_
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:  # to_empty breaks the tie: restore it
         model.lm_head.weight = model.embed_tokens.weight
-    table = cos_sin_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+    table = cos_sin_table(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     model.cos_sin = table.to(device)  # kept float32; cast per use
     return model.eval().requires_grad_(False)
 
@@ -94,7 +94,7 @@ def load_weights(model: LlamaModel, model_dir: Path, fp8: Fp8Reader | None = Non
                     if dst.shape != t.shape:
                         raise ValueError(f"weight {name}: checkpoint shape {tuple(t.shape)} != model {tuple(dst.shape)}")
                     dst.copy_(t.to(p.dtype))
-                loaded.add(target if rows is None else f"{target}[{rows[0]}]")
+                loaded.update(_loaded_keys(target, rows, part_rows))
     if cfg.tie_word_embeddings:
         loaded.add("lm_head.weight")
     expected = set()
@@ -104,6 +104,15 @@ def load_weights(model: LlamaModel, model_dir: Path, fp8: Fp8Reader | None = Non
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint in {model_dir} lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def _loaded_keys(target: str, rows: tuple[int, int] | None, part_rows: dict[str, list[int]]) -> list[str]:
+    """What one checkpoint tensor fills: a shard of a fused weight, or a whole one (Phi-3 stores qkv_proj
+    and gate_up_proj already fused), which covers every shard."""
+    if rows is not None:
+        return [f"{target}[{rows[0]}]"]
+    fused = next((r for key, r in part_rows.items() if target.endswith((f"{key}.weight", f"{key}.bias"))), None)
+    return [f"{target}[{r}]" for r in fused[:-1]] if fused else [target]
 
 
 def _target(name: str, part_rows: dict[str, list[int]]) -> tuple[str | None, tuple[int, int] | None]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# model_type -> our implementation (all share the Llama-style decoder in llama.py)
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# model_type -> our implementation (all share the Llama-style decoder in llama.py; Phi-3's checkpoints
+# already store the fused qkv_proj / gate_up_proj we use, and its partial rotary / longrope live in rope.py)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 class UnsupportedModelError(ValueError):
@@ -30,6 +31,7 @@ class ModelConfig:
     qk_norm: bool  # Qwen3: RMSNorm over each head's q and k before RoPE
     layer_windows: tuple[int | None, ...]  # sliding window per layer (None: full attention)
     torch_dtype: str | None
+    rotary_dim: int  # leading dims of each head that RoPE rotates (partial_rotary_factor * head_dim); the rest pass
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -38,16 +40,13 @@ class ModelConfig:
             archs = d.get("architectures") or [mt]
             raise UnsupportedModelError(
                 f"unsupported model architecture {archs[0]!r} (model_type {mt!r}); batchgen supports "
-                "Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5, Qwen3 and SmolLM2 "
+                "Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5, Qwen3, SmolLM2 and Phi-3/3.5/Phi-4-mini "
                 f"(model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
         heads = d["num_attention_heads"]
         hidden = d["hidden_size"]
         layers = d["num_hidden_layers"]
-        # transformers >= 5 keeps rope settings in rope_parameters (theta included); 4.x in rope_theta/rope_scaling
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None if rope_type in (None, "default") else {**rope, "rope_type": rope_type}
+        head_dim = d.get("head_dim") or hidden // heads
+        theta, scaling, rotary_dim = _rope(d, head_dim)
         return cls(
             model_type=mt,
             vocab_size=d["vocab_size"],
@@ -56,7 +55,7 @@ class ModelConfig:
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or hidden // heads,
+            head_dim=head_dim,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -65,7 +64,31 @@ class ModelConfig:
             qk_norm=mt == "qwen3",
             layer_windows=_layer_windows(d, layers),
             torch_dtype=d.get("dtype") or d.get("torch_dtype"),
+            rotary_dim=rotary_dim,
         )
+
+
+def _rope(d: dict[str, Any], head_dim: int) -> tuple[float, dict | None, int]:
+    """(theta, scaling or None for plain RoPE, rotary_dim) the way transformers' standardize_rope_params reads them."""
+    # transformers >= 5 keeps rope settings in rope_parameters (theta included); 4.x in rope_theta/rope_scaling
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    partial = rope.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor") or 1.0
+    rotary_dim = int(head_dim * float(partial))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if d.get("model_type") == "phi3" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # Phi3Config's names for it before transformers 4.42
+    if rope_type in (None, "default"):
+        return theta, None, rotary_dim
+    scaling = {**rope, "rope_type": rope_type}
+    if rope_type == "longrope":
+        max_pos = int(d.get("max_position_embeddings", 4096))
+        # a top-level original_max_position_embeddings wins over the rope dict's (as in transformers)
+        orig = int(d.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos)
+        scaling["original_max_position_embeddings"] = orig
+        if scaling.get("factor") is None:  # Phi-3: the context extension ratio
+            scaling["factor"] = max_pos / orig
+    return theta, scaling, rotary_dim
 
 
 def _layer_windows(d: dict[str, Any], layers: int) -> tuple[int | None, ...]:

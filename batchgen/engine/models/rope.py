@@ -27,7 +27,25 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> tuple[
         return torch.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
         return _yarn(inv_freq, head_dim, theta, scaling)
-    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3, yarn)")
+    if kind == "dynamic":
+        # NTK base growth only past max_position_embeddings, which the engine never exceeds (max_model_len is
+        # capped there): at every reachable length transformers' dynamic inv_freq is the default one
+        return inv_freq, 1.0
+    if kind == "longrope":
+        return longrope_inv_frequencies(head_dim, theta, scaling, long=False)
+    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, dynamic, llama3, yarn, longrope)")
+
+
+def longrope_inv_frequencies(dim: int, theta: float, s: dict, long: bool) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3): per-frequency divisors, long_factor past original_max_position_embeddings, short_factor
+    within; one attention factor for both, from the extension ratio (transformers' _compute_longrope_parameters)."""
+    orig, factor = s["original_max_position_embeddings"], s["factor"]
+    attention = s.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    ext = torch.tensor(s["long_factor"] if long else s["short_factor"], dtype=torch.float32)
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (ext * theta ** shape), float(attention)
 
 
 def _yarn(inv_freq: torch.Tensor, dim: int, base: float, s: dict) -> tuple[torch.Tensor, float]:
@@ -50,9 +68,28 @@ def _yarn(inv_freq: torch.Tensor, dim: int, base: float, s: dict) -> tuple[torch
 
 
 def cos_sin_table(head_dim: int, theta: float, scaling: dict | None, max_positions: int) -> torch.Tensor:
-    """[max_positions, head_dim] float32: cos in the first half, sin in the second (one gather per step)."""
+    """[max_positions, head_dim] float32: cos in the first half, sin in the second (one gather per step).
+    head_dim is the rotary dim: kernels rotate that many leading dims of each head and pass the rest."""
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        return _longrope_table(head_dim, theta, scaling, max_positions)
     inv_freq, attn_scale = inv_frequencies(head_dim, theta, scaling)
     return cos_sin_from_inv_freq(inv_freq, max_positions, attn_scale)
+
+
+def _longrope_table(dim: int, theta: float, s: dict, max_positions: int) -> torch.Tensor:
+    """Short-factor rows below original_max_position_embeddings, long-factor rows from there on. transformers
+    picks the set per forward by max(position) + 1 > original: with its KV cache, a sequence whose prompt fits
+    the original window gets exactly these rotations at every position, during generation past the window too
+    (keys cached before the switch keep their short rotation). The one difference: a prompt longer than the
+    window, which transformers rotates with long factors throughout, keeps short ones below it here (one
+    table for every sequence keeps batches and the prefix cache position-pure)."""
+    orig = min(int(s["original_max_position_embeddings"]), max_positions)
+    short, attn = longrope_inv_frequencies(dim, theta, s, long=False)
+    table = cos_sin_from_inv_freq(short, max_positions, attn)
+    if orig < max_positions:
+        long_, _ = longrope_inv_frequencies(dim, theta, s, long=True)
+        table[orig:] = cos_sin_from_inv_freq(long_, max_positions, attn)[orig:]
+    return table
 
 
 def cos_sin_from_inv_freq(inv_freq: torch.Tensor, max_positions: int, attn_scale: float = 1.0) -> torch.Tensor:
