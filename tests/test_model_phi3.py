@@ -2,7 +2,7 @@
 
 Tiny random-weight Phi3ForCausalLM checkpoints (tests/checkpoints.py "phi3") in variants: plain, partial
 rotary 0.75, longrope (short and long factor sets), tied embeddings, and Phi-4-mini's combination of all
-three. Longrope prompts fit the original window (160) and generation crosses it, so both factor sets are
+three, and a sliding window. Longrope prompts fit the original window (160) and generation crosses it, so both factor sets are
 used (see models/rope.py _longrope_table for the one case that differs from transformers: prompts longer
 than the window). Plus the rope scalings against transformers' ROPE_INIT_FUNCTIONS.
 """
@@ -33,6 +33,8 @@ VARIANTS = {
     "phi3-partial": dict(partial_rotary_factor=0.75),  # head_dim 16: 12 dims rotate, 4 pass
     "phi3-longrope": dict(original_max_position_embeddings=ORIG, rope_parameters=_longrope(8)),
     "phi3-tied": dict(tie_word_embeddings=True),
+    # Phi-3-mini-4k ships a sliding_window (2047) and transformers' Phi3 masks with it: a short one here
+    "phi3-sw48": dict(sliding_window=48),
     "phi4-mini": dict(partial_rotary_factor=0.75, tie_word_embeddings=True,
                       original_max_position_embeddings=ORIG, rope_parameters=_longrope(6)),
 }
@@ -195,14 +197,17 @@ def test_longrope_inv_freq_matches_transformers(partial):
 # ------------------------------------------------------------------ CUDA: Triton path equals torch backend
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("variant", ["phi3", "phi3-partial", "phi3-longrope", "phi4-mini"])
+@pytest.mark.parametrize("variant", ["phi3", "phi3-partial", "phi3-longrope", "phi3-sw48", "phi4-mini"])
 def test_phi3_triton_equals_torch_on_cuda(tmp_path_factory, variant):
     path = R.make_tiny_checkpoint("phi3", tmp_path_factory.mktemp("cuda-phi3") / variant, **VARIANTS[variant])
     prompts, max_new = _prompts(path, variant, "one_batch")
+    from batchgen import Engine
+
+    # the engine's CUDA defaults (CUDA graphs for decode steps) on the tests' float32
     base = dict(device="cuda", dtype="float32", max_num_seqs=16, max_batch_tokens=512, kv_cache_tokens=16384)
     outs = {}
     for attention in ("torch", "triton"):
-        eng = R.make_engine(path, attention=attention, **base)
+        eng = Engine.from_pretrained(path, attention=attention, **base)
         try:
             outs[attention] = [list(o.outputs[0].token_ids) for o in eng.generate(prompts, R.greedy_params(max_new))]
         finally:
