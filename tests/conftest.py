@@ -33,7 +33,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: tiny_checkpoint("qwen3") -> Path of a tiny HF checkpoint (built once per session
-    per (family, seed, overrides)). Families: llama, llama3.1, mistral, qwen2, qwen3, smollm2, phi3
+    per (family, seed, overrides)). Families: llama, llama3.1, mistral, qwen2, qwen3, smollm2
     (and gpt2, which the engine refuses)."""
     cache: dict[tuple[Any, ...], Path] = {}
 

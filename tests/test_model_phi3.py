@@ -113,6 +113,15 @@ def test_phi3_legacy_su_rope_type_is_longrope():
     assert ModelConfig.from_hf(d).rope_scaling["rope_type"] == "longrope"
 
 
+def test_longrope_factor_count_mismatch_is_one_clear_line():
+    from batchgen.engine.models.rope import cos_sin_table
+
+    s = {"rope_type": "longrope", "original_max_position_embeddings": 64, "factor": 16.0,
+         "short_factor": _SHORT, "long_factor": _LONG[:7]}
+    with pytest.raises(ValueError, match="long_factor needs 8 values"):
+        cos_sin_table(16, 10000.0, s, 1024)
+
+
 @pytest.mark.parametrize("variant", ["phi3-longrope", "phi4-mini"])
 def test_longrope_table_equals_transformers_rotary_embedding(tiny_checkpoint, variant):
     """Rows below the original window: transformers' cos/sin for a short sequence; rows from it on:

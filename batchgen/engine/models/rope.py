@@ -43,7 +43,11 @@ def longrope_inv_frequencies(dim: int, theta: float, s: dict, long: bool) -> tup
     attention = s.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-    ext = torch.tensor(s["long_factor"] if long else s["short_factor"], dtype=torch.float32)
+    key = "long_factor" if long else "short_factor"
+    if len(s.get(key) or ()) != dim // 2:
+        raise ValueError(f"longrope rope scaling: {key} needs {dim // 2} values (rotary dim {dim} / 2), "
+                         f"the config has {len(s.get(key) or ())}")
+    ext = torch.tensor(s[key], dtype=torch.float32)
     shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     return 1.0 / (ext * theta ** shape), float(attention)
 
