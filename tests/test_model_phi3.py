@@ -94,6 +94,23 @@ def test_phi3_greedy_matches_transformers(tiny_checkpoint, variant, scenario):
         engine.close()
 
 
+def test_longrope_prompt_beyond_the_original_window_is_the_requests_error(tiny_checkpoint):
+    """A prompt longer than original_max_position_embeddings would take the long factors at every
+    position (per sequence, as the model does); the engine's one table can't, so such a request is
+    its own error, never different tokens. Prompts within the window run (and may generate past it)."""
+    from batchgen import SamplingParams
+
+    path = str(tiny_checkpoint("phi3", **VARIANTS["phi3-longrope"]))
+    eng = R.make_engine(path, max_num_seqs=4, kv_cache_tokens=4096)
+    try:
+        ok, long = eng.generate([[5] * ORIG, [6] * (ORIG + 1)], SamplingParams(max_new_tokens=4, ignore_eos=True))
+        assert ok.outputs[0].error is None and len(ok.outputs[0].token_ids) == 4
+        assert long.outputs[0].finish_reason == "error"
+        assert f"longer than the model's original_max_position_embeddings ({ORIG})" in long.outputs[0].error
+    finally:
+        eng.close()
+
+
 def test_phi3_config_reads_partial_rotary_and_longrope(tiny_checkpoint):
     from batchgen.engine.loader import read_config
 

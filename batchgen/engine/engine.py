@@ -286,6 +286,11 @@ class Engine:
             return f"prompt holds token ids outside the vocabulary [0, {vocab})"
         if p.stop_token_ids and max(p.stop_token_ids) >= vocab:  # the sampler indexes logits with them
             return f"stop_token_ids hold ids outside the vocabulary [0, {vocab})"
+        limit = _longrope_prompt_limit(self.model.cfg.rope_scaling)
+        if limit is not None and len(ids) > limit:
+            return (f"prompt ({len(ids)} tokens) is longer than the model's original_max_position_embeddings "
+                    f"({limit}): longrope then rotates the whole prompt with its long factors, which this engine "
+                    "does not do yet (its tokens would differ from the model's own)")
         total = len(ids) + p.max_new_tokens
         if total > self.max_model_len:
             return (f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) = {total} exceeds the "
@@ -573,6 +578,18 @@ class Engine:
         gc.collect()  # frees the model, caches and graphs now, before empty_cache
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _longrope_prompt_limit(scaling: dict | None) -> int | None:
+    """The longest prompt a longrope model runs exactly: one table holds the short factors below
+    original_max_position_embeddings and the long ones from it on, which is what the model does for a
+    prompt within that window (and a generation that crosses it); a longer prompt takes the long factors
+    at every position (per sequence), not supported yet."""
+    if not scaling or scaling.get("rope_type") != "longrope":
+        return None
+    if list(scaling.get("short_factor") or []) == list(scaling.get("long_factor") or []):
+        return None  # one factor set: positions alone decide
+    return int(scaling["original_max_position_embeddings"])
 
 
 def _check_iterable(requests: object, caller: str) -> None:
