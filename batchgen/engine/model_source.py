@@ -8,6 +8,7 @@ read the cached safetensors directly.
 from __future__ import annotations
 
 import importlib.util
+import json
 import mmap
 import os
 import struct
@@ -77,6 +78,26 @@ def load_tokenizer(path_or_id: str | os.PathLike[str], cache_dir: str | os.PathL
         gguf_cache.mark_used(out)
         return AutoTokenizer.from_pretrained(str(out))
     return _gguf_tokenizer(gguf)
+
+
+def peek_config(path_or_id: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The model's config.json without loading (or converting, or downloading) weights: a local directory's,
+    a converted GGUF's, a hub model's (config.json only). A GGUF not converted yet has none: then
+    {"gguf_architecture": <its general.architecture>}, read from its header."""
+    src = str(path_or_id)
+    gguf = _gguf_file(src)
+    if gguf is not None:
+        out = gguf_cache_path(gguf, cache_dir)
+        if not (out / "config.json").is_file():
+            return {"gguf_architecture": gguf_metadata(gguf, {"general.architecture"}).get("general.architecture")}
+        d = out
+    else:
+        p = Path(src).expanduser()
+        d = p if p.is_dir() else _hub(src, ["config.json"])
+    try:
+        return json.loads((d / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"model '{src}': can't read its config.json: {e}") from None
 
 
 def gguf_cache_path(gguf: Path, cache_dir: str | os.PathLike[str] | None = None) -> Path:
