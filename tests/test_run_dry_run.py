@@ -96,3 +96,16 @@ def test_dry_run_on_cuda_says_triton(tiny_checkpoint: Any, tmp_path: Path) -> No
     assert line.endswith("attention triton on cuda, dtype bfloat16"), line
     line = model_line(dry_run(tmp_path, "model", "engine.attention=torch", device="cuda"))
     assert line.endswith("attention torch on cuda, dtype bfloat16"), line
+
+
+def test_model_context_of_an_alias_comes_from_its_converted_config(tmp_path: Path, smollm2_dir: Path) -> None:
+    """The dry run's prompt limit uses the model's own context length for an alias (its converted GGUF's
+    config.json), not only for a local directory (it used the 4096 default there)."""
+    from batchgen.pipeline.config import parse_job
+    from batchgen.pipeline.run.engine_setup import model_context
+
+    want = json.loads((smollm2_dir / "config.json").read_text())["max_position_embeddings"]
+    for path in ("smollm2-135m-instruct", str(smollm2_dir)):
+        cfg = parse_job({"model": {"path": path}, "input": {"files": ["x.jsonl"]}, "prompt": {"column": "q"},
+                         "output": {"path": "out"}}, base_dir=tmp_path)
+        assert model_context(cfg) == want

@@ -1,8 +1,6 @@
 """The engine and tokenizer of a job, from its config (torch and the engine are imported only here)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, JobConfig, engine_kwargs
@@ -32,13 +30,13 @@ def model_source_error(e: BaseException) -> str | None:
 
 
 def model_context(cfg: JobConfig) -> int | None:
-    """The model's context length from its config.json, without loading it (local directories
-    only; None when unknown)."""
+    """The model's context length from its config.json, without loading weights: a local directory's,
+    an alias's or a converted GGUF's, a hub model's from the local cache (None when unknown, e.g. a
+    GGUF not converted yet)."""
+    from ...engine.model_source import ModelSourceError, peek_config
+
     try:
-        conf = Path(model_location(cfg)) / "config.json"
-        if conf.is_file():
-            n = json.loads(conf.read_text()).get("max_position_embeddings")
-            return int(n) if n else None
-    except (ConfigError, OSError, ValueError, TypeError):
+        n = peek_config(model_location(cfg)).get("max_position_embeddings")
+        return int(n) if n else None
+    except (ConfigError, ModelSourceError, OSError, ValueError, TypeError):
         return None
-    return None
