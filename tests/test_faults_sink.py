@@ -16,11 +16,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import wait_for
 
 from batchgen.pipeline.sink.layout import SHARD_RE
 from batchgen.pipeline.sink.shard_file import read_shard_meta
@@ -82,19 +82,6 @@ def shards(out: Path, task: int | None = None) -> list[str]:
     except FileNotFoundError:
         return []
     return [n for n in names if task is None or int(n[6:11]) == task]
-
-
-def wait_for(cond: Any, proc: subprocess.Popen, timeout: float = 300.0) -> bool:
-    """Poll until cond() (True) or proc exits first (False); the timeout only catches a hang."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.005)
-    proc.kill()
-    raise TimeoutError(f"condition not reached in {timeout:.0f} s")
 
 
 def read(out: Path) -> dict[tuple, dict]:

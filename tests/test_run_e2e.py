@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # 60 rows x 2 samples x up to 32 tokens: a few seconds of generation even on a fast core, so a
@@ -111,21 +112,6 @@ class Committed:
         for n in shards(self.out) - set(self.rows):
             self.rows[n] = int(read_shard_meta(self.out / n)["rows"])
         return sum(self.rows.values())
-
-
-def wait_for(cond: Any, proc: subprocess.Popen, log: Path | None = None, timeout: float = 300.0) -> bool:
-    """Poll until cond() holds (True) or proc exits first (False). The timeout only catches a
-    hang: it is far above what any machine needs."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.005)
-    proc.kill()
-    tail = log.read_text(errors="replace")[-3000:] if log is not None else ""
-    raise TimeoutError(f"condition not reached in {timeout:.0f} s\n{tail}")
 
 
 def read(out: Path) -> dict[tuple, dict]:

@@ -9,7 +9,8 @@ import time
 from typing import Callable, TextIO
 
 
-def _fmt_dur(s: float | None) -> str:
+def format_clock(s: float | None) -> str:
+    """Seconds as MM:SS or H:MM:SS ("?" when unknown)."""
     if s is None or s != s or s == float("inf"):
         return "?"
     s = int(round(s))
@@ -207,7 +208,7 @@ class Progress:
 
     def _postfix(self) -> str:
         eta = self.eta()
-        return f"{self.tok_s:,.1f} tok/s, ETA {_fmt_dur(eta)}, {self.errors} err"
+        return f"{self.tok_s:,.1f} tok/s, ETA {format_clock(eta)}, {self.errors} err"
 
     def line(self) -> str:
         tot = f"/{self.total}" if self.total is not None else ""
@@ -215,7 +216,7 @@ class Progress:
         return (
             f"{self.label + ': ' if self.label else ''}{self.done}{tot} rows{pct}, "
             f"{self.tok_s:,.1f} output tok/s, {self.errors} errors, "
-            f"elapsed {_fmt_dur(self.elapsed)}, ETA {_fmt_dur(self.eta())}"
+            f"elapsed {format_clock(self.elapsed)}, ETA {format_clock(self.eta())}"
         )
 
     def log_line(self) -> None:

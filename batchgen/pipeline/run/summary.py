@@ -3,14 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def _fmt_dur(s: float | None) -> str:
-    if s is None or s != s or s == float("inf"):
-        return "?"
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+from ..progress import format_clock
 
 
 def summary_dict(
@@ -63,7 +56,7 @@ def format_summary(d: dict) -> str:
         f"rows            {d['rows']:,} ({d['samples']:,} samples)",
         f"errors          {d['errors']:,} samples in {d['error_rows']:,} rows",
         f"tokens in/out   {d['prompt_tokens']:,} / {d['output_tokens']:,}",
-        f"wall time       {_fmt_dur(d['wall_s'])} this run ({_fmt_dur(d['total_wall_s'])} all runs)",
+        f"wall time       {format_clock(d['wall_s'])} this run ({format_clock(d['total_wall_s'])} all runs)",
         f"output tok/s    {d['output_tok_s'] if d['output_tok_s'] is not None else 'n/a'}",
         f"GPU busy        {str(d['gpu_busy_pct']) + '%' if d['gpu_busy_pct'] is not None else 'n/a'}",
     ]
