@@ -10,6 +10,7 @@ owns its requests, so outputs always go back to the call that added them.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import logging
@@ -278,6 +279,10 @@ class Engine:
             self._grammars_ = Grammars(self.tokenizer, self.model.cfg.vocab_size, self.eos_token_ids, self.device)
         return self._grammars_
 
+    @functools.cached_property
+    def _longrope_limit(self) -> int | None:
+        return _longrope_prompt_limit(self.model.cfg.rope_scaling)  # the model's: judged once, not per request
+
     def _check(self, ids: list[int], p: SamplingParams) -> str | None:
         if not ids:
             return "empty prompt"
@@ -286,7 +291,7 @@ class Engine:
             return f"prompt holds token ids outside the vocabulary [0, {vocab})"
         if p.stop_token_ids and max(p.stop_token_ids) >= vocab:  # the sampler indexes logits with them
             return f"stop_token_ids hold ids outside the vocabulary [0, {vocab})"
-        limit = _longrope_prompt_limit(self.model.cfg.rope_scaling)
+        limit = self._longrope_limit
         if limit is not None and len(ids) > limit:
             return (f"prompt ({len(ids)} tokens) is longer than the model's original_max_position_embeddings "
                     f"({limit}): longrope then rotates the whole prompt with its long factors, which this engine "
