@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu.sh constrained                 256 requests on the 8B shape, JSON schema on / off
 #   bash benchmarks/gpu.sh anchor|final [workload...]  batchgen vs the transformers CB anchor, same run
 #   bash benchmarks/gpu.sh ab WORKLOAD ROUNDS VARIANT...  same-run A/B of switches or bench flags
-#   bash benchmarks/gpu.sh kernels|gemm|pdl|profile [args]
+#   bash benchmarks/gpu.sh kernels|gemm|fp8gemm|pdl|profile [args]
 # Results: JSON lines and logs under $OUT (the device tool's folder; ./gpu-out elsewhere).
 set -euo pipefail
 
@@ -170,6 +170,16 @@ cmd_gemm() {  # skinny GEMM: its tests, the per-projection sweep, then the seed 
   cmd_ab seed 1 "${variants[@]}"
 }
 
+cmd_fp8gemm() {  # the FP8 decode GEMM: its CUDA tests, the seed workload bf16 / W8A8 / W8A16 / _scaled_mm, the sweep
+  timeout 200 python -m pytest -q -x tests/test_fp8_decode_kernel.py tests/test_quant_fp8.py 2>&1 | tail -8 \
+    | tee "$OUT/fp8-tests.log" || true
+  cmd_ab seed 1 "bf16:" "w8a8:--quantization=fp8" "w8a16:--quantization=fp8+BATCHGEN_FP8_DECODE_ACT=bf16" \
+    "scaled_mm:--quantization=fp8+BATCHGEN_FP8_SKINNY=0"
+  timeout "${SWEEP_S:-200}" python benchmarks/fp8_gemm_sweep.py --shape llama-3.1-8b --ms "${SWEEP_MS:-32,8}" \
+    --best "$OUT/fp8_best.json" >"$OUT/fp8_sweep.jsonl" 2>&1 || echo "sweep stopped (timeout or error)"
+  grep -v '"skip"' "$OUT/fp8_sweep.jsonl" | cut -c1-220 | tail -60
+}
+
 cmd_pdl() {  # programmatic dependent launch: the kernel-chain check, then the seed workload with PDL / prefetch off
   timeout 120 python benchmarks/pdl_check.py >"$OUT/pdl.jsonl" 2>&1 || echo "pdl_check FAILED"
   cut -c1-200 "$OUT/pdl.jsonl"
@@ -185,7 +195,7 @@ cmd_profile() {  # torch-profiler kernel breakdown of decode steps (8B shape, 32
 what=${1:-help}
 [[ $# -gt 0 ]] && shift
 case $what in
-  tests | bench | constrained | anchor | ab | kernels | gemm | pdl | profile)
+  tests | bench | constrained | anchor | ab | kernels | gemm | fp8gemm | pdl | profile)
     setup
     "cmd_$what" "$@"
     ;;

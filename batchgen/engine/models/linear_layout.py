@@ -119,15 +119,16 @@ def fused_decode_rows(model: nn.Module, sw: Switches | None = None) -> int:
     if not (sw or switches()).fused_decode or not layers:
         return 0
     gate_ups = [layer.mlp.gate_up_proj for layer in layers]
-    if not all(isinstance(g, InputMajorLinear) and g.can_gate for g in gate_ups):
+    # InputMajorLinear or quant.Fp8Linear: both give the decode layer normed / add_to / can_gate
+    if not all(getattr(g, "can_gate", False) for g in gate_ups):
         return 0
     return gate_ups[0]._skinny_max_m
 
 
 def make_input_major(model: nn.Module, skip: tuple[str, ...] = (), sw: Switches | None = None) -> None:
     """Swap every nn.Linear (but those named in skip) for an InputMajorLinear, freeing the old weight.
-    FP8 projections (engine/quant Fp8Linear, not nn.Linear) keep their own layout, and with them
-    fused_decode_rows is 0: the bf16 skinny GEMM and its fused epilogues never see FP8 weights."""
+    FP8 projections (engine/quant Fp8Linear, not nn.Linear) keep their own layout and decode kernel
+    (kernels/fp8_skinny_gemm.py), with the same fused-layer API: the bf16 GEMMs never see FP8 weights."""
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     skinny = (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)

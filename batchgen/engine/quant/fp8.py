@@ -48,3 +48,24 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """codes [R, K] times their fp32 row scales ([R] or [R, 1]), in float32."""
     return codes.float() * scale.float().reshape(-1, 1)
+
+
+def quantize_activation_groups(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scale [M, ceil(K / group)]): one scale per token per `group`
+    columns (the last group may be short), the decode kernel's W8A8 recipe (kernels/fp8_skinny_gemm.py)."""
+    M, K = x.shape
+    padded = torch.nn.functional.pad(x.float(), (0, (-K) % group)).view(M, -1, group)
+    codes, scale = quantize_rows(padded)
+    return codes.view(M, -1)[:, :K], scale.view(M, -1)
+
+
+def emulate_skinny(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_fp8: bool,
+                   group: int = 128) -> torch.Tensor:
+    """What the FP8 decode GEMM computes, in float32 on any device: x [M, K] @ dequantized w [N, K].T,
+    with x quantized per token per group (act_fp8) or taken as it is (W8A16)."""
+    if act_fp8:
+        codes, scale = quantize_activation_groups(x, group)
+        xf = codes.float() * scale.repeat_interleave(group, dim=1)[:, : x.shape[1]]
+    else:
+        xf = x.float()
+    return xf @ dequantize(w, w_scale).t()

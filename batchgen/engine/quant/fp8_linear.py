@@ -1,11 +1,16 @@
 """Fp8Linear: a projection whose weight is held in e4m3 with one fp32 scale per output channel.
 
-forward(x): x is quantized per token (dynamic, fp8.quantize_activation), then
-  - on a CUDA device with FP8 tensor cores (capability >= 8.9): torch._scaled_mm with row-wise
-    scales (x's [M, 1], the weight's [1, N]) applied in the GEMM's epilogue, bf16 out;
+forward(x):
+  - decode-sized x (at most kernels/fp8_skinny_gemm.MAX_M rows) on a CUDA device with FP8 tensor
+    cores: the Triton FP8 skinny GEMM (x quantized per token per 128 columns inside it, or taken as
+    it is: BATCHGEN_FP8_DECODE_ACT), which also gives the fused decode layer its epilogues
+    (normed / add_to, as linear_layout.InputMajorLinear);
+  - larger x there: x quantized per token (dynamic, fp8.quantize_activation), then torch._scaled_mm
+    with row-wise scales (x's [M, 1], the weight's [1, N]) applied in the GEMM's epilogue, bf16 out;
   - anywhere else (the CPU, older GPUs, shapes _scaled_mm refuses): the same numerics emulated,
     both operands dequantized and multiplied in float32.
-Both paths quantize with the same code, so they differ only in accumulation order.
+_scaled_mm and the emulation quantize with the same code, so they differ only in accumulation order;
+fp8.emulate_skinny is the decode kernel's recipe in float32.
 
 It is deliberately not an nn.Linear: linear_layout.make_input_major swaps nn.Linear only, so the
 bf16 input-major / skinny-GEMM / fused-decode layout never touches an FP8 projection.
@@ -18,8 +23,13 @@ import torch
 from torch import nn
 
 from . import fp8
+from .. import fused_ops
+from ..switches import switches
 
 _ALIGN = 16  # _scaled_mm needs K and N multiples of 16
+DecodeConfig = tuple[int, int, int, int, int]  # the FP8 skinny GEMM's BN, BK, SPLIT_K, num_warps, num_stages
+# swept at M=32 on the H200 (benchmarks/gemm_sweep.py --fp8), keyed by (in, out); others take the default
+FP8_TUNED: dict[tuple[int, int], DecodeConfig] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,7 +69,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.detach().float().reshape(-1).contiguous())
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
         self._dequantized: torch.Tensor | None = None  # CPU emulation: fp32 weight, built once
-        self.uses_tensor_cores = self._tensor_cores_here()
+        self._place()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
@@ -80,11 +90,28 @@ class Fp8Linear(nn.Module):
         aligned = self.in_features % _ALIGN == 0 and self.out_features % _ALIGN == 0
         return aligned and fp8_tensor_cores(self.weight.device)
 
+    def _place(self) -> None:
+        """The paths for where the weight is now: _scaled_mm or the emulation, and the decode kernel."""
+        self.uses_tensor_cores = self._tensor_cores_here()
+        self.skinny: DecodeConfig | None = None  # the FP8 skinny GEMM's config, None = not used here
+        self._skinny_max_m = 0
+        sw = switches()
+        if self.uses_tensor_cores and sw.fp8_skinny:  # triton is imported only where it is used
+            from ..kernels import fp8_skinny_gemm as kernel
+
+            self._kernel, self._skinny_max_m = kernel.fp8_skinny_gemm, kernel.MAX_M
+            self._act_fp8 = sw.fp8_decode_act == "fp8"
+            sms = torch.cuda.get_device_properties(self.weight.device).multi_processor_count
+            self.skinny = FP8_TUNED.get((self.in_features, self.out_features)) or kernel.default_config(
+                self.out_features, self.in_features, sms, self._act_fp8)
+            self._gate_config = FP8_TUNED.get((self.in_features, self.out_features)) or kernel.default_config(
+                self.out_features // 2, self.in_features, sms, self._act_fp8, gated=True)
+
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # .to(device) / .cuda() move the buffers: the path and the CPU cache follow the weight
         out = super()._apply(fn, recurse)
         self._dequantized = None
-        self.uses_tensor_cores = self._tensor_cores_here()
+        self._place()
         return out
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -94,8 +121,36 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = self._scaled_mm(x2) if x.is_cuda and self.uses_tensor_cores else self._emulated(x2)
+        if self._skinny_rows(x2):
+            y = self._decode(x2)
+        else:
+            y = self._scaled_mm(x2) if x.is_cuda and self.uses_tensor_cores else self._emulated(x2)
         return y.view(*lead, self.out_features)
+
+    # ------------------------------------------------------------------ decode (the fused layer's API)
+    def _skinny_rows(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and 0 < x.shape[0] <= self._skinny_max_m and x.stride(-1) == 1
+
+    def _decode(self, x: torch.Tensor, **epilogue) -> torch.Tensor:
+        config = self._gate_config if epilogue.get("gated") else self.skinny
+        return self._kernel(x, self.weight, self.weight_scale, self.bias, act_fp8=self._act_fp8, config=config,
+                            **epilogue)
+
+    @property
+    def can_gate(self) -> bool:
+        """Whether decode steps can fold SiLU-and-mul into this (gate | up) projection's epilogue."""
+        return self.skinny is not None and self._gate_config[2] == 1
+
+    def normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gated: bool = False) -> torch.Tensor:
+        """rms_norm(x) @ W.T; gated (needs can_gate): W is gate | up and the result SiLU(gate) * up."""
+        x = fused_ops.rms_norm(x, norm_weight, eps)
+        return self._decode(x, gated=True) if gated else self(x)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual += x @ W.T (+ bias), in place; in the GEMM's epilogue for decode-sized x."""
+        if self._skinny_rows(x):
+            return self._decode(x, residual=residual, out=residual)
+        return residual.add_(self(x))
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:

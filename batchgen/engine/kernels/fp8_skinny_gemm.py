@@ -1,0 +1,173 @@
+"""FP8 skinny GEMM for decode steps: y[M, N] = x[M, K] @ (w * w_scale)[N, K].T with M <= 64.
+
+The FP8 twin of skinny_gemm.py. The weight stays in e4m3, output-major ([N, K], K contiguous: the
+layout FP8 tensor cores need for both operands), one fp32 scale per output channel applied in the
+epilogue. At decode sizes the GEMM only streams its weight, so the 1-byte weight halves the time.
+
+The product is computed transposed (acc[BN, BM] = w_tile @ x_tile.T, "swap AB"): the weight's BN
+rows fill the tensor core's M side, which has to be >= 64, and the few tokens its N side, which may be
+as small as 16. Activation precision (ACT_FP8):
+- False (W8A16): the e4m3 codes are widened to the model dtype (exact) and multiplied by x as it is;
+- True (W8A8): x is quantized on load, one fp32 scale per token per 128-column group (amax / 448),
+  the dot runs on FP8 tensor cores and each group's partial product is scaled as it is accumulated.
+  Nothing is launched before the GEMM to quantize x, and a group scale is finer than a token scale.
+fp8.emulate_skinny() computes both in float32 on any device: the CUDA tests compare against it.
+
+Fusions as in skinny_gemm.py: gated (w is gate | up, [2I, K]; SiLU-and-mul in the epilogue), residual
+(y = residual + x @ w, in place) and a K split whose last program per N tile sums the partials. With
+PDL (pdl.py) each program prefetches the first lines of its weight slice while the kernel before it
+is still running.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import pdl
+from .counters import zeroed_counters
+from .fused import silu_mul
+
+MAX_M = 64
+ACT_GROUP = 128  # W8A8: columns of x per activation scale; the kernel's BK is this group
+E4M3_MAX = 448.0
+
+
+@triton.jit
+def _fp8_skinny_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, part_ptr, sem_ptr, M, N, K, k_per_split,
+                       stride_xm, stride_wn, stride_rm, stride_ym,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                       GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT_FP8: tl.constexpr,
+                       PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+    pn = tl.program_id(0)
+    pk = tl.program_id(1)
+    rm = tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mmask = rm < M
+    nmask = rn < N
+    k_lo = pk * k_per_split  # this split's columns: [k_lo, k_lo + k_per_split) and below K
+    w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn  # [BN, 1]; GATED: gate rows
+    up_rows = w_rows + N * stride_wn  # GATED only: the up half of w
+    if PREFETCH > 0:
+        # the weights do not depend on the kernel before: its first PREFETCH 128-byte lines per row to L2
+        pc = tl.minimum(k_lo + tl.arange(0, PREFETCH) * 128, K - 1)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [w_rows + pc[None, :]],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+        if GATED:
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [up_rows + pc[None, :]],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    if USE_PDL:  # pdl.py: nothing below may run before the previous kernel has completed
+        tl.extra.cuda.gdc_wait()
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([BN, BM], tl.float32)
+    acc_up = tl.zeros([BN, BM], tl.float32)  # GATED only
+    for k0 in range(0, k_per_split, BK):  # bounds independent of the program id (the interpreter needs that)
+        kk = k_lo + k0 + rk
+        kmask = kk < K
+        a = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
+        wmask = nmask[:, None] & kmask[None, :]
+        w = tl.load(w_rows + kk[None, :], mask=wmask, other=0.0)  # [BN, BK] e4m3
+        if ACT_FP8:
+            a32 = a.to(tl.float32)
+            xs = tl.maximum(tl.max(tl.abs(a32), axis=1) / E4M3_MAX, 1e-12)  # [BM]: this group's scale per token
+            aq = tl.clamp(a32 / xs[:, None], -E4M3_MAX, E4M3_MAX).to(w.dtype)
+            acc += tl.dot(w, tl.trans(aq)) * xs[None, :]
+            if GATED:
+                w_up = tl.load(up_rows + kk[None, :], mask=wmask, other=0.0)
+                acc_up += tl.dot(w_up, tl.trans(aq)) * xs[None, :]
+        else:
+            acc += tl.dot(w.to(a.dtype), tl.trans(a))
+            if GATED:
+                w_up = tl.load(up_rows + kk[None, :], mask=wmask, other=0.0)
+                acc_up += tl.dot(w_up.to(a.dtype), tl.trans(a))
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    acc *= tl.load(ws_ptr + rn, mask=nmask, other=0.0)[:, None]
+    if GATED:
+        acc_up *= tl.load(ws_ptr + N + rn, mask=nmask, other=0.0)[:, None]
+    ymask = nmask[:, None] & mmask[None, :]
+    y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]  # [BN, BM]: y is written transposed
+    res_ptrs = res_ptr + rm.to(tl.int64)[None, :] * stride_rm + rn[:, None]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            if GATED:
+                acc_up += tl.load(bias_ptr + N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        if GATED:  # on gate and up rounded to the model dtype, as HF computes them
+            acc = silu_mul(acc.to(y_ptr.dtype.element_ty), acc_up.to(y_ptr.dtype.element_ty))
+        if HAS_RES:
+            acc += tl.load(res_ptrs, mask=ymask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        # partials laid out [SPLIT_K, BM, N]; the last split of this N tile to arrive sums them
+        part = part_ptr + rm[None, :] * N + rn[:, None]
+        tl.store(part + pk * BM * N, acc, mask=ymask)
+        tl.debug_barrier()  # every thread's partial store precedes the counter's release
+        sem = sem_ptr + pn
+        cnt = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
+        if cnt == SPLIT_K - 1:
+            total = tl.zeros([BN, BM], tl.float32)
+            for j in range(0, SPLIT_K):
+                total += tl.load(part + j * BM * N, mask=ymask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            if HAS_RES:
+                total += tl.load(res_ptrs, mask=ymask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=ymask)
+            tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
+
+
+Fp8SkinnyConfig = tuple[int, int, int, int, int]  # BN, BK, SPLIT_K, num_warps, num_stages
+
+
+def default_config(N: int, K: int, sm_count: int, act_fp8: bool, gated: bool = False) -> Fp8SkinnyConfig:
+    """(BN, BK, SPLIT_K, num_warps, num_stages): 64 weight rows per program (the tensor core's M), K split
+    until there are ~2 programs per SM; gated never splits (its epilogue needs whole rows)."""
+    BN, BK = 64, ACT_GROUP
+    tiles = triton.cdiv(N, BN)
+    split = 1
+    while not gated and tiles * split < 2 * sm_count and K // (split * 2) >= 1024:
+        split *= 2
+    return BN, BK, split, 4, 4
+
+
+def fp8_skinny_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                    gated: bool = False, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    act_fp8: bool = False, config: Fp8SkinnyConfig | None = None, sm_count: int = 132,
+                    prefetch: int = 2) -> torch.Tensor:
+    """y = x @ (w * w_scale[:, None]).T (+ bias) for x [M, K] (16-bit) and w [N, K] e4m3, in x's dtype.
+    gated: w is [2I, K] (gate | up) and y = silu(x @ gate.T) * (x @ up.T), [M, I];
+    residual: y = residual + x @ w.T, one rounding; out=residual updates it in place;
+    act_fp8: x quantized per token per 128 columns, FP8 tensor cores (else the weight is widened);
+    prefetch: 128-byte lines of each weight row a program pulls into L2 before it waits (PDL only)."""
+    M, K = x.shape
+    Nw = w.shape[0]
+    N = Nw // 2 if gated else Nw
+    assert M <= MAX_M and x.stride(-1) == 1 and w.stride(-1) == 1 and w.shape[1] == K and w_scale.numel() == Nw
+    assert residual is None or (residual.shape == (M, N) and residual.stride(-1) == 1)
+    y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    BN, BK, split, warps, stages = config or default_config(N, K, sm_count, act_fp8, gated)
+    if act_fp8 and BK != ACT_GROUP:
+        raise ValueError(f"fp8_skinny_gemm: W8A8 quantizes x in groups of {ACT_GROUP} columns, so BK must be "
+                         f"{ACT_GROUP}, got config {config}")
+    if gated and split > 1:
+        raise ValueError(f"fp8_skinny_gemm: gated needs a config without a K split, got {config}")
+    BM = max(16, triton.next_power_of_2(M))
+    k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
+    split = triton.cdiv(K, k_per)  # no empty splits
+    tiles = triton.cdiv(N, BN)
+    part = torch.empty((split, BM, N), dtype=torch.float32, device=x.device) if split > 1 else y
+    sem = zeroed_counters("fp8_skinny_gemm", tiles, x.device) if split > 1 else y
+    res = residual if residual is not None else y
+    pdl_opts = pdl.launch_options(x.device)
+    lines = triton.next_power_of_2(max(1, min(prefetch, k_per // 128))) if pdl_opts["USE_PDL"] and prefetch > 0 else 0
+    _fp8_skinny_kernel[(tiles, split)](
+        x, w, w_scale, bias if bias is not None else y, res, y, part, sem,
+        M, N, K, k_per, x.stride(0), w.stride(0), res.stride(0), y.stride(0),
+        BM=BM, BN=BN, BK=BK, SPLIT_K=split, GATED=gated, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, ACT_FP8=act_fp8, PREFETCH=lines,
+        **pdl_opts, num_warps=warps, num_stages=stages)
+    return y

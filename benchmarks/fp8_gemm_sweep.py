@@ -1,0 +1,94 @@
+"""Decode-size FP8 GEMMs on the GPU: the Triton FP8 skinny GEMM (W8A16 and W8A8) against torch._scaled_mm
+(with its per-token activation quantize) and the bf16 cuBLAS GEMM of the same projection.
+
+Weights cycled over enough copies to stay out of L2, timed as CUDA-graph replays (gemm_sweep.py's
+method). One JSON line per (projection, M, variant); --best writes the fastest config per (K, N) at
+M=32 for each activation mode, in FP8_TUNED's format (quant/fp8_linear.py).
+
+    python benchmarks/fp8_gemm_sweep.py --shape llama-3.1-8b --best fp8_best.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from batchgen.engine.kernels.fp8_skinny_gemm import default_config, fp8_skinny_gemm
+from batchgen.engine.quant import fp8
+from gemm_sweep import SHAPES, projections, time_graph
+
+
+def _emit(rec: dict) -> dict:
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def _scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    xq, xs = fp8.quantize_activation(x)
+    return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=torch.bfloat16)
+
+
+def _sweep(shape: str, name: str, K: int, N: int, ms: list[int], cands: list[tuple], sms: int, best: dict) -> None:
+    gated = name == "gate_up_proj"
+    copies = max(2, -(-400_000_000 // (K * N)))  # >= 400 MB of FP8 weights per replay (L2 is 50 MB)
+    wqs, wss = [], []
+    for _ in range(copies):
+        q, s = fp8.quantize_weight(torch.randn(N, K, device="cuda") / K ** 0.5)
+        wqs.append(q)
+        wss.append(s)
+    wb = [torch.randn(K, N, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, copies // 2))]
+    mb = K * N / 1e6
+    base = {"shape": shape, "proj": name, "K": K, "N": N}
+    for M in ms:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        t = time_graph(lambda i: x @ wb[i % len(wb)], copies)
+        _emit({**base, "M": M, "variant": "bf16-cublas", "us": round(t, 2), "TBps": round(2 * mb / t, 3)})
+        t = time_graph(lambda i: _scaled_mm(x, wqs[i], wss[i]), copies)
+        _emit({**base, "M": M, "variant": "scaled_mm", "us": round(t, 2), "TBps": round(mb / t, 3)})
+        for act in (False, True):
+            dflt = default_config(N // 2 if gated else N, K, sms, act, gated)
+            configs = [c for c in cands if not (gated and c[2] > 1)] if M == 32 else [tuple(best.get(f"{K},{N},{int(act)}", dflt))]
+            results = []
+            for cfg in dict.fromkeys([tuple(dflt)] + configs):
+                try:
+                    ref = fp8.emulate_skinny(x, wqs[0], wss[0], act)
+                    y = fp8_skinny_gemm(x, wqs[0], wss[0], gated=gated, act_fp8=act, config=cfg)
+                    if not gated and ((y.float() - ref).norm() / ref.norm()).item() > 1e-2:
+                        _emit({**base, "M": M, "cfg": cfg, "act_fp8": act, "error": "wrong result"})
+                        continue
+                    t = time_graph(lambda i: fp8_skinny_gemm(x, wqs[i], wss[i], gated=gated, act_fp8=act,
+                                                             config=cfg), copies)
+                except Exception as e:  # out of shared memory etc.
+                    _emit({**base, "M": M, "cfg": cfg, "skip": str(e)[:160]})
+                    continue
+                results.append((t, cfg))
+            results.sort()
+            for t, cfg in results[:3]:
+                _emit({**base, "M": M, "variant": "w8a8" if act else "w8a16", "cfg": cfg, "us": round(t, 2),
+                       "TBps": round(mb / t, 3), "default": cfg == tuple(dflt)})
+            if results and M == 32:
+                best[f"{K},{N},{int(act)}"] = list(results[0][1])
+    del wqs, wss, wb
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--ms", default="32,8,64,1")
+    ap.add_argument("--best", default=None)
+    args = ap.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cands = [c for c in itertools.product((64, 128), (128,), (1, 2, 4, 8), (4, 8), (3, 4, 6)) if c[0] * 128 * c[4] <= 160_000]
+    best: dict[str, list[int]] = {}
+    for name, (K, N) in projections(args.shape).items():
+        _sweep(args.shape, name, K, N, [int(m) for m in args.ms.split(",")], cands, sms, best)
+        if args.best:
+            with open(args.best, "w") as f:
+                json.dump(best, f)
+
+
+if __name__ == "__main__":
+    main()

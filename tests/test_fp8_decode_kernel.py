@@ -1,0 +1,113 @@
+"""The FP8 decode GEMM (kernels/fp8_skinny_gemm.py): its float32 recipe (quant.fp8.emulate_skinny) on the
+CPU against the quantization written out here, and on a GPU with FP8 tensor cores the Triton kernel, with
+every epilogue (bias, residual in place, gated SiLU-and-mul, a K split), against that recipe; Fp8Linear
+taking it at decode sizes and _scaled_mm above them."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from batchgen.engine.quant import Fp8Linear, fp8
+
+CUDA = torch.cuda.is_available()
+FP8_GPU = CUDA and torch.cuda.get_device_capability() >= (8, 9)
+needs_fp8_gpu = pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU with FP8 tensor cores (capability >= 8.9)")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_group_quantization_has_one_scale_per_token_per_128_columns() -> None:
+    x = torch.randn(3, 300)
+    x[1, 130] = 1000.0  # only row 1's second group gets the large scale
+    codes, scale = fp8.quantize_activation_groups(x)
+    assert codes.shape == (3, 300) and codes.dtype == torch.float8_e4m3fn and scale.shape == (3, 3)
+    for r in range(3):
+        for g, (lo, hi) in enumerate(((0, 128), (128, 256), (256, 300))):  # the last group is short
+            part = x[r, lo:hi]
+            assert scale[r, g] == pytest.approx(float(part.abs().max()) / 448.0, rel=1e-6)
+            back = codes[r, lo:hi].float() * scale[r, g]
+            assert (back - part).abs().max() <= part.abs().max() * 2 ** -4 + 1e-6  # half an e4m3 ulp
+
+
+@pytest.mark.parametrize("act_fp8", [False, True])
+def test_emulate_skinny_is_the_dequantized_product(act_fp8: bool) -> None:
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 260), torch.randn(48, 260)
+    wq, ws = fp8.quantize_weight(w)
+    if act_fp8:
+        xq, xs = fp8.quantize_activation_groups(x)
+        xd = xq.float() * torch.cat([xs[:, g:g + 1].expand(5, 128) for g in range(3)], dim=1)[:, :260]
+    else:
+        xd = x
+    ref = xd @ (wq.float() * ws[:, None]).t()
+    torch.testing.assert_close(fp8.emulate_skinny(x, wq, ws, act_fp8), ref)
+    assert rel_err(ref, x @ w.t()) < 0.06  # and both stay near the unquantized product
+
+
+# ------------------------------------------------------------------ the Triton kernel (CUDA)
+def _case(M: int, N: int, K: int, gated: bool, bias: bool, residual: bool, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    Nw = 2 * N if gated else N
+    x = torch.randn(M, K, generator=g, device="cuda").bfloat16()
+    wq, ws = fp8.quantize_weight(torch.randn(Nw, K, generator=g, device="cuda") * 0.02)
+    b = torch.randn(Nw, generator=g, device="cuda").bfloat16() if bias else None
+    r = torch.randn(M, N, generator=g, device="cuda").bfloat16() if residual else None
+    return x, wq, ws, b, r
+
+
+def _expected(x, wq, ws, b, r, N: int, gated: bool, act_fp8: bool) -> torch.Tensor:
+    y = fp8.emulate_skinny(x, wq, ws, act_fp8)
+    if b is not None:
+        y = y + b.float()
+    if gated:  # gate and up rounded to bf16 first, as HF's MLP computes them
+        gate, up = y[:, :N].bfloat16().float(), y[:, N:].bfloat16().float()
+        y = nn.functional.silu(gate).bfloat16().float() * up
+    return y + r.float() if r is not None else y
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("act_fp8", [False, True])
+@pytest.mark.parametrize("M", [1, 7, 32, 64])
+@pytest.mark.parametrize("N,K,config,gated,bias,residual", [
+    (384, 512, None, False, False, False),
+    (4096, 4096, None, False, True, False),
+    (320, 1000, (64, 128, 1, 4, 3), False, False, True),    # K off the 128 grid, N off the 64 grid
+    (512, 4096, (64, 128, 4, 4, 4), False, False, True),   # a K split with the residual in its merge
+    (256, 1024, (128, 128, 1, 8, 3), True, False, False),  # gated: gate | up, SiLU-and-mul
+    (192, 512, (64, 128, 1, 4, 4), True, True, False),
+])
+def test_cuda_fp8_skinny_gemm_matches_its_recipe(act_fp8, M, N, K, config, gated, bias, residual) -> None:
+    from batchgen.engine.kernels.fp8_skinny_gemm import fp8_skinny_gemm
+
+    x, wq, ws, b, r = _case(M, N, K, gated, bias, residual, seed=M * 7 + N)
+    want = _expected(x, wq, ws, b, r, N, gated, act_fp8)
+    out = r.clone() if r is not None else None
+    y = fp8_skinny_gemm(x, wq, ws, b, gated=gated, residual=out, out=out, act_fp8=act_fp8, config=config)
+    assert y.shape == (M, N) and y.dtype == torch.bfloat16
+    if out is not None:
+        assert y.data_ptr() == out.data_ptr()  # in place
+    assert rel_err(y, want) < 8e-3  # bf16 output rounding and accumulation order only
+    again = fp8_skinny_gemm(x, wq, ws, b, gated=gated, residual=r.clone() if r is not None else None,
+                            act_fp8=act_fp8, config=config)
+    assert torch.equal(again, y)  # deterministic (the split merge order is fixed too)
+
+
+@needs_fp8_gpu
+def test_cuda_fp8_linear_takes_the_decode_kernel_up_to_64_rows() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(1024, 768, bias=True, device="cuda", dtype=torch.bfloat16)
+    f = Fp8Linear.from_linear(lin)
+    assert f.skinny is not None and f._skinny_max_m == 64
+    for m in (1, 64, 65, 300):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        y = f(x)
+        if m <= 64:
+            want = fp8.emulate_skinny(x, f.weight, f.weight_scale, f._act_fp8) + f.bias.float()
+        else:
+            want = f._emulated(x).float()
+        assert rel_err(y, want) < 8e-3, m
+        res = torch.randn(m, 768, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(f.add_to(res.clone(), x), res.float() + want) < 8e-3
