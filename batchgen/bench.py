@@ -3,7 +3,11 @@
 
 seed: 32 prompts of 256 random token ids, 1024 new tokens each (llama-3.1-8b shape);
 nanovllm: 256 prompts of 100-1024 ids, 100-1024 new tokens each (qwen3-0.6b shape, nano-vllm's own
-benchmark). Greedy, EOS ignored, so every run generates exactly the same number of tokens."""
+benchmark);
+isl1000-osl1000: 2,048 prompts of 1,000 ids, 1,000 new tokens each (llama-3.1-8b shape);
+isl128-osl2048: 1,024 prompts of 128 ids, 2,048 new tokens each (llama-3.1-8b shape): the input and
+output lengths of TensorRT-LLM's published H200 throughput tables.
+Greedy, EOS ignored, so every run generates exactly the same number of tokens."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -25,18 +29,25 @@ SHAPES: dict[str, dict[str, Any]] = {
                        head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
                        rms_norm_eps=1e-6, tie_word_embeddings=True),
 }
-DEFAULT_SHAPE = {"seed": "llama-3.1-8b", "nanovllm": "qwen3-0.6b"}
+# workload -> (prompts, prompt length, new tokens) for the fixed-length ones
+FIXED_WORKLOADS: dict[str, tuple[int, int, int]] = {
+    "seed": (32, 256, 1024), "isl1000-osl1000": (2048, 1000, 1000), "isl128-osl2048": (1024, 128, 2048),
+}
+WORKLOADS = ("seed", "nanovllm", "isl1000-osl1000", "isl128-osl2048")
+DEFAULT_SHAPE = {"seed": "llama-3.1-8b", "nanovllm": "qwen3-0.6b", "isl1000-osl1000": "llama-3.1-8b",
+                 "isl128-osl2048": "llama-3.1-8b"}
 
 
 def workload(name: str) -> tuple[list[list[int]], list[int]]:
     """Token-id prompts and new-token counts of a workload (fixed seed: the same on every run)."""
     rng = random.Random(0)
-    if name == "seed":
-        return [[rng.randrange(100, 100000) for _ in range(256)] for _ in range(32)], [1024] * 32
+    if name in FIXED_WORKLOADS:
+        n, isl, osl = FIXED_WORKLOADS[name]
+        return [[rng.randrange(100, 100000) for _ in range(isl)] for _ in range(n)], [osl] * n
     if name == "nanovllm":
         prompts = [[rng.randrange(100, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
         return prompts, [rng.randint(100, 1024) for _ in range(256)]
-    raise click.BadParameter(f"unknown workload {name!r} (seed, nanovllm)")
+    raise click.BadParameter(f"unknown workload {name!r} ({', '.join(WORKLOADS)})")
 
 
 def _record(system: str, wl: str, shape: str, figures: dict[str, Any], **settings: Any) -> dict[str, Any]:
@@ -96,10 +107,12 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
     if constraint == "json":
         engine.tokenizer = synthetic_tokenizer()
         extra["json_schema"] = LONG_JSON
-    # warm-up on the same prompts with a few new tokens each: compiles every kernel variant the
-    # timed run meets (prefill chunks, mixed steps, sampler shapes) so no compile lands in the figures
-    engine.generate(prompts, [SamplingParams(max_new_tokens=2 + i % 8, ignore_eos=True, **extra)
-                              for i in range(len(prompts))])
+    # warm-up on the same prompts (two batches' worth at most) with a few new tokens each: compiles every
+    # kernel variant the timed run meets (prefill chunks, mixed steps, sampler shapes) so no compile
+    # lands in the figures
+    warm = prompts[: 2 * max_num_seqs]
+    engine.generate(warm, [SamplingParams(max_new_tokens=2 + i % 8, ignore_eos=True, **extra)
+                           for i in range(len(warm))])
     engine.reset_stats()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -180,9 +193,9 @@ def run_transformers(wl: str, shape: str, max_batch_tokens: int = 4096) -> dict[
 
 
 @click.command("bench")
-@click.option("--workload", "wl", type=click.Choice(["seed", "nanovllm"]), default="nanovllm", show_default=True)
+@click.option("--workload", "wl", type=click.Choice(WORKLOADS), default="nanovllm", show_default=True)
 @click.option("--shape", type=click.Choice(sorted(SHAPES)), default=None,
-              help="model shape (default: the workload's own: seed -> llama-3.1-8b, nanovllm -> qwen3-0.6b)")
+              help="model shape (default: the workload's own: nanovllm -> qwen3-0.6b, the others -> llama-3.1-8b)")
 @click.option("--no-overlap", is_flag=True, help="synchronous step loop (ablation)")
 @click.option("--no-cuda-graphs", is_flag=True, help="run decode steps eagerly")
 @click.option("--attention", type=click.Choice(["auto", "torch", "triton", "flash"]), default="auto", show_default=True)

@@ -30,7 +30,8 @@ def _scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Ten
     return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=torch.bfloat16)
 
 
-def _sweep(shape: str, name: str, K: int, N: int, ms: list[int], cands: list[tuple], sms: int, best: dict) -> None:
+def _sweep(shape: str, name: str, K: int, N: int, ms: list[int], cands: list[tuple], sms: int, best: dict,
+           acts: tuple[int, ...]) -> None:
     gated = name == "gate_up_proj"
     copies = max(2, -(-400_000_000 // (K * N)))  # >= 400 MB of FP8 weights per replay (L2 is 50 MB)
     wqs, wss = [], []
@@ -47,18 +48,19 @@ def _sweep(shape: str, name: str, K: int, N: int, ms: list[int], cands: list[tup
         _emit({**base, "M": M, "variant": "bf16-cublas", "us": round(t, 2), "TBps": round(2 * mb / t, 3)})
         t = time_graph(lambda i: _scaled_mm(x, wqs[i], wss[i]), copies)
         _emit({**base, "M": M, "variant": "scaled_mm", "us": round(t, 2), "TBps": round(mb / t, 3)})
-        for act in (False, True):
-            dflt = default_config(N // 2 if gated else N, K, sms, act, gated)
+        for act in acts:
+            dflt = default_config(N // 2 if gated else N, K, sms, gated)
             configs = [c for c in cands if not (gated and c[2] > 1)] if M == 32 else [tuple(best.get(f"{K},{N},{int(act)}", dflt))]
             results = []
+            xin = fp8.Fp8Rows(*fp8.quantize_activation_groups(x)) if act == 2 else x  # 2: rows come quantized
             for cfg in dict.fromkeys([tuple(dflt)] + configs):
                 try:
-                    ref = fp8.emulate_skinny(x, wqs[0], wss[0], act)
-                    y = fp8_skinny_gemm(x, wqs[0], wss[0], gated=gated, act_fp8=act, config=cfg)
+                    ref = fp8.emulate_skinny(xin, wqs[0], wss[0], act > 0)
+                    y = fp8_skinny_gemm(xin, wqs[0], wss[0], gated=gated, act_fp8=act > 0, config=cfg)
                     if not gated and ((y.float() - ref).norm() / ref.norm()).item() > 1e-2:
                         _emit({**base, "M": M, "cfg": cfg, "act_fp8": act, "error": "wrong result"})
                         continue
-                    t = time_graph(lambda i: fp8_skinny_gemm(x, wqs[i], wss[i], gated=gated, act_fp8=act,
+                    t = time_graph(lambda i: fp8_skinny_gemm(xin, wqs[i], wss[i], gated=gated, act_fp8=act > 0,
                                                              config=cfg), copies)
                 except Exception as e:  # out of shared memory etc.
                     _emit({**base, "M": M, "cfg": cfg, "skip": str(e)[:160]})
@@ -66,7 +68,7 @@ def _sweep(shape: str, name: str, K: int, N: int, ms: list[int], cands: list[tup
                 results.append((t, cfg))
             results.sort()
             for t, cfg in results[:3]:
-                _emit({**base, "M": M, "variant": "w8a8" if act else "w8a16", "cfg": cfg, "us": round(t, 2),
+                _emit({**base, "M": M, "variant": ("w8a16", "w8a8", "w8a8-rows")[act], "cfg": cfg, "us": round(t, 2),
                        "TBps": round(mb / t, 3), "default": cfg == tuple(dflt)})
             if results and M == 32:
                 best[f"{K},{N},{int(act)}"] = list(results[0][1])
@@ -79,12 +81,15 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     ap.add_argument("--ms", default="32,8,64,1")
     ap.add_argument("--best", default=None)
+    ap.add_argument("--acts", default="0,1", help="0 = W8A16, 1 = W8A8 quantized on load, 2 = W8A8 on rows given quantized")
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cands = [c for c in itertools.product((64, 128), (128,), (1, 2, 4, 8), (4, 8), (3, 4, 6)) if c[0] * 128 * c[4] <= 160_000]
+    cands = [c for c in itertools.product((64, 128, 256), (128,), (1, 2, 4, 8), (4, 8), (3, 4, 6))
+             if c[0] * 128 * c[4] <= 160_000 and not (c[0] == 256 and c[3] == 4)]
     best: dict[str, list[int]] = {}
     for name, (K, N) in projections(args.shape).items():
-        _sweep(args.shape, name, K, N, [int(m) for m in args.ms.split(",")], cands, sms, best)
+        _sweep(args.shape, name, K, N, [int(m) for m in args.ms.split(",")], cands, sms, best,
+               tuple(int(a) for a in args.acts.split(",")))
         if args.best:
             with open(args.best, "w") as f:
                 json.dump(best, f)

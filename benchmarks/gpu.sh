@@ -173,9 +173,9 @@ cmd_gemm() {  # skinny GEMM: its tests, the per-projection sweep, then the seed 
 cmd_fp8gemm() {  # the FP8 decode GEMM: its CUDA tests, the seed workload bf16 / W8A8 / W8A16 / _scaled_mm, the sweep
   timeout 200 python -m pytest -q -x tests/test_fp8_decode_kernel.py tests/test_quant_fp8.py 2>&1 | tail -8 \
     | tee "$OUT/fp8-tests.log" || true
-  cmd_ab seed 1 "bf16:" "w8a8:--quantization=fp8" "w8a16:--quantization=fp8+BATCHGEN_FP8_DECODE_ACT=bf16" \
-    "scaled_mm:--quantization=fp8+BATCHGEN_FP8_SKINNY=0"
-  timeout "${SWEEP_S:-200}" python benchmarks/fp8_gemm_sweep.py --shape llama-3.1-8b --ms "${SWEEP_MS:-32,8}" \
+  cmd_ab seed 1 ${FP8_VARIANTS:-"bf16:" "w8a8:--quantization=fp8" "w8a16:--quantization=fp8+BATCHGEN_FP8_DECODE_ACT=bf16" \
+    "scaled_mm:--quantization=fp8+BATCHGEN_FP8_SKINNY=0"}
+  timeout "${SWEEP_S:-200}" python benchmarks/fp8_gemm_sweep.py --shape llama-3.1-8b --ms "${SWEEP_MS:-32,8}" --acts "${SWEEP_ACTS:-0,1}" \
     --best "$OUT/fp8_best.json" >"$OUT/fp8_sweep.jsonl" 2>&1 || echo "sweep stopped (timeout or error)"
   grep -v '"skip"' "$OUT/fp8_sweep.jsonl" | cut -c1-220 | tail -60
 }

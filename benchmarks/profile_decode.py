@@ -22,27 +22,27 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--context", type=int, default=768)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--graphs", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--quantization", default=None, choices=["fp8"])
+    ap.add_argument("--kv-cache-dtype", default=None)
     a = ap.parse_args()
     cfg = ModelConfig.from_hf(SHAPES[a.shape])
     model = build_model(cfg, torch.device("cuda"), torch.bfloat16, qkv_bias=False)
     init_random(model)
+    kv = {"kv_cache_dtype": a.kv_cache_dtype} if a.kv_cache_dtype else {}
     eng = Engine(None, model=model, device="cuda", max_num_seqs=a.batch, max_model_len=4096,
-                 cuda_graphs=a.graphs, prefix_caching=False)
-    reqs = [GenerationRequest([100 + (i * 7 + j) % 5000 for j in range(a.context)],
-                              SamplingParams(max_new_tokens=10_000 // 8, ignore_eos=True), i) for i in range(a.batch)]
-    for r in reqs:
-        eng._enqueue(eng._make_group(r, None))
-    for _ in range(3):  # admit everything and reach steady decode
-        batch = eng.scheduler.schedule()
-        list(eng._process(eng.runner.execute(eng.runner.prepare(batch))))
+                 cuda_graphs=not a.no_graphs, prefix_caching=False, quantization=a.quantization, **kv)
+    print(eng.describe())
+    prompts = [[100 + (i * 7 + j) % 5000 for j in range(a.context)] for i in range(a.batch)]
+    eng.add([GenerationRequest(p, SamplingParams(max_new_tokens=10_000, ignore_eos=True)) for p in prompts])
+    for _ in range(8):  # admit everything (one prefill) and reach steady decode
+        eng.step()
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
-            batch = eng.scheduler.schedule()
-            list(eng._process(eng.runner.execute(eng.runner.prepare(batch))))
+            eng.step()
         torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
@@ -53,6 +53,8 @@ def main() -> None:
     print(f"{a.shape} batch {a.batch} context {a.context}: {total / 1000:.3f} ms of kernels per step")
     for us, n, name in rows[:25]:
         print(f"{us:9.1f} us  x{n:<4d} {name}")
+    eng.abort()
+    eng.close()
 
 
 if __name__ == "__main__":

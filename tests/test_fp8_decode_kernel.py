@@ -111,3 +111,44 @@ def test_cuda_fp8_linear_takes_the_decode_kernel_up_to_64_rows() -> None:
         assert rel_err(y, want) < 8e-3, m
         res = torch.randn(m, 768, device="cuda", dtype=torch.bfloat16)
         assert rel_err(f.add_to(res.clone(), x), res.float() + want) < 8e-3
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("M,N", [(1, 4096), (32, 4096), (64, 1000)])
+def test_cuda_rms_norm_fp8_is_the_norm_quantized(M: int, N: int) -> None:
+    from batchgen.engine import fused_ops
+    from batchgen.engine.kernels.fp8_quant import rms_norm_fp8
+
+    g = torch.Generator(device="cuda").manual_seed(N + M)
+    x = (torch.randn(M, N, generator=g, device="cuda") * 3).bfloat16()
+    w = (torch.rand(N, generator=g, device="cuda") + 0.5).bfloat16()
+    rows = rms_norm_fp8(x, w, 1e-5)
+    codes, scales = fp8.quantize_activation_groups(fused_ops.rms_norm(x, w, 1e-5))
+    assert rows.codes.dtype == torch.float8_e4m3fn and rows.scales.shape == scales.shape
+    torch.testing.assert_close(rows.scales, scales, rtol=1e-2, atol=0)  # a rounding flip moves an amax by an ulp
+    assert rel_err(rows.dequantize(), fp8.Fp8Rows(codes, scales).dequantize()) < 5e-3
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("M", [3, 32])
+def test_cuda_gate_up_hands_down_proj_quantized_rows(M: int) -> None:
+    """The W8A8 MLP at decode sizes: rms_norm_fp8 -> gated GEMM with out_fp8 -> down GEMM on those rows,
+    against the same chain in float32 (fp8.emulate_skinny with the 16-bit roundings in between)."""
+    from batchgen.engine import fused_ops
+    from batchgen.engine.kernels.fp8_quant import rms_norm_fp8
+    from batchgen.engine.kernels.fp8_skinny_gemm import fp8_skinny_gemm
+
+    H, I = 1024, 1536
+    x, wq, ws, _, _ = _case(M, I, H, True, False, False, seed=M)
+    dq, ds = fp8.quantize_weight(torch.randn(H, I, device="cuda") * 0.02)
+    norm_w = torch.ones(H, device="cuda", dtype=torch.bfloat16)
+    mid = fp8_skinny_gemm(rms_norm_fp8(x, norm_w, 1e-6), wq, ws, gated=True, out_fp8=True,
+                          config=(128, 128, 1, 8, 4))
+    assert isinstance(mid, fp8.Fp8Rows) and mid.codes.shape == (M, I) and mid.scales.shape == (M, I // 128)
+    res = torch.randn(M, H, device="cuda").bfloat16()
+    y = fp8_skinny_gemm(mid, dq, ds, residual=res.clone(), config=(128, 128, 4, 8, 4))
+    h = fused_ops.rms_norm(x, norm_w, 1e-6)
+    act = _expected(h, wq, ws, None, None, I, True, True).bfloat16()
+    want = res.float() + fp8.emulate_skinny(act, dq, ds, True)
+    assert rel_err(mid.dequantize(), act) < 2e-2
+    assert rel_err(y - res, want - res.float()) < 2e-2

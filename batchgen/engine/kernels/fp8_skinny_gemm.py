@@ -6,11 +6,13 @@ epilogue. At decode sizes the GEMM only streams its weight, so the 1-byte weight
 
 The product is computed transposed (acc[BN, BM] = w_tile @ x_tile.T, "swap AB"): the weight's BN
 rows fill the tensor core's M side, which has to be >= 64, and the few tokens its N side, which may be
-as small as 16. Activation precision (ACT_FP8):
-- False (W8A16): the e4m3 codes are widened to the model dtype (exact) and multiplied by x as it is;
-- True (W8A8): x is quantized on load, one fp32 scale per token per 128-column group (amax / 448),
-  the dot runs on FP8 tensor cores and each group's partial product is scaled as it is accumulated.
-  Nothing is launched before the GEMM to quantize x, and a group scale is finer than a token scale.
+as small as 16. Activations (X_MODE):
+- W8A16: the e4m3 codes are widened to the model dtype (exact) and multiplied by x as it is;
+- W8A8: x in e4m3 with one fp32 scale per token per 128-column group (amax / 448), the dot on FP8
+  tensor cores, each group's partial product scaled as it is accumulated. x comes quantized (Fp8Rows:
+  from fp8_quant.rms_norm_fp8, or from the gate_up GEMM's epilogue with out_fp8) or is quantized on
+  load (the attention output into o_proj). No kernel is launched only to quantize x, and a group
+  scale is finer than a token scale.
 fp8.emulate_skinny() computes both in float32 on any device: the CUDA tests compare against it.
 
 Fusions as in skinny_gemm.py: gated (w is gate | up, [2I, K]; SiLU-and-mul in the epilogue), residual
@@ -27,18 +29,22 @@ import triton.language as tl
 from . import pdl
 from .counters import zeroed_counters
 from .fused import silu_mul
+from ..quant.fp8 import Fp8Rows
 
 MAX_M = 64
 ACT_GROUP = 128  # W8A8: columns of x per activation scale; the kernel's BK is this group
-E4M3_MAX = 448.0
+E4M3_MAX = tl.constexpr(448.0)  # a constexpr global: the kernel can read it
 
 
 @triton.jit
-def _fp8_skinny_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, part_ptr, sem_ptr, M, N, K, k_per_split,
-                       stride_xm, stride_wn, stride_rm, stride_ym,
+def _fp8_skinny_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, ys_ptr, part_ptr, sem_ptr,
+                       M, N, K, k_per_split, stride_xm, stride_xsm, stride_wn, stride_rm, stride_ym, stride_ysm,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                       GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT_FP8: tl.constexpr,
-                       PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                       GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, X_MODE: tl.constexpr,
+                       OUT_FP8: tl.constexpr, DTYPE: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+    # X_MODE 0: x in 16 bits, the weight widened (W8A16); 1: x quantized here per 128 columns; 2: x given
+    # quantized (e4m3 codes and one scale per token per 128 columns at xs). OUT_FP8 (GATED, BN = 128): y
+    # written quantized the same way, codes at y and this tile's scales at ys[:, program]. DTYPE: the model's.
     pn = tl.program_id(0)
     pk = tl.program_id(1)
     rm = tl.arange(0, BM)
@@ -60,6 +66,7 @@ def _fp8_skinny_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, part_ptr,
     if USE_PDL:  # pdl.py: nothing below may run before the previous kernel has completed
         tl.extra.cuda.gdc_wait()
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    xs_rows = xs_ptr + rm.to(tl.int64) * stride_xsm  # X_MODE 2 only
     acc = tl.zeros([BN, BM], tl.float32)
     acc_up = tl.zeros([BN, BM], tl.float32)  # GATED only
     for k0 in range(0, k_per_split, BK):  # bounds independent of the program id (the interpreter needs that)
@@ -68,19 +75,23 @@ def _fp8_skinny_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, part_ptr,
         a = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
         wmask = nmask[:, None] & kmask[None, :]
         w = tl.load(w_rows + kk[None, :], mask=wmask, other=0.0)  # [BN, BK] e4m3
-        if ACT_FP8:
-            a32 = a.to(tl.float32)
-            xs = tl.maximum(tl.max(tl.abs(a32), axis=1) / E4M3_MAX, 1e-12)  # [BM]: this group's scale per token
-            aq = tl.clamp(a32 / xs[:, None], -E4M3_MAX, E4M3_MAX).to(w.dtype)
-            acc += tl.dot(w, tl.trans(aq)) * xs[None, :]
-            if GATED:
-                w_up = tl.load(up_rows + kk[None, :], mask=wmask, other=0.0)
-                acc_up += tl.dot(w_up, tl.trans(aq)) * xs[None, :]
-        else:
+        if X_MODE == 0:
             acc += tl.dot(w.to(a.dtype), tl.trans(a))
             if GATED:
                 w_up = tl.load(up_rows + kk[None, :], mask=wmask, other=0.0)
                 acc_up += tl.dot(w_up.to(a.dtype), tl.trans(a))
+        else:
+            if X_MODE == 1:
+                a32 = a.to(tl.float32)
+                xs = tl.maximum(tl.max(tl.abs(a32), axis=1) / E4M3_MAX, 1e-12)  # [BM]: this group's scale per token
+                aq = tl.clamp(a32 / xs[:, None], -E4M3_MAX, E4M3_MAX).to(w.dtype)
+            else:
+                aq = a
+                xs = tl.load(xs_rows + (k_lo + k0) // BK, mask=mmask, other=0.0)
+            acc += tl.dot(w, tl.trans(aq)) * xs[None, :]
+            if GATED:
+                w_up = tl.load(up_rows + kk[None, :], mask=wmask, other=0.0)
+                acc_up += tl.dot(w_up, tl.trans(aq)) * xs[None, :]
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     acc *= tl.load(ws_ptr + rn, mask=nmask, other=0.0)[:, None]
@@ -95,9 +106,14 @@ def _fp8_skinny_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, part_ptr,
             if GATED:
                 acc_up += tl.load(bias_ptr + N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
         if GATED:  # on gate and up rounded to the model dtype, as HF computes them
-            acc = silu_mul(acc.to(y_ptr.dtype.element_ty), acc_up.to(y_ptr.dtype.element_ty))
+            acc = silu_mul(acc.to(DTYPE), acc_up.to(DTYPE))
         if HAS_RES:
             acc += tl.load(res_ptrs, mask=ymask, other=0.0).to(tl.float32)
+        if OUT_FP8:  # the model-dtype output, quantized per token over this tile's 128 columns
+            acc = acc.to(DTYPE).to(tl.float32)
+            ys = tl.maximum(tl.max(tl.abs(acc), axis=0) / E4M3_MAX, 1e-12)  # [BM]
+            tl.store(ys_ptr + rm.to(tl.int64) * stride_ysm + pn, ys, mask=mmask)
+            acc = tl.clamp(acc / ys[None, :], -E4M3_MAX, E4M3_MAX)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
     else:
         # partials laid out [SPLIT_K, BM, N]; the last split of this N tile to arrive sums them
@@ -119,55 +135,69 @@ def _fp8_skinny_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, part_ptr,
 
 
 Fp8SkinnyConfig = tuple[int, int, int, int, int]  # BN, BK, SPLIT_K, num_warps, num_stages
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-def default_config(N: int, K: int, sm_count: int, act_fp8: bool, gated: bool = False) -> Fp8SkinnyConfig:
-    """(BN, BK, SPLIT_K, num_warps, num_stages): 64 weight rows per program (the tensor core's M), K split
-    until there are ~2 programs per SM; gated never splits (its epilogue needs whole rows)."""
-    BN, BK = 64, ACT_GROUP
+def default_config(N: int, K: int, sm_count: int, gated: bool = False) -> Fp8SkinnyConfig:
+    """(BN, BK, SPLIT_K, num_warps, num_stages): 128 weight rows per program, K split until there are
+    ~2 programs per SM; gated never splits (its epilogue needs whole rows)."""
+    BN, BK = 128, ACT_GROUP
     tiles = triton.cdiv(N, BN)
     split = 1
     while not gated and tiles * split < 2 * sm_count and K // (split * 2) >= 1024:
         split *= 2
-    return BN, BK, split, 4, 4
+    return BN, BK, split, 8, 4
 
 
-def fp8_skinny_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-                    gated: bool = False, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    act_fp8: bool = False, config: Fp8SkinnyConfig | None = None, sm_count: int = 132,
-                    prefetch: int = 2) -> torch.Tensor:
-    """y = x @ (w * w_scale[:, None]).T (+ bias) for x [M, K] (16-bit) and w [N, K] e4m3, in x's dtype.
-    gated: w is [2I, K] (gate | up) and y = silu(x @ gate.T) * (x @ up.T), [M, I];
+def fp8_skinny_gemm(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None, *, gated: bool = False, residual: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None, act_fp8: bool = False, out_fp8: bool = False,
+                    dtype: torch.dtype = torch.bfloat16, config: Fp8SkinnyConfig | None = None,
+                    sm_count: int = 132, prefetch: int = 2) -> torch.Tensor | Fp8Rows:
+    """y = x @ (w * w_scale[:, None]).T (+ bias) for w [N, K] e4m3, y in `dtype` (the model's). x is
+    [M, K] in that dtype (act_fp8: quantized per token per 128 columns here, on FP8 tensor cores; else the
+    weight is widened) or an Fp8Rows already quantized that way (quant.fp8.Fp8Rows).
+    gated: w is [2I, K] (gate | up) and y = silu(x @ gate.T) * (x @ up.T), [M, I]; with out_fp8 (needs
+    BN = 128) y comes back as Fp8Rows, ready for the next FP8 GEMM;
     residual: y = residual + x @ w.T, one rounding; out=residual updates it in place;
-    act_fp8: x quantized per token per 128 columns, FP8 tensor cores (else the weight is widened);
     prefetch: 128-byte lines of each weight row a program pulls into L2 before it waits (PDL only)."""
-    M, K = x.shape
+    xq = x if isinstance(x, Fp8Rows) else None
+    xt = xq.codes if xq is not None else x
+    M, K = xt.shape
     Nw = w.shape[0]
     N = Nw // 2 if gated else Nw
-    assert M <= MAX_M and x.stride(-1) == 1 and w.stride(-1) == 1 and w.shape[1] == K and w_scale.numel() == Nw
+    assert M <= MAX_M and xt.stride(-1) == 1 and w.stride(-1) == 1 and w.shape[1] == K and w_scale.numel() == Nw
     assert residual is None or (residual.shape == (M, N) and residual.stride(-1) == 1)
-    y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y
-    BN, BK, split, warps, stages = config or default_config(N, K, sm_count, act_fp8, gated)
-    if act_fp8 and BK != ACT_GROUP:
-        raise ValueError(f"fp8_skinny_gemm: W8A8 quantizes x in groups of {ACT_GROUP} columns, so BK must be "
+    BN, BK, split, warps, stages = config or default_config(N, K, sm_count, gated)
+    if (act_fp8 or xq is not None or out_fp8) and BK != ACT_GROUP:
+        raise ValueError(f"fp8_skinny_gemm: FP8 activations come in groups of {ACT_GROUP} columns, so BK must be "
                          f"{ACT_GROUP}, got config {config}")
     if gated and split > 1:
         raise ValueError(f"fp8_skinny_gemm: gated needs a config without a K split, got {config}")
+    if out_fp8 and not (gated and BN == ACT_GROUP and residual is None):
+        raise ValueError(f"fp8_skinny_gemm: out_fp8 needs gated, no residual and BN = {ACT_GROUP}, got {config}")
+    tiles = triton.cdiv(N, BN)
+    if out_fp8:
+        y = torch.empty((M, N), dtype=w.dtype, device=w.device)
+        ys = torch.empty((M, tiles), dtype=torch.float32, device=w.device)
+    else:
+        y = out if out is not None else torch.empty((M, N), dtype=dtype, device=w.device)
+        ys = w_scale
+    if M == 0:
+        return Fp8Rows(y, ys) if out_fp8 else y
     BM = max(16, triton.next_power_of_2(M))
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)  # no empty splits
-    tiles = triton.cdiv(N, BN)
-    part = torch.empty((split, BM, N), dtype=torch.float32, device=x.device) if split > 1 else y
-    sem = zeroed_counters("fp8_skinny_gemm", tiles, x.device) if split > 1 else y
+    part = torch.empty((split, BM, N), dtype=torch.float32, device=w.device) if split > 1 else y
+    sem = zeroed_counters("fp8_skinny_gemm", tiles, w.device) if split > 1 else y
     res = residual if residual is not None else y
-    pdl_opts = pdl.launch_options(x.device)
+    xs = xq.scales if xq is not None else w_scale
+    pdl_opts = pdl.launch_options(w.device)
     lines = triton.next_power_of_2(max(1, min(prefetch, k_per // 128))) if pdl_opts["USE_PDL"] and prefetch > 0 else 0
     _fp8_skinny_kernel[(tiles, split)](
-        x, w, w_scale, bias if bias is not None else y, res, y, part, sem,
-        M, N, K, k_per, x.stride(0), w.stride(0), res.stride(0), y.stride(0),
+        xt, xs, w, w_scale, bias if bias is not None else w_scale, res, y, ys, part, sem,
+        M, N, K, k_per, xt.stride(0), xs.stride(0), w.stride(0), res.stride(0), y.stride(0), ys.stride(0),
         BM=BM, BN=BN, BK=BK, SPLIT_K=split, GATED=gated, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, ACT_FP8=act_fp8, PREFETCH=lines,
-        **pdl_opts, num_warps=warps, num_stages=stages)
-    return y
+        HAS_RES=residual is not None, X_MODE=2 if xq is not None else 1 if act_fp8 else 0, OUT_FP8=out_fp8,
+        DTYPE=_TL_DTYPES[dtype], PREFETCH=lines, **pdl_opts, num_warps=warps, num_stages=stages)
+    return Fp8Rows(y, ys) if out_fp8 else y

@@ -7,6 +7,8 @@ both quantize with these functions: the only difference between them is the GEMM
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 E4M3 = torch.float8_e4m3fn
@@ -50,6 +52,17 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale.float().reshape(-1, 1)
 
 
+@dataclass(frozen=True)
+class Fp8Rows:
+    """Activations already in FP8 for the decode GEMM: e4m3 codes [M, K] and one fp32 scale per token per
+    128 columns [M, ceil(K / 128)] (quantize_activation_groups' recipe), as one kernel hands them to the next."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    def dequantize(self, group: int = 128) -> torch.Tensor:
+        return self.codes.float() * self.scales.repeat_interleave(group, dim=1)[:, : self.codes.shape[1]]
+
+
 def quantize_activation_groups(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], fp32 scale [M, ceil(K / group)]): one scale per token per `group`
     columns (the last group may be short), the decode kernel's W8A8 recipe (kernels/fp8_skinny_gemm.py)."""
@@ -59,13 +72,14 @@ def quantize_activation_groups(x: torch.Tensor, group: int = 128) -> tuple[torch
     return codes.view(M, -1)[:, :K], scale.view(M, -1)
 
 
-def emulate_skinny(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_fp8: bool,
+def emulate_skinny(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.Tensor, act_fp8: bool,
                    group: int = 128) -> torch.Tensor:
     """What the FP8 decode GEMM computes, in float32 on any device: x [M, K] @ dequantized w [N, K].T,
     with x quantized per token per group (act_fp8) or taken as it is (W8A16)."""
-    if act_fp8:
-        codes, scale = quantize_activation_groups(x, group)
-        xf = codes.float() * scale.repeat_interleave(group, dim=1)[:, : x.shape[1]]
+    if isinstance(x, Fp8Rows):
+        xf = x.dequantize(group)
+    elif act_fp8:
+        xf = Fp8Rows(*quantize_activation_groups(x, group)).dequantize(group)
     else:
         xf = x.float()
     return xf @ dequantize(w, w_scale).t()

@@ -29,7 +29,12 @@ from ..switches import switches
 _ALIGN = 16  # _scaled_mm needs K and N multiples of 16
 DecodeConfig = tuple[int, int, int, int, int]  # the FP8 skinny GEMM's BN, BK, SPLIT_K, num_warps, num_stages
 # swept at M=32 on the H200 (benchmarks/gemm_sweep.py --fp8), keyed by (in, out); others take the default
-FP8_TUNED: dict[tuple[int, int], DecodeConfig] = {}
+# (W8A8; the fastest at M=8 too but for qkv_proj, where it ties). gate_up's BN = 128 lets its epilogue hand
+# down_proj quantized rows (one 128-column group per program).
+FP8_TUNED: dict[tuple[int, int], DecodeConfig] = {
+    (4096, 6144): (64, 128, 4, 4, 4), (4096, 4096): (128, 128, 4, 8, 6),
+    (4096, 28672): (128, 128, 1, 8, 4), (14336, 4096): (128, 128, 8, 8, 4),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,15 +102,15 @@ class Fp8Linear(nn.Module):
         self._skinny_max_m = 0
         sw = switches()
         if self.uses_tensor_cores and sw.fp8_skinny:  # triton is imported only where it is used
-            from ..kernels import fp8_skinny_gemm as kernel
+            from ..kernels import fp8_quant, fp8_skinny_gemm as kernel
 
             self._kernel, self._skinny_max_m = kernel.fp8_skinny_gemm, kernel.MAX_M
+            self._rms_norm_fp8 = fp8_quant.rms_norm_fp8
             self._act_fp8 = sw.fp8_decode_act == "fp8"
             sms = torch.cuda.get_device_properties(self.weight.device).multi_processor_count
-            self.skinny = FP8_TUNED.get((self.in_features, self.out_features)) or kernel.default_config(
-                self.out_features, self.in_features, sms, self._act_fp8)
-            self._gate_config = FP8_TUNED.get((self.in_features, self.out_features)) or kernel.default_config(
-                self.out_features // 2, self.in_features, sms, self._act_fp8, gated=True)
+            tuned = FP8_TUNED.get((self.in_features, self.out_features))
+            self.skinny = tuned or kernel.default_config(self.out_features, self.in_features, sms)
+            self._gate_config = tuned or kernel.default_config(self.out_features // 2, self.in_features, sms, gated=True)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # .to(device) / .cuda() move the buffers: the path and the CPU cache follow the weight
@@ -122,34 +127,41 @@ class Fp8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self._skinny_rows(x2):
-            y = self._decode(x2)
+            y = self._decode(x2, x.dtype)
         else:
             y = self._scaled_mm(x2) if x.is_cuda and self.uses_tensor_cores else self._emulated(x2)
         return y.view(*lead, self.out_features)
 
     # ------------------------------------------------------------------ decode (the fused layer's API)
-    def _skinny_rows(self, x: torch.Tensor) -> bool:
+    def _skinny_rows(self, x: torch.Tensor | fp8.Fp8Rows) -> bool:
+        x = x.codes if isinstance(x, fp8.Fp8Rows) else x
         return x.is_cuda and 0 < x.shape[0] <= self._skinny_max_m and x.stride(-1) == 1
 
-    def _decode(self, x: torch.Tensor, **epilogue) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor | fp8.Fp8Rows, dtype: torch.dtype, **epilogue) -> torch.Tensor | fp8.Fp8Rows:
         config = self._gate_config if epilogue.get("gated") else self.skinny
         return self._kernel(x, self.weight, self.weight_scale, self.bias, act_fp8=self._act_fp8, config=config,
-                            **epilogue)
+                            dtype=dtype, **epilogue)
 
     @property
     def can_gate(self) -> bool:
         """Whether decode steps can fold SiLU-and-mul into this (gate | up) projection's epilogue."""
         return self.skinny is not None and self._gate_config[2] == 1
 
-    def normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gated: bool = False) -> torch.Tensor:
-        """rms_norm(x) @ W.T; gated (needs can_gate): W is gate | up and the result SiLU(gate) * up."""
-        x = fused_ops.rms_norm(x, norm_weight, eps)
-        return self._decode(x, gated=True) if gated else self(x)
+    def normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+               gated: bool = False) -> torch.Tensor | fp8.Fp8Rows:
+        """rms_norm(x) @ W.T for decode-sized x (the fused layer); gated (needs can_gate): W is gate | up and
+        the result SiLU(gate) * up, handed on as Fp8Rows where the epilogue can quantize it (W8A8, BN = 128).
+        W8A8: the norm writes its output quantized (kernels/fp8_quant.py)."""
+        w8a8 = self._act_fp8 and self._skinny_rows(x)
+        h = self._rms_norm_fp8(x, norm_weight, eps) if w8a8 else fused_ops.rms_norm(x, norm_weight, eps)
+        if not gated:
+            return self._decode(h, x.dtype) if self._skinny_rows(h) else self(h)
+        return self._decode(h, x.dtype, gated=True, out_fp8=w8a8 and self._gate_config[0] == 128)
 
-    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor | fp8.Fp8Rows) -> torch.Tensor:
         """residual += x @ W.T (+ bias), in place; in the GEMM's epilogue for decode-sized x."""
         if self._skinny_rows(x):
-            return self._decode(x, residual=residual, out=residual)
+            return self._decode(x, residual.dtype, residual=residual, out=residual)
         return residual.add_(self(x))
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
