@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu.sh constrained                 256 requests on the 8B shape, JSON schema on / off
 #   bash benchmarks/gpu.sh anchor|final [workload...]  batchgen vs the transformers CB anchor, same run
 #   bash benchmarks/gpu.sh ab WORKLOAD ROUNDS VARIANT...  same-run A/B of switches or bench flags
-#   bash benchmarks/gpu.sh kernels|gemm|fp8gemm|pdl|profile [args]
+#   bash benchmarks/gpu.sh fp8 | kernels|gemm|fp8gemm|pdl|profile [args]
 # Results: JSON lines and logs under $OUT (the device tool's folder; ./gpu-out elsewhere).
 set -euo pipefail
 
@@ -180,6 +180,16 @@ cmd_fp8gemm() {  # the FP8 decode GEMM: its CUDA tests, the seed workload bf16 /
   grep -v '"skip"' "$OUT/fp8_sweep.jsonl" | cut -c1-220 | tail -60
 }
 
+cmd_fp8() {  # issue 13's figures: seed bf16 / fp8 / fp8 + fp8 KV (+ the anchor), then the long workloads in FP8
+  local wl
+  cmd_ab seed 1 "bf16:" "fp8:--quantization=fp8" "fp8-kv:--quantization=fp8+--kv-cache-dtype=fp8"
+  for wl in ${FP8_LONG:-isl128-osl2048:352 isl1000-osl1000:384}; do
+    printf '%s fp8-kv max_num_seqs %s: ' "${wl%%:*}" "${wl#*:}"
+    BENCH_TIMEOUT=${LONG_TIMEOUT:-280} tagged_run "$OUT/ab.jsonl" fp8-kv "--quantization=fp8+--kv-cache-dtype=fp8" \
+      --workload "${wl%%:*}" --max-num-seqs "${wl#*:}"
+  done
+}
+
 cmd_pdl() {  # programmatic dependent launch: the kernel-chain check, then the seed workload with PDL / prefetch off
   timeout 120 python benchmarks/pdl_check.py >"$OUT/pdl.jsonl" 2>&1 || echo "pdl_check FAILED"
   cut -c1-200 "$OUT/pdl.jsonl"
@@ -195,7 +205,7 @@ cmd_profile() {  # torch-profiler kernel breakdown of decode steps (8B shape, 32
 what=${1:-help}
 [[ $# -gt 0 ]] && shift
 case $what in
-  tests | bench | constrained | anchor | ab | kernels | gemm | fp8gemm | pdl | profile)
+  tests | bench | constrained | anchor | ab | kernels | gemm | fp8gemm | fp8 | pdl | profile)
     setup
     "cmd_$what" "$@"
     ;;

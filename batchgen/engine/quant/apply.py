@@ -31,9 +31,10 @@ class Fp8Summary:
         return self.emulated == 0
 
     def describe(self) -> str:
-        how = ("FP8 tensor cores (torch._scaled_mm)" if self.tensor_cores else "emulated in float32"
+        how = ("FP8 tensor cores (decode: Triton FP8 GEMM, activations per token per 128 columns; "
+               "larger steps: torch._scaled_mm, per-token activations)" if self.tensor_cores else "emulated in float32"
                if self.emulated == self.projections else f"{self.emulated} emulated in float32")
-        return f"weights fp8 e4m3 ({self.projections} projections, per-channel scales, per-token activations, {how})"
+        return f"weights fp8 e4m3 ({self.projections} projections, per-channel scales, {how})"
 
 
 def apply_fp8(model: nn.Module, prequantized: dict[str, Fp8Linear] | None = None) -> Fp8Summary:
