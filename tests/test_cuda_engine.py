@@ -128,6 +128,54 @@ def test_constrained_overlap_equals_sync_on_cuda(tiny_checkpoint, seed):
     assert all(err is None for r in results[0] for _, _, err in r)
 
 
+FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not FP8_GPU, reason="Triton's e4m3 needs compute capability 8.9+")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp8_kv_cache_overlap_and_graphs_equal_sync_and_the_emulation(ckpt, work, tmp_path, dtype):
+    """kv_cache_dtype fp8 with the checkpoint's k/v scales: the Triton kernels (fused RoPE + write, prefill,
+    split decode) in decode CUDA graphs, overlapped, give the synchronous run's tokens bit for bit, and each
+    token is the argmax of the torch emulation over the whole sequence (one prefill into FP8 caches), up to
+    near-ties (bf16: the decode kernels round differently from one prefill, and a K code may flip)."""
+    from test_kv_fp8 import _names, engine_model_logits, write_kv_scales
+
+    ks, vs = (0.0234375, 0.01953125), (0.01171875, 0.009765625)  # the small-init model's K/V: |x| < ~4
+    path = write_kv_scales(Path(ckpt), tmp_path / "kv", _names("model.layers.{i}.self_attn.{kv}_scale", ks, vs))
+    prompts, max_new, _ = work
+    runs = []
+    for overlap in (True, False):
+        eng = _engine(str(path), dtype=dtype, attention="triton", kv_cache_dtype="fp8", overlap=overlap,
+                      kv_cache_tokens=2048)  # small: preemption too
+        assert eng.kv_scales.k == ks and eng.cuda_graphs and eng.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+        runs.append(_greedy(eng, prompts, max_new))
+        if overlap:
+            model = eng.model
+            tie = 1e-2 if dtype == "float32" else 0.15
+            for i, (p, gen) in enumerate(zip(prompts[:12], runs[0][:12])):
+                logits = engine_model_logits(model, p + gen[:-1], ks, vs)[len(p) - 1:]
+                for j, tok in enumerate(gen):
+                    best = int(logits[j].argmax())
+                    if tok != best:
+                        gap = float(logits[j, best] - logits[j, tok])
+                        assert gap <= tie, f"prompt {i} step {j}: engine {tok}, emulation {best} (gap {gap:.3g})"
+                        break
+        eng.close()
+    assert runs[0] == runs[1]
+
+
+def test_fp8_kv_cache_holds_twice_the_tokens(ckpt):
+    """Sized from GPU memory, an FP8 cache holds twice the tokens of a bf16 one."""
+    tokens = {}
+    for kv in ("auto", "fp8"):
+        eng = _engine(ckpt, dtype="bfloat16", kv_cache_dtype=kv, kv_cache_tokens=None, gpu_memory_fraction=0.05,
+                      cuda_graphs=False)
+        tokens[kv] = eng.stats.kv_cache_tokens
+        assert ("fp8 e4m3" in eng.describe()) == (kv == "fp8")
+        eng.close()
+    assert 1.95 < tokens["fp8"] / tokens["auto"] < 2.05, tokens
+
+
 def test_job_on_cuda_stops_resumes_and_writes_each_row_once(tmp_path, tiny_checkpoint):
     """The run loop on the push API with the overlapped CUDA engine: a graceful stop mid-run commits
     what finished, the rerun does only the rest, every (id, sample) is in the output once, and the

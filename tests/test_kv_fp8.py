@@ -155,20 +155,23 @@ def _hf_logits(ref, ids: list[int], ks=KS, vs=VS) -> torch.Tensor:
         return ref.model(input_ids=torch.tensor([ids]), use_cache=True, **{ref._cache_kw: cache}).logits[0].float()
 
 
-def _engine_model_logits(model, ids: list[int], ks=KS, vs=VS, bs: int = 16) -> torch.Tensor:
-    """The engine's model over one prefill into FP8 caches (torch backend)."""
+def engine_model_logits(model, ids: list[int], ks=KS, vs=VS, bs: int = 16, backend: str = "torch") -> torch.Tensor:
+    """The engine's model over one prefill into FP8 caches with these scales, on the model's device (the torch
+    backend: the emulation; "triton": the kernels): [T, vocab] float32."""
     from batchgen.engine.attention import get_backend
     from batchgen.engine.attention.base import AttentionMetadata
 
-    cfg, T = model.cfg, len(ids)
+    cfg, T, dev = model.cfg, len(ids), model.embed_tokens.weight.device
     nb = -(-T // bs)
-    caches = [tuple(kv_fp8.set_scale(torch.zeros(nb, bs, cfg.num_kv_heads, cfg.head_dim, dtype=FP8), s)
+    caches = [tuple(kv_fp8.set_scale(torch.zeros(nb, bs, cfg.num_kv_heads, cfg.head_dim, dtype=FP8, device=dev), s)
                     for s in (ks[i], vs[i])) for i in range(cfg.num_layers)]
-    i32 = dict(dtype=torch.int32)
-    meta = AttentionMetadata(torch.arange(T), torch.tensor([0, T], **i32), torch.tensor([T], **i32),
+    i32 = dict(dtype=torch.int32, device=dev)
+    meta = AttentionMetadata(torch.arange(T, device=dev), torch.tensor([0, T], **i32), torch.tensor([T], **i32),
                              torch.arange(nb, **i32)[None], T, T, False)
     with torch.inference_mode():
-        return model.logits(model(torch.tensor(ids), torch.arange(T), caches, meta, get_backend("torch", CPU)))
+        hidden = model(torch.tensor(ids, device=dev), torch.arange(T, device=dev), caches, meta,
+                       get_backend(backend, dev))
+        return model.logits(hidden).float()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])  # GQA; q/k norm, head_dim 32; fused qkv
@@ -179,7 +182,7 @@ def test_model_equals_transformers_with_quantized_kv(tiny_checkpoint, family: st
     model, _ = load_model(path, CPU, "float32")
     ref = _hf(path)
     ids = torch.randint(3, model.cfg.vocab_size, (150,), generator=torch.Generator().manual_seed(0)).tolist()
-    got, want = _engine_model_logits(model, ids), _hf_logits(ref, ids)
+    got, want = engine_model_logits(model, ids), _hf_logits(ref, ids)
     plain = ref.model(input_ids=torch.tensor([ids])).logits[0].detach()
     # the two RoPEs differ in the last bit now and then, which can move a K code by one step
     err, effect = _rel(got, want), _rel(want, plain)
