@@ -73,9 +73,17 @@ def to_cache(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     return quantize(x, scale_of(cache)) if cache.dtype == KV_FP8 else x.to(cache.dtype)
 
 
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """An e4m3 tensor as its bytes (uint8, same strides), anything else as it is: indexing and scatter then
+    need no float8 kernels, which not every torch build has on every device."""
+    return t.view(torch.uint8) if t.dtype == KV_FP8 else t
+
+
 def from_cache(rows: torch.Tensor, cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows read from `cache` as values in `dtype` (dequantized for an fp8 cache)."""
-    return dequantize(rows, scale_of(cache), dtype) if cache.dtype == KV_FP8 else rows.to(dtype)
+    """Rows read from `cache` (or from raw(cache)) as values in `dtype` (dequantized for an fp8 cache)."""
+    if cache.dtype != KV_FP8:
+        return rows.to(dtype)
+    return dequantize(rows.view(KV_FP8) if rows.dtype == torch.uint8 else rows, scale_of(cache), dtype)
 
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -48,8 +48,8 @@ class TorchAttention(AttentionBackend):
         bs = k_cache.shape[1]
         slots = meta.slot_mapping.long()
         blk, off = slots // bs, slots % bs  # works for any cache strides (token- or head-major)
-        k_cache[blk, off] = kv_fp8.to_cache(k, k_cache)
-        v_cache[blk, off] = kv_fp8.to_cache(v, v_cache)
+        kv_fp8.raw(k_cache)[blk, off] = kv_fp8.raw(kv_fp8.to_cache(k, k_cache))  # raw: FP8 as bytes
+        kv_fp8.raw(v_cache)[blk, off] = kv_fp8.raw(kv_fp8.to_cache(v, v_cache))
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                window: int | None = None) -> torch.Tensor:
@@ -61,8 +61,8 @@ class TorchAttention(AttentionBackend):
         n_blk = -(-meta.max_seq_len // bs)
         tables = meta.block_tables[:, :n_blk].long()
         S = n_blk * bs
-        keys = k_cache[tables].reshape(B, S, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
-        vals = v_cache[tables].reshape(B, S, kvh, d).transpose(1, 2)
+        keys = kv_fp8.raw(k_cache)[tables].reshape(B, S, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
+        vals = kv_fp8.raw(v_cache)[tables].reshape(B, S, kvh, d).transpose(1, 2)
         heads = q.shape[1]
         group = heads // kvh
         # GQA without copying K/V: fold each kv head's group of query heads into the query axis
