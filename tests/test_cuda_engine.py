@@ -128,6 +128,67 @@ def test_constrained_overlap_equals_sync_on_cuda(tiny_checkpoint, seed):
     assert all(err is None for r in results[0] for _, _, err in r)
 
 
+FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not FP8_GPU, reason="Triton's e4m3 needs compute capability 8.9+")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp8_kv_cache_overlap_and_graphs_equal_sync_and_the_emulation(ckpt, work, tmp_path, dtype):
+    """kv_cache_dtype fp8 with the checkpoint's k/v scales: the Triton kernels (fused RoPE + write, prefill,
+    split decode) in decode CUDA graphs, overlapped, give the synchronous run's tokens bit for bit, and each
+    token is the argmax of the torch emulation over the whole sequence (one prefill into FP8 caches), up to
+    near-ties (bf16: the decode kernels round differently from one prefill, and a K code may flip)."""
+    from test_kv_fp8 import _names, engine_model_logits, write_kv_scales
+
+    ks, vs = (0.0234375, 0.01953125), (0.01171875, 0.009765625)  # the small-init model's K/V: |x| < ~4
+    path = write_kv_scales(Path(ckpt), tmp_path / "kv", _names("model.layers.{i}.self_attn.{kv}_scale", ks, vs))
+    prompts, max_new, _ = work
+    runs = []
+    for overlap in (True, False):
+        eng = _engine(str(path), dtype=dtype, attention="triton", kv_cache_dtype="fp8", overlap=overlap,
+                      kv_cache_tokens=2048)  # small: preemption too
+        assert eng.kv_scales.k == ks and eng.cuda_graphs and eng.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+        runs.append(_greedy(eng, prompts, max_new))
+        if overlap:
+            model = eng.model
+            tie = 1e-2 if dtype == "float32" else 0.15
+            for i, (p, gen) in enumerate(zip(prompts[:12], runs[0][:12])):
+                logits = engine_model_logits(model, p + gen[:-1], ks, vs)[len(p) - 1:]
+                for j, tok in enumerate(gen):
+                    best = int(logits[j].argmax())
+                    if tok != best:
+                        gap = float(logits[j, best] - logits[j, tok])
+                        assert gap <= tie, f"prompt {i} step {j}: engine {tok}, emulation {best} (gap {gap:.3g})"
+                        break
+        eng.close()
+    assert runs[0] == runs[1]
+
+
+def test_fp8_kv_cache_holds_twice_the_tokens():
+    """Sized from GPU memory, an FP8 cache holds twice the tokens of a bf16 one (random weights of a shape
+    with an 8B model's KV per token and small weights: a few GiB of cache is a few thousand blocks)."""
+    from batchgen import Engine
+    from batchgen.engine.loader import build_model, init_random
+    from batchgen.engine.models.config import ModelConfig
+
+    shape = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=512,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=1024,
+                 max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    tokens = {}
+    for kv in ("auto", "fp8"):
+        model = build_model(ModelConfig.from_hf(shape), torch.device("cuda"), torch.bfloat16, qkv_bias=False)
+        init_random(model)
+        eng = Engine(None, model=model, device="cuda", kv_cache_dtype=kv, gpu_memory_fraction=0.08,
+                     max_num_seqs=16, max_batch_tokens=512, cuda_graphs=False)
+        tokens[kv] = eng.stats.kv_cache_tokens
+        assert ("fp8 e4m3" in eng.describe()) == (kv == "fp8")
+        out = eng.generate([[5, 6, 7, 8] * 10], R.greedy_params([4]))[0]
+        assert out.error is None and len(out.outputs[0].token_ids) == 4
+        eng.close()
+        del model
+    assert 1.9 < tokens["fp8"] / tokens["auto"] < 2.1, tokens
+
+
 def test_job_on_cuda_stops_resumes_and_writes_each_row_once(tmp_path, tiny_checkpoint):
     """The run loop on the push API with the overlapped CUDA engine: a graceful stop mid-run commits
     what finished, the rerun does only the rest, every (id, sample) is in the output once, and the

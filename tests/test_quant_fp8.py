@@ -328,6 +328,37 @@ def test_smollm2_fp8_nll_within_two_percent(smollm2_dir: Path) -> None:
     assert agree >= 0.85
 
 
+@pytest.mark.slow
+def test_smollm2_fp8_kv_cache_nll_within_two_percent(smollm2_dir: Path) -> None:
+    """The same text with an FP8 (e4m3) KV cache (scales 1.0: SmolLM2's checkpoint has none), on unquantized
+    and on FP8 weights (CPU emulation, float32): NLL within 2% of the float32 model's; the bfloat16 model's
+    NLL (on the CPU) and the top-1 agreements reported (README, FP8 KV cache)."""
+    from transformers import AutoTokenizer
+
+    from batchgen.engine.loader import load_model
+    from test_kv_fp8 import engine_model_logits
+
+    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(TEXT).input_ids
+    cpu, target = torch.device("cpu"), torch.tensor(ids[1:])
+    model, _ = load_model(smollm2_dir, cpu, "float32")
+    one = (1.0,) * model.cfg.num_layers
+    logits = {"float32": full_forward_logits(model, ids, cpu), "fp8 KV": engine_model_logits(model, ids, one, one)}
+    logits["bfloat16"] = full_forward_logits(load_model(smollm2_dir, cpu, "bfloat16")[0], ids, cpu)
+    apply_fp8(model)
+    logits["fp8 weights"] = full_forward_logits(model, ids, cpu)
+    logits["fp8 weights + fp8 KV"] = engine_model_logits(model, ids, one, one)
+    logits = {k: v[:-1].float() for k, v in logits.items()}  # position i predicts token i + 1
+    nll = {k: float(nn.functional.cross_entropy(v, target)) for k, v in logits.items()}
+    for k, v in logits.items():
+        print(f"SmolLM2-135M, {len(ids)} tokens, {k}: NLL {nll[k]:.4f} ({100 * (nll[k] / nll['float32'] - 1):+.2f}% "
+              f"vs float32, {100 * (nll[k] / nll['bfloat16'] - 1):+.2f}% vs bfloat16); top-1 agreement "
+              f"{float((v.argmax(-1) == logits['float32'].argmax(-1)).float().mean()):.1%} with float32, "
+              f"{float((v.argmax(-1) == logits['bfloat16'].argmax(-1)).float().mean()):.1%} with bfloat16")
+    assert abs(nll["fp8 KV"] / nll["float32"] - 1) <= 0.01  # measured +0.53%
+    assert abs(nll["fp8 weights + fp8 KV"] / nll["float32"] - 1) <= 0.02  # measured +1.85%
+    assert float((logits["fp8 weights + fp8 KV"].argmax(-1) == logits["float32"].argmax(-1)).float().mean()) >= 0.8
+
+
 # ------------------------------------------------------------------ CUDA (FP8 tensor cores)
 @pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU with FP8 tensor cores (capability >= 8.9)")
 @pytest.mark.parametrize("m", [1, 7, 32, 300])
@@ -400,3 +431,34 @@ def test_cuda_smollm2_fp8_nll_matches_emulation(smollm2_dir: Path) -> None:
           f"({100 * (nll['fp8'] / nll['bf16'] - 1):+.2f}%), float32 emulation {nll['emulated']:.4f}")
     assert abs(nll["fp8"] / nll["bf16"] - 1) <= 0.02
     assert abs(nll["fp8"] / nll["emulated"] - 1) <= 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU with FP8 tensor cores (capability >= 8.9)")
+def test_cuda_smollm2_fp8_kv_cache_nll_matches_emulation(smollm2_dir: Path) -> None:
+    """bf16 SmolLM2 on the GPU with FP8 projections and an FP8 KV cache written and read by the Triton kernels
+    (the fused RoPE + cache write, the prefill kernel): NLL within 2% of bf16's and within 1% of the CPU
+    emulation's (float32, the same scales)."""
+    from transformers import AutoTokenizer
+
+    from batchgen.engine.loader import load_model
+    from test_kv_fp8 import engine_model_logits
+
+    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(TEXT).input_ids
+    target = torch.tensor(ids[1:])
+    nll = {}
+    runs = (("bf16", "cuda", "bfloat16", None), ("fp8 kv", "cuda", "bfloat16", "triton"),
+            ("emulated", "cpu", "float32", "torch"))
+    for name, device, dtype, backend in runs:
+        model, _ = load_model(smollm2_dir, torch.device(device), dtype)
+        one = (1.0,) * model.cfg.num_layers
+        if name != "bf16":
+            apply_fp8(model)
+            logits = engine_model_logits(model, ids, one, one, backend=backend)
+        else:
+            logits = full_forward_logits(model, ids, torch.device(device))
+        nll[name] = float(nn.functional.cross_entropy(logits[:-1].cpu(), target))
+    print(f"SmolLM2-135M on the GPU: NLL bf16 {nll['bf16']:.4f}, fp8 weights + fp8 KV (Triton) {nll['fp8 kv']:.4f} "
+          f"({100 * (nll['fp8 kv'] / nll['bf16'] - 1):+.2f}%), float32 emulation {nll['emulated']:.4f}")
+    assert abs(nll["fp8 kv"] / nll["bf16"] - 1) <= 0.02
+    assert abs(nll["fp8 kv"] / nll["emulated"] - 1) <= 0.01

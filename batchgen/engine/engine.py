@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from . import kv_fp8
 from .attention import get_backend
 from .constraints import ConstraintError, Grammars, constraint_of
 from .kv_cache import BlockManager
@@ -60,15 +61,18 @@ class Engine:
                  block_size: int = 16, prefix_caching: bool = True, gpu_memory_fraction: float = 0.9,
                  overlap: bool | str = "auto", cuda_graphs: bool = True, attention: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, threads: int | None = None,
-                 quantization: str | None = None, model: Any = None) -> None:
+                 quantization: str | None = None, kv_cache_dtype: str = "auto", model: Any = None) -> None:
         check_engine_args(device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                           kv_cache_tokens=kv_cache_tokens, block_size=block_size, prefix_caching=prefix_caching,
                           gpu_memory_fraction=gpu_memory_fraction, overlap=overlap, cuda_graphs=cuda_graphs,
                           attention=attention, max_model_len=max_model_len, seed=seed, threads=threads,
-                          quantization=quantization)
+                          quantization=quantization, kv_cache_dtype=kv_cache_dtype)
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.device = _pick_device(device)
         self.backend = get_backend(attention, self.device, block_size)  # before the model loads: fails fast
+        self.kv_cache_dtype = kv_cache_dtype  # "auto" | "bfloat16" | "float16" | "fp8" (kv_fp8.py)
+        if kv_cache_dtype != "auto":
+            self._check_kv_dtype(kv_fp8.cache_dtype(kv_cache_dtype, torch.float32), None)
         self.threads = None
         if self.device.type == "cpu":
             from .threads import apply_cpu_threads
@@ -78,6 +82,7 @@ class Engine:
         self.precision = ""  # how the quantized weights run here, for describe() ("" unquantized)
         self.model, raw_config = self._load_model(model, dtype)
         self.dtype = next(self.model.parameters()).dtype
+        self.kv_dtype, self.kv_scales = self._kv_setup()
         self._load_tokenizer()
         self.eos_token_ids = self._eos_ids(raw_config)
         cfg_len = self.model.cfg.max_position_embeddings
@@ -103,9 +108,10 @@ class Engine:
         graphs = (f", {len(self.runner.graphs.sizes)} decode CUDA graphs captured in {self.graph_capture_s:.1f} s"
                   if self.cuda_graphs else "")
         precision = f", {self.precision}" if self.precision else ""
+        kv = kv_fp8.dtype_name(self.kv_dtype) + (f", {self.kv_scales.describe()}" if self.kv_scales else "")
         return (f"{self.model.cfg.model_type} {str(self.dtype).removeprefix('torch.')}{precision} on {self.device}, "
                 f"attention {self.backend.name}, KV cache {self.blocks.usable_blocks * self.block_size:,} tokens "
-                f"in {self.block_size}-token blocks, overlap {'on' if self.overlap else 'off'}{graphs}")
+                f"({kv}) in {self.block_size}-token blocks, overlap {'on' if self.overlap else 'off'}{graphs}")
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, **kwargs: Any) -> "Engine":
@@ -151,6 +157,19 @@ class Engine:
         if getattr(model, "fp8_checkpoint", None) is not None:
             model.fp8_checkpoint.linears.clear()  # the stored copies (host memory) are not needed any more
 
+    def _kv_setup(self) -> tuple[torch.dtype, kv_fp8.KVScales | None]:
+        """The KV cache's dtype and, for FP8, its per-layer scales (the checkpoint's, else the default)."""
+        kv_dtype = kv_fp8.cache_dtype(self.kv_cache_dtype, self.dtype)
+        self._check_kv_dtype(kv_dtype, self.dtype)
+        if kv_dtype != kv_fp8.KV_FP8:
+            return kv_dtype, None
+        return kv_dtype, kv_fp8.read_kv_scales(self.model_dir, self.model.cfg.num_layers)
+
+    def _check_kv_dtype(self, kv_dtype: torch.dtype, model_dtype: torch.dtype | None) -> None:
+        problem = self.backend.kv_dtype_problem(kv_dtype, model_dtype, self.device)
+        if problem is not None:
+            raise EngineArgumentError(f"Engine: kv_cache_dtype {self.kv_cache_dtype!r}: {problem}")
+
     def _load_tokenizer(self) -> None:
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -166,7 +185,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, self.block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.max_num_seqs, self.max_batch_tokens)
         self.runner = ModelRunner(self.model, self.backend, self.device, self.dtype, num_blocks, self.block_size,
-                                  self.max_num_seqs, self.max_model_len)
+                                  self.max_num_seqs, self.max_model_len, self.kv_dtype, self.kv_scales)
 
     def _init_loop_state(self) -> None:
         self._arrivals = itertools.count()
@@ -189,7 +208,8 @@ class Engine:
 
     def _num_blocks(self, kv_cache_tokens: int | None, fraction: float) -> int:
         cfg = self.model.cfg
-        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
+        # the cache's own bytes: an FP8 cache holds twice the tokens of a 16-bit one in the same memory
+        per_token = kv_fp8.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
         if kv_cache_tokens is not None:
             tokens = kv_cache_tokens
         elif self.device.type == "cuda":
@@ -224,7 +244,7 @@ class Engine:
     def stats(self) -> EngineStats:
         """A snapshot of the counters (EngineStats: steps, tokens, GPU busy fractions, preemptions, ...)."""
         return self._counters.snapshot(self.scheduler.preemptions, self.blocks.hit_tokens,
-                                       self.blocks.usable_blocks * self.block_size)
+                                       self.blocks.usable_blocks * self.block_size, kv_fp8.dtype_name(self.kv_dtype))
 
     # ------------------------------------------------------------------ requests
     def _decode(self, ids: list[int], skip_special: bool = True) -> str:

@@ -67,7 +67,7 @@ def _refuse(key: str, value: object, why: str) -> Fp8CheckpointError:
 def _compressed_tensors(qc: dict[str, Any]) -> Fp8Scheme | None:
     groups = qc.get("config_groups")
     if not groups and qc.get("kv_cache_scheme"):
-        return None  # only the KV cache is quantized: 16-bit weights load as before (its k/v scales: item 3)
+        return None  # only the KV cache is quantized: 16-bit weights load as before (k/v scales: kv_fp8.py)
     fmt = qc.get("format")
     if fmt not in CT_FORMATS:
         raise _refuse("format", fmt, f"batchgen loads compressed-tensors checkpoints in format "

@@ -15,7 +15,7 @@ import torch
 from .fp8_checkpoint import Fp8CheckpointError, Fp8Scheme, ScaleKind
 
 log = logging.getLogger("batchgen.engine")
-_KV_SCALES = (".k_scale", ".v_scale")  # FP8 KV cache scales some checkpoints carry (item 3 will read them)
+_KV_SCALES = (".k_scale", ".v_scale")  # FP8 KV cache scales (the engine reads them with kv_fp8.read_kv_scales)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import kv_fp8
 from .attention.base import AttentionBackend, AttentionMetadata
 from .cuda_graphs import DecodeGraphs
 from .models.llama import LlamaModel
@@ -59,13 +60,20 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
-                 num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int) -> None:
+                 num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int,
+                 kv_dtype: torch.dtype | None = None, kv_scales: kv_fp8.KVScales | None = None) -> None:
+        """kv_dtype: the caches' dtype (None: the model's); kv_scales: an FP8 cache's per-layer scales."""
         cfg = model.cfg
-        head_major = backend.kv_head_major
         self.model, self.backend, self.device, self.dtype = model, backend, device, dtype
         self.block_size = block_size
-        self.kv_caches = [(self._cache_tensor(num_blocks, block_size, cfg, head_major),
-                           self._cache_tensor(num_blocks, block_size, cfg, head_major)) for _ in range(cfg.num_layers)]
+        self.kv_dtype = kv_dtype or dtype
+        self.kv_caches = [tuple(self._cache_tensor(num_blocks, block_size, cfg, backend.kv_head_major)
+                                for _ in "kv") for _ in range(cfg.num_layers)]
+        if self.kv_dtype == kv_fp8.KV_FP8:  # each cache carries its scale: the backends read it from there
+            scales = kv_scales or kv_fp8.KVScales.default(cfg.num_layers)
+            for (k, v), ks, vs in zip(self.kv_caches, scales.k, scales.v):
+                kv_fp8.set_scale(k, ks)
+                kv_fp8.set_scale(v, vs)
         self.sampler = Sampler(cfg.vocab_size, max_num_seqs, device)
         self.token_buf = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
         self.cuda = device.type == "cuda"
@@ -98,9 +106,11 @@ class ModelRunner:
         """[num_blocks, block_size, kv_heads, head_dim] as backends see it. Head-major storage keeps each
         (block, kv head) contiguous, so a decode kernel reads one run of block_size * head_dim values."""
         if head_major:
-            t = torch.zeros(num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=self.dtype, device=self.device)
+            t = torch.zeros(num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=self.kv_dtype,
+                            device=self.device)
             return t.permute(0, 2, 1, 3)
-        return torch.zeros(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
+        return torch.zeros(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=self.kv_dtype,
+                           device=self.device)
 
     # ------------------------------------------------------------------ slots
     def admit(self, seqs: list[Sequence]) -> None:

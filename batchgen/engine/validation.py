@@ -21,6 +21,7 @@ MAX_N = 4096  # samples per request: each one is a full sequence, so more is sur
 BACKENDS = ("auto", "torch", "triton", "flash")  # attention backends get_backend knows (auto: Triton on CUDA)
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # the model weights' types loader.py builds
 QUANTIZATIONS = ("fp8",)  # Engine(quantization=...) besides None: weights quantized at load (engine/quant)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8")  # Engine(kv_cache_dtype=...); auto: the model's dtype
 CLOSED_MESSAGE = "this Engine was closed; create a new one"
 _PROMPT_KINDS = "a str, a list of token ids or a GenerationRequest"
 
@@ -178,7 +179,8 @@ def check_engine_args(*, device: Any = "auto", dtype: Any = "auto", max_num_seqs
                       max_batch_tokens: Any = 8192, kv_cache_tokens: Any = None, block_size: Any = 16,
                       prefix_caching: Any = True, gpu_memory_fraction: Any = 0.9, overlap: Any = "auto",
                       cuda_graphs: Any = True, attention: Any = "auto", max_model_len: Any = None,
-                      seed: Any = 0, threads: Any = None, quantization: Any = None) -> None:
+                      seed: Any = 0, threads: Any = None, quantization: Any = None,
+                      kv_cache_dtype: Any = "auto") -> None:
     """Check the Engine constructor's arguments (defaults: the Engine's, so tests can pass one)."""
     e = "Engine: "
     _check_device(device)
@@ -197,6 +199,7 @@ def check_engine_args(*, device: Any = "auto", dtype: Any = "auto", max_num_seqs
     _int(e + "seed", seed)
     _opt_int(e + "threads", threads, 1)
     _check_quantization(quantization)
+    _check_kv_cache_dtype(kv_cache_dtype)
 
 
 def _check_device(device: object) -> None:
@@ -255,6 +258,12 @@ def _check_quantization(quantization: object) -> None:
     if quantization is not None and not (isinstance(quantization, str) and quantization in QUANTIZATIONS):
         _fail("Engine: quantization", "None or " + " or ".join(map(repr, QUANTIZATIONS)), quantization,
               not isinstance(quantization, str))
+
+
+def _check_kv_cache_dtype(kv_cache_dtype: object) -> None:
+    if not (isinstance(kv_cache_dtype, str) and kv_cache_dtype in KV_CACHE_DTYPES):
+        _fail("Engine: kv_cache_dtype", f"one of {', '.join(map(repr, KV_CACHE_DTYPES))}", kv_cache_dtype,
+              not isinstance(kv_cache_dtype, str))
 
 
 # ------------------------------------------------------------------ prompts

@@ -31,6 +31,19 @@ class AttentionBackend:
     # capabilities the engine asks for instead of testing names:
     kv_head_major: bool = False  # caches stored [blocks, kv_heads, block_size, head_dim] (viewed token-major)
     graph_capturable: bool = False  # launches depend only on host bounds: decode steps may be CUDA graphs
+    fp8_kv: bool = False  # reads and writes e4m3 caches with their scales (kv_fp8.py)
+    any_kv_dtype: bool = True  # caches may be in another dtype than the queries (else: the model's dtype only)
+
+    def kv_dtype_problem(self, kv_dtype: torch.dtype, model_dtype: torch.dtype | None,
+                         device: torch.device) -> str | None:
+        """Why this backend can't run caches of kv_dtype for a model of model_dtype (None: not known yet) on
+        device, in words; None when it can."""
+        if kv_dtype == torch.float8_e4m3fn and not self.fp8_kv:
+            return f"attention '{self.name}' reads no FP8 KV cache: use attention 'triton' or 'torch'"
+        if model_dtype is not None and kv_dtype != model_dtype and not self.any_kv_dtype:
+            return (f"attention '{self.name}' needs the KV cache in the model dtype "
+                    f"({str(model_dtype).removeprefix('torch.')}): use kv_cache_dtype 'auto'")
+        return None
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  meta: AttentionMetadata) -> None:

@@ -41,6 +41,7 @@ def _window(window: int | None) -> tuple[int, int]:
 class FlashAttention(AttentionBackend):
     name = "flash"
     graph_capturable = True  # with the Triton K/V write (the torch fallback syncs: only without triton)
+    any_kv_dtype = False  # flash-attn reads caches in the query's dtype only: no FP8 KV (the engine refuses it)
 
     def __init__(self) -> None:
         self.version, self.fa = _load_flash()
@@ -53,6 +54,9 @@ class FlashAttention(AttentionBackend):
         self._triton_write_kv = triton_write_kv
 
     def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        if k_cache.dtype != k.dtype:  # never silently wrong: flash-attn would read the codes as values
+            raise ValueError(f"attention 'flash' needs the KV cache in the model dtype ({k.dtype}), "
+                             f"not {k_cache.dtype}: use attention 'triton' or 'torch' for another kv_cache_dtype")
         if self._triton_write_kv is not None and k.is_cuda:
             self._triton_write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             return

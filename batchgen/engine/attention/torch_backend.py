@@ -2,13 +2,16 @@
 
 Each step gathers every sequence's context from the paged cache into a padded [B, S] batch and
 runs one scaled-dot-product attention with a causal (and optional sliding-window) mask. Memory
-grows with B * max_seq_len, which is fine for a reference and for CPU work.
+grows with B * max_seq_len, which is fine for a reference and for CPU work. An FP8 cache is the
+emulation itself (kv_fp8.py): new K/V quantized with the layer's scale, the context dequantized to the
+query's dtype before the attention.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .. import kv_fp8
 from .base import AttentionBackend, AttentionMetadata
 
 
@@ -39,13 +42,14 @@ def _mask(q_pos: torch.Tensor, key_len: int, window: int | None, device: torch.d
 
 class TorchAttention(AttentionBackend):
     name = "torch"  # write_kv works for any cache strides; not graph-capturable (host-sized gathers)
+    fp8_kv = True
 
     def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
         bs = k_cache.shape[1]
         slots = meta.slot_mapping.long()
         blk, off = slots // bs, slots % bs  # works for any cache strides (token- or head-major)
-        k_cache[blk, off] = k.to(k_cache.dtype)
-        v_cache[blk, off] = v.to(v_cache.dtype)
+        kv_fp8.raw(k_cache)[blk, off] = kv_fp8.raw(kv_fp8.to_cache(k, k_cache))  # raw: FP8 as bytes
+        kv_fp8.raw(v_cache)[blk, off] = kv_fp8.raw(kv_fp8.to_cache(v, v_cache))
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                window: int | None = None) -> torch.Tensor:
@@ -57,8 +61,8 @@ class TorchAttention(AttentionBackend):
         n_blk = -(-meta.max_seq_len // bs)
         tables = meta.block_tables[:, :n_blk].long()
         S = n_blk * bs
-        keys = k_cache[tables].reshape(B, S, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
-        vals = v_cache[tables].reshape(B, S, kvh, d).transpose(1, 2)
+        keys = kv_fp8.raw(k_cache)[tables].reshape(B, S, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
+        vals = kv_fp8.raw(v_cache)[tables].reshape(B, S, kvh, d).transpose(1, 2)
         heads = q.shape[1]
         group = heads // kvh
         # GQA without copying K/V: fold each kv head's group of query heads into the query axis
@@ -68,6 +72,7 @@ class TorchAttention(AttentionBackend):
             m = _mask(layout.q_pos, S, window, q.device)  # [B, 1, max_q, S]
             mask = m[:, :, None].expand(B, 1, group, max_q, S).reshape(B, 1, group * max_q, S)
             meta.cache[("torch_mask", window, S, group)] = mask
-        out = F.scaled_dot_product_attention(qp, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask, scale=scale)
+        keys, vals = kv_fp8.from_cache(keys, k_cache, q.dtype), kv_fp8.from_cache(vals, v_cache, q.dtype)
+        out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale)
         out = out.view(B, kvh, group, max_q, d).permute(0, 3, 1, 2, 4).reshape(B, max_q, heads, d)
         return out[layout.valid]  # [T, H, d] in flat token order

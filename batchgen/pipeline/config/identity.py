@@ -29,19 +29,23 @@ def output_dir(cfg: JobConfig) -> Path:
 
 def job_identity(cfg: JobConfig) -> dict[str, Any]:
     """What defines the output: model, prompt, sampling and the input (limit excluded: raising it
-    extends a job; output and engine settings excluded: they don't change what is generated)."""
+    extends a job; output and engine settings excluded: they don't change what is generated, except
+    engine.kv_cache_dtype when it is not auto)."""
     inp = asdict(cfg.input)
     inp.pop("limit", None)
     inp.pop("streaming", None)
     model = asdict(cfg.model)
     if model.get("quantization") is None:  # unquantized: the identity (and fingerprint) of jobs from before the key
         model.pop("quantization", None)
-    return {
+    identity = {
         "model": model,
         "input": inp,
         "prompt": asdict(cfg.prompt),
         "sampling": asdict(cfg.sampling),
     }
+    if cfg.engine.kv_cache_dtype != "auto":  # an FP8 (or other) KV cache changes the numbers; auto keeps old jobs'
+        identity["engine"] = {"kv_cache_dtype": cfg.engine.kv_cache_dtype}
+    return identity
 
 
 def job_fingerprint(cfg: JobConfig) -> str:

@@ -127,6 +127,8 @@ class EngineSection:
                                         doc="cap on prompt + new tokens (null: the model's context)")
     prefix_caching: bool = setting(True, kind="bool", doc="share the KV cache of common prompt prefixes")
     block_size: int = setting(16, kind="int", **TOKENS, doc="KV cache block, in tokens: a power of two")
+    kv_cache_dtype: str = setting("auto", kind="str", choices=engine_rules.KV_CACHE_DTYPES,
+                                  doc="auto (the model's dtype) | bfloat16 | float16 | fp8 (e4m3 with per-layer scales)")
     threads: int | None = setting(None, kind="int", nullable=True, **TOKENS,
                                   doc="torch threads on the CPU; null: automatic (batchgen/engine/threads.py)")
 

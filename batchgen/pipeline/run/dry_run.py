@@ -61,12 +61,21 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
         print(f"precision: weights fp8 (e4m3, per-channel weight and per-token activation scales; FP8 tensor "
               f"cores on CUDA capability 8.9+, emulated in float32 elsewhere), embeddings and lm_head "
               f"in model.dtype ({cfg.model.dtype})", file=out)
+    if cfg.engine.kv_cache_dtype != "auto":
+        print(f"KV cache: {_kv_line(cfg.engine.kv_cache_dtype)}", file=out)
     s, shown_errors = _preview(cfg, source, builder, preview, max(sample, preview), out)
     est = _estimate(cfg, source.total, s, out)
     for e in s.errors[shown_errors:shown_errors + 5]:
         print(f"  error row: {e}", file=out)
     print(f"output {od.path}: {_output_state(cfg, od, source, num_tasks)}", file=out)
     return est
+
+
+def _kv_line(kv_cache_dtype: str) -> str:
+    if kv_cache_dtype != "fp8":
+        return kv_cache_dtype
+    return ("fp8 e4m3, one k and one v scale per layer (the checkpoint's k_scale / v_scale where it has them, "
+            "else 1.0): twice the tokens of a 16-bit cache in the same memory")
 
 
 def _preview(cfg: JobConfig, source: Any, builder: PromptBuilder, preview: int, limit: int,

@@ -11,6 +11,10 @@ which measured slower and was removed).
 
 No host reads of device values: the grid depends only on B, kv_heads and the host bound
 max_seq_len; programs past a sequence's end exit early.
+
+An FP8 cache (kv_fp8.py) is read as codes converted to the query's dtype (exact: every e4m3 value is a
+bf16 / fp16 / fp32 value), its k scale folded into the softmax scale and its v scale into the output:
+the same sums as attention over the dequantized K/V, with half the bytes read.
 """
 from __future__ import annotations
 
@@ -40,13 +44,13 @@ def _split_range(seq_len, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexp
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, sem_ptr,
-    scale_log2, window,
+    scale_log2, v_scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # see pdl.py: every program waits before touching anything, the next kernel launches
         tl.extra.cuda.gdc_wait()  # once all programs are past their main loop
@@ -70,7 +74,8 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + part, seq_len)
     t = tl.load(qsl_ptr + b).to(tl.int64)
     q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    if not KV_FP8:  # the dots run in the cache's dtype; FP8 codes are converted to the query's instead
+        q = q.to(k_cache_ptr.dtype.element_ty)
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -85,6 +90,9 @@ def _decode_split_kernel(
                     mask=nmask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vt + kvh * stride_vh + d[None, :],
                     mask=nmask[:, None], other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -96,6 +104,8 @@ def _decode_split_kernel(
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     acc = acc / l_i[:, None]
+    if KV_FP8:
+        acc = acc * v_scale
     if NUM_SPLITS == 1:
         tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
@@ -160,10 +170,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_seq_len: int, scale: float,
                  window: int | None = None, out: torch.Tensor | None = None,
                  num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None) -> torch.Tensor:
+                 num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q: [T, H, D] with sequence b's query at row query_start_loc[b]; returns out [T, H, D] (rows of
     sequences b < B written; other rows untouched). max_seq_len: host upper bound of seq_lens.
-    With num_splits > 1 the last split program of each (sequence, kv head) merges the partial results."""
+    With num_splits > 1 the last split program of each (sequence, kv head) merges the partial results.
+    k_scale / v_scale: an FP8 cache's scales (read value = code * scale); ignored for other caches."""
     T, H, D = q.shape
     B = seq_lens.shape[0]
     nb, bs, kvh, d2 = k_cache.shape
@@ -173,7 +184,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         out = torch.empty_like(q)
     if B == 0:
         return out
-    fp32 = k_cache.dtype == torch.float32
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    fp32 = (q.dtype if kv_fp8 else k_cache.dtype) == torch.float32  # the dots' dtype
+    if not kv_fp8:
+        k_scale = v_scale = 1.0
     if block_n is None:  # H100 sweep (notes/KERNELS.md): 128 tokens x 2 stages, 4 warps for 16-bit caches
         block_n = 32 if fp32 else 128
     if num_warps is None:
@@ -194,14 +208,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _decode_split_kernel[(B, kvh, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         out, part_out, part_lse, sem,
-        scale * _LOG2E, window or 0,
+        scale * _LOG2E * k_scale, float(v_scale), window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_SIZE=bs,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=use_window,
-        DOT_PREC="ieee" if fp32 else "tf32", num_warps=num_warps, **extra,
+        DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8, num_warps=num_warps, **extra,
         **pdl.launch_options(q.device),
     )
     return out

@@ -10,6 +10,9 @@ head (rows = BLOCK_Q * G_PAD, flattened token-major), so K/V tiles are loaded on
 The grid is (T // BLOCK_Q + B, kv_heads): an upper bound of the number of q tiles over all
 sequences, computed from host shapes only; a program finds its sequence by binary search over
 query_start_loc and exits if it lies beyond its sequence's tiles (CUDA-graph friendly).
+
+An FP8 cache is read as in decode.py: codes converted to the query's dtype, the k scale folded into the
+softmax scale, the v scale into the output.
 """
 from __future__ import annotations
 
@@ -38,12 +41,13 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
-    scale_log2, window, num_seqs,
+    scale_log2, v_scale, window, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -67,7 +71,8 @@ def _prefill_kernel(
     tok = (q_start + qi).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    if not KV_FP8:  # the dots run in the cache's dtype; FP8 codes are converted to the query's instead
+        q = q.to(k_cache_ptr.dtype.element_ty)
 
     hi = tl.minimum(seq_len, ctx + tl.minimum((local + 1) * BLOCK_Q, q_len))
     lo = 0
@@ -89,6 +94,9 @@ def _prefill_kernel(
         tk = offs_n % BLOCK_SIZE
         k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + tk[:, None] * stride_kt + kvh * stride_kh + d[None, :])
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tk[:, None] * stride_vt + kvh * stride_vh + d[None, :])
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -105,6 +113,9 @@ def _prefill_kernel(
                     mask=nmask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tk[:, None] * stride_vt + kvh * stride_vh + d[None, :],
                     mask=nmask[:, None], other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         allowed = nmask[None, :] & (offs_n[None, :] <= pos[:, None])
         if USE_WINDOW:
@@ -118,6 +129,8 @@ def _prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        acc = acc * v_scale
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -135,8 +148,9 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                   window: int | None = None, out: torch.Tensor | None = None,
                   block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None) -> torch.Tensor:
-    """q: [T, H, D] flat varlen queries (sequence b at rows qsl[b]:qsl[b+1]); returns out [T, H, D]."""
+                  num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """q: [T, H, D] flat varlen queries (sequence b at rows qsl[b]:qsl[b+1]); returns out [T, H, D].
+    k_scale / v_scale: an FP8 cache's scales (read value = code * scale); ignored for other caches."""
     T, H, D = q.shape
     B = seq_lens.shape[0]
     nb, bs, kvh, d2 = k_cache.shape
@@ -147,7 +161,10 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         out = torch.empty_like(q)
     if B == 0 or T == 0:
         return out
-    fp32 = k_cache.dtype == torch.float32
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    fp32 = (q.dtype if kv_fp8 else k_cache.dtype) == torch.float32  # the dots' dtype
+    if not kv_fp8:
+        k_scale = v_scale = 1.0
     dm, dn, dw = _default_tiles(G_PAD, fp32, D)
     block_m = block_m or dm
     block_n = block_n or dn
@@ -158,12 +175,12 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     grid = (T // block_q + B, kvh)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * _LOG2E, window or 0, B,
+        scale * _LOG2E * k_scale, float(v_scale), window or 0, B,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         G=G, G_PAD=G_PAD, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_Q=block_q, BLOCK_N=block_n,
-        USE_WINDOW=bool(window), DOT_PREC="ieee" if fp32 else "tf32", num_warps=num_warps, **extra,
+        USE_WINDOW=bool(window), DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8, num_warps=num_warps, **extra,
     )
     return out
