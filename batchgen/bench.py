@@ -125,18 +125,7 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
     wall = time.perf_counter() - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert out_tokens == sum(new), f"expected {sum(new)} output tokens, got {out_tokens}"
-    s = engine.stats
-    figures = dict(requests=len(prompts), output_tokens=out_tokens, seconds=round(wall, 3),
-                   output_tok_s=round(out_tokens / wall, 1),
-                   total_tok_s=round((out_tokens + sum(map(len, prompts))) / wall, 1),
-                   mean_decode_step_ms=_r(s.mean_decode_step_ms), mean_decode_gpu_ms=_r(s.mean_decode_gpu_ms),
-                   gpu_busy_fraction=_r(s.gpu_busy_fraction, 4),
-                   decode_gpu_busy_fraction=_r(s.decode_gpu_busy_fraction, 4),
-                   host_ms_per_step=_r(s.host_ms_per_step), steps=s.steps,
-                   peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-                   startup_s=round(startup, 2), cuda_graph_capture_s=round(engine.graph_capture_s, 2),
-                   attention_backend=engine.backend.name, kv_cache_tokens=s.kv_cache_tokens,
-                   precision=engine.precision or str(engine.dtype).removeprefix("torch."))
+    figures = _figures(engine, prompts, out_tokens, wall, startup)
     engine.close()
     del model
     if device.type == "cuda":
@@ -144,6 +133,25 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
     return _record("batchgen", wl, shape, figures, overlap=engine.overlap, cuda_graphs=engine.cuda_graphs,
                    max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, block_size=block_size,
                    constraint=constraint, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+
+
+def _figures(engine: Any, prompts: list[list[int]], out_tokens: int, wall: float, startup: float) -> dict[str, Any]:
+    """The measured figures of one timed run, from the engine's counters."""
+    import torch
+
+    device = engine.device
+    s = engine.stats
+    return dict(requests=len(prompts), output_tokens=out_tokens, seconds=round(wall, 3),
+                output_tok_s=round(out_tokens / wall, 1),
+                total_tok_s=round((out_tokens + sum(map(len, prompts))) / wall, 1),
+                mean_decode_step_ms=_r(s.mean_decode_step_ms), mean_decode_gpu_ms=_r(s.mean_decode_gpu_ms),
+                gpu_busy_fraction=_r(s.gpu_busy_fraction, 4),
+                decode_gpu_busy_fraction=_r(s.decode_gpu_busy_fraction, 4),
+                host_ms_per_step=_r(s.host_ms_per_step), steps=s.steps,
+                peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                startup_s=round(startup, 2), cuda_graph_capture_s=round(engine.graph_capture_s, 2),
+                attention_backend=engine.backend.name, kv_cache_tokens=s.kv_cache_tokens,
+                precision=engine.precision or str(engine.dtype).removeprefix("torch."))
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:
