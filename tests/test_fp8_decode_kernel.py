@@ -4,6 +4,12 @@ every epilogue (bias, residual in place, gated SiLU-and-mul, a K split), against
 taking it at decode sizes and _scaled_mm above them."""
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +18,7 @@ from batchgen.engine.quant import Fp8Linear, fp8
 
 CUDA = torch.cuda.is_available()
 FP8_GPU = CUDA and torch.cuda.get_device_capability() >= (8, 9)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_fp8_gpu = pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU with FP8 tensor cores (capability >= 8.9)")
 
 
@@ -70,7 +77,7 @@ def _expected(x, wq, ws, b, r, N: int, gated: bool, act_fp8: bool) -> torch.Tens
 
 @needs_fp8_gpu
 @pytest.mark.parametrize("act_fp8", [False, True])
-@pytest.mark.parametrize("M", [1, 7, 32, 64])
+@pytest.mark.parametrize("M", [1, 7, 32, 64, 100, 256])
 @pytest.mark.parametrize("N,K,config,gated,bias,residual", [
     (384, 512, None, False, False, False),
     (4096, 4096, None, False, True, False),
@@ -153,3 +160,96 @@ def test_cuda_gate_up_hands_down_proj_quantized_rows(M: int) -> None:
     # the epilogue's codes are act's own (a bf16 rounding flip moves a code now and then)
     assert rel_err(mid.dequantize(), fp8.Fp8Rows(*fp8.quantize_activation_groups(act)).dequantize()) < 1e-2
     assert rel_err(y - res, want - res.float()) < 2e-2
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("per_group", [False, True])
+@pytest.mark.parametrize("M,K", [(1, 4096), (300, 14336), (7, 1000)])
+def test_cuda_quantize_fp8_gives_the_torch_codes(per_group: bool, M: int, K: int) -> None:
+    from batchgen.engine.kernels.fp8_quant import quantize_fp8
+
+    x = (torch.randn(M, K, device="cuda") * 5).bfloat16()
+    x[0, :3] = 0.0
+    codes, scales = quantize_fp8(x, per_group)
+    want_codes, want_scales = fp8.quantize_activation_groups(x) if per_group else fp8.quantize_activation(x)
+    assert torch.equal(scales, want_scales) and torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+
+
+@needs_fp8_gpu
+def test_cuda_fp8_linear_decode_rows_follow_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BATCHGEN_FP8_DECODE_MAX_M=256: steps up to 256 rows on the decode kernel (x quantized once above 64)."""
+    from batchgen.engine import switches
+
+    monkeypatch.setenv("BATCHGEN_FP8_DECODE_MAX_M", "256")
+    switches.reload()
+    try:
+        lin = nn.Linear(1024, 768, bias=False, device="cuda", dtype=torch.bfloat16)
+        f = Fp8Linear.from_linear(lin)
+        assert f._skinny_max_m == 256
+        for m in (65, 256):
+            x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+            assert rel_err(f(x), fp8.emulate_skinny(x, f.weight, f.weight_scale, True)) < 8e-3
+    finally:
+        monkeypatch.delenv("BATCHGEN_FP8_DECODE_MAX_M")
+        switches.reload()
+
+
+# ------------------------------------------------------------------ the kernels in Triton's CPU interpreter
+def interpreter_suite() -> None:
+    """The FP8 kernels' logic on the CPU (float32 and bf16 inputs; the interpreter's fp8 and bf16 roundings
+    patched to torch's, as the GPU rounds): every X_MODE, the epilogues, a K split, the quantize kernels."""
+    from test_kernels_cuda import _patch_interpreter
+    from test_kv_fp8_kernels import _patch_fp8_interpreter
+
+    from batchgen.engine.kernels.fp8_quant import quantize_fp8, rms_norm_fp8
+    from batchgen.engine.kernels.fp8_skinny_gemm import fp8_skinny_gemm
+
+    _patch_interpreter()
+    _patch_fp8_interpreter()
+    torch.manual_seed(0)
+    errs = []
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 300, dtype=dt)
+        codes, scales = quantize_fp8(x, per_group=True)
+        want = fp8.quantize_activation_groups(x)
+        assert torch.equal(scales, want[1]) and torch.equal(codes.view(torch.uint8), want[0].view(torch.uint8))
+        codes, scales = quantize_fp8(x, per_group=False)
+        assert torch.equal(scales, fp8.quantize_activation(x)[1])
+        wq, ws = fp8.quantize_weight(torch.randn(96, 300))
+        for act in (False, True):
+            for split, res in ((1, False), (2, True)):
+                r = torch.randn(5, 96, dtype=dt) if res else None
+                y = fp8_skinny_gemm(x, wq, ws, residual=r, act_fp8=act, dtype=dt, config=(64, 128, split, 4, 2))
+                want_y = fp8.emulate_skinny(x, wq, ws, act) + (r.float() if res else 0)
+                errs.append(((y.float() - want_y).norm() / want_y.norm()).item())
+        rows = fp8.Fp8Rows(*fp8.quantize_activation_groups(x))
+        gq, gs = fp8.quantize_weight(torch.randn(2 * 128, 300))
+        mid = fp8_skinny_gemm(rows, gq, gs, gated=True, out_fp8=True, dtype=dt, config=(128, 128, 1, 4, 2))
+        pre = fp8.emulate_skinny(rows, gq, gs, True)
+        act_out = (nn.functional.silu(pre[:, :128].to(dt).float()).to(dt).float() * pre[:, 128:].to(dt).float()).to(dt)
+        act_q = fp8.Fp8Rows(*fp8.quantize_activation_groups(act_out)).dequantize()  # the codes of act_out
+        errs.append(((mid.dequantize() - act_q).norm() / act_q.norm()).item())
+        norm_w = torch.rand(300, dtype=dt) + 0.5
+        from batchgen.engine import fused_ops
+
+        q = rms_norm_fp8(x, norm_w, 1e-5)
+        want = fp8.quantize_activation_groups(fused_ops.rms_norm(x, norm_w, 1e-5))
+        errs.append(((q.dequantize() - fp8.Fp8Rows(*want).dequantize()).norm() / want[0].float().norm()).item())
+    assert max(errs) < 2e-2, errs
+    print("fp8 decode interpreter suite ok", " ".join(f"{e:.1e}" for e in errs))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (for its CPU interpreter)")
+def test_fp8_decode_kernels_triton_interpreter_cpu() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root) + os.pathsep + str(root / "tests") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, __file__, "--interpret"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "fp8 decode interpreter suite ok" in proc.stdout
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    interpreter_suite()

@@ -1,9 +1,14 @@
-"""RMSNorm with its output quantized for the FP8 decode GEMM (kernels/fp8_skinny_gemm.py).
+"""Activation quantization kernels for the FP8 GEMMs: RMSNorm with its output quantized, and plain rows.
 
+rms_norm_fp8: for the FP8 decode GEMM (kernels/fp8_skinny_gemm.py).
 In an FP8 decode layer the norm before qkv_proj and gate_up_proj writes e4m3 codes and one fp32 scale
 per token per 128 columns (quant.fp8.Fp8Rows) instead of 16-bit rows: the GEMM after it reads half the
 activation bytes and quantizes nothing itself. The values are quantize_activation_groups(rms_norm(x)):
 the norm rounded to the model dtype exactly as fused.rms_norm writes it, then quantized.
+
+quantize_fp8: x -> e4m3 codes with one scale per token (torch._scaled_mm's row-wise recipe,
+quant.fp8.quantize_activation) or per token per 128 columns (Fp8Rows), in one launch where the torch
+ops take five (abs, amax, divide, clamp, cast) and a float32 copy of x.
 """
 from __future__ import annotations
 
@@ -36,8 +41,8 @@ def _rms_norm_fp8_kernel(x_ptr, w_ptr, q_ptr, s_ptr, N, eps, stride_x, stride_q,
     h = (xf * (1.0 / tl.sqrt(var + eps))).to(dtype).to(tl.float32)  # as fused._rms_norm_kernel rounds
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = (h * w).to(dtype).to(tl.float32)  # the 16-bit norm output, then its groups quantized
-    scale = tl.maximum(tl.max(tl.abs(y), 1) / E4M3_MAX, 1e-12)  # [GROUPS]
-    codes = tl.clamp(y / scale[:, None], -E4M3_MAX, E4M3_MAX)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), 1), E4M3_MAX), 1e-12)  # [GROUPS]; IEEE: torch's codes
+    codes = tl.clamp(tl.math.div_rn(y, scale[:, None]), -E4M3_MAX, E4M3_MAX)
     tl.store(q_ptr + row * stride_q + cols, codes.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * stride_s + g, scale, mask=g * GROUP_N < N)
 
@@ -54,3 +59,43 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Fp8Rows:
                                    GROUPS=triton.next_power_of_2(groups), GROUP_N=GROUP,
                                    num_warps=8 if N >= 4096 else 4, **pdl.launch_options(x.device))
     return Fp8Rows(codes, scales)
+
+
+@triton.jit
+def _quantize_fp8_kernel(x_ptr, q_ptr, s_ptr, N, stride_x, stride_q, stride_s,
+                         GROUPS: tl.constexpr, GROUP_N: tl.constexpr, PER_GROUP: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, GROUPS)
+    c = tl.arange(0, GROUP_N)
+    cols = g[:, None] * GROUP_N + c[None, :]
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), 1)  # [GROUPS]
+    if PER_GROUP:
+        scale = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), 1e-12)  # IEEE divisions: torch's codes, bit for bit
+        codes = tl.clamp(tl.math.div_rn(x, scale[:, None]), -E4M3_MAX, E4M3_MAX)
+        tl.store(s_ptr + row * stride_s + g, scale, mask=g * GROUP_N < N)
+    else:  # one scale for the row
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, 0), E4M3_MAX), 1e-12)
+        codes = tl.clamp(tl.math.div_rn(x, scale), -E4M3_MAX, E4M3_MAX)
+        tl.store(s_ptr + row * stride_s, scale)
+    tl.store(q_ptr + row * stride_q + cols, codes.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_fp8(x: torch.Tensor, per_group: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (rows contiguous) -> (e4m3 [M, K], fp32 scales [M, 1], or [M, ceil(K / 128)] per_group):
+    quant.fp8.quantize_activation's and quantize_activation_groups' codes and scales."""
+    M, K = x.shape
+    assert x.stride(-1) == 1
+    groups = triton.cdiv(K, GROUP)
+    codes = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty((M, groups if per_group else 1), dtype=torch.float32, device=x.device)
+    if M:
+        _quantize_fp8_kernel[(M,)](x, codes, scales, K, x.stride(0), codes.stride(0), scales.stride(0),
+                                   GROUPS=triton.next_power_of_2(groups), GROUP_N=GROUP, PER_GROUP=per_group,
+                                   num_warps=8 if K >= 4096 else 4, **pdl.launch_options(x.device))
+    return codes, scales

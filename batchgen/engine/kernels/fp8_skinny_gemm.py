@@ -31,7 +31,8 @@ from .counters import zeroed_counters
 from .fused import silu_mul
 from ..quant.fp8 import Fp8Rows
 
-MAX_M = 64
+MAX_M = 256  # the kernel's limit; Fp8Linear takes it up to BATCHGEN_FP8_DECODE_MAX_M rows (default 64)
+MAX_M_QUANTIZE_ON_LOAD = 64  # above this x is quantized once (fp8_quant.quantize_fp8), not by every program
 ACT_GROUP = 128  # W8A8: columns of x per activation scale; the kernel's BK is this group
 E4M3_MAX = tl.constexpr(448.0)  # a constexpr global: the kernel can read it
 
@@ -84,6 +85,7 @@ def _fp8_skinny_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, y
             if X_MODE == 1:
                 a32 = a.to(tl.float32)
                 xs = tl.maximum(tl.max(tl.abs(a32), axis=1) / E4M3_MAX, 1e-12)  # [BM]: this group's scale per token
+                # the fast division: this runs on every x tile of every program (the epilogue's is IEEE)
                 aq = tl.clamp(a32 / xs[:, None], -E4M3_MAX, E4M3_MAX).to(w.dtype)
             else:
                 aq = a
@@ -113,7 +115,7 @@ def _fp8_skinny_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, y
             acc = acc.to(DTYPE).to(tl.float32)
             ys = tl.maximum(tl.max(tl.abs(acc), axis=0) / E4M3_MAX, 1e-12)  # [BM]
             tl.store(ys_ptr + rm.to(tl.int64) * stride_ysm + pn, ys, mask=mmask)
-            acc = tl.clamp(acc / ys[None, :], -E4M3_MAX, E4M3_MAX)
+            acc = tl.clamp(tl.math.div_rn(acc, ys[None, :]), -E4M3_MAX, E4M3_MAX)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
     else:
         # partials laid out [SPLIT_K, BM, N]; the last split of this N tile to arrive sums them

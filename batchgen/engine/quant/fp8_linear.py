@@ -1,16 +1,15 @@
 """Fp8Linear: a projection whose weight is held in e4m3 with one fp32 scale per output channel.
 
-forward(x):
-  - decode-sized x (at most kernels/fp8_skinny_gemm.MAX_M rows) on a CUDA device with FP8 tensor
-    cores: the Triton FP8 skinny GEMM (x quantized per token per 128 columns inside it, or taken as
-    it is: BATCHGEN_FP8_DECODE_ACT), which also gives the fused decode layer its epilogues
-    (normed / add_to, as linear_layout.InputMajorLinear);
-  - larger x there: x quantized per token (dynamic, fp8.quantize_activation), then torch._scaled_mm
-    with row-wise scales (x's [M, 1], the weight's [1, N]) applied in the GEMM's epilogue, bf16 out;
-  - anywhere else (the CPU, older GPUs, shapes _scaled_mm refuses): the same numerics emulated,
-    both operands dequantized and multiplied in float32.
-_scaled_mm and the emulation quantize with the same code, so they differ only in accumulation order;
-fp8.emulate_skinny is the decode kernel's recipe in float32.
+forward(x), on a CUDA device with FP8 tensor cores (capability >= 8.9):
+  - decode-sized x (at most BATCHGEN_FP8_DECODE_MAX_M rows, default 64): the Triton FP8 skinny GEMM
+    (kernels/fp8_skinny_gemm.py; x in e4m3 per token per 128 columns, or bf16: BATCHGEN_FP8_DECODE_ACT),
+    which also gives the fused decode layer its epilogues (normed / add_to, as
+    linear_layout.InputMajorLinear);
+  - larger x: x quantized per token (kernels/fp8_quant.quantize_fp8, fp8.quantize_activation's codes),
+    then torch._scaled_mm with row-wise scales (x's [M, 1], the weight's [1, N]) in its epilogue;
+anywhere else (the CPU, older GPUs, shapes _scaled_mm refuses): the same numerics emulated, both operands
+dequantized and multiplied in float32. _scaled_mm and the emulation quantize alike, so they differ only in
+accumulation order; fp8.emulate_skinny is the decode kernel's recipe in float32.
 
 It is deliberately not an nn.Linear: linear_layout.make_input_major swaps nn.Linear only, so the
 bf16 input-major / skinny-GEMM / fused-decode layout never touches an FP8 projection.
@@ -104,8 +103,9 @@ class Fp8Linear(nn.Module):
         if self.uses_tensor_cores and sw.fp8_skinny:  # triton is imported only where it is used
             from ..kernels import fp8_quant, fp8_skinny_gemm as kernel
 
-            self._kernel, self._skinny_max_m = kernel.fp8_skinny_gemm, kernel.MAX_M
-            self._rms_norm_fp8 = fp8_quant.rms_norm_fp8
+            self._kernel, self._skinny_max_m = kernel.fp8_skinny_gemm, max(0, min(sw.fp8_decode_max_m, kernel.MAX_M))
+            self._rms_norm_fp8, self._quantize_fp8 = fp8_quant.rms_norm_fp8, fp8_quant.quantize_fp8
+            self._quantize_on_load_rows = kernel.MAX_M_QUANTIZE_ON_LOAD
             self._act_fp8 = sw.fp8_decode_act == "fp8"
             sms = torch.cuda.get_device_properties(self.weight.device).multi_processor_count
             tuned = FP8_TUNED.get((self.in_features, self.out_features))
@@ -139,6 +139,8 @@ class Fp8Linear(nn.Module):
 
     def _decode(self, x: torch.Tensor | fp8.Fp8Rows, dtype: torch.dtype, **epilogue) -> torch.Tensor | fp8.Fp8Rows:
         config = self._gate_config if epilogue.get("gated") else self.skinny
+        if self._act_fp8 and not isinstance(x, fp8.Fp8Rows) and x.shape[0] > self._quantize_on_load_rows:
+            x = fp8.Fp8Rows(*self._quantize_fp8(x, per_group=True))  # once, not by every program of the GEMM
         return self._kernel(x, self.weight, self.weight_scale, self.bias, act_fp8=self._act_fp8, config=config,
                             dtype=dtype, **epilogue)
 
@@ -167,7 +169,9 @@ class Fp8Linear(nn.Module):
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.new_empty(0, self.out_features)
-        xq, xs = fp8.quantize_activation(x.contiguous())
+        x = x.contiguous()
+        # one Triton launch where it can (the same codes and scales as the torch ops)
+        xq, xs = self._quantize_fp8(x, per_group=False) if self.skinny is not None else fp8.quantize_activation(x)
         # second operand column-major: the row-major [N, K] weight's transpose; scales [M, 1] and [1, N]
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
                              out_dtype=torch.bfloat16)
