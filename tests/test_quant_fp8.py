@@ -215,9 +215,10 @@ def test_fp8_engine_generates_what_its_model_computes(tiny_checkpoint) -> None:
         if q == "fp8":
             assert engine.quantization == "fp8" and "weights fp8 e4m3" in engine.describe()
             assert "emulated in float32" in engine.describe()
+            assert engine.stats.weights == engine.precision  # the run summary's engine_stats says it too
             check_greedy_is_the_models(engine, prompts[:8], runs[q][:8], tie=1e-3)
         else:
-            assert "fp8" not in engine.describe()
+            assert "fp8" not in engine.describe() and engine.stats.weights == "float32"
         engine.close()
     agree = _first_token_agreement(runs[None], runs["fp8"])
     print(f"tiny llama (random weights, init 0.3): first greedy token fp8 == float32 for {agree:.0%} of 64 prompts")

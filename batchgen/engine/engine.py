@@ -244,7 +244,8 @@ class Engine:
     def stats(self) -> EngineStats:
         """A snapshot of the counters (EngineStats: steps, tokens, GPU busy fractions, preemptions, ...)."""
         return self._counters.snapshot(self.scheduler.preemptions, self.blocks.hit_tokens,
-                                       self.blocks.usable_blocks * self.block_size, kv_fp8.dtype_name(self.kv_dtype))
+                                       self.blocks.usable_blocks * self.block_size, kv_fp8.dtype_name(self.kv_dtype),
+                                       self.precision or str(self.dtype).removeprefix("torch."))
 
     # ------------------------------------------------------------------ requests
     def _decode(self, ids: list[int], skip_special: bool = True) -> str:

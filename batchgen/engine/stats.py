@@ -30,6 +30,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int
     kv_cache_tokens: int
     kv_cache_dtype: str = ""  # what the KV cache holds: "bfloat16", "fp8 e4m3", ... (the run summary shows it)
+    weights: str = ""  # how the projections run: the model dtype, or Engine.precision ("weights fp8 e4m3 ...")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,7 +66,7 @@ class Counters:
         self.gpu_last = done
 
     def snapshot(self, preemptions: int, prefix_cache_hit_tokens: int, kv_cache_tokens: int,
-                 kv_cache_dtype: str = "") -> EngineStats:
+                 kv_cache_dtype: str = "", weights: str = "") -> EngineStats:
         busy = None
         if self.gpu_first is not None and self.gpu_last is not None:
             span = self.gpu_first.elapsed_time(self.gpu_last)
@@ -82,4 +83,4 @@ class Counters:
             mean_decode_step_ms=decode_ms / self.decode_steps if timed else None,
             mean_decode_gpu_ms=self.decode_busy_ms / self.decode_steps if timed else None,
             preemptions=preemptions, prefix_cache_hit_tokens=prefix_cache_hit_tokens,
-            kv_cache_tokens=kv_cache_tokens, kv_cache_dtype=kv_cache_dtype)
+            kv_cache_tokens=kv_cache_tokens, kv_cache_dtype=kv_cache_dtype, weights=weights)

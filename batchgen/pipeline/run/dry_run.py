@@ -58,8 +58,9 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
     print(f"chat template: {'applied' if builder.use_chat else 'not applied'}; prompt limit {builder.limit} tokens "
           f"(on_too_long: {cfg.prompt.on_too_long})", file=out)
     if cfg.model.quantization == "fp8":
-        print(f"precision: weights fp8 (e4m3, per-channel weight and per-token activation scales; FP8 tensor "
-              f"cores on CUDA capability 8.9+, emulated in float32 elsewhere), embeddings and lm_head "
+        print(f"precision: weights fp8 (e4m3, per-channel weight scales, activation scales per token (per token "
+              f"per 128 columns in decode steps); FP8 tensor cores on CUDA capability 8.9+, emulated in float32 "
+              f"elsewhere), embeddings and lm_head "
               f"in model.dtype ({cfg.model.dtype})", file=out)
     if cfg.engine.kv_cache_dtype != "auto":
         print(f"KV cache: {_kv_line(cfg.engine.kv_cache_dtype)}", file=out)
