@@ -22,7 +22,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--context", type=int, default=768)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="replay decode CUDA graphs (their kernels may not be "
+                    "listed by the profiler: eager steps are the default)")
     ap.add_argument("--quantization", default=None, choices=["fp8"])
     ap.add_argument("--kv-cache-dtype", default=None)
     a = ap.parse_args()
@@ -31,7 +32,7 @@ def main() -> None:
     init_random(model)
     kv = {"kv_cache_dtype": a.kv_cache_dtype} if a.kv_cache_dtype else {}
     eng = Engine(None, model=model, device="cuda", max_num_seqs=a.batch, max_model_len=4096,
-                 cuda_graphs=not a.no_graphs, prefix_caching=False, quantization=a.quantization, **kv)
+                 cuda_graphs=a.graphs, prefix_caching=False, quantization=a.quantization, **kv)
     print(eng.describe())
     prompts = [[100 + (i * 7 + j) % 5000 for j in range(a.context)] for i in range(a.batch)]
     eng.add([GenerationRequest(p, SamplingParams(max_new_tokens=10_000, ignore_eos=True)) for p in prompts])
