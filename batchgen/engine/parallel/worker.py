@@ -1,0 +1,67 @@
+"""Ranks 1..N-1 of a tensor-parallel engine: join the group, build the same Engine, replay rank 0's calls.
+
+A worker never returns outputs: its owners' finished groups are dropped after each turn. It leaves on
+("close",), when rank 0's pipe closes (EOF) or on any error, which it first sends to rank 0.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from typing import Any
+
+from .group import TPGroup
+
+
+def worker_main(rank: int, world: int, init_method: str, backend: str, model_dir: Any, kwargs: dict[str, Any],
+                conn: Any) -> None:
+    from . import ranks
+
+    try:
+        group = TPGroup.join(rank, world, init_method, backend)
+        ranks.set_worker_group(group)
+        from ..engine import Engine
+
+        engine = Engine(model_dir, **kwargs)
+        conn.send(("ready",))
+        serve(engine, conn)
+        engine.close()
+    except (EOFError, KeyboardInterrupt):
+        pass  # rank 0 is gone, or the terminal's Ctrl-C reached the whole process group
+    except BaseException as e:  # noqa: BLE001 - reported to rank 0, then this process ends
+        try:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+        except (OSError, EOFError):
+            pass
+        sys.exit(1)
+
+
+def serve(engine: Any, conn: Any) -> None:
+    """Replay rank 0's state changes until ("close",)."""
+    from ..engine import _Owner
+    from ..request import GenerationRequest
+
+    owners: dict[int, Any] = {}
+
+    def owner(key: int, push: bool) -> Any:
+        return engine._push if push else owners.setdefault(key, _Owner())
+
+    while True:
+        msg = conn.recv()
+        kind = msg[0]
+        if kind == "accept":
+            _, uid, ids, params, position, key, push = msg
+            engine._arrivals = itertools.count(uid)  # the same arrival: the same derived seeds
+            engine._accept(GenerationRequest(ids, params), None, position, owner(key, push))
+        elif kind == "advance":
+            engine._advance()
+            engine._push.ready.clear()
+            for key in [k for k, o in owners.items() if not o.unfinished]:
+                del owners[key]
+            for o in owners.values():
+                o.ready.clear()
+        elif kind == "drop":
+            _, key, push = msg
+            engine._drop(owner(key, push))
+            owners.pop(key, None)
+        elif kind == "close":
+            return
