@@ -76,6 +76,7 @@ class Engine:
             from .parallel.setup import start_ranks
 
             self._tp, spec["threads"] = start_ranks(self.model_dir, self.device, model, spec)
+            self._tp.on_failure = self.close  # a rank failed: this engine is closed
             threads, self.device = spec["threads"], self._tp.local_device(self.device)
         self.backend = get_backend(attention, self.device, block_size)  # before the model loads: fails fast
         self.kv_cache_dtype = kv_cache_dtype  # "auto" | "bfloat16" | "float16" | "fp8" (kv_fp8.py)
@@ -622,7 +623,7 @@ class Engine:
 
     def close(self) -> None:
         """Release the KV cache, graphs and weights (another engine may start in this process)."""
-        if self.runner is None:
+        if getattr(self, "runner", None) is None:  # closed, or a rank failed while it was being built
             return
         if self._inflight is not None:
             self.runner.collect(self._inflight)  # nothing may still write into buffers about to be freed

@@ -33,6 +33,7 @@ class Ranks:
     def __init__(self, group: TPGroup, procs: list[Any] = (), conns: list[Any] = ()) -> None:
         self.group, self.procs, self.conns = group, list(procs), list(conns)
         self.lead = group.rank == 0
+        self.on_failure: Any = None  # called once a worker is found failed (the engine closes itself)
 
     @property
     def world(self) -> int:
@@ -98,6 +99,8 @@ class Ranks:
         self.shutdown()
         if not problems:
             return None
+        if self.on_failure is not None:
+            self.on_failure()
         return TensorParallelError(f"tensor_parallel: {'; '.join(problems)}; the engine is closed")
 
     def shutdown(self, grace: float = 0.0) -> None:
