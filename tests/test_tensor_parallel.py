@@ -61,14 +61,15 @@ def test_tp2_greedy_tokens_equal_tp1(tiny_checkpoint, case):
     assert got == want
 
 
-def test_tp2_chunked_prefill_preemption_and_abandoned_calls_stay_in_step(tiny_checkpoint):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_tp2_chunked_prefill_preemption_and_abandoned_calls_stay_in_step(tiny_checkpoint, overlap):
     """Small steps (chunked prefill) and a small KV cache (preemption); an add()/abort() and a stream left
     early in between: every rank drops the same requests, and the tokens still equal TP=1's."""
     path = tiny_checkpoint("llama")
     prompts = [list(range(10 + i, 70 + i)) for i in range(6)]
     params = [SamplingParams(max_new_tokens=24, ignore_eos=True),
               SamplingParams(max_new_tokens=16, temperature=0.8, top_k=20, seed=7, ignore_eos=True)] * 3
-    kw = dict(max_batch_tokens=32, kv_cache_tokens=256, max_num_seqs=4)
+    kw = dict(max_batch_tokens=32, kv_cache_tokens=256, max_num_seqs=4, overlap=overlap)
     want, _ = _run(path, prompts, params, 1, **kw)
     engine = Engine(path, device="cpu", dtype="float32", threads=1, tensor_parallel=2, **kw)
     try:

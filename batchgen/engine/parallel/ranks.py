@@ -104,7 +104,7 @@ class Ranks:
         return TensorParallelError(f"tensor_parallel: {'; '.join(problems)}; the engine is closed")
 
     def shutdown(self, grace: float = 0.0) -> None:
-        """Stop the workers (close message, then terminate, then kill) and leave the group."""
+        """Stop the workers (the close message, then SIGKILL after `grace` seconds) and leave the group."""
         if self.lead:
             for conn in self.conns:
                 try:
@@ -114,10 +114,7 @@ class Ranks:
                 conn.close()
             for proc in self.procs:
                 proc.join(grace)
-                if proc.is_alive():
-                    proc.terminate()
-                    proc.join(5)
-                if proc.is_alive():
+                if proc.is_alive():  # workers ignore SIGTERM (see worker.py)
                     proc.kill()
                     proc.join()
             self.conns, self.procs = [], []

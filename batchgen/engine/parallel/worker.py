@@ -1,11 +1,14 @@
 """Ranks 1..N-1 of a tensor-parallel engine: join the group, build the same Engine, replay rank 0's calls.
 
 A worker never returns outputs: its owners' finished groups are dropped after each turn. It leaves on
-("close",), when rank 0's pipe closes (EOF) or on any error, which it first sends to rank 0.
+("close",), when rank 0's pipe closes (EOF) or on any error, which it first sends to rank 0. It ignores
+SIGINT / SIGTERM / SIGUSR1 (a terminal's Ctrl-C or Slurm's signal reaches every process): rank 0 handles
+them (its grace period still needs the other ranks) and then closes the workers.
 """
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 from typing import Any
 
@@ -16,6 +19,8 @@ def worker_main(rank: int, world: int, init_method: str, backend: str, model_dir
                 conn: Any) -> None:
     from . import ranks
 
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # rank 0 decides when the run stops (grace
+        signal.signal(sig, signal.SIG_IGN)  # periods, Slurm requeue); a worker leaves when rank 0 tells it or dies
     try:
         group = TPGroup.join(rank, world, init_method, backend)
         ranks.set_worker_group(group)
@@ -25,8 +30,8 @@ def worker_main(rank: int, world: int, init_method: str, backend: str, model_dir
         conn.send(("ready",))
         serve(engine, conn)
         engine.close()
-    except (EOFError, KeyboardInterrupt):
-        pass  # rank 0 is gone, or the terminal's Ctrl-C reached the whole process group
+    except EOFError:
+        pass  # rank 0 is gone
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, then this process ends
         try:
             conn.send(("error", f"{type(e).__name__}: {e}"))
