@@ -1,7 +1,9 @@
 """Rank 0's side of a tensor-parallel engine: start ranks 1..N-1, forward the engine's state changes.
 
 Every rank runs the same deterministic scheduler on the same calls, so rank 0 forwards only the calls
-that change engine state, as small pickled tuples over one pipe per worker:
+that change engine state, as small tuples over one pipe per worker, queued and sent as one pickled list
+with each turn of the loop (one pipe write per step; benchmarks/tp_host.py measured this against
+shipping the step's inputs through shared memory):
   ("accept", uid, prompt ids, params, position, owner key, push)   an accepted request (rejected ones stay here)
   ("advance",)                                                     one turn of the step loop
   ("drop", owner key, push)                                        an abandoned call's requests
@@ -33,6 +35,7 @@ class Ranks:
     def __init__(self, group: TPGroup, procs: list[Any] = (), conns: list[Any] = ()) -> None:
         self.group, self.procs, self.conns = group, list(procs), list(conns)
         self.lead = group.rank == 0
+        self.pending: list[tuple] = []  # messages for the workers, sent with the next turn
         self.on_failure: Any = None  # called once a worker is found failed (the engine closes itself)
 
     @property
@@ -53,11 +56,16 @@ class Ranks:
 
     # -------------------------------------------------------------- forwarding (rank 0)
     def _send(self, msg: tuple) -> None:
-        if not self.lead:
-            return
+        """Queue a message; the turn's ("advance",) sends the queue, in order, as one pickled list: a worker
+        only needs the accepts and drops before it runs the next turn (one pipe write per step)."""
+        if self.lead:
+            self.pending.append(msg)
+
+    def _flush(self) -> None:
+        msgs, self.pending = self.pending, []
         for conn in self.conns:
             try:
-                conn.send(msg)
+                conn.send(msgs)
             except (OSError, EOFError) as e:
                 raise (self.failure(e) or TensorParallelError(f"tensor_parallel: a worker is gone ({e})")) from e
 
@@ -66,7 +74,9 @@ class Ranks:
                     id(owner), push))
 
     def advance(self) -> None:
-        self._send(("advance",))
+        if self.lead:
+            self._send(("advance",))
+            self._flush()
 
     def dropped(self, owner: Any, push: bool) -> None:
         self._send(("drop", id(owner), push))
@@ -108,7 +118,7 @@ class Ranks:
         if self.lead:
             for conn in self.conns:
                 try:
-                    conn.send(("close",))
+                    conn.send([("close",)])
                 except (OSError, EOFError):
                     pass
                 conn.close()

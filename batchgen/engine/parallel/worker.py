@@ -43,7 +43,6 @@ def worker_main(rank: int, world: int, init_method: str, backend: str, model_dir
 def serve(engine: Any, conn: Any) -> None:
     """Replay rank 0's state changes until ("close",)."""
     from ..engine import _Owner
-    from ..request import GenerationRequest
 
     owners: dict[int, Any] = {}
 
@@ -51,22 +50,29 @@ def serve(engine: Any, conn: Any) -> None:
         return engine._push if push else owners.setdefault(key, _Owner())
 
     while True:
-        msg = conn.recv()
-        kind = msg[0]
-        if kind == "accept":
-            _, uid, ids, params, position, key, push = msg
-            engine._arrivals = itertools.count(uid)  # the same arrival: the same derived seeds
-            engine._accept(GenerationRequest(ids, params), None, position, owner(key, push))
-        elif kind == "advance":
-            engine._advance()
-            engine._push.ready.clear()
-            for key in [k for k, o in owners.items() if not o.unfinished]:
-                del owners[key]
-            for o in owners.values():
-                o.ready.clear()
-        elif kind == "drop":
-            _, key, push = msg
-            engine._drop(owner(key, push))
-            owners.pop(key, None)
-        elif kind == "close":
-            return
+        for msg in conn.recv():
+            if _replay(engine, msg, owner, owners):
+                return
+
+
+def _replay(engine: Any, msg: tuple, owner: Any, owners: dict[int, Any]) -> bool:
+    """Apply one of rank 0's messages; True for ("close",)."""
+    from ..request import GenerationRequest
+
+    kind = msg[0]
+    if kind == "accept":
+        _, uid, ids, params, position, key, push = msg
+        engine._arrivals = itertools.count(uid)  # the same arrival: the same derived seeds
+        engine._accept(GenerationRequest(ids, params), None, position, owner(key, push))
+    elif kind == "advance":
+        engine._advance()
+        engine._push.ready.clear()  # outputs are rank 0's to return
+        for key in [k for k, o in owners.items() if not o.unfinished]:
+            del owners[key]
+        for o in owners.values():
+            o.ready.clear()
+    elif kind == "drop":
+        _, key, push = msg
+        engine._drop(owner(key, push))
+        owners.pop(key, None)
+    return kind == "close"
