@@ -25,7 +25,7 @@ GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 
 def _tokens(outs) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in outs]
+    return [c.token_ids for o in outs for c in o.outputs]
 
 
 def _run(path, prompts, params, tp: int, **kw) -> tuple[list[list[int]], int]:
@@ -61,28 +61,35 @@ def test_tp2_greedy_tokens_equal_tp1(tiny_checkpoint, case):
     assert got == want
 
 
+def _scenario(engine: Engine, prompts, params) -> list[list[int]]:
+    engine.add([[1, 2, 3, 4]] * 3, GREEDY)
+    engine.step()
+    assert engine.abort() == 3
+    for _ in engine.stream([[40, 41, 42]] * 4, GREEDY):
+        break  # left early: its unfinished requests are dropped on every rank
+    return _tokens(engine.generate(prompts, params))
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_tp2_chunked_prefill_preemption_and_abandoned_calls_stay_in_step(tiny_checkpoint, overlap):
     """Small steps (chunked prefill) and a small KV cache (preemption); an add()/abort() and a stream left
-    early in between: every rank drops the same requests, and the tokens still equal TP=1's."""
+    early before: every rank drops the same requests and derives the same seeds (n=2, seed None), and the
+    tokens equal TP=1's after the same calls."""
     path = tiny_checkpoint("llama")
     prompts = [list(range(10 + i, 70 + i)) for i in range(6)]
     params = [SamplingParams(max_new_tokens=24, ignore_eos=True),
-              SamplingParams(max_new_tokens=16, temperature=0.8, top_k=20, seed=7, ignore_eos=True)] * 3
-    kw = dict(max_batch_tokens=32, kv_cache_tokens=256, max_num_seqs=4, overlap=overlap)
-    want, _ = _run(path, prompts, params, 1, **kw)
-    engine = Engine(path, device="cpu", dtype="float32", threads=1, tensor_parallel=2, **kw)
-    try:
-        engine.add([[1, 2, 3, 4]] * 3, GREEDY)
-        engine.step()
-        assert engine.abort() == 3
-        for _ in engine.stream([[40, 41, 42]] * 4, GREEDY):
-            break  # left early: its unfinished requests are dropped on every rank
-        got = _tokens(engine.generate(prompts, params))
-        assert engine.stats.preemptions > 0
-    finally:
-        engine.close()
-    assert got == want
+              SamplingParams(max_new_tokens=16, temperature=0.8, top_k=20, seed=7, ignore_eos=True),
+              SamplingParams(max_new_tokens=12, temperature=1.0, n=2, ignore_eos=True)] * 2
+    got = []
+    for tp in (1, 2):
+        engine = Engine(path, device="cpu", dtype="float32", threads=1, tensor_parallel=tp, max_batch_tokens=32,
+                        kv_cache_tokens=256, max_num_seqs=4, overlap=overlap)
+        try:
+            got.append(_scenario(engine, prompts, params))
+            assert engine.stats.preemptions > 0
+        finally:
+            engine.close()
+    assert got[1] == got[0]
 
 
 # ------------------------------------------------------------------ the sharded layers, in one process

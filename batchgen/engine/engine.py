@@ -461,9 +461,9 @@ class Engine:
         until now). Synchronous: launch a step and process it at once. Finished groups go to their owners."""
         knew_all = self._inflight is None  # no sampled token was still on the device while scheduling
         try:
+            h0 = time.perf_counter()
             if self._tp is not None:
                 self._tp.advance()  # every rank runs this same turn
-            h0 = time.perf_counter()
             batch = self.scheduler.schedule()
             handle = None
             if batch is not None:

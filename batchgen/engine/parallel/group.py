@@ -44,6 +44,7 @@ class TPGroup:
                                       "(another tensor-parallel engine is open): close it first")
         if backend == "nccl":
             os.environ["NCCL_NVLS_ENABLE"] = "0"  # never NVLink multicast (SHARP) on these machines
+            torch.cuda.set_device(rank)  # rank r runs on cuda:r; NCCL binds its communicator to it
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=TIMEOUT)
         return cls(rank, world, backend)
 
