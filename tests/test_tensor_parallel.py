@@ -107,11 +107,13 @@ class _Rank:
 
 
 @pytest.mark.parametrize("family,overrides", [("qwen2", {}), ("llama", {"num_key_value_heads": 1}),
-                                              ("smollm2", {})])
+                                              ("smollm2", {}), ("phi3", {})])
 def test_sharded_layers_equal_the_full_ones(tiny_checkpoint, family, overrides):
     """Column-parallel qkv / gate_up keep exactly their heads' / slice's outputs; the row-parallel o / down
-    and the vocab-parallel embedding sum to the full result; the lm_head shards concatenate to it."""
+    and the vocab-parallel embedding sum to the full result; the lm_head shards concatenate to it. Loading
+    only the rank's share (load_shard, what the engine does) gives exactly the sharded full model."""
     from batchgen.engine.loader import load_model
+    from batchgen.engine.parallel.load import load_shard
     from batchgen.engine.parallel.shard import head_ranges, shard_model
 
     path = tiny_checkpoint(family, **overrides)
@@ -127,6 +129,13 @@ def test_sharded_layers_equal_the_full_ones(tiny_checkpoint, family, overrides):
     for rank in range(2):
         part, _ = load_model(path, torch.device("cpu"), "float32")
         shard_model(part, _Rank(rank, 2))
+        direct, _ = load_shard(path, torch.device("cpu"), "float32", _Rank(rank, 2))
+        want = dict(part.named_parameters(remove_duplicate=False))
+        got = dict(direct.named_parameters(remove_duplicate=False))
+        assert sorted(got) == sorted(want)
+        for name, p in want.items():
+            assert torch.equal(got[name], p), name
+        assert torch.equal(direct.cos_sin, part.cos_sin)
         qr, kvr = head_ranges(cfg, rank, 2)
         a, m = part.layers[0].self_attn, part.layers[0].mlp
         q, k, v = a.qkv_proj(x).split([a.q_size, a.kv_size, a.kv_size], -1)

@@ -141,15 +141,12 @@ class Engine:
 
         # an FP8 checkpoint's own weights run on FP8 tensor cores where there are some (or when fp8 is asked for)
         keep_fp8 = (self.quantization == "fp8" or fp8_tensor_cores(self.device)) and self._tp is None
-        if model is None:
-            # tensor parallel: loaded on the host, cut to this rank's share, then moved (parallel/shard.py)
-            where = self.device if self._tp is None else torch.device("cpu")
-            model, raw_config = load_model(self.model_dir, where, dtype, keep_quantized=keep_fp8)
+        if self._tp is not None:  # this rank's share of every weight only (parallel/load.py)
+            model, raw_config = self._tp.load(self.model_dir, self.device, dtype)
+        elif model is None:
+            model, raw_config = load_model(self.model_dir, self.device, dtype, keep_quantized=keep_fp8)
         else:  # a model built elsewhere (benchmarks: random weights of a named shape)
             raw_config = {}
-        if self._tp is not None:
-            self._tp.shard(model)
-            model = model.to(self.device)
         self._apply_fp8(model, keep_fp8)
         if self.device.type == "cuda":
             from .models.linear_layout import fused_decode_rows, make_input_major

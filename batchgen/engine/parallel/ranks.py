@@ -48,6 +48,12 @@ class Ranks:
     def shard(self, model: Any) -> None:
         shard_model(model, self.group)
 
+    def load(self, model_dir: Any, device: torch.device, dtype: Any) -> tuple[Any, dict]:
+        """This rank's share of the checkpoint, read straight onto `device` (load.py)."""
+        from .load import load_shard
+
+        return load_shard(model_dir, device, dtype, self.group)
+
     def agree_blocks(self, n: int, device: torch.device) -> int:
         try:
             return self.group.min_int(n, device)
