@@ -179,8 +179,11 @@ def test_close_leaves_no_process_behind(tiny_checkpoint):
     procs = list(engine._tp.procs)
     assert [p.is_alive() for p in procs] == [True]
     assert "tensor parallel 2 (gloo)" in engine.describe()
+    with pytest.raises(EngineArgumentError, match="already has a torch.distributed group"):
+        Engine(tiny_checkpoint("llama"), device="cpu", tensor_parallel=2)  # one at a time per process
     engine.close()
     assert not any(p.is_alive() for p in procs) and not _workers()
+    assert engine.close() is None  # twice is fine
 
 
 @pytest.mark.parametrize("when", ["between_steps", "during_a_step"])

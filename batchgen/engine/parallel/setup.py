@@ -38,6 +38,11 @@ def check_tensor_parallel(world: int, model_dir: Path | None, device: torch.devi
         raise EngineArgumentError(e + f"ranks use cuda:0..cuda:{world - 1}; pass device 'cuda', not {device}")
     if device.type not in ("cpu", "cuda"):
         raise EngineArgumentError(e + f"runs on the CPU (gloo) or CUDA (NCCL), not {device.type}")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        raise EngineArgumentError(e + "this process already has a torch.distributed group (another tensor-parallel "
+                                  "engine is open?): close it first")
     from ..loader import read_config
 
     problem = shard_problem(read_config(model_dir)[1], world)
