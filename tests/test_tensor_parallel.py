@@ -219,3 +219,22 @@ def test_tp2_equals_tp1_on_cuda_in_float32(tiny_checkpoint):
         finally:
             engine.close()
     assert results[0] == results[1]
+
+
+def test_a_failure_on_rank_0_while_building_stops_the_workers(tiny_checkpoint, monkeypatch):
+    """Rank 0 fails after its worker started (the worker waits in a collective): the worker is stopped at
+    once, and a new tensor-parallel engine starts in the same process afterwards."""
+    from batchgen.engine.engine import Engine as EngineClass
+
+    path = tiny_checkpoint("llama")
+
+    def boom(self):
+        raise RuntimeError("rank 0 only")  # the spawned worker imports the real method
+
+    with monkeypatch.context() as m:
+        m.setattr(EngineClass, "_load_tokenizer", boom)
+        with pytest.raises(RuntimeError, match="rank 0 only"):
+            Engine(path, device="cpu", dtype="float32", threads=1, tensor_parallel=2)
+    assert not _workers()
+    got, _ = _run(path, PROMPTS[:1], GREEDY, 2)
+    assert got == _run(path, PROMPTS[:1], GREEDY, 1)[0]

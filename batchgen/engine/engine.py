@@ -27,6 +27,7 @@ from .attention import get_backend
 from .constraints import ConstraintError, Grammars, constraint_of
 from .kv_cache import BlockManager
 from .loader import load_model
+from .parallel.ranks import stops_ranks_on_error
 from .request import GenerationRequest, RequestOutput, SamplingParams
 from .runner import ModelRunner, StepHandle
 from .scheduler import Scheduler
@@ -56,6 +57,7 @@ def _pick_device(device: str) -> torch.device:
 
 
 class Engine:
+    @stops_ranks_on_error
     def __init__(self, model_dir: str | Path | None, device: str = "auto", dtype: str | torch.dtype = "auto",
                  max_num_seqs: int = 256, max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  block_size: int = 16, prefix_caching: bool = True, gpu_memory_fraction: float = 0.9,

@@ -15,6 +15,7 @@ rank 0 raises one TensorParallelError naming the rank (never a hang: the group's
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import threading
 import time
@@ -135,6 +136,20 @@ class Ranks:
                     proc.join()
             self.conns, self.procs = [], []
         self.group.close()
+
+
+def stops_ranks_on_error(init: Any) -> Any:
+    """Decorates Engine.__init__: a failure on rank 0 after its workers started stops them at once (they may
+    be waiting in a collective for rank 0, which would otherwise last until the group's timeout)."""
+    @functools.wraps(init)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            if getattr(self, "_tp", None) is not None:
+                self._tp.shutdown()
+            raise
+    return wrapped
 
 
 def _error_from(conn: Any) -> str | None:
