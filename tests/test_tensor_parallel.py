@@ -238,3 +238,26 @@ def test_a_failure_on_rank_0_while_building_stops_the_workers(tiny_checkpoint, m
     assert not _workers()
     got, _ = _run(path, PROMPTS[:1], GREEDY, 2)
     assert got == _run(path, PROMPTS[:1], GREEDY, 1)[0]
+
+
+def test_tp2_constrained_and_text_requests_equal_tp1(tiny_checkpoint):
+    """Text prompts (tokenized on rank 0, the ids forwarded) and constrained rows (each rank runs its own
+    matchers on the same tokens) beside a free one, through stream()."""
+    pytest.importorskip("llguidance")
+    path = tiny_checkpoint("qwen3")
+    reqs = [("Hello", SamplingParams(max_new_tokens=6, ignore_eos=True)),
+            ("Pick one:", SamplingParams(choice=["yes", "no", "maybe"], max_new_tokens=8)),
+            ("Digits:", SamplingParams(regex=r"[0-9]{3}", max_new_tokens=8, logprobs=True))]
+    from batchgen import GenerationRequest
+
+    got = []
+    for tp in (1, 2):
+        engine = Engine(path, device="cpu", dtype="float32", threads=1, tensor_parallel=tp)
+        try:
+            outs = sorted(engine.stream([GenerationRequest(p, sp, request_id=i) for i, (p, sp) in enumerate(reqs)]),
+                          key=lambda o: o.request_id)
+            got.append([(c.token_ids, c.text, c.finish_reason) for o in outs for c in o.outputs])
+        finally:
+            engine.close()
+    assert got[1] == got[0]
+    assert got[0][1][1] in ("yes", "no", "maybe") and got[0][2][1].isdigit()
