@@ -3,7 +3,8 @@ processes. tensor_parallel=2 gives the same greedy tokens as tensor_parallel=1 i
 checkpoints of each family (KV heads split, and replicated with 1 KV head); chunked prefill, preemption
 and an abandoned stream stay in step across ranks; the sharded layers equal the full ones; bad settings
 fail before any process starts; close() leaves no process behind and a dead worker makes rank 0 raise.
-Each engine start spawns one worker (a few seconds: it imports torch and loads the checkpoint).
+Each engine start spawns one worker (a few seconds: it imports torch and loads the checkpoint): those tests
+are marked slow (about 10 s each on a 2-core box).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ FAMILY_CASES = {
 }
 
 
+@pytest.mark.slow  # spawns a worker process
 @pytest.mark.parametrize("case", list(FAMILY_CASES))
 def test_tp2_greedy_tokens_equal_tp1(tiny_checkpoint, case):
     family, overrides = FAMILY_CASES[case]
@@ -70,6 +72,7 @@ def _scenario(engine: Engine, prompts, params) -> list[list[int]]:
     return _tokens(engine.generate(prompts, params))
 
 
+@pytest.mark.slow  # spawns a worker process
 @pytest.mark.parametrize("overlap", [False, True])
 def test_tp2_chunked_prefill_preemption_and_abandoned_calls_stay_in_step(tiny_checkpoint, overlap):
     """Small steps (chunked prefill) and a small KV cache (preemption); an add()/abort() and a stream left
@@ -174,6 +177,7 @@ def test_kv_heads_that_do_not_divide_the_ranks_are_refused(tiny_checkpoint):
 
 
 # ------------------------------------------------------------------ shutdown and failures
+@pytest.mark.slow  # spawns a worker process
 def test_close_leaves_no_process_behind(tiny_checkpoint):
     engine = Engine(tiny_checkpoint("llama"), device="cpu", dtype="float32", threads=1, tensor_parallel=2)
     procs = list(engine._tp.procs)
@@ -186,6 +190,7 @@ def test_close_leaves_no_process_behind(tiny_checkpoint):
     assert engine.close() is None  # twice is fine
 
 
+@pytest.mark.slow  # spawns a worker process
 @pytest.mark.parametrize("when", ["between_steps", "during_a_step"])
 def test_a_dead_worker_makes_rank_0_raise_not_hang(tiny_checkpoint, when):
     engine = Engine(tiny_checkpoint("llama"), device="cpu", dtype="float32", threads=1, tensor_parallel=2,
@@ -219,8 +224,7 @@ def test_tp2_equals_tp1_on_cuda_in_float32(tiny_checkpoint):
         finally:
             engine.close()
     assert results[0] == results[1]
-
-
+@pytest.mark.slow  # spawns a worker process
 def test_a_failure_on_rank_0_while_building_stops_the_workers(tiny_checkpoint, monkeypatch):
     """Rank 0 fails after its worker started (the worker waits in a collective): the worker is stopped at
     once, and a new tensor-parallel engine starts in the same process afterwards."""
@@ -238,8 +242,7 @@ def test_a_failure_on_rank_0_while_building_stops_the_workers(tiny_checkpoint, m
     assert not _workers()
     got, _ = _run(path, PROMPTS[:1], GREEDY, 2)
     assert got == _run(path, PROMPTS[:1], GREEDY, 1)[0]
-
-
+@pytest.mark.slow  # spawns a worker process
 def test_tp2_constrained_and_text_requests_equal_tp1(tiny_checkpoint):
     """Text prompts (tokenized on rank 0, the ids forwarded) and constrained rows (each rank runs its own
     matchers on the same tokens) beside a free one, through stream()."""

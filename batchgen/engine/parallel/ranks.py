@@ -105,10 +105,11 @@ class Ranks:
         its exit code), or None when every worker is fine (the error was rank 0's own). Either way the
         workers are stopped: the group can't be trusted after a collective failed half way."""
         problems = []
+        deadline = time.monotonic() + (1.0 if cause is not None else 0.0)  # a dying worker's exit code, briefly
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
             msg = (seen or {}).get(rank) or _error_from(conn)
             if msg is None:
-                proc.join(1.0 if cause is not None else 0)
+                proc.join(max(0.0, deadline - time.monotonic()))
             if msg is None and proc.exitcode is not None:
                 msg = f"exited with code {proc.exitcode}"
             if msg is not None:
