@@ -2,7 +2,7 @@
 
 gloo on the CPU, NCCL on CUDA (NCCL_NVLS_ENABLE=0: NVLink multicast is never turned on). The rendezvous
 address is the group's own init_method (MASTER_ADDR / MASTER_PORT are not touched). One group per
-process: a second tensor-parallel engine waits until the first is closed.
+process: a second tensor-parallel engine is refused until the first is closed.
 """
 from __future__ import annotations
 
@@ -12,11 +12,21 @@ from datetime import timedelta
 
 import torch
 
-TIMEOUT = timedelta(seconds=int(os.environ.get("BATCHGEN_TP_TIMEOUT", "600")))  # init and every collective
-
 
 class TensorParallelError(RuntimeError):
     """A rank of a tensor-parallel engine failed (or could not start): the engine is closed."""
+
+
+def timeout() -> timedelta:
+    """BATCHGEN_TP_TIMEOUT (seconds, default 600): the group's init and every collective give up after it."""
+    raw = os.environ.get("BATCHGEN_TP_TIMEOUT", "").strip()
+    try:
+        seconds = float(raw) if raw else 600.0
+    except ValueError:
+        raise TensorParallelError(f"BATCHGEN_TP_TIMEOUT={raw!r}: expected a number of seconds") from None
+    if not seconds > 0:
+        raise TensorParallelError(f"BATCHGEN_TP_TIMEOUT={raw!r}: expected a number of seconds > 0")
+    return timedelta(seconds=seconds)
 
 
 def free_port() -> int:
@@ -45,7 +55,7 @@ class TPGroup:
         if backend == "nccl":
             os.environ["NCCL_NVLS_ENABLE"] = "0"  # never NVLink multicast (SHARP) on these machines
             torch.cuda.set_device(rank)  # rank r runs on cuda:r; NCCL binds its communicator to it
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=TIMEOUT)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout())
         return cls(rank, world, backend)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:

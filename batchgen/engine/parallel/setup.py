@@ -40,6 +40,13 @@ def check_tensor_parallel(world: int, model_dir: Path | None, device: torch.devi
         raise EngineArgumentError(e + f"runs on the CPU (gloo) or CUDA (NCCL), not {device.type}")
     import torch.distributed as dist
 
+    from .group import TensorParallelError, timeout
+
+    try:
+        timeout()
+    except TensorParallelError as err:
+        raise EngineArgumentError(e + str(err)) from None
+
     if dist.is_available() and dist.is_initialized():
         raise EngineArgumentError(e + "this process already has a torch.distributed group (another tensor-parallel "
                                   "engine is open?): close it first")
