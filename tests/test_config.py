@@ -167,6 +167,7 @@ def test_set_overrides_and_fingerprint(tmp_path: Path) -> None:
     assert b.sampling.temperature == 0.0 and b.input.limit == 2 and b.output.rows_per_shard == 7
     # limit, output and engine settings don't change what is generated
     assert job_fingerprint(a) == job_fingerprint(load_job(job, ["input.limit=2", "engine.max_num_seqs=3"]))
+    assert job_fingerprint(a) == job_fingerprint(load_job(job, ["engine.tensor_parallel=2"]))  # same tokens
     assert job_fingerprint(a) != job_fingerprint(b)
     assert job_fingerprint(a) != job_fingerprint(load_job(job, ["prompt.system=Be brief."]))
     with pytest.raises(ConfigError, match="sampling.temprature"):
@@ -365,11 +366,11 @@ def test_engine_and_sampling_arguments_come_from_the_fields(tmp_path: Path) -> N
     from batchgen.engine.validation import check_engine_args
     from batchgen.pipeline.config import CONSTRAINT_KEYS, engine_kwargs, sampling_kwargs
 
-    cfg = load_job(write_job(tmp_path, GOOD + "engine: {threads: 2, block_size: 32}\n"
+    cfg = load_job(write_job(tmp_path, GOOD + "engine: {threads: 2, block_size: 32, tensor_parallel: 2}\n"
                              "sampling: {seed: 5, stop: [x], logprobs: true}\n"))
     kw = engine_kwargs(cfg)
     assert set(kw) == set(inspect.signature(check_engine_args).parameters)
-    assert kw["threads"] == 2 and kw["block_size"] == 32 and kw["seed"] == 5 and kw["dtype"] == cfg.model.dtype
+    assert kw["threads"] == 2 and kw["block_size"] == 32 and kw["tensor_parallel"] == 2 and kw["seed"] == 5 and kw["dtype"] == cfg.model.dtype
     skw = sampling_kwargs(cfg.sampling)
     ours = {f.name for f in dataclasses.fields(cfg.sampling)}
     assert set(skw) == {f.name for f in dataclasses.fields(SamplingParams)} & ours - set(CONSTRAINT_KEYS)

@@ -109,3 +109,16 @@ def test_model_context_of_an_alias_comes_from_its_converted_config(tmp_path: Pat
         cfg = parse_job({"model": {"path": path}, "input": {"files": ["x.jsonl"]}, "prompt": {"column": "q"},
                          "output": {"path": "out"}}, base_dir=tmp_path)
         assert model_context(cfg) == want
+
+
+def test_dry_run_names_tensor_parallel_and_refuses_a_split_that_does_not_divide(tiny_checkpoint: Any,
+                                                                                 tmp_path: Path) -> None:
+    without_weights(tiny_checkpoint("qwen3"), tmp_path / "model")
+    line = model_line(dry_run(tmp_path, "model", "engine.tensor_parallel=2"))
+    assert line.endswith("attention torch on cpu, dtype float32, tensor parallel 2 (gloo)"), line
+    r = dry_run(tmp_path, "model", "engine.tensor_parallel=3")
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert ("engine.tensor_parallel: tensor_parallel 3 must divide num_attention_heads (4) and intermediate_size "
+            "(128)") in err, err

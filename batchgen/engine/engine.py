@@ -27,6 +27,7 @@ from .attention import get_backend
 from .constraints import ConstraintError, Grammars, constraint_of
 from .kv_cache import BlockManager
 from .loader import load_model
+from .parallel.ranks import stops_ranks_on_error
 from .request import GenerationRequest, RequestOutput, SamplingParams
 from .runner import ModelRunner, StepHandle
 from .scheduler import Scheduler
@@ -56,19 +57,29 @@ def _pick_device(device: str) -> torch.device:
 
 
 class Engine:
+    @stops_ranks_on_error
     def __init__(self, model_dir: str | Path | None, device: str = "auto", dtype: str | torch.dtype = "auto",
                  max_num_seqs: int = 256, max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  block_size: int = 16, prefix_caching: bool = True, gpu_memory_fraction: float = 0.9,
                  overlap: bool | str = "auto", cuda_graphs: bool = True, attention: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, threads: int | None = None,
-                 quantization: str | None = None, kv_cache_dtype: str = "auto", model: Any = None) -> None:
+                 quantization: str | None = None, kv_cache_dtype: str = "auto", model: Any = None,
+                 tensor_parallel: int = 1) -> None:
+        spec = {k: v for k, v in locals().items() if k not in ("self", "model_dir", "model")}  # for the ranks
         check_engine_args(device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                           kv_cache_tokens=kv_cache_tokens, block_size=block_size, prefix_caching=prefix_caching,
                           gpu_memory_fraction=gpu_memory_fraction, overlap=overlap, cuda_graphs=cuda_graphs,
                           attention=attention, max_model_len=max_model_len, seed=seed, threads=threads,
-                          quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+                          quantization=quantization, kv_cache_dtype=kv_cache_dtype, tensor_parallel=tensor_parallel)
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.device = _pick_device(device)
+        self._tp = None  # parallel.ranks.Ranks with tensor_parallel > 1: rank 0 forwards its calls to the others
+        if tensor_parallel > 1:
+            from .parallel.setup import start_ranks
+
+            self._tp, spec["threads"] = start_ranks(self.model_dir, self.device, model, spec)
+            self._tp.on_failure = self.close  # a rank failed: this engine is closed
+            threads, self.device = spec["threads"], self._tp.local_device(self.device)
         self.backend = get_backend(attention, self.device, block_size)  # before the model loads: fails fast
         self.kv_cache_dtype = kv_cache_dtype  # "auto" | "bfloat16" | "float16" | "fp8" (kv_fp8.py)
         if kv_cache_dtype != "auto":
@@ -95,6 +106,8 @@ class Engine:
         # decode graphs need an attention backend whose launches depend only on host bounds
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend.graph_capturable
         self.graph_capture_s = self.runner.capture_graphs(max_num_seqs) if self.cuda_graphs else 0.0
+        if self._tp is not None:
+            self._tp.ready()  # every rank built its engine (or one clear error)
         log.info("engine: %s", self.describe())
         self._init_loop_state()
         # What exists now (torch, transformers, the model, graphs: ~400k tracked objects) lives as long as
@@ -108,6 +121,8 @@ class Engine:
         graphs = (f", {len(self.runner.graphs.sizes)} decode CUDA graphs captured in {self.graph_capture_s:.1f} s"
                   if self.cuda_graphs else "")
         precision = f", {self.precision}" if self.precision else ""
+        if self._tp is not None:
+            precision += f", tensor parallel {self._tp.world} ({self._tp.group.backend})"
         kv = kv_fp8.dtype_name(self.kv_dtype) + (f", {self.kv_scales.describe()}" if self.kv_scales else "")
         return (f"{self.model.cfg.model_type} {str(self.dtype).removeprefix('torch.')}{precision} on {self.device}, "
                 f"attention {self.backend.name}, KV cache {self.blocks.usable_blocks * self.block_size:,} tokens "
@@ -127,8 +142,10 @@ class Engine:
         from .quant import fp8_tensor_cores
 
         # an FP8 checkpoint's own weights run on FP8 tensor cores where there are some (or when fp8 is asked for)
-        keep_fp8 = self.quantization == "fp8" or fp8_tensor_cores(self.device)
-        if model is None:
+        keep_fp8 = (self.quantization == "fp8" or fp8_tensor_cores(self.device)) and self._tp is None
+        if self._tp is not None:  # this rank's share of every weight only (parallel/load.py)
+            model, raw_config = self._tp.load(self.model_dir, self.device, dtype)
+        elif model is None:
             model, raw_config = load_model(self.model_dir, self.device, dtype, keep_quantized=keep_fp8)
         else:  # a model built elsewhere (benchmarks: random weights of a named shape)
             raw_config = {}
@@ -137,7 +154,7 @@ class Engine:
             from .models.linear_layout import fused_decode_rows, make_input_major
 
             make_input_major(model, skip=("lm_head",) if model.cfg.tie_word_embeddings else ())
-            model.fused_rows = fused_decode_rows(model)
+            model.fused_rows = fused_decode_rows(model) if self._tp is None else 0
         return model, raw_config
 
     def _apply_fp8(self, model: Any, keep_fp8: bool) -> None:
@@ -230,7 +247,8 @@ class Engine:
         if tokens < self.block_size:
             raise EngineArgumentError(f"Engine: kv_cache_tokens: the KV cache would hold {tokens} tokens, less than one "
                                       f"block ({self.block_size}): not enough memory for this model and settings")
-        return -(-tokens // self.block_size) + 1  # + the scratch block
+        blocks = -(-tokens // self.block_size) + 1  # + the scratch block
+        return blocks if self._tp is None else self._tp.agree_blocks(blocks, self.device)  # one count on every rank
 
     def reset_stats(self) -> None:
         self._counters = Counters()
@@ -340,6 +358,8 @@ class Engine:
         self._live[group.uid] = group
         owner.unfinished += 1
         self._constrained_groups += group.seqs[0].matcher is not None
+        if self._tp is not None:
+            self._tp.accepted(group, owner, owner is self._push)
         share = self.blocks.prefix_caching and len(group.seqs) > 1
         for seq in group.seqs[:1] if share else group.seqs:  # siblings follow the first sample's prefill
             self.scheduler.add(seq)
@@ -441,6 +461,8 @@ class Engine:
         knew_all = self._inflight is None  # no sampled token was still on the device while scheduling
         try:
             h0 = time.perf_counter()
+            if self._tp is not None:
+                self._tp.advance()  # every rank runs this same turn
             batch = self.scheduler.schedule()
             handle = None
             if batch is not None:
@@ -461,6 +483,11 @@ class Engine:
                 self._deliver(self._process(handle))
         except BaseException as e:  # a signal, an OOM: the step state is half-updated; end every request cleanly
             self._fail_all(f"interrupted by {type(e).__name__}" + (f": {e}" if str(e) else ""))
+            if self._tp is not None:  # the ranks are out of step now: the engine closes
+                err = self._tp.failure(e)
+                self.close()
+                if err is not None:
+                    raise err from e
             raise
         if batch is None and knew_all and self._live:
             raise RuntimeError(self._stall_report())
@@ -478,6 +505,8 @@ class Engine:
     def _drop(self, owner: _Owner) -> None:
         """Forget an abandoned call's unfinished requests: free their blocks and slots at once (a step still in
         flight only writes blocks and slots on the device's stream before any later step reuses them)."""
+        if self._tp is not None:
+            self._tp.dropped(owner, owner is self._push)
         for group in list(self._live.values()):
             if group.owner is owner:
                 for seq in group.seqs:
@@ -593,13 +622,15 @@ class Engine:
 
     def close(self) -> None:
         """Release the KV cache, graphs and weights (another engine may start in this process)."""
-        if self.runner is None:
+        if getattr(self, "runner", None) is None:  # closed, or a rank failed while it was being built
             return
         if self._inflight is not None:
             self.runner.collect(self._inflight)  # nothing may still write into buffers about to be freed
             self._inflight = None
         self.runner = None  # type: ignore[assignment]
         self.model = None
+        if self._tp is not None:
+            self._tp.shutdown(grace=10.0)
         gc.unfreeze()
         gc.collect()  # frees the model, caches and graphs now, before empty_cache
         if self.device.type == "cuda":

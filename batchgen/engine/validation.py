@@ -180,7 +180,7 @@ def check_engine_args(*, device: Any = "auto", dtype: Any = "auto", max_num_seqs
                       prefix_caching: Any = True, gpu_memory_fraction: Any = 0.9, overlap: Any = "auto",
                       cuda_graphs: Any = True, attention: Any = "auto", max_model_len: Any = None,
                       seed: Any = 0, threads: Any = None, quantization: Any = None,
-                      kv_cache_dtype: Any = "auto") -> None:
+                      kv_cache_dtype: Any = "auto", tensor_parallel: Any = 1) -> None:
     """Check the Engine constructor's arguments (defaults: the Engine's, so tests can pass one)."""
     e = "Engine: "
     _check_device(device)
@@ -200,6 +200,7 @@ def check_engine_args(*, device: Any = "auto", dtype: Any = "auto", max_num_seqs
     _opt_int(e + "threads", threads, 1)
     _check_quantization(quantization)
     _check_kv_cache_dtype(kv_cache_dtype)
+    _int(e + "tensor_parallel", tensor_parallel, 1)
 
 
 def _check_device(device: object) -> None:

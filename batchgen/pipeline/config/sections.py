@@ -131,6 +131,8 @@ class EngineSection:
                                   doc="auto (the model's dtype) | bfloat16 | float16 | fp8 (e4m3 with per-layer scales)")
     threads: int | None = setting(None, kind="int", nullable=True, **TOKENS,
                                   doc="torch threads on the CPU; null: automatic (batchgen/engine/threads.py)")
+    tensor_parallel: int = setting(1, kind="int", **TOKENS,
+                                   doc="ranks (GPUs, or CPU processes) each holding a share of every layer")
 
 
 @dataclass

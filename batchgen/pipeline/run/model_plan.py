@@ -26,11 +26,15 @@ class ModelPlan:
     device: str
     attention: str
     dtype: str | None  # None: not known before a GGUF is converted
+    tensor_parallel: int = 1
 
     def line(self) -> str:
         what = ", ".join((f"model_type {self.model_type}", *self.details))
         dtype = f", dtype {self.dtype}" if self.dtype else ""
-        return f"model: {self.implementation} ({what}), attention {self.attention} on {self.device}{dtype}"
+        tp = ""
+        if self.tensor_parallel > 1:
+            tp = f", tensor parallel {self.tensor_parallel} ({'nccl' if self.device.startswith('cuda') else 'gloo'})"
+        return f"model: {self.implementation} ({what}), attention {self.attention} on {self.device}{dtype}{tp}"
 
 
 def model_plan(cfg: JobConfig) -> ModelPlan:
@@ -52,8 +56,20 @@ def model_plan(cfg: JobConfig) -> ModelPlan:
     except UnsupportedModelError as e:
         raise ConfigError(f"{cfg.source_path}: model.path: {e}") from None
     archs = raw.get("architectures") or []
+    _check_tensor_parallel(cfg, mc)
     return ModelPlan(IMPLEMENTATIONS.get(mc.model_type, DEFAULT_IMPLEMENTATION), mc.model_type,
-                     (*archs[:1], *_features(mc)), device, attention, _dtype(cfg, mc, device))
+                     (*archs[:1], *_features(mc)), device, attention, _dtype(cfg, mc, device),
+                     cfg.engine.tensor_parallel)
+
+
+def _check_tensor_parallel(cfg: JobConfig, mc: Any) -> None:
+    """engine.tensor_parallel this model can't be split over: the engine's own line, naming the key."""
+    from ...engine.parallel.shard import shard_problem
+
+    problem = shard_problem(mc, cfg.engine.tensor_parallel) if cfg.engine.tensor_parallel > 1 else None
+    if problem is not None:
+        where = cfg.locations.get("engine.tensor_parallel", cfg.source_path)
+        raise ConfigError(f"{where}: engine.tensor_parallel: {problem}")
 
 
 def _device_and_attention(cfg: JobConfig) -> tuple[str, str]:
