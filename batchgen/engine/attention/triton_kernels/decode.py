@@ -31,8 +31,9 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def softcap_log2(x, cap_log2):
     """Soft-capping (Gemma 2) on scores in the log2 domain: x = s * log2(e), cap_log2 = cap * log2(e); returns
-    tanh(s / cap) * cap * log2(e), tanh(y) written 2 * sigmoid(2y) - 1 (no libdevice: the interpreter runs it)."""
-    return cap_log2 * (2.0 / (1.0 + tl.exp2(x * (-2.0 / cap_log2))) - 1.0)
+    tanh(s / cap) * cap * log2(e), tanh(y) written 2 / (1 + e^(-2y)) - 1 with e^(-2y) = 2^(-2 y log2(e)) (no
+    libdevice: the interpreter runs it too)."""
+    return cap_log2 * (2.0 / (1.0 + tl.exp2(x * (-2.0 * 1.4426950408889634 / cap_log2))) - 1.0)
 
 
 @triton.jit
