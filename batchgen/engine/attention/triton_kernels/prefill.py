@@ -145,8 +145,8 @@ def _default_tiles(G_PAD: int, fp32: bool, head_dim: int) -> tuple[int, int, int
     """(BLOCK_M rows, BLOCK_N, num_warps)."""
     if fp32:  # head_dim 256 (Gemma): a narrower K/V tile keeps three stages within shared memory
         return (32, 16, 4) if head_dim > 128 else (32, 32, 4)
-    if head_dim > 128:
-        return 64, 32, 4
+    if head_dim > 128:  # Gemma's 256: 8 warps keep the [64, 256] fp32 accumulator at 64 registers a thread
+        return 64, 32, 8  # (FlashAttention-2's choice for head_dim 256; not yet swept on a GPU here)
     return 64, 64, 4
 
 
