@@ -217,6 +217,16 @@ def test_unsupported_gemma_settings_are_one_line(extra, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_unsupported_architecture_names_the_gemmas():
+    from batchgen.engine.models.config import ModelConfig, UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError) as e:
+        ModelConfig.from_hf({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]})  # Gemma 1: not (yet)
+    msg = str(e.value)
+    assert "'GemmaForCausalLM'" in msg and "Gemma 2 and Gemma 3 (text)" in msg and "\n" not in msg
+    assert "gemma2, gemma3_text, gemma3" in msg
+
+
 def test_rope_tables_equal_transformers_rotary_embedding(tiny_checkpoint):
     """Gemma 3: the global table is rope_theta with linear scaling, the local one rope_local_base_freq."""
     from transformers import AutoConfig
@@ -362,3 +372,24 @@ def test_gemma_triton_equals_torch_on_cuda(tmp_path_factory, variant):
         assert not failures, R.format_failures(failures, f"cuda {variant} {attention}")
     failures, _ = R.compare_greedy(ref, prompts, outs["triton"], [R.RefResult(tokens=t) for t in outs["torch"]])
     assert not failures, R.format_failures(failures, f"cuda {variant}: triton vs torch")
+
+
+def test_bench_runs_a_gemma_shape(monkeypatch):
+    """`batchgen bench --shape gemma-3-4b`'s path (build_model, init_random, Engine(model=...)) on a tiny
+    Gemma 3 shape of the same kind on the CPU."""
+    import random
+
+    from batchgen import bench
+
+    tiny = dict(bench.SHAPES["gemma-3-4b"], hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=2048, sliding_window=16,
+                query_pre_attn_scalar=32)
+    monkeypatch.setitem(bench.SHAPES, "tiny-gemma", tiny)
+
+    def small(name: str):
+        rng = random.Random(0)
+        return [[rng.randrange(3, 2000) for _ in range(rng.randint(5, 40))] for _ in range(6)], [30] * 6
+
+    monkeypatch.setattr(bench, "workload", small)
+    rec = bench.run_batchgen("seed", "tiny-gemma", False, False, "torch", 4, 256)
+    assert rec["output_tokens"] == 180 and rec["shape"] == "tiny-gemma"
