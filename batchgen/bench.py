@@ -28,6 +28,13 @@ SHAPES: dict[str, dict[str, Any]] = {
                        intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                        head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
                        rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # google/gemma-3-4b-it's text model (its config.json's text_config over Gemma3TextConfig's defaults)
+    "gemma-3-4b": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_size=2560,
+                       intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=256, vocab_size=262208, max_position_embeddings=131072, rope_theta=1000000.0,
+                       rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                       sliding_window=1024, sliding_window_pattern=6, query_pre_attn_scalar=256,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True),
 }
 # workload -> (prompts, prompt length, new tokens) for the fixed-length ones
 FIXED_WORKLOADS: dict[str, tuple[int, int, int]] = {

@@ -77,6 +77,23 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "smollm2": dict(model_type="llama", rope_theta=100000.0, tie_word_embeddings=True),
     # checkpoints store fused qkv_proj / gate_up_proj; partial rotary and longrope are overrides
     "phi3": dict(model_type="phi3", rope_theta=10000.0, sliding_window=None),
+    # Gemma 2: GeGLU, (1 + w) norms x4 per layer, scaled embeddings, soft-capped attention (small cap, so it
+    # bites) and logits, sliding window (48) on layer 0, global layer 1; query_pre_attn_scalar != head_dim.
+    # Untied here (real Gemmas tie: the "-tied" test variants): tied, the scaled input embedding dominates the
+    # logits of so small a model, which then mostly repeats its last token. Norm weights random (_gemma_norms).
+    "gemma2": dict(model_type="gemma2", head_dim=16, query_pre_attn_scalar=24, sliding_window=48,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=8.0, tie_word_embeddings=False,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # Gemma 3 (text): q/k norms, head_dim 32 != hidden / heads, sliding layers 0-1 (pattern 3) with the local
+    # rope base, global layer 2 with rope_theta and linear scaling (as the 4B and larger models)
+    "gemma3": dict(model_type="gemma3_text", num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=32,
+                   sliding_window=48, sliding_window_pattern=3, tie_word_embeddings=False,
+                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # Gemma3ForConditionalGeneration (model_type gemma3): the gemma3 text model inside a multimodal config, a
+    # tiny SigLIP vision tower beside it (its weights are in the checkpoint; the engine skips them)
+    "gemma3-mm": dict(model_type="gemma3", num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=32,
+                      sliding_window=48, sliding_window_pattern=3, tie_word_embeddings=False),
     # an architecture the engine does not support (its error message is tested)
     "gpt2": dict(model_type="gpt2"),
 }
@@ -122,10 +139,15 @@ def build_checkpoint(family: str, out: Path, seed: int = 0, **overrides: Any) ->
     tokenizer = build_tokenizer()
     kw = {**_BASE, **FAMILIES[family], **overrides}
     model_type = kw.pop("model_type")
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **kw)
+    if model_type == "gemma3":
+        config = _gemma3_multimodal(AutoConfig, len(tokenizer), kw)
+    else:
+        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
+    if model_type.startswith("gemma"):
+        _gemma_norms(model, seed)
     # llama3.1 ships several EOS ids; keep that shape so engines handle a list
     eos: int | list[int] = [0, EOS_ID] if family == "llama3.1" else EOS_ID
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=eos, pad_token_id=0)
@@ -136,6 +158,29 @@ def build_checkpoint(family: str, out: Path, seed: int = 0, **overrides: Any) ->
     if family == "llama3.1":
         _legacy_rope_keys(out / "config.json")
     return out
+
+
+def _gemma3_multimodal(auto_config: Any, vocab: int, kw: dict[str, Any]) -> Any:
+    """A Gemma3Config: kw as its text_config, a one-layer SigLIP; the image token ids are 3 ids past the
+    tokenizer's (so random prompts, drawn from the tokenizer's ids, never hold one)."""
+    top = {k: kw.pop(k) for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")}
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    return auto_config.for_model("gemma3", text_config=dict(kw, vocab_size=vocab + 3, **top), vision_config=vision,
+                                 mm_tokens_per_image=1, boi_token_index=vocab, eoi_token_index=vocab + 1,
+                                 image_token_index=vocab + 2, **top)
+
+
+def _gemma_norms(model: Any, seed: int) -> None:
+    """Random Gemma norm weights (transformers initialises them to 0, a scale of 1 + 0): N(0, 0.5), post-norms
+    around 1 (scale ~2), so the (1 + w) scaling is exercised and the layers weigh against the embedding."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if ".post_" in name else 0.0))
 
 
 def make_tiny_checkpoint(family: str, path: str | os.PathLike, seed: int = 0, **overrides: Any) -> str:

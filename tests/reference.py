@@ -234,7 +234,7 @@ def model_info(path: str) -> tuple[int, set[int]]:
     from transformers import AutoConfig, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(path)
-    vocab = cfg.vocab_size
+    vocab = cfg.get_text_config().vocab_size  # a multimodal config (Gemma 3) keeps it in its text_config
     try:
         tok = AutoTokenizer.from_pretrained(path)
         specials = set(tok.all_special_ids)

@@ -92,6 +92,9 @@ class Engine:
         self.quantization = quantization  # None | "fp8": weights quantized at load (engine/quant)
         self.precision = ""  # how the quantized weights run here, for describe() ("" unquantized)
         self.model, raw_config = self._load_model(model, dtype)
+        problem = self.backend.softcap_problem(getattr(self.model, "attn_softcap", 0.0))  # Gemma 2
+        if problem is not None:
+            raise EngineArgumentError(f"Engine: {problem}")
         self.dtype = next(self.model.parameters()).dtype
         self.kv_dtype, self.kv_scales = self._kv_setup()
         self._load_tokenizer()

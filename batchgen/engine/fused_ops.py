@@ -3,7 +3,9 @@
     normed = rms_norm(x, weight, eps)                        # x: [..., N]
     normed, new_residual = rms_norm(x, weight, eps, residual=r)   # new_residual = x + r (model dtype),
                                                                   # normed = rms_norm(new_residual)
+    normed = rms_norm(x, weight, eps, offset=True)           # Gemma: x * rstd * (1 + weight), fp32, rounded once
     y = silu_and_mul(x)                                      # x: [..., 2I] -> silu(x[..., :I]) * x[..., I:]
+    y = gelu_tanh_and_mul(x)                                 # the same with gelu_pytorch_tanh (Gemma's GeGLU)
     cache = rope_cos_sin_cache(inv_freq, max_pos, device)    # [max_pos, rot_dim] fp32: cos | sin
     apply_rope(q, k, positions, cache, interleaved=False)    # in place; q [T, H, D], k [T, KVH, D]
                                                              # (views of a packed qkv are fine: last dim
@@ -45,14 +47,16 @@ def _fused():
 
 # ----------------------------------------------------------------------------- RMSNorm
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             *, force: str | None = None):
-    if _use_triton(x, force):  # HF: weight * h.to(input_dtype); weights are loaded in the model dtype
-        return _fused().rms_norm(x, weight, eps, residual, x.dtype)
+             *, offset: bool = False, force: str | None = None):
+    """offset=False: HF Llama's weight * h.to(input_dtype) (weights are loaded in the model dtype);
+    offset=True: HF Gemma's (h * (1 + weight.float())).to(input_dtype), h the fp32 normalised x."""
+    if _use_triton(x, force):
+        return _fused().rms_norm(x, weight, eps, residual, x.dtype, offset=offset)
     if residual is not None:
         x = x + residual
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    out = (weight * h.to(x.dtype)).to(x.dtype)
+    out = (h * (1.0 + weight.float())).to(x.dtype) if offset else (weight * h.to(x.dtype)).to(x.dtype)
     return (out, x) if residual is not None else out
 
 
@@ -62,6 +66,14 @@ def silu_and_mul(x: torch.Tensor, *, force: str | None = None) -> torch.Tensor:
         return _fused().silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor, *, force: str | None = None) -> torch.Tensor:
+    """gelu_pytorch_tanh(x[..., :I]) * x[..., I:]: HF's act_fn(gate_proj(x)) * up_proj(x), act in the model dtype."""
+    if _use_triton(x, force):
+        return _fused().silu_and_mul(x, gelu=True)
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
 
 
 # ----------------------------------------------------------------------------- RoPE

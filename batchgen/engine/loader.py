@@ -13,6 +13,7 @@ import torch
 from .fp8_checkpoint import read_fp8_scheme
 from .fp8_weights import Fp8Reader
 from .models.config import ModelConfig
+from .models.gemma import GemmaModel
 from .models.llama import LlamaModel
 from .models.rope import cos_sin_table
 
@@ -61,13 +62,16 @@ def _has_qkv_bias(files: list[Path]) -> bool:
 
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, qkv_bias: bool) -> LlamaModel:
     """Allocate the model on `device` without running random initialisation (weights come next)."""
+    decoder = GemmaModel if cfg.gemma is not None else LlamaModel  # Gemma 2 / 3: models/gemma.py
     with torch.device("meta"):
-        model = LlamaModel(cfg, qkv_bias=qkv_bias)
+        model = decoder(cfg, qkv_bias=qkv_bias)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:  # to_empty breaks the tie: restore it
         model.lm_head.weight = model.embed_tokens.weight
-    table = cos_sin_table(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
-    model.cos_sin = table.to(device)  # kept float32; cast per use
+    tables = model.rope_tables() if hasattr(model, "rope_tables") else {
+        "cos_sin": cos_sin_table(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)}
+    for name, table in tables.items():
+        setattr(model, name, table.to(device))  # kept float32; cast per use
     return model.eval().requires_grad_(False)
 
 
@@ -116,6 +120,10 @@ def _loaded_keys(target: str, rows: tuple[int, int] | None, part_rows: dict[str,
 
 
 def _target(name: str, part_rows: dict[str, list[int]]) -> tuple[str | None, tuple[int, int] | None]:
+    for wrapped in ("model.language_model.", "language_model.model.", "language_model."):
+        if name.startswith(wrapped):  # Gemma 3's multimodal checkpoints: the text model (its vision tower is skipped)
+            name = ("" if name.startswith("language_model.lm_head.") else "model.") + name[len(wrapped):]
+            break
     if name.startswith("model."):
         name = name[len("model."):]
     elif not name.startswith("lm_head."):

@@ -33,6 +33,15 @@ class AttentionBackend:
     graph_capturable: bool = False  # launches depend only on host bounds: decode steps may be CUDA graphs
     fp8_kv: bool = False  # reads and writes e4m3 caches with their scales (kv_fp8.py)
     any_kv_dtype: bool = True  # caches may be in another dtype than the queries (else: the model's dtype only)
+    logit_softcap: bool = True  # can soft-cap the attention scores (Gemma 2: tanh(s / cap) * cap before the mask)
+
+    def softcap_problem(self, softcap: float) -> str | None:
+        """Why this backend can't run a model whose attention scores are soft-capped at softcap (0: none), in
+        words; None when it can."""
+        if softcap and not self.logit_softcap:
+            return (f"attention '{self.name}' can't soft-cap attention logits (this model's attn_logit_softcapping "
+                    f"is {softcap:g}): use attention 'triton' or 'torch'")
+        return None
 
     def kv_dtype_problem(self, kv_dtype: torch.dtype, model_dtype: torch.dtype | None,
                          device: torch.device) -> str | None:
@@ -51,23 +60,25 @@ class AttentionBackend:
         raise NotImplementedError
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+               meta: AttentionMetadata, scale: float, window: int | None = None,
+               softcap: float = 0.0) -> torch.Tensor:
         """q: [T, heads, head_dim] -> [T, heads, head_dim] (GQA: heads % kv_heads == 0).
-        window: sliding-window layers attend only to the `window` most recent positions (incl. self)."""
+        window: sliding-window layers attend only to the `window` most recent positions (incl. self).
+        softcap > 0: each score s = scale * q.k becomes tanh(s / softcap) * softcap before the mask."""
         raise NotImplementedError
 
     def forward_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                      cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                     scale: float, window: int | None = None) -> torch.Tensor:
+                     scale: float, window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
         """RoPE on q and k (cos_sin: [max_pos, head_dim] cos | sin), then forward. Backends may fuse the
         rotation with the cache write (q is rotated in place; k may be left unrotated)."""
         from .. import fused_ops
 
         fused_ops.apply_rope(q, k, positions, cos_sin)
-        return self.forward(q, k, v, k_cache, v_cache, meta, scale, window)
+        return self.forward(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                window: int | None = None) -> torch.Tensor:
+                window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
         self.write_kv(k, v, k_cache, v_cache, meta)
-        return self.attend(q, k_cache, v_cache, meta, scale, window)
+        return self.attend(q, k_cache, v_cache, meta, scale, window, softcap)

@@ -11,11 +11,14 @@ Preference order:
 K/V are written by the Triton write_kv kernel (slot -1 skipped; graph-capturable), or by a torch
 index_copy_ fallback when triton is missing. The caches are [num_blocks, block_size, kv_heads,
 head_dim], which is the paged layout both FA versions take. causal=True with seqlen_q < seqlen_k
-aligns the queries to the end of the keys (FA >= 2.1), which is this engine's convention.
+aligns the queries to the end of the keys (FA >= 2.1), which is this engine's convention. Soft-capped
+scores (Gemma 2) go to flash-attn's own `softcap` (FA >= 2.6 and FA3); an older install refuses such a
+model in one line (AttentionBackend.softcap_problem) before anything runs.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 
@@ -38,6 +41,13 @@ def _window(window: int | None) -> tuple[int, int]:
     return (window - 1, 0) if window else (-1, -1)
 
 
+def _takes_softcap(*fns) -> bool:
+    try:
+        return all("softcap" in inspect.signature(f).parameters for f in fns)
+    except (TypeError, ValueError):  # a signature Python can't read: don't guess
+        return False
+
+
 class FlashAttention(AttentionBackend):
     name = "flash"
     graph_capturable = True  # with the Triton K/V write (the torch fallback syncs: only without triton)
@@ -52,6 +62,8 @@ class FlashAttention(AttentionBackend):
         except Exception:
             triton_write_kv = None
         self._triton_write_kv = triton_write_kv
+        fns = [self.fa.flash_attn_with_kvcache] + ([self.fa.flash_attn_varlen_func] if self.version == 2 else [])
+        self.logit_softcap = _takes_softcap(*fns)
 
     def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
         if k_cache.dtype != k.dtype:  # never silently wrong: flash-attn would read the codes as values
@@ -67,19 +79,20 @@ class FlashAttention(AttentionBackend):
         v_cache.view(nb * bs, kvh, d).index_copy_(0, slots[keep], v[keep].to(v_cache.dtype))
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-               window: int | None = None) -> torch.Tensor:
+               window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
         B = meta.seq_lens.shape[0]
+        cap = {"softcap": softcap} if softcap else {}  # only when used: older flash-attn has no such argument
         if self.version == 3:
             # varlen q over the paged cache (decode is q_len 1 everywhere); K/V already written
             out = self.fa.flash_attn_with_kvcache(
                 q, k_cache, v_cache, cache_seqlens=meta.seq_lens, page_table=meta.block_tables,
                 cu_seqlens_q=meta.query_start_loc, max_seqlen_q=meta.max_query_len,
-                softmax_scale=scale, causal=True, window_size=_window(window))
+                softmax_scale=scale, causal=True, window_size=_window(window), **cap)
             return out[0] if isinstance(out, tuple) else out
         if meta.decode_only:
             out = self.fa.flash_attn_with_kvcache(
                 q[:B].unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens, block_table=meta.block_tables,
-                softmax_scale=scale, causal=True, window_size=_window(window))
+                softmax_scale=scale, causal=True, window_size=_window(window), **cap)
             out = out.squeeze(1)
             if q.shape[0] != B:  # padded token rows (CUDA graphs): keep the [T, H, D] contract
                 full = torch.zeros_like(q)
@@ -94,7 +107,7 @@ class FlashAttention(AttentionBackend):
         return self.fa.flash_attn_varlen_func(
             q, k_cache, v_cache, cu_seqlens_q=meta.query_start_loc, cu_seqlens_k=cu_k,
             max_seqlen_q=meta.max_query_len, max_seqlen_k=meta.max_seq_len, softmax_scale=scale,
-            causal=True, window_size=_window(window), block_table=meta.block_tables)
+            causal=True, window_size=_window(window), block_table=meta.block_tables, **cap)
 
 
 def make_flash_backend(block_size: int) -> FlashAttention:

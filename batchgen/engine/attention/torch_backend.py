@@ -52,7 +52,7 @@ class TorchAttention(AttentionBackend):
         kv_fp8.raw(v_cache)[blk, off] = kv_fp8.raw(kv_fp8.to_cache(v, v_cache))
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-               window: int | None = None) -> torch.Tensor:
+               window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
         layout = meta.cache.get("torch_layout")
         if layout is None:
             layout = meta.cache["torch_layout"] = _PaddedLayout(meta, q.device)
@@ -73,6 +73,20 @@ class TorchAttention(AttentionBackend):
             mask = m[:, :, None].expand(B, 1, group, max_q, S).reshape(B, 1, group * max_q, S)
             meta.cache[("torch_mask", window, S, group)] = mask
         keys, vals = kv_fp8.from_cache(keys, k_cache, q.dtype), kv_fp8.from_cache(vals, v_cache, q.dtype)
-        out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale)
+        if softcap:
+            out = _softcapped_attention(qp, keys, vals, mask, scale, softcap)
+        else:
+            out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale)
         out = out.view(B, kvh, group, max_q, d).permute(0, 3, 1, 2, 4).reshape(B, max_q, heads, d)
         return out[layout.valid]  # [T, H, d] in flat token order
+
+
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                          softcap: float) -> torch.Tensor:
+    """transformers' eager attention with soft-capping (Gemma 2), op for op: scores in the query's dtype,
+    tanh(s / cap) * cap, the mask, softmax in float32 cast back, then the values."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)

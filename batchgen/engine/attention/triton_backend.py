@@ -47,18 +47,19 @@ class TritonAttention(AttentionBackend):
 
     def forward_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                      cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                     scale: float, window: int | None = None) -> torch.Tensor:
+                     scale: float, window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
         """fused_ops.apply_rope(q, k, positions, cos_sin) + forward(q, k, v, ...) with the rotation and the
         K/V cache write in one kernel (q is rotated in place; k is left unrotated: only the cache is read)."""
         self._cache_ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
                                       k_scale=scale_of(k_cache), v_scale=scale_of(v_cache))
-        return self.attend(q, k_cache, v_cache, meta, scale, window)
+        return self.attend(q, k_cache, v_cache, meta, scale, window, softcap)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+               meta: AttentionMetadata, scale: float, window: int | None = None,
+               softcap: float = 0.0) -> torch.Tensor:
         if q.stride(-1) != 1:
             q = q.contiguous()
-        scales = dict(k_scale=scale_of(k_cache), v_scale=scale_of(v_cache))
+        scales = dict(k_scale=scale_of(k_cache), v_scale=scale_of(v_cache), softcap=softcap)
         if meta.decode_only:
             return self._decode.paged_decode(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,

@@ -11,7 +11,8 @@ from . import pdl
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, N, eps,
                      stride_x, stride_r, stride_o, stride_ro,
-                     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr):
+                     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr, OFFSET: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     if USE_PDL:  # see pdl.py: wait for the previous kernel, then let the next one launch
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -30,14 +31,18 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, N, eps,
         x = x.to(tl.float32)
     var = tl.sum(x * x, 1) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    h = (x * rstd[:, None]).to(dtype).to(tl.float32)  # HF: normalise in fp32, cast, then scale by weight
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    if OFFSET:  # Gemma: x * rstd * (1 + w) all in fp32, rounded once
+        h = x * rstd[:, None]
+        w = w + 1.0
+    else:  # HF Llama: normalise in fp32, cast, then scale by weight
+        h = (x * rstd[:, None]).to(dtype).to(tl.float32)
     tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :], (h * w[None, :]).to(out_ptr.dtype.element_ty),
              mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
-             out_dtype: torch.dtype):
+             out_dtype: torch.dtype, offset: bool = False):
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
@@ -58,7 +63,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(triton.cdiv(rows, ROWS),)](
             x2, r2, weight, out, res_out, rows, N, eps,
             x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0),
-            BLOCK_N=BLOCK_N, ROWS=ROWS, HAS_RES=residual is not None, num_warps=num_warps,
+            BLOCK_N=BLOCK_N, ROWS=ROWS, HAS_RES=residual is not None, OFFSET=offset, num_warps=num_warps,
             **pdl.launch_options(x.device))
     out = out.view(x.shape)
     if residual is not None:
@@ -75,7 +80,17 @@ def silu_mul(gate, up):
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def gelu_tanh_mul(gate, up):
+    """HF's gelu_pytorch_tanh(gate) * up (Gemma's GeGLU), rounded like silu_mul: 0.5 x (1 + tanh(u)) is
+    x * sigmoid(2u), u = sqrt(2 / pi) * (x + 0.044715 x^3)."""
+    g = gate.to(tl.float32)
+    u = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    return (g / (1.0 + tl.exp(-2.0 * u))).to(gate.dtype).to(tl.float32) * up.to(tl.float32)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr, GELU: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -84,10 +99,15 @@ def _silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr,
     mask = cols < I
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     u = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_o + cols, silu_mul(g, u).to(g.dtype), mask=mask)
+    if GELU:
+        y = gelu_tanh_mul(g, u)
+    else:
+        y = silu_mul(g, u)
+    tl.store(out_ptr + row * stride_o + cols, y.to(g.dtype), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """silu(gate) * up, or with gelu=True gelu_tanh(gate) * up; x is gate | up on its last dim."""
     I2 = x.shape[-1]
     I = I2 // 2
     x2 = x.reshape(-1, I2)
@@ -98,7 +118,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     BLOCK = min(1024, triton.next_power_of_2(I))
     if rows:
         _silu_mul_kernel[(rows, triton.cdiv(I, BLOCK))](x2, out, I, x2.stride(0), out.stride(0), BLOCK=BLOCK,
-                                                       num_warps=4, **pdl.launch_options(x.device))
+                                                       GELU=gelu, num_warps=4, **pdl.launch_options(x.device))
     return out.view(*x.shape[:-1], I)
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import gemma_config
+
 # model_type -> our implementation (all share the Llama-style decoder in llama.py; Phi-3's checkpoints
-# already store the fused qkv_proj / gate_up_proj we use, and its partial rotary / longrope live in rope.py)
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# already store the fused qkv_proj / gate_up_proj we use, and its partial rotary / longrope live in rope.py;
+# Gemma 2 / 3 run gemma.py, their config is read by gemma_config.py)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", *gemma_config.GEMMA_TYPES)
 
 
 class UnsupportedModelError(ValueError):
@@ -32,6 +35,7 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...]  # sliding window per layer (None: full attention)
     torch_dtype: str | None
     rotary_dim: int  # leading dims of each head that RoPE rotates (partial_rotary_factor * head_dim); the rest pass
+    gemma: gemma_config.GemmaSpec | None = None  # Gemma 2 / 3: soft-caps, attention scale, local rope (gemma.py)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -40,8 +44,14 @@ class ModelConfig:
             archs = d.get("architectures") or [mt]
             raise UnsupportedModelError(
                 f"unsupported model architecture {archs[0]!r} (model_type {mt!r}); batchgen supports "
-                "Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5, Qwen3, SmolLM2 and Phi-3/3.5/Phi-4-mini "
-                f"(model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
+                "Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5, Qwen3, SmolLM2, Phi-3/3.5/Phi-4-mini, Gemma 2 and "
+                f"Gemma 3 (text) (model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
+        gemma = None
+        if mt in gemma_config.GEMMA_TYPES:
+            try:
+                d, gemma = gemma_config.read(d)
+            except gemma_config.GemmaConfigError as e:
+                raise UnsupportedModelError(f"unsupported model configuration: {e}") from None
         heads = d["num_attention_heads"]
         hidden = d["hidden_size"]
         layers = d["num_hidden_layers"]
@@ -61,10 +71,11 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qk_norm=mt == "qwen3",
+            qk_norm=mt == "qwen3" or (gemma is not None and gemma.family == "gemma3"),
             layer_windows=_layer_windows(d, layers),
             torch_dtype=d.get("dtype") or d.get("torch_dtype"),
             rotary_dim=rotary_dim,
+            gemma=gemma,
         )
 
 

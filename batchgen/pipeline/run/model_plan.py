@@ -12,7 +12,8 @@ from ..prompt.tokenizer import model_location
 
 # model_type -> the engine's implementation of it; every family not named here runs the shared
 # Llama-style decoder (models/llama.py) with its per-family pieces switched on by ModelConfig
-IMPLEMENTATIONS: dict[str, str] = {}
+IMPLEMENTATIONS: dict[str, str] = {"gemma2": "gemma decoder", "gemma3_text": "gemma decoder",
+                                   "gemma3": "gemma decoder (the text model)"}
 DEFAULT_IMPLEMENTATION = "llama decoder"
 
 
@@ -46,7 +47,8 @@ def model_plan(cfg: JobConfig) -> ModelPlan:
         raw = model_source.peek_config(model_location(cfg))
     except model_source.ModelSourceError as e:
         raise ConfigError(f"{cfg.source_path}: model.path: {e}") from None
-    device, attention = _device_and_attention(cfg)
+    device, backend = _device_and_attention(cfg)
+    attention = backend.name
     if "gguf_architecture" in raw:  # a GGUF before its first conversion: its config comes from that
         arch = raw["gguf_architecture"] or "unknown"
         return ModelPlan(IMPLEMENTATIONS.get(arch, DEFAULT_IMPLEMENTATION), arch,
@@ -55,6 +57,9 @@ def model_plan(cfg: JobConfig) -> ModelPlan:
         mc = ModelConfig.from_hf(raw)
     except UnsupportedModelError as e:
         raise ConfigError(f"{cfg.source_path}: model.path: {e}") from None
+    problem = backend.softcap_problem(mc.gemma.attn_softcap if mc.gemma else 0.0)
+    if problem is not None:
+        raise ConfigError(f"{cfg.source_path}: engine.attention: {problem}")
     archs = raw.get("architectures") or []
     _check_tensor_parallel(cfg, mc)
     return ModelPlan(IMPLEMENTATIONS.get(mc.model_type, DEFAULT_IMPLEMENTATION), mc.model_type,
@@ -72,13 +77,13 @@ def _check_tensor_parallel(cfg: JobConfig, mc: Any) -> None:
         raise ConfigError(f"{where}: engine.tensor_parallel: {problem}")
 
 
-def _device_and_attention(cfg: JobConfig) -> tuple[str, str]:
+def _device_and_attention(cfg: JobConfig) -> tuple[str, Any]:
     """The device and attention backend the Engine picks for the job's engine.device / engine.attention."""
     from ...engine.attention import get_backend
     from ...engine.engine import _pick_device
 
     device = _pick_device(cfg.engine.device)
-    return str(device), get_backend(cfg.engine.attention, device, cfg.engine.block_size).name
+    return str(device), get_backend(cfg.engine.attention, device, cfg.engine.block_size)
 
 
 def _dtype(cfg: JobConfig, mc: Any, device: str) -> str:
@@ -98,6 +103,19 @@ def _features(mc: Any) -> tuple[str, ...]:
         out.append(f"sliding window {max(windows)} on {len(windows)}/{len(mc.layer_windows)} layers")
     if mc.qk_norm:
         out.append("q/k norm")
+    if mc.gemma is not None:
+        out += _gemma_features(mc.gemma)
     if mc.tie_word_embeddings:
         out.append("tied embeddings")
     return tuple(out)
+
+
+def _gemma_features(g: Any) -> list[str]:
+    out = [f"attention scale {g.query_pre_attn_scalar:g}^-0.5"]
+    if g.attn_softcap:
+        out.append(f"attention soft-cap {g.attn_softcap:g}")
+    if g.final_softcap:
+        out.append(f"logit soft-cap {g.final_softcap:g}")
+    if g.local_rope_theta is not None:
+        out.append(f"local rope theta {g.local_rope_theta:g}")
+    return out

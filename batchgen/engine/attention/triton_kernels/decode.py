@@ -29,6 +29,14 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def softcap_log2(x, cap_log2):
+    """Soft-capping (Gemma 2) on scores in the log2 domain: x = s * log2(e), cap_log2 = cap * log2(e); returns
+    tanh(s / cap) * cap * log2(e), tanh(y) written 2 / (1 + e^(-2y)) - 1 with e^(-2y) = 2^(-2 y log2(e)) (no
+    libdevice: the interpreter runs it too)."""
+    return cap_log2 * (2.0 / (1.0 + tl.exp2(x * (-2.0 * 1.4426950408889634 / cap_log2))) - 1.0)
+
+
+@triton.jit
 def _split_range(seq_len, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
     """A sequence's attended range [start, seq_len), its length, and the length of each of its
     NUM_SPLITS pieces (whole BLOCK_N tiles)."""
@@ -44,13 +52,13 @@ def _split_range(seq_len, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexp
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, sem_ptr,
-    scale_log2, v_scale, window,
+    scale_log2, v_scale, window, cap_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    KV_FP8: tl.constexpr, USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # see pdl.py: every program waits before touching anything, the next kernel launches
         tl.extra.cuda.gdc_wait()  # once all programs are past their main loop
@@ -94,6 +102,8 @@ def _decode_split_kernel(
             k = k.to(q.dtype)
             v = v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        if SOFTCAP:
+            qk = softcap_log2(qk, cap_log2)
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -170,11 +180,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_seq_len: int, scale: float,
                  window: int | None = None, out: torch.Tensor | None = None,
                  num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                 num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+                 softcap: float = 0.0) -> torch.Tensor:
     """q: [T, H, D] with sequence b's query at row query_start_loc[b]; returns out [T, H, D] (rows of
     sequences b < B written; other rows untouched). max_seq_len: host upper bound of seq_lens.
     With num_splits > 1 the last split program of each (sequence, kv head) merges the partial results.
-    k_scale / v_scale: an FP8 cache's scales (read value = code * scale); ignored for other caches."""
+    k_scale / v_scale: an FP8 cache's scales (read value = code * scale); ignored for other caches.
+    softcap > 0: scores soft-capped, tanh(s / softcap) * softcap (0: off, the kernels of every other model)."""
     T, H, D = q.shape
     B = seq_lens.shape[0]
     nb, bs, kvh, d2 = k_cache.shape
@@ -188,8 +200,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     fp32 = (q.dtype if kv_fp8 else k_cache.dtype) == torch.float32  # the dots' dtype
     if not kv_fp8:
         k_scale = v_scale = 1.0
-    if block_n is None:  # H100 sweep (notes/KERNELS.md): 128 tokens x 2 stages, 4 warps for 16-bit caches
-        block_n = 32 if fp32 else 128
+    if block_n is None:  # H100 sweep (notes/KERNELS.md): 128 tokens x 2 stages, 4 warps for 16-bit caches;
+        # head_dim 256 (Gemma) halves the tile so K and V stages fit shared memory (2 x 2 x 64 x 256 x 2 B = 128 KiB)
+        block_n = (16 if fp32 else 64) if D > 128 else (32 if fp32 else 128)
     if num_warps is None:
         num_warps = 4
     if num_stages is None and not fp32:
@@ -208,14 +221,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _decode_split_kernel[(B, kvh, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         out, part_out, part_lse, sem,
-        scale * _LOG2E * k_scale, float(v_scale), window or 0,
+        scale * _LOG2E * k_scale, float(v_scale), window or 0, float(softcap) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_SIZE=bs,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=use_window,
-        DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8, num_warps=num_warps, **extra,
+        DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8, SOFTCAP=softcap > 0, num_warps=num_warps, **extra,
         **pdl.launch_options(q.device),
     )
     return out

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode import softcap_log2
+
 _LOG2E = 1.4426950408889634
 
 
@@ -41,13 +43,13 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
-    scale_log2, v_scale, window, num_seqs,
+    scale_log2, v_scale, window, num_seqs, cap_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -98,6 +100,8 @@ def _prefill_kernel(
             k = k.to(q.dtype)
             v = v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        if SOFTCAP:
+            qk = softcap_log2(qk, cap_log2)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
@@ -117,6 +121,8 @@ def _prefill_kernel(
             k = k.to(q.dtype)
             v = v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        if SOFTCAP:
+            qk = softcap_log2(qk, cap_log2)
         allowed = nmask[None, :] & (offs_n[None, :] <= pos[:, None])
         if USE_WINDOW:
             allowed = allowed & (offs_n[None, :] > pos[:, None] - window)
@@ -137,10 +143,10 @@ def _prefill_kernel(
 
 def _default_tiles(G_PAD: int, fp32: bool, head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_N, num_warps)."""
-    if fp32:
-        return 32, 32, 4
-    if head_dim > 128:
-        return 64, 32, 4
+    if fp32:  # head_dim 256 (Gemma): a narrower K/V tile keeps three stages within shared memory
+        return (32, 16, 4) if head_dim > 128 else (32, 32, 4)
+    if head_dim > 128:  # Gemma's 256: 8 warps keep the [64, 256] fp32 accumulator at 64 registers a thread
+        return 64, 32, 8  # (FlashAttention-2's choice for head_dim 256; not yet swept on a GPU here)
     return 64, 64, 4
 
 
@@ -148,9 +154,11 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                   window: int | None = None, out: torch.Tensor | None = None,
                   block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                  num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+                  softcap: float = 0.0) -> torch.Tensor:
     """q: [T, H, D] flat varlen queries (sequence b at rows qsl[b]:qsl[b+1]); returns out [T, H, D].
-    k_scale / v_scale: an FP8 cache's scales (read value = code * scale); ignored for other caches."""
+    k_scale / v_scale: an FP8 cache's scales (read value = code * scale); ignored for other caches.
+    softcap > 0: scores soft-capped, tanh(s / softcap) * softcap (0: off)."""
     T, H, D = q.shape
     B = seq_lens.shape[0]
     nb, bs, kvh, d2 = k_cache.shape
@@ -175,12 +183,13 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     grid = (T // block_q + B, kvh)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * _LOG2E * k_scale, float(v_scale), window or 0, B,
+        scale * _LOG2E * k_scale, float(v_scale), window or 0, B, float(softcap) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         G=G, G_PAD=G_PAD, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_Q=block_q, BLOCK_N=block_n,
-        USE_WINDOW=bool(window), DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8, num_warps=num_warps, **extra,
+        USE_WINDOW=bool(window), DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8, SOFTCAP=softcap > 0,
+        num_warps=num_warps, **extra,
     )
     return out
