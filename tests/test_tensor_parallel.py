@@ -176,6 +176,15 @@ def test_kv_heads_that_do_not_divide_the_ranks_are_refused(tiny_checkpoint):
     assert not _workers()
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_families_without_a_sharded_decoder_are_refused(tiny_checkpoint, family):
+    """Their layers are not the ones parallel/shard.py splits: refused in one line, never silently wrong."""
+    with pytest.raises(EngineArgumentError) as err:
+        Engine(tiny_checkpoint(family), device="cpu", dtype="float32", tensor_parallel=2)
+    assert "tensor_parallel is not supported for model_type" in str(err.value) and "\n" not in str(err.value)
+    assert not _workers()
+
+
 # ------------------------------------------------------------------ shutdown and failures
 @pytest.mark.slow  # spawns a worker process
 def test_close_leaves_no_process_behind(tiny_checkpoint):

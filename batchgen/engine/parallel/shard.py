@@ -21,8 +21,14 @@ from torch import nn
 from .group import TPGroup
 
 
+TP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # the Llama-style decoder (llama.py)
+
+
 def shard_problem(cfg, world: int) -> str | None:
     """Why this model can't be split over `world` ranks (one line naming the numbers), or None."""
+    if cfg.model_type not in TP_MODEL_TYPES:  # their layers differ from the ones sharded here (Gemma, MoE)
+        return (f"tensor_parallel is not supported for model_type {cfg.model_type!r} yet (supported: "
+                f"{', '.join(TP_MODEL_TYPES)})")
     heads, kv, inter = cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
     if heads % world or inter % world:
         return (f"tensor_parallel {world} must divide num_attention_heads ({heads}) and intermediate_size "
