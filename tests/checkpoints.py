@@ -77,6 +77,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "smollm2": dict(model_type="llama", rope_theta=100000.0, tie_word_embeddings=True),
     # checkpoints store fused qkv_proj / gate_up_proj; partial rotary and longrope are overrides
     "phi3": dict(model_type="phi3", rope_theta=10000.0, sliding_window=None),
+    # mixtures of experts: 8 experts, top-3, renormalised (no shared expert), q/k norm; and Mixtral's top-2
+    "qwen3_moe": dict(model_type="qwen3_moe", rope_theta=1000000.0, head_dim=32, num_experts=8,
+                      num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[], use_sliding_window=False),
+    "mixtral": dict(model_type="mixtral", rope_theta=1000000.0, num_local_experts=6, num_experts_per_tok=2,
+                    sliding_window=None),
     # an architecture the engine does not support (its error message is tested)
     "gpt2": dict(model_type="gpt2"),
 }

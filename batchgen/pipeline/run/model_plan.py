@@ -52,7 +52,12 @@ def model_plan(cfg: JobConfig) -> ModelPlan:
     except UnsupportedModelError as e:
         raise ConfigError(f"{cfg.source_path}: model.path: {e}") from None
     archs = raw.get("architectures") or []
-    return ModelPlan(IMPLEMENTATIONS.get(mc.model_type, DEFAULT_IMPLEMENTATION), mc.model_type,
+    implementation = IMPLEMENTATIONS.get(mc.model_type, DEFAULT_IMPLEMENTATION)
+    if mc.moe is not None:  # Qwen3-MoE, Mixtral: the decoder with sparse MoE blocks (engine/models/moe.py)
+        from ...engine.models.moe import implementation as moe_implementation
+
+        implementation += f" with {moe_implementation(device)}"
+    return ModelPlan(implementation, mc.model_type,
                      (*archs[:1], *_features(mc)), device, attention, _dtype(cfg, mc, device))
 
 
@@ -82,6 +87,8 @@ def _features(mc: Any) -> tuple[str, ...]:
         out.append(f"sliding window {max(windows)} on {len(windows)}/{len(mc.layer_windows)} layers")
     if mc.qk_norm:
         out.append("q/k norm")
+    if mc.moe is not None:
+        out.append(mc.moe.describe())
     if mc.tie_word_embeddings:
         out.append("tied embeddings")
     return tuple(out)
