@@ -297,3 +297,24 @@ def test_describe_names_the_experts_and_their_implementation(tiny_checkpoint):
         assert "mixtral float32, MoE top-2 of 6 experts, renormalised (MoE experts in torch) on cpu" in eng.describe()
     finally:
         eng.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_without_triton_a_cuda_graph_captures_the_dense_path(monkeypatch):
+    """CUDA without triton: eager steps take the torch loop, a graph capture the dense path (no host sync)."""
+    from batchgen.engine.models import moe
+
+    monkeypatch.setattr(moe, "_HAS_TRITON", False)
+    cfg, hf = _hf_block("qwen3_moe", torch.float32, norm_topk_prob=True)
+    block = _our_block(cfg, hf, torch.float32).cuda()
+    x = torch.randn(16, 64, device="cuda")
+    with torch.no_grad():
+        eager = block(x)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = block(x)
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
+    assert moe.implementation("cuda") == "MoE experts in torch (dense in CUDA graphs)" and eager.shape == x.shape
