@@ -255,11 +255,11 @@ def test_mixtral_names_load(tiny_checkpoint):
     src = Path(tiny_checkpoint("mixtral"))
     model, _ = load_model(src, torch.device("cpu"), "float32")
     hf = load_file(str(src / "model.safetensors"))
-    mlp = model.layers[1].mlp
-    torch.testing.assert_close(mlp.gate.weight, hf["model.layers.1.block_sparse_moe.gate.weight"])
-    torch.testing.assert_close(mlp.experts.gate_up_proj[3, :128], hf["model.layers.1.block_sparse_moe.experts.3.w1.weight"])
-    torch.testing.assert_close(mlp.experts.gate_up_proj[3, 128:], hf["model.layers.1.block_sparse_moe.experts.3.w3.weight"])
-    torch.testing.assert_close(mlp.experts.down_proj[3], hf["model.layers.1.block_sparse_moe.experts.3.w2.weight"])
+    mlp, pre = model.layers[1].mlp, "model.layers.1.block_sparse_moe"
+    torch.testing.assert_close(mlp.gate.weight, hf[f"{pre}.gate.weight"])
+    torch.testing.assert_close(mlp.experts.gate_up_proj[3, :128], hf[f"{pre}.experts.3.w1.weight"])
+    torch.testing.assert_close(mlp.experts.gate_up_proj[3, 128:], hf[f"{pre}.experts.3.w3.weight"])
+    torch.testing.assert_close(mlp.experts.down_proj[3], hf[f"{pre}.experts.3.w2.weight"])
 
 
 def test_moe_model_takes_the_unfused_decode_layer_path(tiny_checkpoint):

@@ -52,8 +52,8 @@ def without_weights(ck: Path, dst: Path) -> Path:
               "dtype float32"),
     ("llama3.1", "model: llama decoder (model_type llama, LlamaForCausalLM, rope llama3), attention torch on cpu, "
                  "dtype float32"),
-    ("qwen3_moe", "model: llama decoder with MoE experts in torch (model_type qwen3_moe, Qwen3MoeForCausalLM, q/k norm, "
-                  "MoE top-3 of 8 experts, renormalised), attention torch on cpu, dtype float32"),
+    ("qwen3_moe", "model: llama decoder with MoE experts in torch (model_type qwen3_moe, Qwen3MoeForCausalLM, "
+                  "q/k norm, MoE top-3 of 8 experts, renormalised), attention torch on cpu, dtype float32"),
     ("mixtral", "model: llama decoder with MoE experts in torch (model_type mixtral, MixtralForCausalLM, MoE top-2 of "
                 "6 experts, renormalised), attention torch on cpu, dtype float32"),
 ])

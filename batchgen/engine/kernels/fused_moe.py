@@ -1,4 +1,5 @@
-"""Fused mixture-of-experts MLP in Triton: y[t] = sum_k w[t, k] * down_e(SiLU(gate_e(x[t])) * up_e(x[t])), e = ids[t, k].
+"""Fused mixture-of-experts MLP in Triton: y[t] = sum_k w[t, k] * down_e(SiLU(gate_e(x[t])) * up_e(x[t])),
+e = ids[t, k].
 
     y = fused_moe(x, gate_up, down, ids, weights)   # x [T, H]; gate_up [E, 2I, H]; down [E, H, I];
                                                      # ids [T, k] int; weights [T, k] float32 -> y [T, H]
@@ -159,7 +160,8 @@ def _down_kernel(a_ptr, w_ptr, wt_ptr, out_ptr, sorted_ptr, block_expert_ptr, bl
 
 
 # BM -> ((gate_up BN, BK, warps, stages), (down BN, BK, warps, stages)); BN of gate_up is per half
-CONFIGS: dict[int, tuple[tuple[int, int, int, int], tuple[int, int, int, int]]] = {
+Config = tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+CONFIGS: dict[int, Config] = {  # benchmarks/moe_sweep.py times others
     16: ((64, 128, 4, 4), (64, 128, 4, 4)),
     32: ((64, 128, 4, 4), (64, 128, 4, 4)),
     64: ((64, 64, 4, 3), (128, 64, 4, 3)),
@@ -200,7 +202,9 @@ def moe_align(ids: torch.Tensor, experts: int, bm: int) -> tuple[torch.Tensor, t
 
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
-              weights: torch.Tensor, bm: int | None = None) -> torch.Tensor:
+              weights: torch.Tensor, bm: int | None = None, config: Config | None = None) -> torch.Tensor:
+    """bm (rows per expert block) and config ((BN, BK, warps, stages) of gate_up, then of down) override the
+    defaults (block_m, CONFIGS): tests and benchmarks/moe_sweep.py."""
     T, H = x.shape
     E, I2, _ = gate_up.shape
     inter, topk = I2 // 2, ids.shape[1]
@@ -212,16 +216,36 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     bm = bm or block_m(n, E)
     sorted_ids, block_expert, block_rows = moe_align(ids, E, bm)
     nb = block_expert.numel()
-    (bn1, bk1, w1, s1), (bn2, bk2, w2, s2) = CONFIGS[bm]
+    (bn1, bk1, w1, s1), (bn2, bk2, w2, s2) = config or CONFIGS[bm]
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     hidden = torch.empty(nb * bm, inter, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(nb, triton.cdiv(inter, bn1))](
-        x, gate_up, hidden, sorted_ids, block_expert, block_rows, H, inter, topk,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), hidden.stride(0),
-        BM=bm, BN=bn1, BK=bk1, DOT_PREC=prec, num_warps=w1, num_stages=s1)
+    _launch(_gate_up_kernel, (nb, triton.cdiv(inter, bn1)), w1, s1,
+            x, gate_up, hidden, sorted_ids, block_expert, block_rows, H, inter, topk,
+            x.stride(0), gate_up.stride(0), gate_up.stride(1), hidden.stride(0),
+            BM=bm, BN=bn1, BK=bk1, DOT_PREC=prec)
     out = torch.empty(n, H, dtype=x.dtype, device=x.device)
-    _down_kernel[(nb, triton.cdiv(H, bn2))](
-        hidden, down, weights.reshape(-1).float().contiguous(), out, sorted_ids, block_expert, block_rows, H, inter,
-        hidden.stride(0), down.stride(0), down.stride(1), out.stride(0),
-        BM=bm, BN=bn2, BK=bk2, DOT_PREC=prec, num_warps=w2, num_stages=s2)
+    _launch(_down_kernel, (nb, triton.cdiv(H, bn2)), w2, s2,
+            hidden, down, weights.reshape(-1).float().contiguous(), out, sorted_ids, block_expert, block_rows, H, inter,
+            hidden.stride(0), down.stride(0), down.stride(1), out.stride(0),
+            BM=bm, BN=bn2, BK=bk2, DOT_PREC=prec)
     return out.view(T, topk, H).sum(dim=1)
+
+
+_STAGES: dict[tuple, int] = {}  # (kernel, constexprs, warps, stages asked) -> the stages that fit this GPU
+
+
+def _launch(kernel, grid: tuple[int, int], warps: int, stages: int, *args, **constexprs) -> None:
+    """Launch with `stages` pipeline stages, or fewer where their shared memory does not fit this GPU (an
+    Ada or Ampere part has less than an H100): the first launch finds out (eagerly: the engine's warm-up
+    runs each decode shape before its CUDA graph is captured) and later launches take that count."""
+    key = (id(kernel), tuple(sorted(constexprs.items())), warps, stages)
+    s = _STAGES.get(key, stages)
+    while True:
+        try:
+            kernel[grid](*args, **constexprs, num_warps=warps, num_stages=s)
+            _STAGES[key] = s
+            return
+        except triton.runtime.errors.OutOfResources:
+            if s <= 1:
+                raise
+            s -= 1

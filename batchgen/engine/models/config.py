@@ -44,7 +44,8 @@ class ModelConfig:
             archs = d.get("architectures") or [mt]
             raise UnsupportedModelError(
                 f"unsupported model architecture {archs[0]!r} (model_type {mt!r}); batchgen supports "
-                "Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5, Qwen3, SmolLM2, Phi-3/3.5/Phi-4-mini, Qwen3-MoE and Mixtral "
+                "Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5, Qwen3, SmolLM2, Phi-3/3.5/Phi-4-mini, Qwen3-MoE and "
+                "Mixtral "
                 f"(model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
         heads = d["num_attention_heads"]
         hidden = d["hidden_size"]
