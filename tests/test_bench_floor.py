@@ -65,3 +65,24 @@ def test_floor_record_at_the_full_batch() -> None:
     # an FP8 KV cache reads half the KV bytes
     assert floor_record(cfg, prompts, new, 256, "cpu", None, kv_bytes=1)["kv_gb"] == pytest.approx(rec["kv_gb"] / 2,
                                                                                                    abs=1e-3)
+
+
+def test_bench_record_of_an_moe_shape_carries_its_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`batchgen bench` on a tiny random MoE shape (CPU): the run completes and its record has decode_floor."""
+    import random
+
+    tiny = dict(bench.SHAPES["qwen3-30b-a3b"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=2048, num_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=32)
+    monkeypatch.setitem(bench.SHAPES, "tiny-moe", tiny)
+
+    def small(name: str):
+        rng = random.Random(0)
+        return [[rng.randrange(3, 2000) for _ in range(rng.randint(5, 40))] for _ in range(6)], [20] * 6
+
+    monkeypatch.setattr(bench, "workload", small)
+    rec = bench.run_batchgen("seed", "tiny-moe", False, False, "torch", 4, 256)
+    assert rec["output_tokens"] == 120
+    floor = rec["decode_floor"]
+    assert floor["batch"] == 4 and floor["experts_touched"] == pytest.approx(8 * (1 - 0.75 ** 4), abs=0.01)
+    assert floor["bytes"] > 0 and "floor_ms" not in floor  # the CPU: no bandwidth known

@@ -318,3 +318,26 @@ def test_without_triton_a_cuda_graph_captures_the_dense_path(monkeypatch):
         g.replay()
         torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
     assert moe.implementation("cuda") == "MoE experts in torch (dense in CUDA graphs)" and eager.shape == x.shape
+
+
+@pytest.mark.parametrize("variant", ["ct-channel", "fp8-block128"])
+def test_fp8_checkpoint_of_an_moe_model_loads_its_experts_dequantized(tiny_checkpoint, tmp_path, variant):
+    """Expert weights stored as FP8 (per channel or per block) load as their exact dequantization, like the
+    attention projections; the engine then runs (quantization fp8: the attention on the checkpoint's codes)."""
+    from test_fp8_checkpoints import write_fp8_checkpoint
+
+    from batchgen.engine.loader import load_model
+
+    d = write_fp8_checkpoint(Path(tiny_checkpoint("qwen3_moe")), tmp_path, variant)
+    model, _ = load_model(d / "fp8", torch.device("cpu"), "float32", keep_quantized=True)
+    ref, _ = load_model(d / "plain", torch.device("cpu"), "float32")
+    for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(a, b), n
+    kept = model.fp8_checkpoint.linears
+    assert kept and not any(".experts." in name for name in kept)  # experts never become Fp8Linears
+    eng = R.make_engine(str(d / "fp8"), quantization="fp8", max_num_seqs=4, kv_cache_tokens=2048)
+    try:
+        outs = eng.generate([[5, 6, 7, 8], [9] * 30], R.greedy_params([6, 9]))
+        assert [len(o.outputs[0].token_ids) for o in outs] == [6, 9]
+    finally:
+        eng.close()
