@@ -109,7 +109,31 @@ def interpreter_suite() -> None:
                                     (37, 96, 48, 16, 4, 9, None), (64, 64, 32, 4, 2, 1, None),
                                     (33, 80, 40, 6, 2, None, 32), (20, 64, 96, 8, 2, None, 64)]:
         errs.append(check_fused_moe(T, H, I, E, K, torch.float32, "cpu", used, bm))
+    check_engine_interpreted()
     print("fused moe interpreter suite ok", " ".join(f"{e:.1e}" for e in errs))
+
+
+def check_engine_interpreted() -> None:
+    """The engine on tiny Qwen3-MoE / Mixtral checkpoints with every MoE layer on the Triton kernels (the
+    interpreter makes CPU tensors take them), chunked prefill and decode, against transformers."""
+    import tempfile
+
+    from checkpoints import build_checkpoint
+
+    from batchgen.engine.models.moe import impl_for
+
+    assert impl_for(torch.zeros(1)) == "triton"
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in ("qwen3_moe", "mixtral"):
+            path = str(build_checkpoint(family, Path(tmp) / family))
+            prompts, max_new = R.random_prompts_for(path, 4, max_len=40), [5, 3, 6, 4]
+            eng = R.make_engine(path, max_num_seqs=4, max_batch_tokens=64, kv_cache_tokens=2048)
+            try:
+                got = [list(o.outputs[0].token_ids) for o in eng.generate(prompts, R.greedy_params(max_new))]
+            finally:
+                eng.close()
+            failures, _ = R.compare_greedy(R.get_reference(path), prompts, got, R.cached_greedy(path, prompts, max_new))
+            assert not failures, R.format_failures(failures, f"interpreted {family}")
 
 
 @pytest.mark.slow
