@@ -76,8 +76,8 @@ def floor_record(cfg: Any, prompts: list[list[int]], new: list[int], max_num_seq
     f = decode_floor(cfg, batch, context, kv_bytes=kv_bytes)
     rec: dict[str, Any] = dict(batch=batch, mean_context=round(context, 1),
                                experts_touched=None if f.experts_touched is None else round(f.experts_touched, 2),
-                               bytes=round(f.total_bytes), gb=round(f.total_bytes / 1e9, 3), expert_gb=round(f.expert_bytes / 1e9, 3),
-                               kv_gb=round(f.kv_bytes / 1e9, 3))
+                               bytes=round(f.total_bytes), gb=round(f.total_bytes / 1e9, 3),
+                               expert_gb=round(f.expert_bytes / 1e9, 3), kv_gb=round(f.kv_bytes / 1e9, 3))
     bw = bandwidth_of(device_name)
     if bw is not None:
         ms = f.ms(bw)
