@@ -46,11 +46,10 @@ def case(T, H, I, E, K, dtype, device, used=None, seed=0):
 
 
 def per_expert_reference(x, w1, w2, ids, w) -> torch.Tensor:
-    """Pair by pair in float64 from the same (rounded) inputs: sum_k w * down(SiLU(gate) * up)."""
-    xd, w1d, w2d = x.double().cpu(), w1.double().cpu(), w2.double().cpu()
-    ids, w = ids.cpu(), w.double().cpu()
+    """Expert by expert in float64 (on the inputs' device), from the same rounded inputs."""
+    xd, w1d, w2d, w = x.double(), w1.double(), w2.double(), w.double()
     inter = w2.shape[-1]
-    out = torch.zeros(x.shape, dtype=torch.float64)
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     for e in range(w1.shape[0]):
         t, j = (ids == e).nonzero(as_tuple=True)
         if len(t):
