@@ -18,8 +18,8 @@ captured in a CUDA graph):
 3. _down_kernel, grid (block, H tile): intermediate rows times the expert's down_proj, the result rounded to
    the model dtype and times the pair's routing weight (float32), stored by pair into [T * k, H].
 4. the sum over the top k: [T, k, H] summed in float32 (torch's sum of a bf16 tensor), one rounding. Each
-   pair's row is computed by one program with a fixed reduction order, so the result does not depend on the
-   routing of other tokens or on timing (deterministic; overlap and sync steps agree exactly).
+   pair's row is computed by one program with a fixed reduction order and no atomics anywhere, so a result
+   never depends on timing (deterministic: overlapped and synchronous steps agree exactly).
 
 Blocks past the used ones exit at once. Programs run block-major (the block index varies fastest), so the
 blocks of one expert run side by side and share its weight tiles in L2. Experts with no pair get no block.
