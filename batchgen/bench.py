@@ -35,6 +35,12 @@ SHAPES: dict[str, dict[str, Any]] = {
                        rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
                        sliding_window=1024, sliding_window_pattern=6, query_pre_attn_scalar=256,
                        rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # MoE: 128 experts, 8 active (renormalised), every layer sparse; ~61 GB in bf16 (bench_floor.py: its floor)
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=2048,
+                          intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+                          rms_norm_eps=1e-6, tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
 }
 # workload -> (prompts, prompt length, new tokens) for the fixed-length ones
 FIXED_WORKLOADS: dict[str, tuple[int, int, int]] = {
@@ -133,6 +139,7 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert out_tokens == sum(new), f"expected {sum(new)} output tokens, got {out_tokens}"
     figures = _figures(engine, prompts, out_tokens, wall, startup)
+    figures.update(_moe_floor(engine, prompts, new))
     engine.close()
     del model
     if device.type == "cuda":
@@ -159,6 +166,19 @@ def _figures(engine: Any, prompts: list[list[int]], out_tokens: int, wall: float
                 startup_s=round(startup, 2), cuda_graph_capture_s=round(engine.graph_capture_s, 2),
                 attention_backend=engine.backend.name, kv_cache_tokens=s.kv_cache_tokens,
                 precision=engine.precision or str(engine.dtype).removeprefix("torch."))
+
+
+def _moe_floor(engine: Any, prompts: list[list[int]], new: list[int]) -> dict[str, Any]:
+    """For an MoE shape, the floor of a decode step from the bytes it must read (bench_floor.py)."""
+    if engine.model.cfg.moe is None:
+        return {}
+    import torch
+
+    from .bench_floor import floor_record
+
+    name = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
+    return {"decode_floor": floor_record(engine.model.cfg, prompts, new, engine.max_num_seqs, name,
+                                         engine.stats.mean_decode_gpu_ms, kv_bytes=engine.kv_dtype.itemsize)}
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:

@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu.sh anchor|final [workload...]  batchgen vs the transformers CB anchor, same run
 #   bash benchmarks/gpu.sh ab WORKLOAD ROUNDS VARIANT...  same-run A/B of switches or bench flags
 #   bash benchmarks/gpu.sh fp8 | kernels|gemm|fp8gemm|pdl|profile [args]
+#   bash benchmarks/gpu.sh moe                         MoE CUDA tests, fused-MoE timings, qwen3-30b-a3b bench
 # Results: JSON lines and logs under $OUT (the device tool's folder; ./gpu-out elsewhere).
 set -euo pipefail
 
@@ -15,7 +16,7 @@ export PYTHONUNBUFFERED=1
 CUDA_TESTS=(tests/test_cuda_engine.py tests/test_kernels_cuda.py tests/test_sampler.py)
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"  # seconds per `batchgen bench` run (start-up and graph capture included)
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
 
 setup() {  # install this tree (no deps: the image has them); fall back to the source tree on the path
   python -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
@@ -202,10 +203,27 @@ cmd_profile() {  # torch-profiler kernel breakdown of decode steps (8B shape, 32
     | tail -30 | tee "$OUT/profile.txt" || echo "FAILED"
 }
 
+cmd_moe() {  # issue 15: the MoE CUDA tests, the fused MoE per layer against its bytes, the 30B-A3B shape's bench
+  timeout 200 python -m pytest -q tests/test_fused_moe.py tests/test_model_moe.py tests/test_run_dry_run.py -k \
+    "cuda or graph" 2>&1 | tail -12 | tee "$OUT/moe-tests.log" || true
+  timeout 120 python benchmarks/moe_sweep.py --ts "${MOE_TS:-1,32,64,128,256}" ${MOE_SWEEP:+--sweep} \
+    >"$OUT/moe_sweep.jsonl" 2>&1 || echo "moe_sweep stopped (timeout or error)"
+  grep -v '"sweep"' "$OUT/moe_sweep.jsonl" | cut -c1-240 | tail -20
+  local wl
+  for wl in ${MOE_WORKLOADS:-nanovllm seed}; do
+    printf 'qwen3-30b-a3b %s: ' "$wl"
+    BENCH_TIMEOUT=${MOE_TIMEOUT:-240} bench_run "$OUT/moe-bench.jsonl" "" --workload "$wl" --shape qwen3-30b-a3b
+  done
+  python -c 'import json,sys
+for l in open(sys.argv[1]):
+    r = json.loads(l); print(r["workload"], r["output_tok_s"], r["mean_decode_gpu_ms"], json.dumps(r.get("decode_floor")))' \
+    "$OUT/moe-bench.jsonl" 2>/dev/null || true
+}
+
 what=${1:-help}
 [[ $# -gt 0 ]] && shift
 case $what in
-  tests | bench | constrained | anchor | ab | kernels | gemm | fp8gemm | fp8 | pdl | profile)
+  tests | bench | constrained | anchor | ab | kernels | gemm | fp8gemm | fp8 | pdl | profile | moe)
     setup
     "cmd_$what" "$@"
     ;;

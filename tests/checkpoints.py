@@ -94,6 +94,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # tiny SigLIP vision tower beside it (its weights are in the checkpoint; the engine skips them)
     "gemma3-mm": dict(model_type="gemma3", num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=32,
                       sliding_window=48, sliding_window_pattern=3, tie_word_embeddings=False),
+    # mixtures of experts: 8 experts, top-3, renormalised (no shared expert), q/k norm; and Mixtral's top-2
+    "qwen3_moe": dict(model_type="qwen3_moe", rope_theta=1000000.0, head_dim=32, num_experts=8,
+                      num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[], use_sliding_window=False),
+    "mixtral": dict(model_type="mixtral", rope_theta=1000000.0, num_local_experts=6, num_experts_per_tok=2,
+                    sliding_window=None),
     # an architecture the engine does not support (its error message is tested)
     "gpt2": dict(model_type="gpt2"),
 }

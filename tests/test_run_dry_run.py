@@ -52,6 +52,10 @@ def without_weights(ck: Path, dst: Path) -> Path:
               "dtype float32"),
     ("llama3.1", "model: llama decoder (model_type llama, LlamaForCausalLM, rope llama3), attention torch on cpu, "
                  "dtype float32"),
+    ("qwen3_moe", "model: llama decoder with MoE experts in torch (model_type qwen3_moe, Qwen3MoeForCausalLM, "
+                  "q/k norm, MoE top-3 of 8 experts, renormalised), attention torch on cpu, dtype float32"),
+    ("mixtral", "model: llama decoder with MoE experts in torch (model_type mixtral, MixtralForCausalLM, MoE top-2 of "
+                "6 experts, renormalised), attention torch on cpu, dtype float32"),
 ])
 def test_dry_run_names_implementation_attention_and_dtype(tiny_checkpoint: Any, tmp_path: Path, family: str,
                                                           expect: str) -> None:
@@ -96,6 +100,9 @@ def test_dry_run_on_cuda_says_triton(tiny_checkpoint: Any, tmp_path: Path) -> No
     assert line.endswith("attention triton on cuda, dtype bfloat16"), line
     line = model_line(dry_run(tmp_path, "model", "engine.attention=torch", device="cuda"))
     assert line.endswith("attention torch on cuda, dtype bfloat16"), line
+    without_weights(tiny_checkpoint("qwen3_moe"), tmp_path / "moe")
+    line = model_line(dry_run(tmp_path, "moe", device="cuda"))
+    assert line.startswith("model: llama decoder with fused MoE in Triton (model_type qwen3_moe"), line
 
 
 def test_model_context_of_an_alias_comes_from_its_converted_config(tmp_path: Path, smollm2_dir: Path) -> None:

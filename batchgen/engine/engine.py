@@ -127,6 +127,11 @@ class Engine:
         if self._tp is not None:
             precision += f", tensor parallel {self._tp.world} ({self._tp.group.backend})"
         kv = kv_fp8.dtype_name(self.kv_dtype) + (f", {self.kv_scales.describe()}" if self.kv_scales else "")
+        moe = self.model.cfg.moe
+        if moe is not None:  # which layers are sparse and what runs their experts (models/moe.py)
+            from .models.moe import implementation
+
+            precision += f", {moe.describe()} ({implementation(self.device)})"
         return (f"{self.model.cfg.model_type} {str(self.dtype).removeprefix('torch.')}{precision} on {self.device}, "
                 f"attention {self.backend.name}, KV cache {self.blocks.usable_blocks * self.block_size:,} tokens "
                 f"({kv}) in {self.block_size}-token blocks, overlap {'on' if self.overlap else 'off'}{graphs}")

@@ -12,6 +12,7 @@ import torch
 
 from .fp8_checkpoint import read_fp8_scheme
 from .fp8_weights import Fp8Reader
+from .moe_weights import complete as moe_complete, load_moe_tensor
 from .models.config import ModelConfig
 from .models.gemma import GemmaModel
 from .models.llama import LlamaModel
@@ -88,6 +89,10 @@ def load_weights(model: LlamaModel, model_dir: Path, fp8: Fp8Reader | None = Non
     for f in _safetensor_files(model_dir):
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for name in st.keys():
+                moe_keys = load_moe_tensor(name, st, params, fp8) if cfg.moe is not None else None
+                if moe_keys is not None:  # an expert or router weight (moe_weights.py)
+                    loaded.update(moe_keys)
+                    continue
                 target, rows = _target(name, part_rows)
                 if target is None or target not in params:
                     continue  # rotary inv_freq and other buffers some checkpoints carry
@@ -101,6 +106,7 @@ def load_weights(model: LlamaModel, model_dir: Path, fp8: Fp8Reader | None = Non
                 loaded.update(_loaded_keys(target, rows, part_rows))
     if cfg.tie_word_embeddings:
         loaded.add("lm_head.weight")
+    loaded |= moe_complete(loaded, params)
     expected = set()
     for n, p in params.items():
         fused = next((rows for key, rows in part_rows.items() if n.endswith(f"{key}.weight") or n.endswith(f"{key}.bias")), None)

@@ -5,11 +5,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import gemma_config
+from .moe_config import MoeConfig, moe_config
 
 # model_type -> our implementation (all share the Llama-style decoder in llama.py; Phi-3's checkpoints
 # already store the fused qkv_proj / gate_up_proj we use, and its partial rotary / longrope live in rope.py;
 # Gemma 2 / 3 run gemma.py, their config is read by gemma_config.py)
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", *gemma_config.GEMMA_TYPES)
+# Qwen3-MoE and Mixtral: the same decoder with sparse MoE blocks (models/moe.py) where the config has experts
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", *gemma_config.GEMMA_TYPES, "qwen3_moe", "mixtral")
 
 
 class UnsupportedModelError(ValueError):
@@ -36,6 +38,7 @@ class ModelConfig:
     torch_dtype: str | None
     rotary_dim: int  # leading dims of each head that RoPE rotates (partial_rotary_factor * head_dim); the rest pass
     gemma: gemma_config.GemmaSpec | None = None  # Gemma 2 / 3: soft-caps, attention scale, local rope (gemma.py)
+    moe: MoeConfig | None = None  # experts, routing and which layers are sparse (None: a dense model)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -44,8 +47,9 @@ class ModelConfig:
             archs = d.get("architectures") or [mt]
             raise UnsupportedModelError(
                 f"unsupported model architecture {archs[0]!r} (model_type {mt!r}); batchgen supports "
-                "Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5, Qwen3, SmolLM2, Phi-3/3.5/Phi-4-mini, Gemma 2 and "
-                f"Gemma 3 (text) (model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
+                "Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5, Qwen3, SmolLM2, Phi-3/3.5/Phi-4-mini, Gemma 2, "
+                "Gemma 3 (text), Qwen3-MoE and Mixtral "
+                f"(model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
         gemma = None
         if mt in gemma_config.GEMMA_TYPES:
             try:
@@ -71,11 +75,12 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qk_norm=mt == "qwen3" or (gemma is not None and gemma.family == "gemma3"),
+            qk_norm=mt in ("qwen3", "qwen3_moe") or (gemma is not None and gemma.family == "gemma3"),
             layer_windows=_layer_windows(d, layers),
             torch_dtype=d.get("dtype") or d.get("torch_dtype"),
             rotary_dim=rotary_dim,
             gemma=gemma,
+            moe=moe_config(d, layers),
         )
 
 
@@ -113,4 +118,6 @@ def _layer_windows(d: dict[str, Any], layers: int) -> tuple[int | None, ...]:
             return (None,) * layers
         first = d.get("max_window_layers", layers)
         return tuple(window if i >= first else None for i in range(layers))
+    if d.get("model_type") == "qwen3_moe" and not d.get("use_sliding_window"):
+        window = None  # transformers' Qwen3-MoE: the window only with use_sliding_window, then on every layer
     return (window,) * layers if window else (None,) * layers

@@ -118,7 +118,7 @@ def fused_decode_rows(model: nn.Module, sw: Switches | None = None) -> int:
     layers = getattr(model, "layers", None)
     if not (sw or switches()).fused_decode or not layers:
         return 0
-    gate_ups = [layer.mlp.gate_up_proj for layer in layers]
+    gate_ups = [getattr(layer.mlp, "gate_up_proj", None) for layer in layers]  # none on an MoE layer
     # InputMajorLinear or quant.Fp8Linear: both give the decode layer normed / add_to / can_gate
     if not all(getattr(g, "can_gate", False) for g in gate_ups):
         return 0

@@ -1,4 +1,5 @@
-"""One decoder for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2).
+"""One decoder for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2), Phi-3 and the
+MoE models (Qwen3-MoE, Mixtral: sparse layers' MLP is a models/moe.py SparseMoeBlock).
 
 Works on the flat token batch of a step: x is [T, hidden]; attention goes through a backend
 over the paged KV cache. q/k/v and gate/up projections are fused into one matmul each.
@@ -11,6 +12,7 @@ from torch import nn
 from .. import fused_ops
 from ..attention.base import AttentionBackend, AttentionMetadata
 from .config import ModelConfig
+from .moe import moe_mlp
 from .rope import cos_sin_table
 
 
@@ -68,12 +70,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, qkv_bias: bool, window: int | None) -> None:
+    def __init__(self, cfg: ModelConfig, qkv_bias: bool, window: int | None, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, qkv_bias, window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp if mlp is not None else MLP(cfg)  # a sparse layer's SparseMoeBlock (models/moe.py)
 
     def forward(self, x, residual, positions, cos_sin, kv, meta, backend) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it): the add is fused into the next norm."""
@@ -103,7 +105,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, w) for w in cfg.layer_windows)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, w, moe_mlp(cfg, i))
+                                    for i, w in enumerate(cfg.layer_windows))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

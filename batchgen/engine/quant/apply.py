@@ -2,7 +2,8 @@
 
 Swapped: every layer's qkv_proj, o_proj, gate_up_proj and down_proj (q/k/v and gate/up are fused
 in llama.py, and per-output-channel scales fuse with them: each row keeps its own). Untouched:
-embeddings, lm_head (tied or not) and the norms, which stay in the model dtype.
+embeddings, lm_head (tied or not) and the norms, which stay in the model dtype, and an MoE layer's
+router and experts (models/moe.py: stacked weights, no Linear to swap), said in one log line.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Fp8Summary:
     projections: int
     emulated: int  # on float32 emulation: all of them off FP8 hardware, else those _scaled_mm can't take
     device: str
+    moe_layers: int = 0  # MoE layers whose experts stayed in the model dtype (only attention / dense MLPs are FP8)
 
     @property
     def tensor_cores(self) -> bool:
@@ -34,7 +36,8 @@ class Fp8Summary:
         how = ("FP8 tensor cores (decode: Triton FP8 GEMM, activations per token per 128 columns; "
                "larger steps: torch._scaled_mm, per-token activations)" if self.tensor_cores else "emulated in float32"
                if self.emulated == self.projections else f"{self.emulated} emulated in float32")
-        return f"weights fp8 e4m3 ({self.projections} projections, per-channel scales, {how})"
+        experts = f"; the experts of {self.moe_layers} MoE layers in the model dtype" if self.moe_layers else ""
+        return f"weights fp8 e4m3 ({self.projections} projections, per-channel scales, {how}){experts}"
 
 
 def apply_fp8(model: nn.Module, prequantized: dict[str, Fp8Linear] | None = None) -> Fp8Summary:
@@ -57,8 +60,13 @@ def apply_fp8(model: nn.Module, prequantized: dict[str, Fp8Linear] | None = None
         return Fp8Linear.from_linear(old)
 
     swapped: list[Fp8Linear] = []
+    moe_layers = 0
     for i, layer in enumerate(layers):
+        sparse = not hasattr(layer.mlp, "gate_up_proj")  # an MoE layer (models/moe.py): experts stay as they are
+        moe_layers += sparse
         for path in PROJECTIONS:
+            if sparse and path.startswith("mlp."):
+                continue
             parent_name, _, child = path.rpartition(".")
             parent = layer.get_submodule(parent_name)
             swapped.append(make(getattr(parent, child), f"layers.{i}.{path}"))
@@ -66,7 +74,11 @@ def apply_fp8(model: nn.Module, prequantized: dict[str, Fp8Linear] | None = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     device = swapped[0].weight.device
-    summary = Fp8Summary(len(swapped), sum(not m.uses_tensor_cores for m in swapped), str(device))
+    summary = Fp8Summary(len(swapped), sum(not m.uses_tensor_cores for m in swapped), str(device), moe_layers)
+    if moe_layers:
+        log.info("fp8: %d MoE layers' experts and routers stay in %s (FP8 covers the attention projections and "
+                 "dense MLPs: %d projections)", moe_layers, str(layers[0].input_layernorm.weight.dtype)
+                 .removeprefix("torch."), len(swapped))
     _say(summary, device)
     return summary
 

@@ -62,9 +62,13 @@ def model_plan(cfg: JobConfig) -> ModelPlan:
         raise ConfigError(f"{cfg.source_path}: engine.attention: {problem}")
     archs = raw.get("architectures") or []
     _check_tensor_parallel(cfg, mc)
-    return ModelPlan(IMPLEMENTATIONS.get(mc.model_type, DEFAULT_IMPLEMENTATION), mc.model_type,
-                     (*archs[:1], *_features(mc)), device, attention, _dtype(cfg, mc, device),
-                     cfg.engine.tensor_parallel)
+    implementation = IMPLEMENTATIONS.get(mc.model_type, DEFAULT_IMPLEMENTATION)
+    if mc.moe is not None:  # Qwen3-MoE, Mixtral: the decoder with sparse MoE blocks (engine/models/moe.py)
+        from ...engine.models.moe import implementation as moe_implementation
+
+        implementation += f" with {moe_implementation(device)}"
+    return ModelPlan(implementation, mc.model_type, (*archs[:1], *_features(mc)), device, attention,
+                     _dtype(cfg, mc, device), cfg.engine.tensor_parallel)
 
 
 def _check_tensor_parallel(cfg: JobConfig, mc: Any) -> None:
@@ -105,6 +109,8 @@ def _features(mc: Any) -> tuple[str, ...]:
         out.append("q/k norm")
     if mc.gemma is not None:
         out += _gemma_features(mc.gemma)
+    if mc.moe is not None:
+        out.append(mc.moe.describe())
     if mc.tie_word_embeddings:
         out.append("tied embeddings")
     return tuple(out)
