@@ -223,7 +223,7 @@ def test_unsupported_architecture_names_the_gemmas():
     with pytest.raises(UnsupportedModelError) as e:
         ModelConfig.from_hf({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]})  # Gemma 1: not (yet)
     msg = str(e.value)
-    assert "'GemmaForCausalLM'" in msg and "Gemma 2 and Gemma 3 (text)" in msg and "\n" not in msg
+    assert "'GemmaForCausalLM'" in msg and "Gemma 2, Gemma 3 (text)" in msg and "\n" not in msg
     assert "gemma2, gemma3_text, gemma3" in msg
 
 

@@ -176,7 +176,7 @@ def test_kv_heads_that_do_not_divide_the_ranks_are_refused(tiny_checkpoint):
     assert not _workers()
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3_moe", "mixtral"])
 def test_families_without_a_sharded_decoder_are_refused(tiny_checkpoint, family):
     """Their layers are not the ones parallel/shard.py splits: refused in one line, never silently wrong."""
     with pytest.raises(EngineArgumentError) as err:
