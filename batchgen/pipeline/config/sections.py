@@ -131,6 +131,9 @@ class EngineSection:
                                   doc="auto (the model's dtype) | bfloat16 | float16 | fp8 (e4m3 with per-layer scales)")
     threads: int | None = setting(None, kind="int", nullable=True, **TOKENS,
                                   doc="torch threads on the CPU; null: automatic (batchgen/engine/threads.py)")
+    # how the job runs, not what it computes: not part of its identity (pipeline/parallel/plan.py)
+    data_parallel: int | str = setting(1, kind="workers",
+                                       doc="worker processes, one per GPU (a positive integer or all)")
 
 
 @dataclass
