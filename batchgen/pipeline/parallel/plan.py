@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...engine.threads import cpu_threads
-from ..config import ConfigError, JobConfig, job_fingerprint, output_dir
+from ..config import ConfigError, JobConfig, job_fingerprint, job_identity, output_dir
 from ..config.errors import Ctx
 from ..config.values import check_workers
+from ..sink.manifest import different_job, manifest_mismatch
 from ..sink.paths import OutputPaths
 
 
@@ -119,29 +120,37 @@ def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
     return out[:count] if count else []
 
 
-def cuda_slots(cfg: JobConfig, requested: int | str, gpus: list[str], total_threads: int) -> list[Slot]:
+def worker_count(cfg: JobConfig, requested: int | str, gpus: list[str] | None) -> int:
+    """How many workers `requested` is here. `gpus`: the visible GPUs when the job runs on CUDA, None
+    on the CPU, where `all` is one worker (one process already uses every core; more only split them)."""
+    if gpus is None:
+        return 1 if requested == "all" else int(requested)
     device = cfg.engine.device
-    where = cfg.where("engine.device")
-    if device.startswith("cuda:") and requested != 1:
-        raise ConfigError(f"{where}: engine.device: {device} names one GPU, but data parallel gives each worker "
-                          "its own (CUDA_VISIBLE_DEVICES): use device auto or cuda")
     if device.startswith("cuda:"):
-        return [Slot(0, "cuda", None, None, total_threads)]
+        if requested not in (1, "all"):
+            raise ConfigError(f"{cfg.where('engine.device')}: engine.device: {device} names one GPU, but data "
+                              "parallel gives each worker its own (CUDA_VISIBLE_DEVICES): use device auto or cuda")
+        return 1
     n = len(gpus) if requested == "all" else int(requested)
     if n > len(gpus) or not gpus:
         seen = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise ConfigError(f"{cfg.where('engine.data_parallel')}: engine.data_parallel: {requested} needs {n} GPUs "
-                          f"(one per worker), but {len(gpus)} {'is' if len(gpus) == 1 else 'are'} visible here"
-                          + (f" (CUDA_VISIBLE_DEVICES={seen})" if seen is not None else ""))
+        raise ConfigError(f"{cfg.where('engine.data_parallel')}: engine.data_parallel: {requested} needs "
+                          f"{max(n, 1)} GPU(s), one per worker, but {len(gpus)} {'is' if len(gpus) == 1 else 'are'} "
+                          "visible here" + (f" (CUDA_VISIBLE_DEVICES={seen})" if seen is not None else ""))
+    return n
+
+
+def cuda_slots(cfg: JobConfig, n: int, gpus: list[str], total_threads: int) -> list[Slot]:
+    """GPU i of the visible ones for worker i, and its share of the CPU threads."""
     per = max(1, total_threads // n)
+    if cfg.engine.device.startswith("cuda:"):  # the one GPU it names, as a plain run would use it
+        return [Slot(0, "cuda", None, None, total_threads)]
     return [Slot(i, "cuda", gpus[i], None, per) for i in range(n)]
 
 
-def cpu_slots(requested: int | str, cpus: list[int], total_threads: int, omp_set: bool,
-              notes: list[str]) -> list[Slot]:
-    """CPU workers: `all` is one (one process already uses every core; more only split them),
-    N splits the cores into N contiguous parts, one per worker, with a thread per core."""
-    n = 1 if requested == "all" else int(requested)
+def cpu_slots(n: int, cpus: list[int], total_threads: int, omp_set: bool, notes: list[str]) -> list[Slot]:
+    """CPU workers: the cores split into n contiguous parts, one per worker, a thread per core (with
+    OMP_NUM_THREADS set, its count split n ways). No GPU is visible to them."""
     if n == 1:
         return [Slot(0, "cpu", "", None, None)]
     if n > len(cpus):
@@ -162,57 +171,65 @@ def usable_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def make_slots(cfg: JobConfig, requested: int | str, notes: list[str]) -> list[Slot]:
-    """One Slot per worker. engine.threads, when the job sets it, is each worker's (it wins over OMP_NUM_THREADS)."""
+def make_slots(cfg: JobConfig, n: int, gpus: list[str] | None, notes: list[str]) -> list[Slot]:
+    """n Slots. engine.threads, when the job sets it, is each worker's (it wins over OMP_NUM_THREADS)."""
     total = cpu_threads(None)  # OMP_NUM_THREADS when set (the Slurm script sets it), else the usable cores
-    if uses_cuda(cfg):
-        return cuda_slots(cfg, requested, visible_gpus(), total)
-    return cpu_slots(requested, usable_cpus(), total, bool(os.environ.get("OMP_NUM_THREADS", "").strip()), notes)
+    if gpus is not None:
+        return cuda_slots(cfg, n, gpus, total)
+    return cpu_slots(n, usable_cpus(), total, bool(os.environ.get("OMP_NUM_THREADS", "").strip()), notes)
 
 
 # ---------------------------------------------------------------------------------------
 # tasks
 # ---------------------------------------------------------------------------------------
-def existing_tasks(cfg: JobConfig) -> int | None:
+def existing_tasks(cfg: JobConfig, refuse_other: bool = True) -> int | None:
     """The task count of this job's output at output.path, once it has committed rows (None: a new
-    output, or another job's, which the workers refuse or --overwrite replaces)."""
+    output). Another job's committed output is refused here, in the words every worker would use
+    (--overwrite replaces it; a changed input is left to the workers, which read it)."""
     paths = OutputPaths(output_dir(cfg))
     m = paths.manifest()
-    if not m or m.get("fingerprint") != job_fingerprint(cfg) or not paths.has_committed_rows():
+    if not m or not paths.has_committed_rows():
         return None
+    fp = job_fingerprint(cfg)
+    if m.get("fingerprint") != fp:
+        if not refuse_other:
+            return None
+        problem = manifest_mismatch(m, {"fingerprint": fp, "identity": job_identity(cfg)})
+        raise ConfigError(different_job(paths.path, problem or "its fingerprint differs"))
     n = m.get("num_tasks")
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
 
 
-def plan_tasks(cfg: JobConfig, slots: list[Slot], share: tuple[int, int], own_share: bool,
-               existing: int | None, notes: list[str]) -> tuple[list[int], int, list[Slot]]:
-    """(task ids to run, the output's task count, the slots used)."""
+def plan_tasks(cfg: JobConfig, n: int, share: tuple[int, int], own_share: bool, existing: int | None,
+               notes: list[str]) -> tuple[list[int], int]:
+    """(the task ids to run, the output's task count) for n workers."""
     tid, n_share = share
-    n = len(slots)
     if existing is None or (own_share and existing == n_share * n):
-        return [tid * n + j for j in range(n)], n_share * n, slots
+        return [tid * n + j for j in range(n)], n_share * n
     if own_share:
-        out = output_dir(cfg)
-        raise ConfigError(f"{out} was written by {existing} task(s); this run is task {tid} of {n_share} split "
-                          f"into {n} worker(s), {n_share * n} tasks: the partition depends on the count, so rerun "
-                          "with the numbers it was started with (or use another output.path)")
+        raise ConfigError(f"{output_dir(cfg)} was written by {existing} task(s); this run is task {tid} of {n_share} "
+                          f"split into {n} worker(s), {n_share * n} tasks: the partition depends on the count, so "
+                          "rerun with the numbers it was started with (or use another output.path)")
     if existing != n:
         notes.append(f"note: {output_dir(cfg)} has {existing} task{'s' if existing != 1 else ''} (fixed when it was "
-                     "started): "
-                     + (f"they run {min(n, existing)} at a time" if existing > 1 else "one worker runs it"))
-    return list(range(existing)), existing, slots[:existing]
+                     "started): " + (f"they run {min(n, existing)} at a time" if existing > 1 else "one worker runs it"))
+    return list(range(existing)), existing
 
 
 def plan_run(cfg: JobConfig, requested: int | str, share: tuple[int, int], own_share: bool,
              overwrite: bool = False) -> Plan | None:
-    """The data-parallel plan, or None for a plain run in this process (one worker, this share's one
-    task). ConfigError for what can't run here."""
-    existing = None if overwrite else existing_tasks(cfg)
-    if requested == 1 and (own_share or existing in (None, 1)):
-        return None  # a plain run; an output of other task count is refused by it as before
+    """The data-parallel plan, or None for a plain run of this share in this process. ConfigError
+    for what can't run here."""
+    if requested == 1 and own_share:
+        return None  # a plain run (an output of another task count is refused by it, as before)
+    existing = None if overwrite else existing_tasks(cfg, refuse_other=requested != 1)
+    if requested == 1 and existing in (None, 1):
+        return None
+    gpus = visible_gpus() if uses_cuda(cfg) else None
+    n = worker_count(cfg, requested, gpus)
+    if n == 1 and (existing is None or own_share):
+        return None  # `all` on a machine of one GPU (or the CPU)
     notes: list[str] = []
-    slots = make_slots(cfg, requested, notes)
-    if len(slots) == 1 and (existing is None or own_share):
-        return None  # `all` on a machine of one GPU (or the CPU): a plain run
-    tasks, num_tasks, slots = plan_tasks(cfg, slots, share, own_share, existing, notes)
+    tasks, num_tasks = plan_tasks(cfg, n, share, own_share, existing, notes)
+    slots = make_slots(cfg, min(n, len(tasks)), gpus, notes)
     return Plan(slots, tasks, num_tasks, share, notes, inline=len(tasks) == 1)

@@ -27,7 +27,7 @@ from typing import Any, Callable, TextIO
 from ..config import JobConfig, output_dir
 from ..files import OutputError
 from .plan import Plan, Slot
-from .report import Report
+from .report import EXIT_USAGE, Report, error_line
 from .view import CombinedView
 from .workers import Worker, WorkerArgs, describe_worker, start_worker
 
@@ -176,6 +176,10 @@ class Supervisor:
         rc = w.returncode
         if rc == 0:
             self.say(f"task {w.task}: done")
+            return
+        if rc == EXIT_USAGE:  # refused: the job's or the output's fault, said in one line
+            why = error_line(w) or next(iter(w.tail(1)), "(its log is empty)")
+            self.say(f"task {w.task} refused (exit 2): {why}; log: {w.log}")
             return
         if self.stop_reason is not None and rc == 128 + (w.signals_sent[0] if w.signals_sent else 0):
             self.say(f"task {w.task}: stopped ({w.exit_text()}); its committed rows are kept")
