@@ -90,6 +90,14 @@ def progress(out: Path, task: int) -> dict:
         return {}
 
 
+def alive(pid: int) -> bool:
+    """pid runs (a zombie, exited but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def committed_by(out: Path, task: int, pid: int) -> int:
     """Rows task `task` committed in the run of process `pid` (0 until that process wrote its file)."""
     p = progress(out, task)
@@ -197,4 +205,36 @@ def test_sigterm_stops_every_worker_and_one_worker_resumes(workdir: Path, refere
     assert run(job, log, "--data-parallel", "1") == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "has 2 tasks (fixed when it was started): they run 1 at a time" in text
+    same(read(out), reference)
+
+
+def test_a_killed_supervisor_stops_its_workers_gracefully(workdir: Path, reference: dict[tuple, dict]) -> None:
+    """kill -9 of the supervisor: its workers are told (PR_SET_PDEATHSIG: TERM), commit and stop; no
+    orphan runs on. The same command resumes."""
+    import time
+
+    job = job_file(workdir, "orphans")
+    out, log = workdir / "orphans", workdir / "orphans.log"
+    p = start(job, log, "--data-parallel", "2")
+    pids: dict[int, int] = {}
+
+    def both_committed() -> bool:
+        for t in (0, 1):
+            prog = progress(out, t)
+            if prog.get("pid"):
+                pids[t] = int(prog["pid"])
+        return len(pids) == 2 and all(committed_by(out, t, pids[t]) >= 2 for t in (0, 1))
+
+    assert wait_for(both_committed, p, log), log.read_text()[-3000:]
+    p.kill()
+    assert p.wait() == -signal.SIGKILL
+    deadline = time.monotonic() + 300  # only catches a hang: they stop within their grace
+    while any(alive(pid) for pid in pids.values()):
+        assert time.monotonic() < deadline, "a worker ran on after its supervisor died"
+        time.sleep(0.05)
+    for t in (0, 1):
+        assert progress(out, t)["state"] in ("stopped", "done"), progress(out, t)
+    wlogs = [(out / f".batchgen/logs/task-{t:05d}.log").read_text() for t in (0, 1)]
+    assert any("stopped by SIGTERM" in w for w in wlogs), wlogs
+    assert run(job, log, "--data-parallel", "2") == 0, log.read_text()[-3000:]
     same(read(out), reference)

@@ -78,7 +78,7 @@ def attach_to_job(job: Any, environ: Mapping[str, str] | None = None, *, early_h
             def handler(signum: int, frame: Any) -> None:
                 name = signal.Signals(signum).name
                 print(f"batchgen: got {name}; stopping (no new rows, commit, exit"
-                      + (", requeue" if signum == signal.SIGUSR1 and own_slurm_job(environ) else "") + ")",
+                      + (", requeue" if requeue and signum == signal.SIGUSR1 and own_slurm_job(environ) else "") + ")",
                       file=sys.stderr, flush=True)
                 job.request_stop(f"stopped by {name}", exit_code=job.stop_signals.get(signum, 128 + signum),
                                  signum=signum)
