@@ -265,3 +265,34 @@ def test_a_copy_of_the_stop_signal_is_the_same_stop():
     plain.request("x", signum=signal.SIGTERM)
     plain.request("x", signum=signal.SIGTERM)
     assert plain.hard.is_set()
+
+
+# ------------------------------------------------------------------------- the exit code of the whole
+@pytest.mark.parametrize("codes, stopped, expect", [
+    ([0, 0], None, 0),
+    ([0, -signal.SIGKILL], None, 1),  # a worker killed: failed, whatever the others did
+    ([143, -signal.SIGKILL], "stopped by SIGTERM", 1),
+    ([0, 1], None, 1),
+    ([2, 2], None, 2),  # refused: the job's or the output's fault
+    ([0, 2], None, 2),
+    ([143, 0], "stopped by SIGTERM", 143),  # stopped by the supervisor's signal: its code
+    ([138, 138], "stopped by SIGUSR1", 138),
+    ([143, 0], None, 143),  # a worker stopped by a TERM of its own: resumable, not done
+])
+def test_exit_code_of_the_whole(tmp_path, codes, stopped, expect):
+    from batchgen.pipeline.parallel.report import Report
+    from batchgen.pipeline.parallel.supervisor import Supervisor
+    from batchgen.pipeline.parallel.workers import Worker
+
+    cfg = cfg_of(tmp_path)
+    slots = [Slot(i, "cpu", "") for i in range(len(codes))]
+    sup = Supervisor(cfg, plan.Plan(slots, list(range(len(codes))), len(codes)), WorkerArgs("job.yaml"))
+    sup.stop_signals[signal.SIGUSR1] = 138
+    sup.workers = [Worker(i, slots[i], tmp_path / f"{i}.log", returncode=rc) for i, rc in enumerate(codes)]
+    sup.queue = []
+    if stopped:
+        sup.stop_reason, sup.stop_code = stopped, int(stopped.endswith("USR1")) * 138 or 143
+    assert Report(sup, 1.0).code() == expect
+    sup.workers = sup.workers[:1]
+    sup.queue = [1]  # a task never started (the run stopped first): not done
+    assert Report(sup, 1.0).code() != 0

@@ -131,6 +131,7 @@ def worker_env(slot: Slot, environ: dict[str, str] | None = None) -> dict[str, s
         env["OMP_NUM_THREADS"] = str(slot.threads)
     env[SUPERVISOR_ENV] = str(os.getpid())
     env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"  # a worker that dies has said all it printed: its log's tail is whole
     root = package_root()
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in parts if p != root])
