@@ -57,6 +57,10 @@ def _fail(msg: str, code: int = 2) -> None:
               help="This task's index, 0-based (default: $SLURM_ARRAY_TASK_ID, else 0).")
 @click.option("--num-tasks", type=int, default=None,
               help="Number of tasks the input is split into (default: $SLURM_ARRAY_TASK_COUNT, else 1).")
+@click.option("--data-parallel", "data_parallel", default=None, metavar="N|all",
+              help="Worker processes, one per GPU (on the CPU: each with its share of the cores), as N tasks of "
+                   "this output (default: engine.data_parallel, 1). With --task-id/--num-tasks (or a Slurm array) "
+                   "this task's share is split N ways.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a job-file key, e.g. --set sampling.temperature=0 (repeatable; a YAML scalar "
               "or [list], else the text as given).")
@@ -68,29 +72,23 @@ def _fail(msg: str, code: int = 2) -> None:
 @click.option("--retry-errors", is_flag=True,
               help="Generate the output's error rows again (e.g. with a bigger engine.kv_cache_tokens); their new "
                    "rows replace the old in place, each (row, sample) once.")
+@click.option("--worker", is_flag=True, hidden=True, help="A data-parallel worker, started by its supervisor.")
 def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | None, num_tasks: int | None,
-                overrides: tuple[str, ...], progress: str, log_interval: float, preview: int,
-                retry_errors: bool) -> None:
+                data_parallel: str | None, overrides: tuple[str, ...], progress: str, log_interval: float,
+                preview: int, retry_errors: bool, worker: bool) -> None:
     """Run JOB_FILE (YAML): stream its input through the model into Parquet shards.
 
     Interrupted runs (kill, SIGTERM, Ctrl-C) resume where they stopped when the same command is
     run again; the output holds every input row exactly once. See jobs/example.yaml."""
     from .pipeline.config import ConfigError, engine_config_error, load_job, preflight
     from .engine.validation import EngineArgumentError  # torch-free
-    from .slurm.array_task import task_from_env
 
-    env_task, env_n = task_from_env()
-    tid = env_task if task_id is None else task_id
-    n = env_n if num_tasks is None else num_tasks
-    if num_tasks is not None and task_id is None and env_n == 1:
-        tid = 0
-    if n < 1:
-        _fail(f"--num-tasks must be >= 1, got {n}")
-    if not 0 <= tid < n:
-        _fail(f"--task-id {tid} is out of range for --num-tasks {n} (task ids are 0..{n - 1})")
+    tid, n, own_share = _task_share(task_id, num_tasks)
     try:
         cfg = load_job(job_file, list(overrides))
         preflight(cfg)  # this machine: device, attention backend, output path (before any model loads)
+        requested = 1 if worker else _requested(cfg, data_parallel)  # a worker is one task, whatever the job says
+        plan = None if worker else _plan(cfg, requested, (tid, n), own_share, overwrite)
     except ConfigError as e:
         _fail(str(e))
         return
@@ -98,19 +96,23 @@ def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | No
 
     try:
         if dry_run:
-            from .pipeline.run.dry_run import dry_run as do_dry_run
-
-            do_dry_run(cfg, task_id=tid, num_tasks=n, preview=preview)
+            _dry_run(cfg, plan, requested, tid, n, preview)
             return
-        from .pipeline.run.job import Job
+        if plan is not None and not plan.inline:
+            from .pipeline.parallel import Supervisor, WorkerArgs
 
-        job = Job(cfg, task_id=tid, num_tasks=n, overwrite=overwrite, progress=progress, log_every=log_interval,
-                  retry_errors=retry_errors)
-        restore = _attach_slurm(job)
-        try:
-            code = job.run()
-        finally:
-            restore()
+            args = WorkerArgs(job_file, overrides, overwrite, retry_errors, log_interval)
+            code = _run_attached(Supervisor(cfg, plan, args, progress=progress, log_every=log_interval))
+        else:
+            if plan is not None:  # one task left to run: here
+                for note in plan.notes:
+                    click.echo(note, err=True)
+                tid, n = plan.tasks[0], plan.num_tasks
+            from .pipeline.run.job import Job
+
+            job = Job(cfg, task_id=tid, num_tasks=n, overwrite=overwrite, progress=progress, log_every=log_interval,
+                      retry_errors=retry_errors)
+            code = _run_attached(job, worker=worker)
     except (ConfigError, OutputError) as e:
         _fail(str(e))
         return
@@ -123,13 +125,63 @@ def run_command(job_file: str, dry_run: bool, overwrite: bool, task_id: int | No
     sys.exit(code)
 
 
-def _attach_slurm(job: Any) -> Any:
-    """USR1 -> graceful stop + requeue inside Slurm. Returns the function that puts the previous
-    signal handlers back."""
+def _task_share(task_id: int | None, num_tasks: int | None) -> tuple[int, int, bool]:
+    """(task id, task count, whether this run was given a share of its own: the flags or a Slurm array)."""
+    from .slurm.array_task import task_from_env
+
+    env_task, env_n = task_from_env()
+    tid = env_task if task_id is None else task_id
+    n = env_n if num_tasks is None else num_tasks
+    if num_tasks is not None and task_id is None and env_n == 1:
+        tid = 0
+    if n < 1:
+        _fail(f"--num-tasks must be >= 1, got {n}")
+    if not 0 <= tid < n:
+        _fail(f"--task-id {tid} is out of range for --num-tasks {n} (task ids are 0..{n - 1})")
+    return tid, n, task_id is not None or num_tasks is not None or env_n > 1
+
+
+def _requested(cfg: Any, flag: str | None) -> int | str:
+    """--data-parallel, else engine.data_parallel (ConfigError for a bad flag value)."""
+    from .pipeline.parallel import requested_workers
+
+    return requested_workers(cfg, flag)
+
+
+def _plan(cfg: Any, requested: int | str, share: tuple[int, int], own_share: bool, overwrite: bool) -> Any:
+    """The data-parallel plan (None: a plain run of this share). ConfigError for what can't run here."""
+    from .pipeline.parallel import plan_run
+
+    return plan_run(cfg, requested, share, own_share, overwrite)
+
+
+def _dry_run(cfg: Any, plan: Any, requested: int | str, tid: int, n: int, preview: int) -> None:
+    from .pipeline.run.dry_run import dry_run as do_dry_run
+
+    if plan is not None:
+        for note in plan.notes:
+            click.echo(note)
+        click.echo(plan.describe())
+        tid, n = plan.tasks[0], plan.num_tasks  # the first worker's share is previewed
+    elif requested != 1:
+        click.echo(f"data parallel: {requested} is one worker here (one GPU, or the CPU): a plain run in this process")
+    do_dry_run(cfg, task_id=tid, num_tasks=n, preview=preview)
+
+
+def _run_attached(job: Any, worker: bool = False) -> int:
+    """job.run() (a Job or a Supervisor) with the Slurm stop and requeue attached: USR1 -> graceful
+    stop + requeue inside Slurm. A worker stops on USR1 too but leaves the requeue to its supervisor."""
     from .slurm.requeue import attach_to_job, restore_signals
 
-    attach_to_job(job)
-    return restore_signals
+    attach_to_job(job, requeue=not worker)
+    try:
+        if worker:
+            from .pipeline.parallel import become_worker
+
+            become_worker(job)
+        return job.run()
+    finally:
+        restore_signals()
 
 
 def main(argv: list[str] | None = None) -> Any:

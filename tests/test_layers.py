@@ -13,10 +13,13 @@ FORBIDDEN = {
     "batchgen.engine": ("batchgen.pipeline", "batchgen.slurm", "batchgen.cli", "batchgen.bench", "batchgen.show"),
     "batchgen.pipeline": ("batchgen.slurm", "batchgen.cli", "batchgen.bench", "batchgen.show"),
     "batchgen.pipeline.config": ("batchgen.pipeline.source", "batchgen.pipeline.prompt", "batchgen.pipeline.run",
-                                 "batchgen.pipeline.sink"),
-    "batchgen.pipeline.source": ("batchgen.pipeline.prompt", "batchgen.pipeline.run", "batchgen.pipeline.sink"),
-    "batchgen.pipeline.prompt": ("batchgen.pipeline.run", "batchgen.pipeline.sink"),
-    "batchgen.pipeline.sink": ("batchgen.pipeline.run", "batchgen.pipeline.prompt"),
+                                 "batchgen.pipeline.sink", "batchgen.pipeline.parallel"),
+    "batchgen.pipeline.source": ("batchgen.pipeline.prompt", "batchgen.pipeline.run", "batchgen.pipeline.sink",
+                                 "batchgen.pipeline.parallel"),
+    "batchgen.pipeline.prompt": ("batchgen.pipeline.run", "batchgen.pipeline.sink", "batchgen.pipeline.parallel"),
+    "batchgen.pipeline.sink": ("batchgen.pipeline.run", "batchgen.pipeline.prompt", "batchgen.pipeline.parallel"),
+    # data parallel sits above the run loop: it starts `batchgen run` processes and reads what they write
+    "batchgen.pipeline.run": ("batchgen.pipeline.parallel",),
     "batchgen.slurm": ("batchgen.cli",),
 }
 

@@ -263,3 +263,92 @@ def test_array_job_requeued_mid_run_is_exact(slurm_cluster, tiny_checkpoint, tmp
     datasets = pytest.importorskip("datasets")
     ds = datasets.load_dataset("parquet", data_dir=str(out), split="train")
     assert ds.num_rows == N_ROWS * N_SAMPLES
+
+
+# --------------------------------------------------------------------------------------------
+# data parallel inside each array task: 2 tasks x 2 workers = 4 tasks of one output; USR1 to one
+# array task mid-run reaches its supervisor (the batch shell), which stops both its workers and
+# requeues the array task once; the restarted task resumes its two tasks
+# --------------------------------------------------------------------------------------------
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_array_tasks_run_data_parallel_and_requeue_as_one(slurm_cluster, tiny_checkpoint, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ckpt = tiny_checkpoint("llama")
+    rows = [{"rid": f"r{i:03d}", "prompt": f"Question {i}: what is {i} plus {i}?"} for i in range(N_ROWS)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet", row_group_size=8)
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"model:\n  path: {ckpt}\n"
+        "input:\n  files: [in.parquet]\n  id_column: rid\n"
+        "prompt:\n  column: prompt\n  chat_template: false\n"
+        f"sampling:\n  max_new_tokens: 16\n  temperature: 0.8\n  n: {N_SAMPLES}\n  seed: 1\n  ignore_eos: true\n"
+        "output:\n  path: out\n  rows_per_shard: 2\n  flush_seconds: 1\n  stop_grace_seconds: 2\n"
+        "engine:\n  device: cpu\n  max_num_seqs: 2\n  cuda_graphs: false\n  overlap: false\n"
+    )
+    env = dict(slurm_cluster.env)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    r = subprocess.run([*batchgen_cmd(), "submit", str(job), "--tasks", "2", "--gpus-per-task", "0",
+                        "--data-parallel", "2", "--cpus-per-task", "2", "--grace", "30"],
+                       env=env, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 workers each" in r.stderr
+    job_id = r.stdout.strip().splitlines()[-1]
+
+    # array task 1 runs tasks 2 and 3 of 4: once both are mid-run, freeze them and their supervisor, ask
+    # Slurm for USR1 (to the batch shell: the supervisor), let the supervisor forward it, then go on
+    deadline = time.monotonic() + 300
+    while True:
+        assert time.monotonic() < deadline, f"tasks never got going: {_progress(out)}\n{slurm_cluster.logs()}"
+        prog = _progress(out)
+        if all(_mid_run(prog.get(t, {})) and prog[t].get("pid") for t in (2, 3)):
+            workers = [int(prog[t]["pid"]) for t in (2, 3)]
+            try:
+                sup = _parent(workers[0])
+                with contextlib.ExitStack() as frozen:
+                    for pid in workers:
+                        frozen.enter_context(_frozen(pid))
+                    now = _progress(out)
+                    if not all(_mid_run(now.get(t, {})) for t in (2, 3)):
+                        continue
+                    with _frozen(sup):
+                        slurm_cluster.run("timeout", "15", "scancel", "--signal=USR1", "--batch", f"{job_id}_1",
+                                          check=False)
+                        _until_pending(sup, signal.SIGUSR1)
+                    for pid in workers:  # the supervisor runs, forwards, and the workers see it first
+                        _until_pending(pid, signal.SIGUSR1)
+            except (ProcessLookupError, FileNotFoundError):
+                continue
+            break
+        time.sleep(0.02)
+
+    states = slurm_cluster.wait_for_jobs([job_id], timeout=600)
+    logs = {t: (out / ".batchgen" / "slurm" / "logs" / f"{job_id}_{t}.log") for t in range(2)}
+    all_logs = "\n".join(f"--- task {t}\n{p.read_text() if p.exists() else '(no log)'}" for t, p in logs.items())
+    assert sorted(states.values()) == ["COMPLETED"] * 2, f"{states}\n{all_logs}"
+    restarts = {int(rec["ArrayTaskId"]): int(rec.get("Restarts", 0)) for rec in slurm_cluster.job_info(job_id)}
+    assert restarts == {0: 0, 1: 1}, f"{restarts}\n{all_logs}"
+    log1 = logs[1].read_text()
+    assert "data parallel: 2 worker processes, tasks 2-3 of 4" in log1, log1
+    assert "stopped by SIGUSR1: stopping 2 worker(s)" in log1 and f"requeued {job_id}_1" in log1, log1
+    assert log1.count(f"requeued {job_id}_1") == 1, log1  # once, by the supervisor: never by a worker
+    assert "restart 1" in log1 and "done: all 2 tasks" in log1
+    for t in (2, 3):
+        wlog = (out / ".batchgen" / "logs" / f"task-{t:05d}.log").read_text()
+        assert "stopped by SIGUSR1" in wlog and "resuming" in wlog and "requeued" not in wlog, wlog
+
+    keys: list[tuple[str, int]] = []
+    for p in sorted(out.glob("*.parquet")):
+        t = pq.read_table(p, columns=["id", "sample_index"])
+        keys += list(zip(t.column("id").to_pylist(), t.column("sample_index").to_pylist()))
+    assert len(keys) == len(set(keys)), "duplicated rows"
+    assert set(keys) == {(r["rid"], j) for r in rows for j in range(N_SAMPLES)}
+    st = subprocess.run([*batchgen_cmd(), "status", str(out)], env=env, capture_output=True, text=True, timeout=60)
+    assert st.returncode == 0 and "4/4 complete" in st.stdout, st.stdout + st.stderr

@@ -69,7 +69,8 @@ def test_dry_run_script(tmp_path):
     assert "--partition=gpu" in opts and "--time=4:00:00" in opts
     assert opts[-2:] == ["--mem=64G", "--account=abc"]  # user's args last: they win
     last = [ln for ln in script.splitlines() if ln.strip()][-1]
-    assert last.startswith("exec /") and last.endswith(f"run {job.resolve()}")
+    # a task's 2 GPUs: data parallel over them (2 workers, each a task of the output)
+    assert last.startswith("exec /") and last.endswith(f"run {job.resolve()} --data-parallel 2")
     cmd = last.split()[1]
     assert os.path.isabs(cmd)
     # dry run writes nothing
@@ -87,6 +88,41 @@ def test_dry_run_cpu_only_and_defaults(tmp_path):
     assert not any(o.startswith(("--gres", "--gpus")) for o in opts)
     assert not any(o.startswith(("--partition", "--time", "--cpus-per-task")) for o in opts)
     assert f"--signal=B:USR1@{slurm.DEFAULT_GRACE_S}" in opts
+
+
+def run_line(script: str) -> str:
+    return [ln for ln in script.splitlines() if ln.strip()][-1]
+
+
+def test_data_parallel_per_task(tmp_path):
+    """One worker per GPU of the task unless --data-parallel says; CPU-only tasks take the job's key."""
+    job = write_job(tmp_path)
+    assert run_line(dry_run(job, "--tasks", "2")).endswith("--data-parallel 1")  # 1 GPU: a plain run
+    assert run_line(dry_run(job, "--tasks", "2", "--gpus-per-task", "4")).endswith("--data-parallel 4")
+    assert run_line(dry_run(job, "--tasks", "2", "--gpus-per-task", "4", "--data-parallel", "2")).endswith(
+        "--data-parallel 2")
+    assert run_line(dry_run(job, "--tasks", "2", "--gpus-per-task", "0")).endswith("--data-parallel 1")
+    job.write_text(job.read_text() + "engine:\n  device: cpu\n  data_parallel: 3\n")
+    assert run_line(dry_run(job, "--tasks", "2", "--gpus-per-task", "0")).endswith("--data-parallel 3")
+    job.write_text(job.read_text().replace("data_parallel: 3", "data_parallel: all"))
+    assert run_line(dry_run(job, "--tasks", "2", "--gpus-per-task", "0")).endswith("--data-parallel 1")
+
+
+def test_data_parallel_submit_refusals(tmp_path):
+    job = write_job(tmp_path)
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2", "--gpus-per-task", "2",
+                                                  "--data-parallel", "3", "--dry-run"])
+    assert r.exit_code == 2 and "--data-parallel 3 needs 3 GPUs per task" in r.output
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2", "--data-parallel", "0", "--dry-run"])
+    assert r.exit_code == 2 and "--data-parallel must be >= 1" in r.output
+    # the output's task count is tasks x workers: 4 = 2 x 2 resubmits, 2 x 1 does not
+    write_progress(tmp_path / "out", [dict(task_id=0, num_tasks=4, state="running", rows_done=1)])
+    dry_run(job, "--tasks", "2", "--gpus-per-task", "2")
+    dry_run(job, "--tasks", "4", "--gpus-per-task", "1")
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "2", "--dry-run"])
+    assert r.exit_code == 2 and "--tasks 4" in r.output
+    r = CliRunner().invoke(slurm.submit_command, [str(job), "--tasks", "4", "--gpus-per-task", "2", "--dry-run"])
+    assert r.exit_code == 2 and "4 tasks in all" in r.output and "4 x 2 (--tasks x --data-parallel) = 8" in r.output
 
 
 def test_batchgen_command_is_absolute(monkeypatch, tmp_path):
@@ -365,7 +401,7 @@ def test_submit_with_hostile_cwd_and_job_path_end_to_end(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().splitlines()[-1] == "51"
     calls = [json.loads(ln) for ln in record.read_text().splitlines()]
-    assert calls == [{"argv": ["run", str(job)], "cwd": str(jobdir)}]
+    assert calls == [{"argv": ["run", str(job), "--data-parallel", "1"], "cwd": str(jobdir)}]
     _no_injection(tmp_path)
 
 

@@ -62,6 +62,7 @@ class Progress:
         self.log_every = log_every
         self._last_log = self.t0
         self.label = label
+        self.suffix = ""  # appended to the line and the bar's postfix (a data-parallel run: the workers' states)
         self._generated_fn = generated
         self._generated: int | None = None  # the engine's count, last seen
         self._generated_base = 0  # ... at start_clock: tokens sampled before are not this run's
@@ -75,13 +76,25 @@ class Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            # the bar's own [elapsed<remaining, rate] counts finished rows only: ours is in the postfix
-            fmt = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if total
-                   else "{desc}: {n_fmt} rows [{elapsed}{postfix}]")
             self._bar = tqdm(
                 total=total, initial=done, unit="row", desc=label or "rows", file=self.stream,
-                dynamic_ncols=True, smoothing=0.05, bar_format=fmt,
+                dynamic_ncols=True, smoothing=0.05, bar_format=self._bar_format(total),
             )
+
+    @staticmethod
+    def _bar_format(total: int | None) -> str:
+        # the bar's own [elapsed<remaining, rate] counts finished rows only: ours is in the postfix
+        return ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if total
+                else "{desc}: {n_fmt} rows [{elapsed}{postfix}]")
+
+    def set_total(self, total: int | None) -> None:
+        """The total, once it is known (a data-parallel run learns it from its workers' files)."""
+        with self._lock:
+            self.total = total
+            if self._bar is not None:
+                self._bar.total = total
+                self._bar.bar_format = self._bar_format(total)
+                self._redraw = True
 
     # ------------------------------------------------------------------ clock and counts
     def start_clock(self) -> None:
@@ -208,7 +221,8 @@ class Progress:
 
     def _postfix(self) -> str:
         eta = self.eta()
-        return f"{self.tok_s:,.1f} tok/s, ETA {format_clock(eta)}, {self.errors} err"
+        return f"{self.tok_s:,.1f} tok/s, ETA {format_clock(eta)}, {self.errors} err" + (
+            f", {self.suffix}" if self.suffix else "")
 
     def line(self) -> str:
         tot = f"/{self.total}" if self.total is not None else ""
@@ -217,6 +231,7 @@ class Progress:
             f"{self.label + ': ' if self.label else ''}{self.done}{tot} rows{pct}, "
             f"{self.tok_s:,.1f} output tok/s, {self.errors} errors, "
             f"elapsed {format_clock(self.elapsed)}, ETA {format_clock(self.eta())}"
+            + (f" [{self.suffix}]" if self.suffix else "")
         )
 
     def log_line(self) -> None:

@@ -21,6 +21,12 @@ How a batchgen array job behaves (the contract the tests check):
 - Requeueing sends TERM to the task itself, after the final commit: a second signal while
   stopping only makes the stop "hard" (nothing left to abandon by then).
 - A restarted task (SLURM_RESTART_COUNT > 0) resumes from its committed shards.
+- Data parallel inside a task (`--gpus-per-task G`: `batchgen run --data-parallel G`, or
+  `--data-parallel D`): the batch shell is the supervisor (batchgen.pipeline.parallel), its workers
+  are tasks i*D .. i*D+D-1 of N*D. USR1 reaches the supervisor, which forwards it to its workers
+  (attached with requeue=False: they stop, exit 138, never requeue) and, once all have exited,
+  requeues the array task once, under the same no-progress rule. TERM from Slurm reaches every
+  process of the task and is forwarded as well: a worker takes the copy as the same stop.
 
 Exit codes of `batchgen run`: 0 = this task's part is complete; 128 + signal (138 USR1,
 143 TERM, 130 INT) = stopped by that signal with everything complete committed (a rerun or

@@ -50,7 +50,8 @@ EARLY_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _saved_handlers: dict[int, Any] = {}
 
 
-def attach_to_job(job: Any, environ: Mapping[str, str] | None = None, *, early_handlers: bool = True) -> Any:
+def attach_to_job(job: Any, environ: Mapping[str, str] | None = None, *, early_handlers: bool = True,
+                  requeue: bool = True) -> Any:
     """Make a batchgen.pipeline.run.job.Job stop gracefully on USR1 too, and requeue itself afterwards when
     it runs inside Slurm. Called by `batchgen run` before job.run(); harmless outside Slurm
     (USR1 then just stops the run, exit 138).
@@ -62,9 +63,14 @@ def attach_to_job(job: Any, environ: Mapping[str, str] | None = None, *, early_h
     just ask the job to stop (`job.request_stop`): it stops admitting as soon as it starts,
     commits and runs its on_stop callbacks. Only from the main thread; `restore_signals()`
     puts the previous handlers back.
+
+    `job` may be a data-parallel Supervisor (the same stop interface): it forwards the stop to its
+    workers and requeues the array task once they are all done; its workers are attached with
+    requeue=False (USR1 stops them, exit 138, and no worker requeues the task its supervisor runs).
     """
     job.stop_signals.setdefault(signal.SIGUSR1, EXIT_USR1)
-    job.on_stop.append(lambda j: requeue_on_usr1(j, environ))
+    if requeue:
+        job.on_stop.append(lambda j: requeue_on_usr1(j, environ))
     if early_handlers and hasattr(job, "request_stop"):
         import threading
 
@@ -72,7 +78,7 @@ def attach_to_job(job: Any, environ: Mapping[str, str] | None = None, *, early_h
             def handler(signum: int, frame: Any) -> None:
                 name = signal.Signals(signum).name
                 print(f"batchgen: got {name}; stopping (no new rows, commit, exit"
-                      + (", requeue" if signum == signal.SIGUSR1 and own_slurm_job(environ) else "") + ")",
+                      + (", requeue" if requeue and signum == signal.SIGUSR1 and own_slurm_job(environ) else "") + ")",
                       file=sys.stderr, flush=True)
                 job.request_stop(f"stopped by {name}", exit_code=job.stop_signals.get(signum, 128 + signum),
                                  signum=signum)

@@ -24,10 +24,13 @@ class SubmitOptions:
     sbatch_args: Sequence[str] = ()
     grace_s: int = DEFAULT_GRACE_S
     job_name: str | None = None
+    data_parallel: int | None = None  # workers per task (None: --gpus-per-task, see data_parallel_of)
 
     def validate(self) -> None:
         if self.tasks < 1:
             raise click.BadParameter(f"--tasks must be >= 1, got {self.tasks}")
+        if self.data_parallel is not None and self.data_parallel < 1:
+            raise click.BadParameter(f"--data-parallel must be >= 1, got {self.data_parallel}")
         if self.gpus_per_task < 0:
             raise click.BadParameter(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
@@ -84,7 +87,14 @@ def job_output_dir(job_file: Path, gpus_per_task: int | None = None) -> Path:
     """The job's output directory, absolute, resolved exactly as `batchgen run` resolves it.
     The whole job file is validated on the way, with the checks that hold on any node (a bad
     file fails here, not in N tasks): JobRefused."""
-    from ..pipeline.config import ConfigError, load_job, output_dir, preflight
+    from ..pipeline.config import output_dir
+
+    return Path(output_dir(checked_job(job_file, gpus_per_task)))
+
+
+def checked_job(job_file: Path, gpus_per_task: int | None = None) -> Any:
+    """The job file loaded and checked as on any node (JobRefused)."""
+    from ..pipeline.config import ConfigError, load_job, preflight
 
     try:
         cfg = load_job(job_file)
@@ -93,7 +103,22 @@ def job_output_dir(job_file: Path, gpus_per_task: int | None = None) -> Path:
         raise JobRefused(str(e)) from None
     if gpus_per_task == 0:
         _check_cpu_only(cfg)
-    return Path(output_dir(cfg))
+    return cfg
+
+
+def data_parallel_of(cfg: Any, opts: SubmitOptions) -> int:
+    """Worker processes per array task: --data-parallel, else one per GPU of the task (--gpus-per-task),
+    else (a CPU-only task) the job's engine.data_parallel (`all` is one on the CPU)."""
+    if opts.data_parallel is not None:
+        d = opts.data_parallel
+    elif opts.gpus_per_task >= 1:
+        d = opts.gpus_per_task
+    else:
+        d = cfg.engine.data_parallel if isinstance(cfg.engine.data_parallel, int) else 1
+    if opts.gpus_per_task >= 1 and d > opts.gpus_per_task and cfg.engine.device != "cpu":
+        raise click.UsageError(f"--data-parallel {d} needs {d} GPUs per task (one per worker), but --gpus-per-task "
+                               f"is {opts.gpus_per_task}")
+    return d
 
 
 def _check_cpu_only(cfg: Any) -> None:
@@ -123,22 +148,30 @@ def _check_cpu_only(cfg: Any) -> None:
 @click.option("--grace", "grace_s", type=int, default=DEFAULT_GRACE_S, show_default=True,
               help="Seconds before the time limit at which a task stops, commits and requeues itself.")
 @click.option("--job-name", default=None, help="Slurm job name (default: batchgen-<job file stem>).")
+@click.option("--data-parallel", "data_parallel", type=int, default=None, metavar="D",
+              help="Worker processes per task, each a task of the output: the array makes N x D tasks "
+                   "(default: --gpus-per-task, one worker per GPU; CPU only: the job's engine.data_parallel).")
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script; write and submit nothing.")
 def submit_command(job_file: Path, tasks: int, gpus_per_task: int, cpus_per_task: int | None,
                    partition: str | None, time_limit: str | None, max_parallel: int | None,
-                   sbatch_args: tuple[str, ...], grace_s: int, job_name: str | None, dry_run: bool) -> None:
+                   sbatch_args: tuple[str, ...], grace_s: int, job_name: str | None, data_parallel: int | None,
+                   dry_run: bool) -> None:
     """Run JOB_FILE as a Slurm array of N tasks (writes the sbatch script beside the output)."""
     opts = SubmitOptions(tasks=tasks, gpus_per_task=gpus_per_task, cpus_per_task=cpus_per_task,
                          partition=partition, time=time_limit, max_parallel=max_parallel,
-                         sbatch_args=sbatch_args, grace_s=grace_s, job_name=job_name)
+                         sbatch_args=sbatch_args, grace_s=grace_s, job_name=job_name, data_parallel=data_parallel)
     try:
         opts.validate()
     except click.BadParameter as e:
         raise click.UsageError(str(e.message))
-    out = job_output_dir(job_file, gpus_per_task)
-    _check_task_count(out, tasks)
+    from ..pipeline.config import output_dir
+
+    cfg = checked_job(job_file, gpus_per_task)
+    out = Path(output_dir(cfg))
+    workers = data_parallel_of(cfg, opts)
+    _check_task_count(out, tasks, workers)
     try:
-        text = render_sbatch_script(job_file, out, opts)
+        text = render_sbatch_script(job_file, out, opts, run_args=["--data-parallel", str(workers)])
     except click.BadParameter as e:  # a path or argument the script can't hold: one line, exit 2
         raise JobRefused(e.message) from None
     if dry_run:
@@ -150,19 +183,25 @@ def submit_command(job_file: Path, tasks: int, gpus_per_task: int, cpus_per_task
     except click.ClickException as e:
         e.message += f" (the script is {script}: `sbatch {script}` submits it)"
         raise
-    click.echo(f"Submitted array job {job_id} ({tasks} tasks): {script}", err=True)
+    click.echo(f"Submitted array job {job_id} ({tasks} tasks" + (f", {workers} workers each" if workers > 1 else "")
+               + f"): {script}", err=True)
     click.echo(f"Logs: {out / SLURM_DIR / 'logs'}/{job_id}_<task>.log; progress: batchgen status {out}", err=True)
     click.echo(job_id)
 
 
-def _check_task_count(out: Path, tasks: int) -> None:
-    """Refuse to resubmit into an output that was partitioned for another number of tasks."""
+def _check_task_count(out: Path, tasks: int, workers: int = 1) -> None:
+    """Refuse to resubmit into an output that was partitioned for another number of tasks (each
+    array task's workers are tasks of the output too: it has tasks x workers)."""
     from .status import manifest_num_tasks, read_progress
 
     seen = {p.num_tasks for p in read_progress(out) if p.num_tasks}
     if manifest_num_tasks(out):
         seen.add(manifest_num_tasks(out))
-    if seen and seen != {tasks}:
-        raise click.UsageError(
-            f"{out} was started with --tasks {', '.join(map(str, sorted(seen)))}; the partition depends on it, "
-            f"so resubmit with the same --tasks (or use a new output directory)")
+    if seen and seen != {tasks * workers}:
+        counts = ", ".join(map(str, sorted(seen)))
+        if workers == 1:
+            raise click.UsageError(f"{out} was started with --tasks {counts}; the partition depends on it, so resubmit "
+                                   "with the same --tasks (or use a new output directory)")
+        raise click.UsageError(f"{out} was started with {counts} tasks in all; this submission makes {tasks} x "
+                               f"{workers} (--tasks x --data-parallel) = {tasks * workers}: the partition depends on "
+                               "it, so resubmit with numbers that make the same count (or use a new output directory)")

@@ -39,6 +39,7 @@ KIND_WORDS = {
     "device": "a device name",
     "mapping": "a mapping",
     "schema": "a JSON schema (a mapping, or the path of a .json file)",
+    "workers": "a positive integer or all",
 }
 
 

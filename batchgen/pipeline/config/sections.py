@@ -133,6 +133,9 @@ class EngineSection:
                                   doc="torch threads on the CPU; null: automatic (batchgen/engine/threads.py)")
     tensor_parallel: int = setting(1, kind="int", **TOKENS,
                                    doc="ranks (GPUs, or CPU processes) each holding a share of every layer")
+    # how the job runs, not what it computes: not part of its identity (pipeline/parallel/plan.py)
+    data_parallel: int | str = setting(1, kind="workers",
+                                       doc="worker processes, one per GPU (a positive integer or all)")
 
 
 @dataclass

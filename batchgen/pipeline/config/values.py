@@ -16,6 +16,7 @@ from .rules import INT64_MAX, INT64_MIN, KIND_WORDS, Rule
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 DEVICE_WORDS = "auto, cpu, cuda or cuda:N"
 _INT = Rule(kind="int")  # a list item of an intlist key
+MAX_WORKERS = 1024  # engine.data_parallel: processes on one machine (more is surely a slip)
 
 
 def check_value(ctx: Ctx, key: str, value: Any, rule: Rule, line: int | None, text: str | None = None) -> Any:
@@ -47,6 +48,8 @@ def check_value(ctx: Ctx, key: str, value: Any, rule: Rule, line: int | None, te
         return value
     if kind in ("int", "float"):
         return check_number(ctx, key, value, rule, line)
+    if kind == "workers":
+        return check_workers(ctx, key, value, line)
     if kind in ("strlist", "intlist"):
         return check_list(ctx, key, value, rule, line)
     raise AssertionError(kind)
@@ -88,6 +91,17 @@ def check_number(ctx: Ctx, key: str, value: Any, rule: Rule, line: int | None) -
         raise ctx.err(key, f"must be {op} {lo}, got {value}", line)
     if hi is not None and value > hi:
         raise ctx.err(key, f"must be <= {hi}, got {value}", line)
+    return value
+
+
+def check_workers(ctx: Ctx, key: str, value: Any, line: int | None) -> int | str:
+    """A count of worker processes: an integer >= 1 (at most MAX_WORKERS), or "all"."""
+    if value == "all":
+        return "all"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctx.err(key, f"must be {KIND_WORDS['workers']}, got {type_name(value)}", line)
+    if not 1 <= value <= MAX_WORKERS:
+        raise ctx.err(key, f"must be {KIND_WORDS['workers']} (1 to {MAX_WORKERS}), got {value}", line)
     return value
 
 

@@ -35,18 +35,30 @@ class StopControl:
         self.in_flight: Callable[[], int] = lambda: 0  # rows the engine holds (for the notice)
         self.urgent: Callable[[str], None] | None = None  # prints from a signal handler (Progress.urgent)
         self.notice: str | None = None  # a notice the signal handler could not print: the loop prints it
+        # a data-parallel worker: the same signal again within this many seconds is the same stop (Slurm
+        # signals every process of the task and the supervisor forwards it too); 0: every signal counts
+        self.same_signal_window_s = 0.0
+        self._requested_at = 0.0
 
     def request(self, reason: str, *, exit_code: int = EXIT_FAILED, hard: bool = False,
                 signum: int | None = None) -> None:
         """Stop admitting rows, finish or abandon in-flight ones; a second request makes the stop hard."""
+        if self.is_repeat(signum):
+            return
         if self.requested.is_set():
             hard = True
         else:
             self.reason, self.signum, self.exit_code = reason, signum, exit_code
-            self.deadline = time.monotonic() + self.grace_s
+            self._requested_at = time.monotonic()
+            self.deadline = self._requested_at + self.grace_s
             self.requested.set()
         if hard:
             self.hard.set()
+
+    def is_repeat(self, signum: int | None) -> bool:
+        """Whether `signum` is a copy of the signal that started the stop (within same_signal_window_s)."""
+        return (signum is not None and self.requested.is_set() and signum == self.signum
+                and time.monotonic() - self._requested_at < self.same_signal_window_s)
 
     def past_deadline(self) -> bool:
         return self.requested.is_set() and self.deadline is not None and time.monotonic() > self.deadline
@@ -76,6 +88,8 @@ class StopControl:
                 pass
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.is_repeat(signum):
+            return
         first = not self.requested.is_set()
         self.request(f"stopped by {signal.Signals(signum).name}", exit_code=self.signals.get(signum, 128 + signum),
                      signum=signum)

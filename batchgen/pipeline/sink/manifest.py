@@ -36,6 +36,12 @@ def manifest_mismatch(old: dict, new: dict) -> str | None:
     return "its fingerprint differs"
 
 
+def different_job(path: Any, problem: str) -> str:
+    """What a run that finds another job's committed rows in its output says."""
+    return (f"output {path} holds a different job ({problem}); pass --overwrite to replace it (its shards are "
+            "deleted), or choose another output.path")
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []

@@ -13,7 +13,7 @@ from ..files import META_DIR, OutputError, fsync_dir, is_link, link_error, make_
 from .layout import FORMAT_VERSION, OWN_META, SHARD_RE, TMP_RE
 from .ledger import Ledger
 from .locks import OutputLocks
-from .manifest import manifest_from_shards, manifest_mismatch, write_manifest
+from .manifest import different_job, manifest_from_shards, manifest_mismatch, write_manifest
 from .paths import OutputPaths
 from .resume import open_ledger
 
@@ -53,8 +53,7 @@ class OutputDir(OutputPaths):
             if problem is None:
                 return existing
             if committed and not overwrite:
-                raise OutputError(f"output {self.path} holds a different job ({problem}); pass --overwrite to "
-                                  "replace it (its shards are deleted), or choose another output.path")
+                raise OutputError(different_job(self.path, problem))
             self._replace_output()
             if not committed:
                 say(f"note: {self.path} held a job that committed no rows ({problem}); replacing it")
