@@ -9,6 +9,7 @@ import signal
 import textwrap
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -164,6 +165,27 @@ def test_plan_on_gpus(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="engine.device: cuda:1 names one GPU"):
         plan_run(pinned, 2, (0, 1), own_share=False)
     assert plan_run(pinned, "all", (0, 1), own_share=False) is None
+
+
+def test_plan_gives_each_worker_its_tensor_parallel_gpus(tmp_path, monkeypatch):
+    """data_parallel x tensor_parallel on one node: 4 visible GPUs, tensor_parallel 2 -> 2 workers of 2 GPUs."""
+    cfg = cfg_of(tmp_path, overrides=["engine.device=auto", "engine.tensor_parallel=2"])
+    monkeypatch.setattr(plan, "uses_cuda", lambda cfg: True)
+    monkeypatch.setattr(plan, "visible_gpus", lambda: ["0", "1", "2", "3"])
+    monkeypatch.setattr(plan, "cpu_threads", lambda requested=None: 8)
+    p = plan_run(cfg, "all", (0, 1), own_share=False)
+    assert [s.gpu for s in p.slots] == ["0,1", "2,3"] and "worker 1: GPUs 2,3" in p.describe()
+    with pytest.raises(ConfigError, match=r"data_parallel: 3 needs 6 GPU\(s\), 2 per worker \(engine.tensor_parallel\)"):
+        plan_run(cfg, 3, (0, 1), own_share=False)
+
+
+def test_submit_runs_one_worker_per_tensor_parallel_group(tmp_path):
+    from batchgen.slurm.submit import SubmitOptions, data_parallel_of
+
+    cfg = cfg_of(tmp_path, overrides=["engine.device=auto", "engine.tensor_parallel=2"])
+    assert data_parallel_of(cfg, SubmitOptions(tasks=1, gpus_per_task=8)) == 4
+    with pytest.raises(click.UsageError, match="needs 6 GPUs per task"):
+        data_parallel_of(cfg, SubmitOptions(tasks=1, gpus_per_task=4, data_parallel=3))
 
 
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):

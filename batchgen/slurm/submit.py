@@ -107,16 +107,18 @@ def checked_job(job_file: Path, gpus_per_task: int | None = None) -> Any:
 
 
 def data_parallel_of(cfg: Any, opts: SubmitOptions) -> int:
-    """Worker processes per array task: --data-parallel, else one per GPU of the task (--gpus-per-task),
-    else (a CPU-only task) the job's engine.data_parallel (`all` is one on the CPU)."""
+    """Worker processes per array task: --data-parallel, else one per engine.tensor_parallel GPUs of the task
+    (--gpus-per-task), else (a CPU-only task) the job's engine.data_parallel (`all` is one on the CPU)."""
+    tp = cfg.engine.tensor_parallel  # GPUs per worker
     if opts.data_parallel is not None:
         d = opts.data_parallel
     elif opts.gpus_per_task >= 1:
-        d = opts.gpus_per_task
+        d = max(1, opts.gpus_per_task // tp)
     else:
         d = cfg.engine.data_parallel if isinstance(cfg.engine.data_parallel, int) else 1
-    if opts.gpus_per_task >= 1 and d > opts.gpus_per_task and cfg.engine.device != "cpu":
-        raise click.UsageError(f"--data-parallel {d} needs {d} GPUs per task (one per worker), but --gpus-per-task "
+    if opts.gpus_per_task >= 1 and d * tp > opts.gpus_per_task and cfg.engine.device != "cpu":
+        per = "one per worker" if tp == 1 else f"{tp} per worker: engine.tensor_parallel"
+        raise click.UsageError(f"--data-parallel {d} needs {d * tp} GPUs per task ({per}), but --gpus-per-task "
                                f"is {opts.gpus_per_task}")
     return d
 

@@ -33,12 +33,12 @@ class Slot:
 
     index: int
     device: str  # "cuda" (its one GPU is cuda:0 inside it) or "cpu"
-    gpu: str | None = None  # its CUDA_VISIBLE_DEVICES entry; None: the environment's, unchanged
+    gpu: str | None = None  # its CUDA_VISIBLE_DEVICES (tensor parallel: several, comma-separated); None: unchanged
     cpus: tuple[int, ...] | None = None  # CPU affinity (CPU workers); None: inherited
     threads: int | None = None  # its OMP_NUM_THREADS (torch threads unless engine.threads says)
 
     def describe(self) -> str:
-        where = f"GPU {self.gpu}" if self.gpu else self.device
+        where = (f"GPU{'s' if ',' in self.gpu else ''} {self.gpu}") if self.gpu else self.device
         if self.cpus is not None:
             where += f", cores {_span(self.cpus)}"
         return where + (f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "")
@@ -131,21 +131,25 @@ def worker_count(cfg: JobConfig, requested: int | str, gpus: list[str] | None) -
             raise ConfigError(f"{cfg.where('engine.device')}: engine.device: {device} names one GPU, but data "
                               "parallel gives each worker its own (CUDA_VISIBLE_DEVICES): use device auto or cuda")
         return 1
-    n = len(gpus) if requested == "all" else int(requested)
-    if n > len(gpus) or not gpus:
+    tp = cfg.engine.tensor_parallel  # GPUs per worker: its tensor-parallel ranks
+    n = len(gpus) // tp if requested == "all" else int(requested)
+    if n * tp > len(gpus) or n < 1:
         seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+        per = "one per worker" if tp == 1 else f"{tp} per worker (engine.tensor_parallel)"
         raise ConfigError(f"{cfg.where('engine.data_parallel')}: engine.data_parallel: {requested} needs "
-                          f"{max(n, 1)} GPU(s), one per worker, but {len(gpus)} {'is' if len(gpus) == 1 else 'are'} "
+                          f"{max(n, 1) * tp} GPU(s), {per}, but {len(gpus)} {'is' if len(gpus) == 1 else 'are'} "
                           "visible here" + (f" (CUDA_VISIBLE_DEVICES={seen})" if seen is not None else ""))
     return n
 
 
 def cuda_slots(cfg: JobConfig, n: int, gpus: list[str], total_threads: int) -> list[Slot]:
-    """GPU i of the visible ones for worker i, and its share of the CPU threads."""
+    """GPUs i*tp .. i*tp + tp - 1 of the visible ones for worker i (tp = engine.tensor_parallel: its ranks),
+    and its share of the CPU threads."""
     per = max(1, total_threads // n)
     if cfg.engine.device.startswith("cuda:"):  # the one GPU it names, as a plain run would use it
         return [Slot(0, "cuda", None, None, total_threads)]
-    return [Slot(i, "cuda", gpus[i], None, per) for i in range(n)]
+    tp = cfg.engine.tensor_parallel
+    return [Slot(i, "cuda", ",".join(gpus[i * tp:(i + 1) * tp]), None, per) for i in range(n)]
 
 
 def cpu_slots(n: int, cpus: list[int], total_threads: int, omp_set: bool, notes: list[str]) -> list[Slot]:
