@@ -6,11 +6,12 @@ process: a second tensor-parallel engine is refused until the first is closed.
 """
 from __future__ import annotations
 
-import os
 import socket
 from datetime import timedelta
 
 import torch
+
+from .. import switches
 
 
 class TensorParallelError(RuntimeError):
@@ -19,7 +20,7 @@ class TensorParallelError(RuntimeError):
 
 def timeout() -> timedelta:
     """BATCHGEN_TP_TIMEOUT (seconds, default 600): the group's init and every collective give up after it."""
-    raw = os.environ.get("BATCHGEN_TP_TIMEOUT", "").strip()
+    raw = switches.Switches.from_env().tp_timeout  # read when a group starts (once per engine)
     try:
         seconds = float(raw) if raw else 600.0
     except ValueError:
@@ -53,7 +54,7 @@ class TPGroup:
             raise TensorParallelError("tensor_parallel: this process already has a torch.distributed group "
                                       "(another tensor-parallel engine is open): close it first")
         if backend == "nccl":
-            os.environ["NCCL_NVLS_ENABLE"] = "0"  # never NVLink multicast (SHARP) on these machines
+            switches.disable_nvlink_multicast()
             torch.cuda.set_device(rank)  # rank r runs on cuda:r; NCCL binds its communicator to it
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout())
         return cls(rank, world, backend)
