@@ -345,3 +345,39 @@ class single_thread:
     def __exit__(self, *exc):
         torch.set_num_threads(self.prev)
         return False
+
+
+# The engine settings of the family tests' scenarios (test_model_phi3 / gemma / moe)
+FAMILY_SCENARIOS = {
+    "one_batch": dict(max_num_seqs=256, max_batch_tokens=16384, kv_cache_tokens=16384),
+    "max_seqs_3": dict(max_num_seqs=3, max_batch_tokens=16384, kv_cache_tokens=16384, prefix_caching=False),
+    "chunked_prefill": dict(max_num_seqs=256, max_batch_tokens=64, kv_cache_tokens=16384),
+    "preemption": dict(max_num_seqs=256, max_batch_tokens=4096, kv_cache_tokens=512),
+    "prefix_cache": dict(max_num_seqs=4, max_batch_tokens=128, kv_cache_tokens=16384, prefix_caching=True),
+}
+
+
+def check_family_scenario(path: str, prompts: list[list[int]], max_new: list[int], scenario: str, label: str,
+                          check_model=None) -> None:
+    """One family test case: greedy tokens equal the transformers reference (near-ties tolerated) in the
+    scenario's engine (prefix_cache: twice on one engine), and the scenario did what it names.
+    check_model(engine) asserts the engine runs the family's implementation."""
+    ref_results = cached_greedy(path, prompts, max_new)
+    engine = make_engine(path, **FAMILY_SCENARIOS[scenario])
+    try:
+        if check_model is not None:
+            check_model(engine)
+        for _ in range(2 if scenario == "prefix_cache" else 1):
+            outs = engine.generate(prompts, greedy_params(max_new))
+            got = [list(o.outputs[0].token_ids) for o in outs]
+            assert [len(g) for g in got] == max_new, label
+            failures, ties = compare_greedy(get_reference(path), prompts, got, ref_results)
+            if ties:
+                print(f"{label}: tolerated near-ties: " + "; ".join(map(str, ties)))
+            assert not failures, format_failures(failures, label)
+        if scenario == "preemption":
+            assert engine.stats.preemptions > 0, engine.stats
+        if scenario == "prefix_cache":
+            assert engine.stats.prefix_cache_hit_tokens > 0, engine.stats
+    finally:
+        engine.close()

@@ -37,13 +37,7 @@ VARIANTS = {
     "gemma3-legacy": ("gemma3", {}, True),
     "gemma3-mm": ("gemma3-mm", {}, False),
 }
-SCENARIOS = {
-    "one_batch": dict(max_num_seqs=256, max_batch_tokens=16384, kv_cache_tokens=16384),
-    "max_seqs_3": dict(max_num_seqs=3, max_batch_tokens=16384, kv_cache_tokens=16384, prefix_caching=False),
-    "chunked_prefill": dict(max_num_seqs=256, max_batch_tokens=64, kv_cache_tokens=16384),
-    "preemption": dict(max_num_seqs=256, max_batch_tokens=4096, kv_cache_tokens=512),
-    "prefix_cache": dict(max_num_seqs=4, max_batch_tokens=128, kv_cache_tokens=16384, prefix_caching=True),
-}
+SCENARIOS = R.FAMILY_SCENARIOS
 FULL = ("gemma2", "gemma3", "gemma3-mm")  # every scenario; the other variants: one batch and chunked prefill
 N_PROMPTS = 24
 _LEGACY: dict[str, str] = {}
@@ -97,25 +91,11 @@ def _prompts(path: str, scenario: str) -> tuple[list[list[int]], list[int]]:
 def test_gemma_greedy_matches_transformers(tiny_checkpoint, tmp_path_factory, variant, scenario):
     path = checkpoint(tiny_checkpoint, tmp_path_factory, variant)
     prompts, max_new = _prompts(path, scenario)
-    ref_results = R.cached_greedy(path, prompts, max_new)
-    engine = R.make_engine(path, **SCENARIOS[scenario])
-    label = f"{variant}/{scenario}"
-    try:
+
+    def check_model(engine) -> None:
         assert engine.model.cfg.gemma is not None and type(engine.model).__name__ == "GemmaModel"
-        for _ in range(2 if scenario == "prefix_cache" else 1):
-            outs = engine.generate(prompts, R.greedy_params(max_new))
-            got = [list(o.outputs[0].token_ids) for o in outs]
-            assert [len(g) for g in got] == max_new, label
-            failures, ties = R.compare_greedy(R.get_reference(path), prompts, got, ref_results)
-            if ties:
-                print(f"{label}: tolerated near-ties: " + "; ".join(map(str, ties)))
-            assert not failures, R.format_failures(failures, label)
-        if scenario == "preemption":
-            assert engine.stats.preemptions > 0, engine.stats
-        if scenario == "prefix_cache":
-            assert engine.stats.prefix_cache_hit_tokens > 0, engine.stats
-    finally:
-        engine.close()
+
+    R.check_family_scenario(path, prompts, max_new, scenario, f"{variant}/{scenario}", check_model)
 
 
 @pytest.mark.parametrize("variant", ["gemma2", "gemma3"])

@@ -32,13 +32,7 @@ VARIANTS = {
     "mixtral": ("mixtral", {}),
     "mixtral-sw48": ("mixtral", dict(sliding_window=48)),
 }
-SCENARIOS = {
-    "one_batch": dict(max_num_seqs=256, max_batch_tokens=16384, kv_cache_tokens=16384),
-    "max_seqs_3": dict(max_num_seqs=3, max_batch_tokens=16384, kv_cache_tokens=16384, prefix_caching=False),
-    "chunked_prefill": dict(max_num_seqs=256, max_batch_tokens=64, kv_cache_tokens=16384),
-    "preemption": dict(max_num_seqs=256, max_batch_tokens=4096, kv_cache_tokens=512),
-    "prefix_cache": dict(max_num_seqs=4, max_batch_tokens=128, kv_cache_tokens=16384, prefix_caching=True),
-}
+SCENARIOS = R.FAMILY_SCENARIOS
 FULL = ("qwen3_moe", "mixtral")  # every scenario; the other variants: one batch and chunked prefill
 N_PROMPTS = 24
 
@@ -63,25 +57,11 @@ def test_moe_greedy_matches_transformers(tiny_checkpoint, variant, scenario):
     else:
         prompts = R.random_prompts_for(path, N_PROMPTS, max_len=300)
     max_new = R.random_max_new(len(prompts))
-    ref_results = R.cached_greedy(path, prompts, max_new)
-    engine = R.make_engine(path, **SCENARIOS[scenario])
-    label = f"{variant}/{scenario}"
-    try:
+
+    def check_model(engine) -> None:
         assert engine.model.cfg.moe is not None
-        for _ in range(2 if scenario == "prefix_cache" else 1):
-            outs = engine.generate(prompts, R.greedy_params(max_new))
-            got = [list(o.outputs[0].token_ids) for o in outs]
-            assert [len(g) for g in got] == max_new, label
-            failures, ties = R.compare_greedy(R.get_reference(path), prompts, got, ref_results)
-            if ties:
-                print(f"{label}: tolerated near-ties: " + "; ".join(map(str, ties)))
-            assert not failures, R.format_failures(failures, label)
-        if scenario == "preemption":
-            assert engine.stats.preemptions > 0, engine.stats
-        if scenario == "prefix_cache":
-            assert engine.stats.prefix_cache_hit_tokens > 0, engine.stats
-    finally:
-        engine.close()
+
+    R.check_family_scenario(path, prompts, max_new, scenario, f"{variant}/{scenario}", check_model)
 
 
 # ------------------------------------------------------------------ the MoE block against transformers'

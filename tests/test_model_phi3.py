@@ -38,13 +38,7 @@ VARIANTS = {
     "phi4-mini": dict(partial_rotary_factor=0.75, tie_word_embeddings=True,
                       original_max_position_embeddings=ORIG, rope_parameters=_longrope(6)),
 }
-SCENARIOS = {
-    "one_batch": dict(max_num_seqs=256, max_batch_tokens=16384, kv_cache_tokens=16384),
-    "max_seqs_3": dict(max_num_seqs=3, max_batch_tokens=16384, kv_cache_tokens=16384, prefix_caching=False),
-    "chunked_prefill": dict(max_num_seqs=256, max_batch_tokens=64, kv_cache_tokens=16384),
-    "preemption": dict(max_num_seqs=256, max_batch_tokens=4096, kv_cache_tokens=512),
-    "prefix_cache": dict(max_num_seqs=4, max_batch_tokens=128, kv_cache_tokens=16384, prefix_caching=True),
-}
+SCENARIOS = R.FAMILY_SCENARIOS
 FULL = ("phi3", "phi4-mini")  # every scenario; the other variants: one batch and chunked prefill
 N_PROMPTS = 24
 
@@ -73,25 +67,11 @@ def _prompts(path: str, variant: str, scenario: str) -> tuple[list[list[int]], l
 def test_phi3_greedy_matches_transformers(tiny_checkpoint, variant, scenario):
     path = str(tiny_checkpoint("phi3", **VARIANTS[variant]))
     prompts, max_new = _prompts(path, variant, scenario)
-    ref_results = R.cached_greedy(path, prompts, max_new)
-    engine = R.make_engine(path, **SCENARIOS[scenario])
-    label = f"{variant}/{scenario}"
-    try:
+
+    def check_model(engine) -> None:
         assert engine.model.cfg.model_type == "phi3"
-        for _ in range(2 if scenario == "prefix_cache" else 1):
-            outs = engine.generate(prompts, R.greedy_params(max_new))
-            got = [list(o.outputs[0].token_ids) for o in outs]
-            assert [len(g) for g in got] == max_new, label
-            failures, ties = R.compare_greedy(R.get_reference(path), prompts, got, ref_results)
-            if ties:
-                print(f"{label}: tolerated near-ties: " + "; ".join(map(str, ties)))
-            assert not failures, R.format_failures(failures, label)
-        if scenario == "preemption":
-            assert engine.stats.preemptions > 0, engine.stats
-        if scenario == "prefix_cache":
-            assert engine.stats.prefix_cache_hit_tokens > 0, engine.stats
-    finally:
-        engine.close()
+
+    R.check_family_scenario(path, prompts, max_new, scenario, f"{variant}/{scenario}", check_model)
 
 
 def test_longrope_prompt_beyond_the_original_window_is_the_requests_error(tiny_checkpoint):
