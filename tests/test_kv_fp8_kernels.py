@@ -10,8 +10,6 @@ Triton interpreter (TRITON_INTERPRET=1); it is skipped without triton (as in CI)
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -314,13 +312,9 @@ def interpreter_suite() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (for its CPU interpreter)")
 def test_fp8_kernels_triton_interpreter_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, __file__, "--interpret"], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "fp8 interpreter suite ok" in proc.stdout
+    from interpreter import run_interpreter_suite
+
+    run_interpreter_suite(__file__, "fp8 interpreter suite ok")
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:

@@ -1,0 +1,19 @@
+"""Run a test file's Triton kernel suite in Triton's CPU interpreter, in a subprocess (TRITON_INTERPRET is
+read when triton is imported, so it cannot be switched on inside the pytest process)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_interpreter_suite(test_file: str, ok_line: str) -> None:
+    """`python test_file --interpret` with TRITON_INTERPRET=1 and no GPU; it must exit 0 and print ok_line."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, test_file, "--interpret"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert ok_line in proc.stdout
