@@ -177,8 +177,8 @@ def _moe_floor(engine: Any, prompts: list[list[int]], new: list[int]) -> dict[st
     from .bench_floor import floor_record
 
     name = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
-    return {"decode_floor": floor_record(engine.model.cfg, prompts, new, engine.max_num_seqs, name,
-                                         engine.stats.mean_decode_gpu_ms, kv_bytes=engine.kv_dtype.itemsize)}
+    return {"decode_floor": floor_record(engine.model.cfg, prompts, new, engine.max_num_seqs, name, engine.stats,
+                                         kv_bytes=engine.kv_dtype.itemsize)}
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:

@@ -62,15 +62,28 @@ def decode_floor(cfg: Any, batch: int, mean_context: float, weight_bytes: int = 
     return DecodeFloor(batch, mean_context, touched, params * weight_bytes, experts, kv_total)
 
 
+def run_floor_bytes(cfg: Any, batch_sizes: dict[int, int], kv_tokens: int, weight_bytes: int = 2,
+                    kv_bytes: int = 2) -> float:
+    """The bytes a run's decode steps must read in all: each step's weights at its own batch size (a tail
+    step of few sequences touches fewer experts) plus the KV positions the steps read (EngineStats
+    decode_batch_sizes / decode_kv_tokens)."""
+    per_token_kv = decode_floor(cfg, 1, 1.0, weight_bytes, kv_bytes).kv_bytes
+    steps = sum(n * decode_floor(cfg, b, 0.0, weight_bytes, kv_bytes).total_bytes for b, n in batch_sizes.items())
+    return steps + kv_tokens * per_token_kv
+
+
 def bandwidth_of(device_name: str) -> float | None:
     return next((bw for key, bw in BANDWIDTH.items() if key in device_name), None)
 
 
 def floor_record(cfg: Any, prompts: list[list[int]], new: list[int], max_num_seqs: int, device_name: str,
-                 mean_decode_gpu_ms: float | None, kv_bytes: int = 2) -> dict[str, Any]:
+                 stats: Any, kv_bytes: int = 2) -> dict[str, Any]:
     """The bench record's `decode_floor`: the floor at the workload's full batch (min(max_num_seqs, requests))
     and the mean context of a sequence over its decode (prompt + half its new tokens), against the run's mean
-    decode step GPU time (all decode steps, the smaller ones of the tail too: a conservative comparison)."""
+    decode step GPU time (`fraction_of_floor`: the tail's smaller steps make that mean lower, so it flatters);
+    and `run_fraction_of_floor`: every timed decode step's own floor (its batch, the KV it read) summed,
+    over the steps' summed GPU time, the figure that holds for the whole run."""
+    mean_decode_gpu_ms = stats.mean_decode_gpu_ms
     batch = min(max_num_seqs, len(prompts))
     context = sum(len(p) + n / 2 for p, n in zip(prompts, new)) / len(prompts)
     f = decode_floor(cfg, batch, context, kv_bytes=kv_bytes)
@@ -84,4 +97,9 @@ def floor_record(cfg: Any, prompts: list[list[int]], new: list[int], max_num_seq
         rec.update(bandwidth_tb_s=bw / 1e12, floor_ms=round(ms, 3), floor_tok_s=round(batch / ms * 1000, 1))
         if mean_decode_gpu_ms:
             rec["fraction_of_floor"] = round(ms / mean_decode_gpu_ms, 3)
+            run_ms = 1000.0 * run_floor_bytes(cfg, stats.decode_batch_sizes, stats.decode_kv_tokens,
+                                              kv_bytes=kv_bytes) / bw
+            busy_ms = mean_decode_gpu_ms * stats.decode_steps
+            rec.update(run_floor_ms_per_step=round(run_ms / stats.decode_steps, 3),
+                       run_fraction_of_floor=round(run_ms / busy_ms, 3))
     return rec

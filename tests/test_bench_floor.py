@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from batchgen import bench
-from batchgen.bench_floor import decode_floor, expected_experts, floor_record
+from batchgen.bench_floor import decode_floor, expected_experts, floor_record, run_floor_bytes
+from batchgen.engine.stats import EngineStats
 from batchgen.engine.models.config import ModelConfig
 
 
@@ -52,19 +53,38 @@ def test_qwen3_30b_a3b_shape_matches_transformers_and_its_floor_reads_every_weig
     assert one.kv_bytes == 1000 * 48 * 2 * 4 * 128 * 2
 
 
+def _stats(mean_decode_gpu_ms: float | None, batch_sizes: dict[int, int] | None = None,
+           kv_tokens: int = 0) -> EngineStats:
+    sizes = batch_sizes or {}
+    return EngineStats(steps=0, requests=0, errors=0, prompt_tokens=0, output_tokens=0, generated_tokens=0, wall_s=0.0,
+                       gpu_busy_fraction=None, host_ms_per_step=0.0, output_tok_s=0.0, decode_steps=sum(sizes.values()),
+                       decode_gpu_busy_fraction=None, mean_decode_step_ms=None, mean_decode_gpu_ms=mean_decode_gpu_ms,
+                       preemptions=0, prefix_cache_hit_tokens=0, kv_cache_tokens=0, decode_batch_sizes=sizes,
+                       decode_kv_tokens=kv_tokens)
+
+
 def test_floor_record_at_the_full_batch() -> None:
     cfg = ModelConfig.from_hf(bench.SHAPES["qwen3-30b-a3b"])
     prompts, new = [[1] * 100] * 300, [50] * 300
-    rec = floor_record(cfg, prompts, new, 256, "NVIDIA H200", mean_decode_gpu_ms=20.0)
+    # 40 full steps then a tail of 10 steps of 4 sequences: their floor is each step's own
+    sizes, kv = {256: 40, 4: 10}, 40 * 256 * 125 + 10 * 4 * 140
+    rec = floor_record(cfg, prompts, new, 256, "NVIDIA H200", _stats(20.0, sizes, kv))
     assert rec["batch"] == 256 and rec["mean_context"] == 125.0 and rec["experts_touched"] == pytest.approx(128.0)
     f = decode_floor(cfg, 256, 125.0)
     assert rec["floor_ms"] == pytest.approx(f.ms(4.23e12), abs=1e-3)
     assert rec["fraction_of_floor"] == pytest.approx(rec["floor_ms"] / 20.0, abs=1e-3)
     assert rec["floor_tok_s"] == pytest.approx(256 / rec["floor_ms"] * 1000, rel=1e-3)
-    assert "floor_ms" not in floor_record(cfg, prompts, new, 256, "cpu", None)  # no known bandwidth: bytes only
+    tail = decode_floor(cfg, 4, 140.0)
+    assert 4 * 125 * 48 * 2 * 4 * 128 * 2 < tail.kv_bytes
+    run_ms = (40 * f.ms(4.23e12) + 10 * tail.ms(4.23e12))
+    assert rec["run_floor_ms_per_step"] == pytest.approx(run_ms / 50, abs=1e-3)
+    assert rec["run_fraction_of_floor"] == pytest.approx(run_ms / (20.0 * 50), abs=1e-3)
+    assert rec["run_fraction_of_floor"] < rec["fraction_of_floor"]  # the tail's small steps read fewer experts
+    assert run_floor_bytes(cfg, {}, 0) == 0
+    assert "floor_ms" not in floor_record(cfg, prompts, new, 256, "cpu", _stats(None))  # no known bandwidth: bytes only
     # an FP8 KV cache reads half the KV bytes
-    assert floor_record(cfg, prompts, new, 256, "cpu", None, kv_bytes=1)["kv_gb"] == pytest.approx(rec["kv_gb"] / 2,
-                                                                                                   abs=1e-3)
+    assert floor_record(cfg, prompts, new, 256, "cpu", _stats(None), kv_bytes=1)["kv_gb"] == pytest.approx(
+        rec["kv_gb"] / 2, abs=1e-3)
 
 
 def test_bench_record_of_an_moe_shape_carries_its_floor(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -558,7 +558,8 @@ class Engine:
         tokens, logprobs = self.runner.collect(handle)
         h0 = time.perf_counter()
         if handle.started is not None:  # GPU timeline: this step's busy time and the idle gap before it
-            self._counters.add_gpu_step(handle.started, handle.done, handle.decode_only)
+            self._counters.add_gpu_step(handle.started, handle.done, handle.decode_only, handle.batch,
+                                        handle.kv_tokens)
         done: list[RequestGroup] = []
         taken = 0
         toks = tokens.tolist()

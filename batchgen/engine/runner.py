@@ -36,6 +36,7 @@ class PreparedStep:
     sample_seqs: list[Sequence]
     sampling: SamplingBatch | None
     top_logprobs: int = 0  # k of the rows asking most (0: none asks)
+    kv_tokens: int = 0  # KV positions the step's attention reads, all sequences (bench's floor of a step)
 
 
 @dataclass
@@ -56,6 +57,8 @@ class StepHandle:
     decode_only: bool = False
     top_ids: torch.Tensor | None = None  # host [S, k] int64 / float32 when some row asks for top_logprobs
     top_logprobs: torch.Tensor | None = None
+    batch: int = 0  # sequences in the step
+    kv_tokens: int = 0  # PreparedStep.kv_tokens
 
 
 class ModelRunner:
@@ -176,7 +179,8 @@ class ModelRunner:
         all_sample = len(rows) == B
         sample_seqs = seqs if all_sample else [seqs[i] for i in rows]
         top_k = int(self.top_k_logprobs[s_slots].max()) if len(rows) else 0
-        return PreparedStep(inputs, meta, bool((ids_np < 0).any()), all_sample, sample_seqs, sampling, top_k)
+        return PreparedStep(inputs, meta, bool((ids_np < 0).any()), all_sample, sample_seqs, sampling, top_k,
+                            int(seq_lens.sum()))
 
     def execute(self, step: PreparedStep) -> StepHandle:
         """Enqueue the whole step (forward and sampling) on the device; returns at once on CUDA."""
@@ -224,7 +228,7 @@ class ModelRunner:
             done = torch.cuda.Event(enable_timing=True)
             done.record()
         return StepHandle(step.sample_seqs, tokens_host, logprobs_host, done, fwd.started, step.meta.decode_only,
-                          top_ids, top_lps)
+                          top_ids, top_lps, int(step.meta.seq_lens.shape[0]), step.kv_tokens)
 
     def _sampling_batch(self, inputs: StepInputs, host: dict[str, np.ndarray], s_slots: np.ndarray) -> SamplingBatch:
         fp, ip = host["fparams"], host["iparams"]

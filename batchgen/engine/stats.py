@@ -2,7 +2,7 @@
 Torch-free at import (the events are only type hints), so job code may import EngineStats."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,6 +31,10 @@ class EngineStats:
     kv_cache_tokens: int
     kv_cache_dtype: str = ""  # what the KV cache holds: "bfloat16", "fp8 e4m3", ... (the run summary shows it)
     weights: str = ""  # how the projections run: the model dtype, or Engine.precision ("weights fp8 e4m3 ...")
+    # timed decode steps by batch size, and the KV positions they read in all: what a step's floor needs
+    # (bench_floor.run_floor), since a run's tail steps hold fewer sequences than its full ones
+    decode_batch_sizes: dict[int, int] = field(default_factory=dict)
+    decode_kv_tokens: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,15 +57,21 @@ class Counters:
     decode_gap_ms: float = 0.0
     gpu_first: torch.cuda.Event | None = None  # first step's start / last step's end on the GPU timeline
     gpu_last: torch.cuda.Event | None = None
+    decode_batch_sizes: dict[int, int] = field(default_factory=dict)
+    decode_kv_tokens: int = 0
 
-    def add_gpu_step(self, started: torch.cuda.Event, done: torch.cuda.Event, decode_only: bool) -> None:
-        """One step's busy time and, for decode steps, the idle gap before it (events already complete)."""
+    def add_gpu_step(self, started: torch.cuda.Event, done: torch.cuda.Event, decode_only: bool,
+                     batch: int = 0, kv_tokens: int = 0) -> None:
+        """One step's busy time and, for decode steps, the idle gap before it (events already complete), its
+        batch size and the KV positions it read."""
         busy = started.elapsed_time(done)
         self.busy_ms += busy
         if decode_only and self.gpu_last is not None:
             self.decode_steps += 1
             self.decode_busy_ms += busy
             self.decode_gap_ms += max(0.0, self.gpu_last.elapsed_time(started))
+            self.decode_batch_sizes[batch] = self.decode_batch_sizes.get(batch, 0) + 1
+            self.decode_kv_tokens += kv_tokens
         self.gpu_first = self.gpu_first or started
         self.gpu_last = done
 
@@ -83,4 +93,5 @@ class Counters:
             mean_decode_step_ms=decode_ms / self.decode_steps if timed else None,
             mean_decode_gpu_ms=self.decode_busy_ms / self.decode_steps if timed else None,
             preemptions=preemptions, prefix_cache_hit_tokens=prefix_cache_hit_tokens,
-            kv_cache_tokens=kv_cache_tokens, kv_cache_dtype=kv_cache_dtype, weights=weights)
+            kv_cache_tokens=kv_cache_tokens, kv_cache_dtype=kv_cache_dtype, weights=weights,
+            decode_batch_sizes=dict(sorted(self.decode_batch_sizes.items())), decode_kv_tokens=self.decode_kv_tokens)
