@@ -62,14 +62,12 @@ def decode_floor(cfg: Any, batch: int, mean_context: float, weight_bytes: int = 
     return DecodeFloor(batch, mean_context, touched, params * weight_bytes, experts, kv_total)
 
 
-def run_floor_bytes(cfg: Any, batch_sizes: dict[int, int], kv_tokens: int, weight_bytes: int = 2,
-                    kv_bytes: int = 2) -> float:
-    """The bytes a run's decode steps must read in all: each step's weights at its own batch size (a tail
-    step of few sequences touches fewer experts) plus the KV positions the steps read (EngineStats
-    decode_batch_sizes / decode_kv_tokens)."""
+def step_floor_bytes(cfg: Any, batch: int, steps: int, kv_tokens: int, weight_bytes: int = 2,
+                     kv_bytes: int = 2) -> float:
+    """The bytes `steps` decode steps of `batch` sequences that read `kv_tokens` KV positions in all must read:
+    the weights each step at its batch size (a tail step of few sequences touches fewer experts) plus that KV."""
     per_token_kv = decode_floor(cfg, 1, 1.0, weight_bytes, kv_bytes).kv_bytes
-    steps = sum(n * decode_floor(cfg, b, 0.0, weight_bytes, kv_bytes).total_bytes for b, n in batch_sizes.items())
-    return steps + kv_tokens * per_token_kv
+    return steps * decode_floor(cfg, batch, 0.0, weight_bytes, kv_bytes).total_bytes + kv_tokens * per_token_kv
 
 
 def bandwidth_of(device_name: str) -> float | None:
@@ -97,9 +95,25 @@ def floor_record(cfg: Any, prompts: list[list[int]], new: list[int], max_num_seq
         rec.update(bandwidth_tb_s=bw / 1e12, floor_ms=round(ms, 3), floor_tok_s=round(batch / ms * 1000, 1))
         if mean_decode_gpu_ms:
             rec["fraction_of_floor"] = round(ms / mean_decode_gpu_ms, 3)
-            run_ms = 1000.0 * run_floor_bytes(cfg, stats.decode_batch_sizes, stats.decode_kv_tokens,
-                                              kv_bytes=kv_bytes) / bw
-            busy_ms = mean_decode_gpu_ms * stats.decode_steps
-            rec.update(run_floor_ms_per_step=round(run_ms / stats.decode_steps, 3),
-                       run_fraction_of_floor=round(run_ms / busy_ms, 3))
+        rec.update(_measured_fractions(cfg, stats.decode_by_batch, batch, bw, kv_bytes))
+    return rec
+
+
+def _measured_fractions(cfg: Any, by_batch: dict, full: int, bw: float, kv_bytes: int) -> dict[str, Any]:
+    """Each timed decode step's own floor against its GPU time: over the whole run, and over the steps of
+    the full batch alone (`full_batch_*`: the steady state the workload is sized for)."""
+    def floor_ms(b: int, t: Any) -> float:
+        return 1000.0 * step_floor_bytes(cfg, b, t.steps, t.kv_tokens, kv_bytes=kv_bytes) / bw
+
+    rec: dict[str, Any] = {}
+    steps = sum(t.steps for t in by_batch.values())
+    busy = sum(t.busy_ms for t in by_batch.values())
+    if steps and busy:
+        run = sum(floor_ms(b, t) for b, t in by_batch.items())
+        rec.update(run_floor_ms_per_step=round(run / steps, 3), run_fraction_of_floor=round(run / busy, 3))
+    t = by_batch.get(full)
+    if t is not None and t.busy_ms:
+        rec.update(full_batch_steps=t.steps, full_batch_gpu_ms=round(t.busy_ms / t.steps, 3),
+                   full_batch_floor_ms=round(floor_ms(full, t) / t.steps, 3),
+                   full_batch_fraction_of_floor=round(floor_ms(full, t) / t.busy_ms, 3))
     return rec

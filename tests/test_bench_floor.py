@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from batchgen import bench
-from batchgen.bench_floor import decode_floor, expected_experts, floor_record, run_floor_bytes
-from batchgen.engine.stats import EngineStats
+from batchgen.bench_floor import decode_floor, expected_experts, floor_record, step_floor_bytes
+from batchgen.engine.stats import DecodeTotals, EngineStats
 from batchgen.engine.models.config import ModelConfig
 
 
@@ -53,22 +53,21 @@ def test_qwen3_30b_a3b_shape_matches_transformers_and_its_floor_reads_every_weig
     assert one.kv_bytes == 1000 * 48 * 2 * 4 * 128 * 2
 
 
-def _stats(mean_decode_gpu_ms: float | None, batch_sizes: dict[int, int] | None = None,
-           kv_tokens: int = 0) -> EngineStats:
-    sizes = batch_sizes or {}
+def _stats(mean_decode_gpu_ms: float | None, by_batch: dict[int, DecodeTotals] | None = None) -> EngineStats:
+    by_batch = by_batch or {}
     return EngineStats(steps=0, requests=0, errors=0, prompt_tokens=0, output_tokens=0, generated_tokens=0, wall_s=0.0,
-                       gpu_busy_fraction=None, host_ms_per_step=0.0, output_tok_s=0.0, decode_steps=sum(sizes.values()),
-                       decode_gpu_busy_fraction=None, mean_decode_step_ms=None, mean_decode_gpu_ms=mean_decode_gpu_ms,
-                       preemptions=0, prefix_cache_hit_tokens=0, kv_cache_tokens=0, decode_batch_sizes=sizes,
-                       decode_kv_tokens=kv_tokens)
+                       gpu_busy_fraction=None, host_ms_per_step=0.0, output_tok_s=0.0,
+                       decode_steps=sum(t.steps for t in by_batch.values()), decode_gpu_busy_fraction=None,
+                       mean_decode_step_ms=None, mean_decode_gpu_ms=mean_decode_gpu_ms, preemptions=0,
+                       prefix_cache_hit_tokens=0, kv_cache_tokens=0, decode_by_batch=by_batch)
 
 
 def test_floor_record_at_the_full_batch() -> None:
     cfg = ModelConfig.from_hf(bench.SHAPES["qwen3-30b-a3b"])
     prompts, new = [[1] * 100] * 300, [50] * 300
     # 40 full steps then a tail of 10 steps of 4 sequences: their floor is each step's own
-    sizes, kv = {256: 40, 4: 10}, 40 * 256 * 125 + 10 * 4 * 140
-    rec = floor_record(cfg, prompts, new, 256, "NVIDIA H200", _stats(20.0, sizes, kv))
+    by_batch = {256: DecodeTotals(40, 40 * 22.0, 40 * 256 * 125), 4: DecodeTotals(10, 10 * 12.0, 10 * 4 * 140)}
+    rec = floor_record(cfg, prompts, new, 256, "NVIDIA H200", _stats(20.0, by_batch))
     assert rec["batch"] == 256 and rec["mean_context"] == 125.0 and rec["experts_touched"] == pytest.approx(128.0)
     f = decode_floor(cfg, 256, 125.0)
     assert rec["floor_ms"] == pytest.approx(f.ms(4.23e12), abs=1e-3)
@@ -78,9 +77,11 @@ def test_floor_record_at_the_full_batch() -> None:
     assert 4 * 125 * 48 * 2 * 4 * 128 * 2 < tail.kv_bytes
     run_ms = (40 * f.ms(4.23e12) + 10 * tail.ms(4.23e12))
     assert rec["run_floor_ms_per_step"] == pytest.approx(run_ms / 50, abs=1e-3)
-    assert rec["run_fraction_of_floor"] == pytest.approx(run_ms / (20.0 * 50), abs=1e-3)
-    assert rec["run_fraction_of_floor"] < rec["fraction_of_floor"]  # the tail's small steps read fewer experts
-    assert run_floor_bytes(cfg, {}, 0) == 0
+    assert rec["run_fraction_of_floor"] == pytest.approx(run_ms / (40 * 22.0 + 10 * 12.0), abs=1e-3)
+    # the full batch's steps alone: their floor against their own time
+    assert rec["full_batch_steps"] == 40 and rec["full_batch_gpu_ms"] == pytest.approx(22.0)
+    assert rec["full_batch_fraction_of_floor"] == pytest.approx(f.ms(4.23e12) / 22.0, abs=1e-3)
+    assert step_floor_bytes(cfg, 4, 10, 10 * 4 * 140) == pytest.approx(10 * tail.total_bytes)
     assert "floor_ms" not in floor_record(cfg, prompts, new, 256, "cpu", _stats(None))  # no known bandwidth: bytes only
     # an FP8 KV cache reads half the KV bytes
     assert floor_record(cfg, prompts, new, 256, "cpu", _stats(None), kv_bytes=1)["kv_gb"] == pytest.approx(

@@ -219,7 +219,8 @@ def test_moe_engine_on_cuda_with_graphs_matches_transformers(tmp_path_factory, f
     for attention in ("torch", "triton"):
         eng = Engine.from_pretrained(path, attention=attention, **base)
         try:
-            assert eng.cuda_graphs and "fused MoE in Triton" in eng.describe()
+            # the torch attention backend is not graph-capturable (eager steps); the Triton one is
+            assert eng.cuda_graphs == (attention == "triton") and "fused MoE in Triton" in eng.describe()
             outs[attention] = [list(o.outputs[0].token_ids) for o in eng.generate(prompts, R.greedy_params(max_new))]
         finally:
             eng.close()

@@ -2,11 +2,19 @@
 Torch-free at import (the events are only type hints), so job code may import EngineStats."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass
+class DecodeTotals:
+    """The timed decode steps of one batch size: how many, their GPU busy time, the KV positions they read."""
+    steps: int = 0
+    busy_ms: float = 0.0
+    kv_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -31,10 +39,9 @@ class EngineStats:
     kv_cache_tokens: int
     kv_cache_dtype: str = ""  # what the KV cache holds: "bfloat16", "fp8 e4m3", ... (the run summary shows it)
     weights: str = ""  # how the projections run: the model dtype, or Engine.precision ("weights fp8 e4m3 ...")
-    # timed decode steps by batch size, and the KV positions they read in all: what a step's floor needs
-    # (bench_floor.run_floor), since a run's tail steps hold fewer sequences than its full ones
-    decode_batch_sizes: dict[int, int] = field(default_factory=dict)
-    decode_kv_tokens: int = 0
+    # the timed decode steps by batch size: what each step's floor needs (bench_floor.run_floor), since a
+    # run's tail steps hold fewer sequences than its full ones
+    decode_by_batch: dict[int, DecodeTotals] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,8 +64,7 @@ class Counters:
     decode_gap_ms: float = 0.0
     gpu_first: torch.cuda.Event | None = None  # first step's start / last step's end on the GPU timeline
     gpu_last: torch.cuda.Event | None = None
-    decode_batch_sizes: dict[int, int] = field(default_factory=dict)
-    decode_kv_tokens: int = 0
+    decode_by_batch: dict[int, DecodeTotals] = field(default_factory=dict)
 
     def add_gpu_step(self, started: torch.cuda.Event, done: torch.cuda.Event, decode_only: bool,
                      batch: int = 0, kv_tokens: int = 0) -> None:
@@ -70,8 +76,12 @@ class Counters:
             self.decode_steps += 1
             self.decode_busy_ms += busy
             self.decode_gap_ms += max(0.0, self.gpu_last.elapsed_time(started))
-            self.decode_batch_sizes[batch] = self.decode_batch_sizes.get(batch, 0) + 1
-            self.decode_kv_tokens += kv_tokens
+            totals = self.decode_by_batch.get(batch)
+            if totals is None:
+                totals = self.decode_by_batch[batch] = DecodeTotals()
+            totals.steps += 1
+            totals.busy_ms += busy
+            totals.kv_tokens += kv_tokens
         self.gpu_first = self.gpu_first or started
         self.gpu_last = done
 
@@ -94,4 +104,4 @@ class Counters:
             mean_decode_gpu_ms=self.decode_busy_ms / self.decode_steps if timed else None,
             preemptions=preemptions, prefix_cache_hit_tokens=prefix_cache_hit_tokens,
             kv_cache_tokens=kv_cache_tokens, kv_cache_dtype=kv_cache_dtype, weights=weights,
-            decode_batch_sizes=dict(sorted(self.decode_batch_sizes.items())), decode_kv_tokens=self.decode_kv_tokens)
+            decode_by_batch={b: replace(t) for b, t in sorted(self.decode_by_batch.items())})
