@@ -36,23 +36,28 @@ def main() -> None:
     print(eng.describe())
     prompts = [[100 + (i * 7 + j) % 5000 for j in range(a.context)] for i in range(a.batch)]
     eng.add([GenerationRequest(p, SamplingParams(max_new_tokens=10_000, ignore_eos=True)) for p in prompts])
-    for _ in range(8):  # admit everything (one prefill) and reach steady decode
+    # admit everything (the prompts' prefill chunks) and reach steady decode
+    for _ in range(-(-a.batch * a.context // eng.max_batch_tokens) + 4):
         eng.step()
     torch.cuda.synchronize()
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # CPU activity too: recent torch attaches kernels to the CPU ops that launched them
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], acc_events=True) as prof:
         for _ in range(a.steps):
             eng.step()
         torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        if e.device_time_total > 0:
-            rows.append((e.device_time_total / a.steps, e.count // a.steps, e.key[:90]))
-    rows.sort(reverse=True)
+    by_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            t = by_name.setdefault(e.name[:90], [0.0, 0])
+            t[0] += e.device_time
+            t[1] += 1
+    rows = sorted(((us / a.steps, n // a.steps, name) for name, (us, n) in by_name.items()), reverse=True)
     total = sum(r[0] for r in rows)
     print(f"{a.shape} batch {a.batch} context {a.context}: {total / 1000:.3f} ms of kernels per step")
-    for us, n, name in rows[:25]:
+    for us, n, name in rows[:30]:
         print(f"{us:9.1f} us  x{n:<4d} {name}")
     eng.abort()
     eng.close()

@@ -1,5 +1,6 @@
 """The Triton fused MoE (kernels/fused_moe.py) against a per-expert reference, on random routings with experts
-that get no token: the alignment (pairs sorted by expert into blocks), the two grouped GEMMs and the sum.
+that get no token: the alignment (pairs sorted by expert into blocks), the two grouped GEMMs and the sum; and
+the Triton routing (kernels/moe_route.py) against the torch one.
 
 On the CPU: a float32 suite in a subprocess under the Triton interpreter (TRITON_INTERPRET=1), skipped when
 triton is not installed (as in CI). On CUDA: bf16 at the Qwen3-30B-A3B and Mixtral-like shapes, run-to-run
@@ -96,8 +97,36 @@ def check_fused_moe(T, H, I, E, K, dtype, device, used=None, bm=None, seed=0, to
     return err
 
 
+def check_route(T: int, E: int, K: int, dtype: torch.dtype, device: str, renormalise: bool, round_weights: bool,
+                seed: int = 0) -> None:
+    """kernels/moe_route equals models/moe.route (torch): the same chosen experts (compared through their
+    probabilities, so an order among tied logits, frequent in bf16, cannot fail it) and the same weights."""
+    from batchgen.engine.kernels.moe_route import moe_route
+    from batchgen.engine.models.moe import route
+    from batchgen.engine.models.moe_config import MoeConfig
+
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(T, E, generator=g) * 3).to(device, dtype)
+    if T > 2:
+        logits[1] = logits[1, 0]  # a row of E ties: the lowest ids win, as torch.topk picks on CUDA and CPU
+    moe = MoeConfig(num_experts=E, top_k=K, intermediate_size=1, norm_topk_prob=renormalise,
+                    round_weights=round_weights, sparse_layers=(True,))
+    w_ref, ids_ref = route(logits, moe)
+    w, ids = moe_route(logits, K, renormalise, round_weights)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32 and w.shape == ids.shape == (T, K)
+    probs = torch.softmax(logits.float(), -1)
+    torch.testing.assert_close(probs.gather(1, ids.long()), probs.gather(1, ids_ref), rtol=0, atol=0)
+    assert (ids.long().sort(1).values.diff(dim=1) > 0).all()  # k distinct experts per token
+    torch.testing.assert_close(w, w_ref, rtol=2e-6 if not round_weights else 8e-3, atol=1e-7)
+    if T > 2:
+        assert ids[1].tolist() == list(range(K))
+
+
 # ----------------------------------------------------------------------------------------- CPU (interpreter)
 def interpreter_suite() -> None:
+    for T, E, K, renorm, rnd in [(1, 8, 2, True, False), (37, 128, 8, True, True), (20, 6, 1, False, False),
+                                 (9, 60, 4, False, True)]:
+        check_route(T, E, K, torch.float32, "cpu", renorm, rnd, seed=T)
     for T, K, E, bm, used in [(1, 1, 4, 16, None), (5, 2, 8, 16, 3), (37, 4, 16, 16, 10), (40, 8, 128, 32, 100),
                               (200, 2, 5, 64, None), (64, 2, 4, 16, 1)]:
         check_align(T, K, E, bm, used)
@@ -147,6 +176,15 @@ def test_fused_moe_triton_interpreter_cpu():
 @pytest.mark.parametrize("used", [None, 100])  # 100: experts 100..127 get no token
 def test_fused_moe_qwen3_30b_shape_cuda(T, used):
     check_fused_moe(T, 2048, 768, 128, 8, torch.bfloat16, "cuda", used, seed=T)
+
+
+@cuda_only
+@pytest.mark.parametrize("T,E,K,renorm,rnd", [(1, 128, 8, True, True), (256, 128, 8, True, True),
+                                               (3000, 128, 8, True, True), (77, 8, 2, True, False),
+                                               (40, 60, 4, False, False), (5, 6, 1, True, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_moe_route_equals_the_torch_routing_cuda(T, E, K, renorm, rnd, dtype):
+    check_route(T, E, K, dtype, "cuda", renorm, rnd, seed=T)
 
 
 @cuda_only

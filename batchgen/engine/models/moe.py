@@ -15,7 +15,8 @@ to the model dtype; each expert SiLU(x @ gate) * (x @ up) -> @ down in the model
 times its weight rounded to the model dtype, then summed over the top k.
 
 Three implementations of the experts, one result:
-- "triton" (CUDA, kernels/fused_moe.py): token-expert pairs sorted by expert into blocks, one grouped GEMM
+- "triton" (CUDA, kernels/moe_route.py then kernels/fused_moe.py): the routing in one kernel; token-expert
+  pairs sorted by expert into blocks, one grouped GEMM
   for gate_up with SiLU-and-mul, one for down with the routing weight, a deterministic sum over the top k;
   no host sync, so decode steps are captured in CUDA graphs;
 - "torch" (the CPU): pairs sorted by expert, a loop over the experts that have pairs, index_add_ in expert
@@ -55,13 +56,16 @@ class SparseMoeBlock(nn.Module):
         self.impl: str | None = None  # None: chosen per call (impl_for); tests set one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.moe)
+        logits = self.gate(x)
         impl = self.impl or impl_for(x)
         w1, w2 = self.experts.gate_up_proj, self.experts.down_proj
         if impl == "triton":
             from ..kernels.fused_moe import fused_moe
+            from ..kernels.moe_route import moe_route
 
+            weights, ids = moe_route(logits, self.moe.top_k, self.moe.norm_topk_prob, self.moe.round_weights)
             return fused_moe(x, w1, w2, ids, weights)
+        weights, ids = route(logits, self.moe)
         return (experts_dense if impl == "dense" else experts_torch)(x, w1, w2, ids, weights)
 
 
