@@ -217,7 +217,8 @@ def interpreter_suite() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (for its CPU interpreter)")
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
+                    reason="needs triton (its CPU interpreter) and no GPU (there the CUDA tests run the kernels)")
 def test_gemma_kernels_triton_interpreter_cpu():
     from interpreter import run_interpreter_suite
 
