@@ -181,13 +181,16 @@ cmd_fp8gemm() {  # the FP8 decode GEMM: its CUDA tests, the seed workload bf16 /
   grep -v '"skip"' "$OUT/fp8_sweep.jsonl" | cut -c1-220 | tail -60
 }
 
-cmd_fp8() {  # issue 13's figures: seed bf16 / fp8 / fp8 + fp8 KV (+ the anchor), then the long workloads in FP8
-  local wl
-  cmd_ab seed 1 "bf16:" "fp8:--quantization=fp8" "fp8-kv:--quantization=fp8+--kv-cache-dtype=fp8"
+cmd_fp8() {  # issue 13's figures: seed bf16 / fp8 / fp8 + fp8 KV, then the long workloads (FP8_SEED=0 skips seed;
+  # LONG_VARIANTS="bf16: fp8-kv:..." measures bf16 there too, in the same run)
+  local wl v
+  [[ ${FP8_SEED:-1} == 0 ]] || cmd_ab seed 1 "bf16:" "fp8:--quantization=fp8" "fp8-kv:--quantization=fp8+--kv-cache-dtype=fp8"
   for wl in ${FP8_LONG:-isl128-osl2048:352 isl1000-osl1000:384}; do
-    printf '%s fp8-kv max_num_seqs %s: ' "${wl%%:*}" "${wl#*:}"
-    BENCH_TIMEOUT=${LONG_TIMEOUT:-280} tagged_run "$OUT/ab.jsonl" fp8-kv "--quantization=fp8+--kv-cache-dtype=fp8" \
-      --workload "${wl%%:*}" --max-num-seqs "${wl#*:}"
+    for v in ${LONG_VARIANTS:-"fp8-kv:--quantization=fp8+--kv-cache-dtype=fp8"}; do
+      printf '%s %s max_num_seqs %s: ' "${wl%%:*}" "${v%%:*}" "${wl#*:}"
+      BENCH_TIMEOUT=${LONG_TIMEOUT:-280} tagged_run "$OUT/ab.jsonl" "${v%%:*}" "${v#*:}" \
+        --workload "${wl%%:*}" --max-num-seqs "${wl#*:}"
+    done
   done
 }
 
