@@ -107,3 +107,32 @@ def test_bench_record_of_an_moe_shape_carries_its_floor(monkeypatch: pytest.Monk
     floor = rec["decode_floor"]
     assert floor["batch"] == 4 and floor["experts_touched"] == pytest.approx(8 * (1 - 0.75 ** 4), abs=0.01)
     assert floor["bytes"] > 0 and "floor_ms" not in floor  # the CPU: no bandwidth known
+
+
+class _Event:
+    """A GPU timeline point (what Counters reads of a torch.cuda.Event: elapsed_time in ms)."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def elapsed_time(self, later: "_Event") -> float:
+        return later.ms - self.ms
+
+
+def test_counters_total_decode_steps_by_batch_size() -> None:
+    """The engine's counters: each decode step after the first timed one lands under its batch size with its
+    busy time and KV positions; prefill steps and the first step (no gap to measure) count in neither."""
+    from batchgen.engine.stats import Counters
+
+    c = Counters()
+    c.add_gpu_step(_Event(0.0), _Event(2.0), decode_only=True, batch=4, kv_tokens=400)  # first: no gap yet
+    c.add_gpu_step(_Event(2.5), _Event(5.0), decode_only=False, batch=4, kv_tokens=900)  # prefill
+    c.add_gpu_step(_Event(5.0), _Event(6.0), decode_only=True, batch=4, kv_tokens=404)
+    c.add_gpu_step(_Event(6.5), _Event(7.0), decode_only=True, batch=2, kv_tokens=150)
+    c.add_gpu_step(_Event(7.0), _Event(8.0), decode_only=True, batch=4, kv_tokens=412)
+    s = c.snapshot(preemptions=0, prefix_cache_hit_tokens=0, kv_cache_tokens=0)
+    assert s.decode_steps == 3 and s.decode_by_batch == {2: DecodeTotals(1, 0.5, 150), 4: DecodeTotals(2, 2.0, 816)}
+    assert list(s.decode_by_batch) == [2, 4]
+    c.decode_by_batch[4].steps += 10  # the snapshot is a copy, not a view of the running totals
+    assert s.decode_by_batch[4].steps == 2
+    assert s.mean_decode_gpu_ms == pytest.approx(2.5 / 3)
