@@ -120,6 +120,10 @@ def check_route(T: int, E: int, K: int, dtype: torch.dtype, device: str, renorma
     torch.testing.assert_close(w, w_ref, rtol=2e-6 if not round_weights else 8e-3, atol=1e-7)
     if T > 2:
         assert ids[1].tolist() == list(range(K))
+        nan = logits.clone()
+        nan[2] = float("nan")  # a diverged row: garbage weights, but expert ids the MoE kernels can index
+        _, nan_ids = moe_route(nan, K, renormalise, round_weights)
+        assert ((nan_ids >= 0) & (nan_ids < E)).all()
 
 
 # ----------------------------------------------------------------------------------------- CPU (interpreter)

@@ -34,7 +34,8 @@ def _route_kernel(logits_ptr, w_ptr, ids_ptr, T, E, stride_t,
     idxs = tl.zeros([BLOCK_T, K_PAD], tl.int32)
     for j in tl.static_range(K):
         best = tl.max(probs, 1)
-        idx = tl.min(tl.where(probs == best[:, None], e[None, :], E_PAD), 1)
+        # a NaN row (a diverged model) matches nothing: its ids stay in range all the same
+        idx = tl.minimum(tl.min(tl.where(probs == best[:, None], e[None, :], E_PAD), 1), E - 1)
         vals = tl.where(kk[None, :] == j, best[:, None], vals)
         idxs = tl.where(kk[None, :] == j, idx[:, None], idxs)
         probs = tl.where(e[None, :] == idx[:, None], -1.0, probs)
