@@ -329,17 +329,25 @@ def test_smollm2_fp8_nll_within_two_percent(smollm2_dir: Path) -> None:
     assert agree >= 0.85
 
 
+# A fixed ~1,700-token story (tests/data/nll_text.txt, written for these tests). On the 185-token TEXT the
+# FP8 figures move by about 0.3 points with the float summation order alone (one torch thread or two flip
+# some roundings to e4m3); on this one they agree to four digits.
+LONG_TEXT = (Path(__file__).parent / "data" / "nll_text.txt").read_text()
+
+
 @pytest.mark.slow
 def test_smollm2_fp8_kv_cache_nll_within_two_percent(smollm2_dir: Path) -> None:
-    """The same text with an FP8 (e4m3) KV cache (scales 1.0: SmolLM2's checkpoint has none), on unquantized
-    and on FP8 weights (CPU emulation, float32): NLL within 2% of the float32 model's; the bfloat16 model's
-    NLL (on the CPU) and the top-1 agreements reported (README, FP8 KV cache)."""
+    """Issue 13's accuracy bar on the long fixed text: an FP8 (e4m3) KV cache (scales 1.0: SmolLM2's
+    checkpoint has none), FP8 weights, and both (CPU emulation, float32), each with a teacher-forced NLL
+    within 2% of the bfloat16 model's (and of the float32 one's); the figures and top-1 agreements are
+    printed (README, FP8 KV cache)."""
     from transformers import AutoTokenizer
 
     from batchgen.engine.loader import load_model
     from test_kv_fp8 import engine_model_logits
 
-    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(TEXT).input_ids
+    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(LONG_TEXT).input_ids
+    assert len(ids) > 1500
     cpu, target = torch.device("cpu"), torch.tensor(ids[1:])
     model, _ = load_model(smollm2_dir, cpu, "float32")
     one = (1.0,) * model.cfg.num_layers
@@ -355,9 +363,12 @@ def test_smollm2_fp8_kv_cache_nll_within_two_percent(smollm2_dir: Path) -> None:
               f"vs float32, {100 * (nll[k] / nll['bfloat16'] - 1):+.2f}% vs bfloat16); top-1 agreement "
               f"{float((v.argmax(-1) == logits['float32'].argmax(-1)).float().mean()):.1%} with float32, "
               f"{float((v.argmax(-1) == logits['bfloat16'].argmax(-1)).float().mean()):.1%} with bfloat16")
-    assert abs(nll["fp8 KV"] / nll["float32"] - 1) <= 0.01  # measured +0.53%
-    assert abs(nll["fp8 weights + fp8 KV"] / nll["float32"] - 1) <= 0.02  # measured +1.85%
-    assert float((logits["fp8 weights + fp8 KV"].argmax(-1) == logits["float32"].argmax(-1)).float().mean()) >= 0.8
+    for ref in ("bfloat16", "float32"):  # measured vs bfloat16: KV +0.16%, weights +0.90%, both +1.17%
+        assert abs(nll["fp8 KV"] / nll[ref] - 1) <= 0.01
+        assert abs(nll["fp8 weights"] / nll[ref] - 1) <= 0.02
+        assert abs(nll["fp8 weights + fp8 KV"] / nll[ref] - 1) <= 0.02
+    both = logits["fp8 weights + fp8 KV"].argmax(-1)
+    assert float((both == logits["bfloat16"].argmax(-1)).float().mean()) >= 0.8  # measured 89.4%
 
 
 # ------------------------------------------------------------------ CUDA (FP8 tensor cores)
