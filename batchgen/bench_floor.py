@@ -14,7 +14,10 @@ and the floor time is bytes / bandwidth (the measured copy bandwidth of the GPU 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine.stats import DecodeTotals, EngineStats
 
 # measured device-to-device copy bandwidth, bytes/s (README "Performance"); by a substring of the device name
 BANDWIDTH = {"H200": 4.23e12, "H100": 3.35e12}
@@ -75,7 +78,7 @@ def bandwidth_of(device_name: str) -> float | None:
 
 
 def floor_record(cfg: Any, prompts: list[list[int]], new: list[int], max_num_seqs: int, device_name: str,
-                 stats: Any, kv_bytes: int = 2) -> dict[str, Any]:
+                 stats: EngineStats, kv_bytes: int = 2) -> dict[str, Any]:
     """The bench record's `decode_floor`: the floor at the workload's full batch (min(max_num_seqs, requests))
     and the mean context of a sequence over its decode (prompt + half its new tokens), against the run's mean
     decode step GPU time (`fraction_of_floor`: the tail's smaller steps make that mean lower, so it flatters);
@@ -99,10 +102,11 @@ def floor_record(cfg: Any, prompts: list[list[int]], new: list[int], max_num_seq
     return rec
 
 
-def _measured_fractions(cfg: Any, by_batch: dict, full: int, bw: float, kv_bytes: int) -> dict[str, Any]:
+def _measured_fractions(cfg: Any, by_batch: dict[int, DecodeTotals], full: int, bw: float,
+                        kv_bytes: int) -> dict[str, Any]:
     """Each timed decode step's own floor against its GPU time: over the whole run, and over the steps of
     the full batch alone (`full_batch_*`: the steady state the workload is sized for)."""
-    def floor_ms(b: int, t: Any) -> float:
+    def floor_ms(b: int, t: DecodeTotals) -> float:
         return 1000.0 * step_floor_bytes(cfg, b, t.steps, t.kv_tokens, kv_bytes=kv_bytes) / bw
 
     rec: dict[str, Any] = {}
@@ -113,7 +117,8 @@ def _measured_fractions(cfg: Any, by_batch: dict, full: int, bw: float, kv_bytes
         rec.update(run_floor_ms_per_step=round(run / steps, 3), run_fraction_of_floor=round(run / busy, 3))
     t = by_batch.get(full)
     if t is not None and t.busy_ms:
+        full_ms = floor_ms(full, t)
         rec.update(full_batch_steps=t.steps, full_batch_gpu_ms=round(t.busy_ms / t.steps, 3),
-                   full_batch_floor_ms=round(floor_ms(full, t) / t.steps, 3),
-                   full_batch_fraction_of_floor=round(floor_ms(full, t) / t.busy_ms, 3))
+                   full_batch_floor_ms=round(full_ms / t.steps, 3),
+                   full_batch_fraction_of_floor=round(full_ms / t.busy_ms, 3))
     return rec

@@ -2,10 +2,20 @@
 read when triton is imported, so it cannot be switched on inside the pytest process)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+# The interpreter suites are the CPU stand-in for their files' CUDA tests: on a GPU host those run the
+# kernels themselves (and the interpreter subprocess is not what is under test there).
+interpreter_test = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or torch.cuda.is_available(),
+    reason="needs triton (its CPU interpreter) and no GPU (there the CUDA tests run the kernels)")
 
 
 def run_interpreter_suite(test_file: str, ok_line: str) -> None:

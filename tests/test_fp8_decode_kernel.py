@@ -4,7 +4,6 @@ every epilogue (bias, residual in place, gated SiLU-and-mul, a K split), against
 taking it at decode sizes and _scaled_mm above them."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -13,10 +12,10 @@ import torch
 from torch import nn
 
 from batchgen.engine.quant import Fp8Linear, fp8
+from interpreter import interpreter_test  # tests/ is on the path
 
 CUDA = torch.cuda.is_available()
 FP8_GPU = CUDA and torch.cuda.get_device_capability() >= (8, 9)
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_fp8_gpu = pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU with FP8 tensor cores (capability >= 8.9)")
 
 
@@ -238,8 +237,7 @@ def interpreter_suite() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
-                    reason="needs triton (its CPU interpreter) and no GPU (there the CUDA tests run the kernels)")
+@interpreter_test
 def test_fp8_decode_kernels_triton_interpreter_cpu() -> None:
     from interpreter import run_interpreter_suite
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_kernels_cuda import TOL, _head_major, _patch_interpreter, _rel, make_case  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+from interpreter import interpreter_test  # noqa: E402  (tests/ is on the path)
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 
@@ -217,8 +218,7 @@ def interpreter_suite() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
-                    reason="needs triton (its CPU interpreter) and no GPU (there the CUDA tests run the kernels)")
+@interpreter_test
 def test_gemma_kernels_triton_interpreter_cpu():
     from interpreter import run_interpreter_suite
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+from interpreter import interpreter_test  # noqa: E402  (tests/ is on the path)
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 
@@ -608,8 +609,7 @@ def interpreter_suite():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
-                    reason="needs triton (its CPU interpreter) and no GPU (there the CUDA tests run the kernels)")
+@interpreter_test
 def test_kernels_triton_interpreter_cpu():
     from interpreter import run_interpreter_suite
 

@@ -22,6 +22,7 @@ from test_kernels_cuda import TOL, _head_major, _patch_interpreter, _rel, make_c
 from batchgen.engine import kv_fp8  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+from interpreter import interpreter_test  # noqa: E402  (tests/ is on the path)
 HAS_CUDA = torch.cuda.is_available()
 FP8_CUDA = HAS_CUDA and HAS_TRITON and torch.cuda.get_device_capability() >= (8, 9)
 cuda_fp8 = pytest.mark.skipif(not FP8_CUDA, reason="needs CUDA (compute capability 8.9+) and triton")
@@ -310,8 +311,7 @@ def interpreter_suite() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(),
-                    reason="needs triton (its CPU interpreter) and no GPU (there the CUDA tests run the kernels)")
+@interpreter_test
 def test_fp8_kernels_triton_interpreter_cpu():
     from interpreter import run_interpreter_suite
 

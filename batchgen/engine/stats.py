@@ -39,7 +39,7 @@ class EngineStats:
     kv_cache_tokens: int
     kv_cache_dtype: str = ""  # what the KV cache holds: "bfloat16", "fp8 e4m3", ... (the run summary shows it)
     weights: str = ""  # how the projections run: the model dtype, or Engine.precision ("weights fp8 e4m3 ...")
-    # the timed decode steps by batch size: what each step's floor needs (bench_floor.run_floor), since a
+    # the timed decode steps by batch size: what each step's floor needs (bench_floor.step_floor_bytes), since a
     # run's tail steps hold fewer sequences than its full ones
     decode_by_batch: dict[int, DecodeTotals] = field(default_factory=dict)
 

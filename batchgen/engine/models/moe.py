@@ -16,9 +16,9 @@ times its weight rounded to the model dtype, then summed over the top k.
 
 Three implementations of the experts, one result:
 - "triton" (CUDA, kernels/moe_route.py then kernels/fused_moe.py): the routing in one kernel; token-expert
-  pairs sorted by expert into blocks, one grouped GEMM
-  for gate_up with SiLU-and-mul, one for down with the routing weight, a deterministic sum over the top k;
-  no host sync, so decode steps are captured in CUDA graphs;
+  pairs sorted by expert into blocks, one grouped GEMM for gate_up with SiLU-and-mul, one for down with the
+  routing weight, a deterministic sum over the top k; no host sync, so decode steps are captured in CUDA
+  graphs;
 - "torch" (the CPU): pairs sorted by expert, a loop over the experts that have pairs, index_add_ in expert
   order (as transformers sums);
 - "dense" (CUDA without triton, while a CUDA graph is captured): every expert on every token, weighted by a
