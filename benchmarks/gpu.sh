@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu.sh constrained                 256 requests on the 8B shape, JSON schema on / off
 #   bash benchmarks/gpu.sh anchor|final [workload...]  batchgen vs the transformers CB anchor, same run
 #   bash benchmarks/gpu.sh ab WORKLOAD ROUNDS VARIANT...  same-run A/B of switches or bench flags
-#   bash benchmarks/gpu.sh fp8 | kernels|gemm|fp8gemm|pdl|profile [args]
+#   bash benchmarks/gpu.sh fp8 | kernels|gemm|fp8gemm|pdl|profile|breakdown [args]
 #   bash benchmarks/gpu.sh moe                         MoE CUDA tests, fused-MoE timings, qwen3-30b-a3b bench
 # Results: JSON lines and logs under $OUT (the device tool's folder; ./gpu-out elsewhere).
 set -euo pipefail
@@ -206,6 +206,22 @@ cmd_profile() {  # torch-profiler kernel breakdown of decode steps (8B shape, 32
     | tail -30 | tee "$OUT/profile.txt" || echo "FAILED"
 }
 
+cmd_breakdown() {  # where decode steps go: attention by KV dtype, eager steps by part (CUDA events), big-M GEMMs
+  timeout "${ATTN_S:-150}" python benchmarks/step_breakdown.py attention --cases "${ATTN_CASES:-32x768,352x1100}" \
+    >"$OUT/attention.jsonl" 2>&1 || echo "attention stopped (timeout or error)"
+  cut -c1-200 "$OUT/attention.jsonl"
+  local v
+  for v in ${BREAKDOWN_VARIANTS:-"352:1100:--quantization=fp8+--kv-cache-dtype=fp8" "352:1100:" "32:768:--quantization=fp8+--kv-cache-dtype=fp8"}; do
+    IFS=: read -r b c flags <<<"$v"
+    timeout "${BREAKDOWN_S:-150}" python benchmarks/step_breakdown.py engine --batch "$b" --context "$c" ${flags//+/ } \
+      >>"$OUT/breakdown.jsonl" 2>"$OUT/breakdown.err" || { echo "breakdown $v FAILED"; tail -3 "$OUT/breakdown.err"; }
+  done
+  cut -c1-900 "$OUT/breakdown.jsonl"
+  [[ -z ${GEMM_MS:-352,128} ]] || timeout "${GEMM_S:-120}" python benchmarks/fp8_gemm_sweep.py --shape llama-3.1-8b \
+    --ms "${GEMM_MS:-352,128}" --acts 2 >"$OUT/gemm_bigm.jsonl" 2>&1 || echo "gemm stopped (timeout or error)"
+  grep -v '"skip"' "$OUT/gemm_bigm.jsonl" 2>/dev/null | cut -c1-200
+}
+
 cmd_moe() {  # issue 15: the MoE CUDA tests, the fused MoE per layer against its bytes, the 30B-A3B shape's bench
   timeout 200 python -m pytest -q tests/test_fused_moe.py tests/test_model_moe.py tests/test_run_dry_run.py -k \
     "cuda or graph" 2>&1 | tail -12 | tee "$OUT/moe-tests.log" || true
@@ -226,7 +242,7 @@ for l in open(sys.argv[1]):
 what=${1:-help}
 [[ $# -gt 0 ]] && shift
 case $what in
-  tests | bench | constrained | anchor | ab | kernels | gemm | fp8gemm | fp8 | pdl | profile | moe)
+  tests | bench | constrained | anchor | ab | kernels | gemm | fp8gemm | fp8 | pdl | profile | moe | breakdown)
     setup
     "cmd_$what" "$@"
     ;;

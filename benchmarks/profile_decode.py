@@ -35,7 +35,7 @@ def main() -> None:
                  cuda_graphs=a.graphs, prefix_caching=False, quantization=a.quantization, **kv)
     print(eng.describe())
     prompts = [[100 + (i * 7 + j) % 5000 for j in range(a.context)] for i in range(a.batch)]
-    eng.add([GenerationRequest(p, SamplingParams(max_new_tokens=10_000, ignore_eos=True)) for p in prompts])
+    eng.add([GenerationRequest(p, SamplingParams(max_new_tokens=4000 - a.context, ignore_eos=True)) for p in prompts])
     # admit everything (the prompts' prefill chunks) and reach steady decode
     for _ in range(-(-a.batch * a.context // eng.max_batch_tokens) + 4):
         eng.step()

@@ -58,7 +58,7 @@ def _decode_split_kernel(
     stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr, USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_DOT_F16: tl.constexpr, SOFTCAP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # see pdl.py: every program waits before touching anything, the next kernel launches
         tl.extra.cuda.gdc_wait()  # once all programs are past their main loop
@@ -84,6 +84,8 @@ def _decode_split_kernel(
     q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
     if not KV_FP8:  # the dots run in the cache's dtype; FP8 codes are converted to the query's instead
         q = q.to(k_cache_ptr.dtype.element_ty)
+    elif FP8_DOT_F16:  # or to fp16 (one cvt per two codes, bf16 takes several); q clamped into fp16's range
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -151,6 +153,7 @@ def _decode_split_kernel(
             tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
 
 
+FP8_DOT_F16 = False  # FP8 caches: dots in fp16 (to be measured on the H200)
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -181,12 +184,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  window: int | None = None, out: torch.Tensor | None = None,
                  num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-                 softcap: float = 0.0) -> torch.Tensor:
+                 softcap: float = 0.0, fp8_dot_f16: bool | None = None) -> torch.Tensor:
     """q: [T, H, D] with sequence b's query at row query_start_loc[b]; returns out [T, H, D] (rows of
     sequences b < B written; other rows untouched). max_seq_len: host upper bound of seq_lens.
     With num_splits > 1 the last split program of each (sequence, kv head) merges the partial results.
     k_scale / v_scale: an FP8 cache's scales (read value = code * scale); ignored for other caches.
-    softcap > 0: scores soft-capped, tanh(s / softcap) * softcap (0: off, the kernels of every other model)."""
+    softcap > 0: scores soft-capped, tanh(s / softcap) * softcap (0: off, the kernels of every other model).
+    fp8_dot_f16: an FP8 cache's dots in fp16 rather than the query's dtype (None: FP8_DOT_F16)."""
     T, H, D = q.shape
     B = seq_lens.shape[0]
     nb, bs, kvh, d2 = k_cache.shape
@@ -228,7 +232,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         block_tables.stride(0),
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_SIZE=bs,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=use_window,
-        DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8, SOFTCAP=softcap > 0, num_warps=num_warps, **extra,
+        DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8,
+        FP8_DOT_F16=kv_fp8 and not fp32 and (FP8_DOT_F16 if fp8_dot_f16 is None else fp8_dot_f16), SOFTCAP=softcap > 0, num_warps=num_warps, **extra,
         **pdl.launch_options(q.device),
     )
     return out
