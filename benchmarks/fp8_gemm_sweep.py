@@ -6,6 +6,7 @@ method). One JSON line per (projection, M, variant); --best writes the fastest c
 M=32 for each activation mode, in FP8_TUNED's format (quant/fp8_linear.py).
 
     python benchmarks/fp8_gemm_sweep.py --shape llama-3.1-8b --best fp8_best.json
+    python benchmarks/fp8_gemm_sweep.py --big --ms 128,352,1024,8192   # kernels/fp8_gemm.py's tiles vs _scaled_mm
 """
 from __future__ import annotations
 
@@ -76,13 +77,70 @@ def _sweep(shape: str, name: str, K: int, N: int, ms: list[int], cands: list[tup
     torch.cuda.empty_cache()
 
 
+BIG_CONFIGS = [(bm, bn, 128, 8, w, st) for bm in (64, 128) for bn in (128, 256) for w in (4, 8) for st in (3, 4, 5)
+               if not (bm == 128 and bn == 256 and w == 4) and (bm + bn) * 128 * st <= 200_000]
+
+
+def _big(shape: str, name: str, K: int, N: int, ms: list[int], best: dict) -> None:
+    """Steps above decode size: bf16 cuBLAS, _scaled_mm and kernels/fp8_gemm.py (each FP8 one with the
+    Triton per-token quantize of x it runs with in Fp8Linear), over fp8_gemm's tiles."""
+    from batchgen.engine.kernels.fp8_gemm import default_config as big_default, fp8_gemm
+    from batchgen.engine.kernels.fp8_quant import quantize_fp8
+
+    copies = max(2, -(-400_000_000 // (K * N)))
+    wqs, wss = zip(*(fp8.quantize_weight(torch.randn(N, K, device="cuda") / K ** 0.5) for _ in range(copies)))
+    wb = [torch.randn(K, N, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, copies // 2))]
+    base = {"shape": shape, "proj": name, "K": K, "N": N, "big": True}
+    for M in ms:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        flop = 2 * M * N * K
+        rec = lambda variant, t, **kw: _emit({**base, "M": M, "variant": variant, "us": round(t, 2),  # noqa: E731
+                                              "TFLOPs": round(flop / t / 1e6, 1), **kw})
+        rec("bf16-cublas", time_graph(lambda i: x @ wb[i % len(wb)], copies))
+
+        def scaled(i):
+            xq, xs = quantize_fp8(x, per_group=False)
+            return torch._scaled_mm(xq, wqs[i].t(), scale_a=xs, scale_b=wss[i].view(1, -1), out_dtype=torch.bfloat16)
+        rec("scaled_mm", time_graph(scaled, copies))
+        xq, xs = quantize_fp8(x, per_group=False)
+        rec("quantize-only", time_graph(lambda i: quantize_fp8(x, per_group=False), copies))
+        ref = fp8.dequantize(xq, xs) @ fp8.dequantize(wqs[0], wss[0]).t()
+        results = []
+        for cfg in dict.fromkeys([big_default(M, N, K)] + BIG_CONFIGS):
+            try:
+                y = fp8_gemm(xq, xs, wqs[0], wss[0], config=cfg)
+                if ((y.float() - ref).norm() / ref.norm()).item() > 1e-2:
+                    _emit({**base, "M": M, "cfg": cfg, "error": "wrong result"})
+                    continue
+                results.append((time_graph(lambda i: fp8_gemm(*quantize_fp8(x, per_group=False), wqs[i], wss[i],
+                                                              config=cfg), copies), cfg))
+            except Exception as e:  # out of shared memory etc.
+                _emit({**base, "M": M, "cfg": cfg, "skip": str(e)[:160]})
+        results.sort()
+        for t, cfg in results[:3]:
+            rec("triton-fp8", t, cfg=cfg, default=cfg == big_default(M, N, K))
+        if results:
+            best[f"{M},{K},{N}"] = list(results[0][1])
+    del wqs, wss, wb
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     ap.add_argument("--ms", default="32,8,64,1")
     ap.add_argument("--best", default=None)
     ap.add_argument("--acts", default="0,1", help="0 = W8A16, 1 = W8A8 quantized on load, 2 = W8A8 on rows given quantized")
+    ap.add_argument("--big", action="store_true", help="steps above decode size: kernels/fp8_gemm.py vs _scaled_mm")
     args = ap.parse_args()
+    if args.big:
+        best_big: dict[str, list[int]] = {}
+        for name, (K, N) in projections(args.shape).items():
+            _big(args.shape, name, K, N, [int(m) for m in args.ms.split(",")], best_big)
+        if args.best:
+            with open(args.best, "w") as f:
+                json.dump(best_big, f)
+        return
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cands = [c for c in itertools.product((64, 128, 256), (128,), (1, 2, 4, 8), (4, 8), (3, 4, 6))
              if c[0] * 128 * c[4] <= 160_000 and not (c[0] == 256 and c[3] == 4)]

@@ -149,33 +149,35 @@ def attention_bench(a) -> None:
         qsl = torch.arange(B + 1, dtype=torch.int32, device="cuda")
         q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
         outs = [torch.empty_like(q) for _ in range(sets)]
-        variants = [("bf16", kc16, vc16, None), ("fp8", kc8, vc8, False), ("fp8-f16dot", kc8, vc8, True)]
         ref8 = None
-        for name, kc, vc, f16 in variants:
+        for name, kc, vc, extra in (("bf16", kc16, vc16, {}), ("fp8-bf16dot", kc8, vc8, {"fp8_dot_f16": False}),
+                                    ("fp8", kc8, vc8, {})):
             nbytes = B * L * KVH * D * 2 * kc.element_size()
-            for bn, w, st in ((128, 4, 2), (64, 4, 2), (128, 8, 2), (128, 4, 3), (64, 4, 3), (128, 8, 3)):
-                kw = dict(block_n=bn, num_warps=w, num_stages=st, k_scale=4.0, v_scale=4.0)
-                if f16 is not None:
-                    kw["fp8_dot_f16"] = f16
+            for swap in (False, True):
+                for bn, w, st, splits in a.configs:
+                    if name == "fp8-bf16dot" and (bn, w, st, splits) != a.configs[0]:
+                        continue
+                    kw = dict(block_n=bn, num_warps=w, num_stages=st, k_scale=4.0, v_scale=4.0, swap=swap,
+                              num_splits=splits or None, **extra)
 
-                def f():
-                    for i in range(sets):
-                        decode.paged_decode(q, kc, vc, tables[i], sl, qsl, 4096, D ** -0.5, out=outs[i], **kw)
-                try:
-                    f()
-                    us = tt.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3 / sets
-                except Exception as e:  # out of shared memory etc.
-                    print(json.dumps({"what": "attention", "B": B, "L": L, "kv": name, "bn": bn, "w": w, "st": st,
-                                      "skip": str(e)[:160]}), flush=True)
-                    continue
-                err = None
-                if name != "bf16":
-                    if ref8 is None:
-                        ref8 = outs[0].float().clone()
-                    err = ((outs[0].float() - ref8).norm() / ref8.norm()).item()
-                print(json.dumps({"what": "attention", "B": B, "L": L, "kv": name, "bn": bn, "w": w, "st": st,
-                                  "us": round(us, 2), "TBps": round(nbytes / us / 1e6, 3), "rel_to_fp8_first": err}),
-                      flush=True)
+                    def f():
+                        for i in range(sets):
+                            decode.paged_decode(q, kc, vc, tables[i], sl, qsl, 4096, D ** -0.5, out=outs[i], **kw)
+                    tag = {"what": "attention", "B": B, "L": L, "kv": name, "swap": swap, "bn": bn, "w": w, "st": st,
+                           "splits": splits}
+                    try:
+                        f()
+                        us = tt.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3 / sets
+                    except Exception as e:  # out of shared memory etc.
+                        print(json.dumps({**tag, "skip": str(e)[:160]}), flush=True)
+                        continue
+                    err = None
+                    if name != "bf16":
+                        if ref8 is None:
+                            ref8 = outs[0].float().clone()
+                        err = ((outs[0].float() - ref8).norm() / ref8.norm()).item()
+                    print(json.dumps({**tag, "us": round(us, 2), "TBps": round(nbytes / us / 1e6, 3),
+                                      "rel_to_first_fp8": err}), flush=True)
         del kc16, vc16, kc8, vc8
         torch.cuda.empty_cache()
 
@@ -192,7 +194,11 @@ def main() -> None:
     e.add_argument("--kv-cache-dtype", default=None)
     t = sub.add_parser("attention")
     t.add_argument("--cases", default="32x768,352x1100")
+    t.add_argument("--configs", default="128:4:2:0,128:4:3:0,128:4:4:0,256:4:2:0,64:4:3:0,128:8:3:0,128:4:3:2",
+                   help="BLOCK_N:warps:stages:splits (0 = the heuristic), comma-separated")
     a = ap.parse_args()
+    if a.what == "attention":
+        a.configs = [tuple(int(v) for v in c.split(":")) for c in a.configs.split(",")]
     (engine_breakdown if a.what == "engine" else attention_bench)(a)
 
 

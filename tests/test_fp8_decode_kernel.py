@@ -191,6 +191,33 @@ def test_cuda_fp8_linear_decode_rows_follow_the_switch(monkeypatch: pytest.Monke
         switches.reload()
 
 
+@needs_fp8_gpu
+@pytest.mark.parametrize("M", [65, 128, 300, 1000])
+@pytest.mark.parametrize("N,K,config,bias,residual", [
+    (6144, 4096, None, False, False),
+    (4096, 14336, None, False, True),                     # down_proj: the residual added in place
+    (1000, 1000, (64, 128, 128, 8, 4, 3), True, False),  # K and N off the tile grid, a bias
+    (768, 512, (128, 256, 128, 8, 8, 3), False, True),
+])
+def test_cuda_fp8_gemm_matches_the_emulation(M, N, K, config, bias, residual) -> None:
+    """kernels/fp8_gemm.py (steps above decode size): x quantized per token, one dot in fp32, both scales in
+    the epilogue: torch._scaled_mm's numerics, which Fp8Linear emulates in float32."""
+    from batchgen.engine.kernels.fp8_gemm import fp8_gemm
+    from batchgen.engine.kernels.fp8_quant import quantize_fp8
+
+    x, wq, ws, b, r = _case(M, N, K, False, bias, residual, seed=M + N)
+    xq, xs = quantize_fp8(x, per_group=False)
+    want = fp8.dequantize(xq, xs) @ fp8.dequantize(wq, ws).t() + (b.float() if b is not None else 0)
+    if r is not None:
+        want = want.bfloat16().float() + r.float()
+    out = r.clone() if r is not None else None
+    y = fp8_gemm(xq, xs, wq, ws, b, residual=out, out=out, config=config)
+    assert y.shape == (M, N) and y.dtype == torch.bfloat16 and (out is None or y.data_ptr() == out.data_ptr())
+    assert rel_err(y, want) < 8e-3
+    ref = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=torch.bfloat16)
+    assert rel_err(fp8_gemm(xq, xs, wq, ws, config=config), ref) < 8e-3  # and _scaled_mm's result
+
+
 # ------------------------------------------------------------------ the kernels in Triton's CPU interpreter
 def interpreter_suite() -> None:
     """The FP8 kernels' logic on the CPU (float32 and bf16 inputs; the interpreter's fp8 and bf16 roundings
@@ -198,6 +225,7 @@ def interpreter_suite() -> None:
     from test_kernels_cuda import _patch_interpreter
     from test_kv_fp8_kernels import _patch_fp8_interpreter
 
+    from batchgen.engine.kernels.fp8_gemm import fp8_gemm
     from batchgen.engine.kernels.fp8_quant import quantize_fp8, rms_norm_fp8
     from batchgen.engine.kernels.fp8_skinny_gemm import fp8_skinny_gemm
 
@@ -232,6 +260,17 @@ def interpreter_suite() -> None:
         q = rms_norm_fp8(x, norm_w, 1e-5)
         want = fp8.quantize_activation_groups(fused_ops.rms_norm(x, norm_w, 1e-5))
         errs.append(((q.dequantize() - fp8.Fp8Rows(*want).dequantize()).norm() / want[0].float().norm()).item())
+        # kernels/fp8_gemm.py: rows and columns past the tiles, K off the 128 grid, bias and residual epilogues
+        xb = torch.randn(70, 300, dtype=dt)
+        xq, xs = quantize_fp8(xb, per_group=False)
+        bias = torch.randn(96, dtype=dt)
+        r = torch.randn(70, 96, dtype=dt)
+        prod = fp8.dequantize(xq, xs) @ fp8.dequantize(wq, ws).t()
+        y = fp8_gemm(xq, xs, wq, ws, bias, dtype=dt, config=(32, 64, 128, 2, 4, 2))
+        errs.append(((y.float() - (prod + bias.float())).norm() / prod.norm()).item())
+        y = fp8_gemm(xq, xs, wq, ws, residual=r.clone(), dtype=dt, config=(64, 32, 128, 1, 4, 2))
+        want_y = prod.to(dt).float() + r.float()
+        errs.append(((y.float() - want_y).norm() / want_y.norm()).item())
     assert max(errs) < 2e-2, errs
     print("fp8 decode interpreter suite ok", " ".join(f"{e:.1e}" for e in errs))
 

@@ -26,6 +26,7 @@ class Switches:
     fp8_skinny: bool = True  # BATCHGEN_FP8_SKINNY=0: FP8 decode GEMMs on torch._scaled_mm, not the Triton kernel
     fp8_decode_act: str = "fp8"  # BATCHGEN_FP8_DECODE_ACT: bf16 = W8A16 decode GEMMs (x not quantized), fp8 = W8A8
     fp8_decode_max_m: int = 64  # BATCHGEN_FP8_DECODE_MAX_M: largest step (tokens, <= 256) on the FP8 decode GEMM
+    fp8_gemm_max_m: int = 1 << 30  # BATCHGEN_FP8_GEMM_MAX_M: larger FP8 steps on torch._scaled_mm, not kernels/fp8_gemm.py
     tp_timeout: str = ""  # BATCHGEN_TP_TIMEOUT: seconds a tensor-parallel group's init / collective waits (parallel/group.py)
     cache_dir: Path = Path.home() / ".cache" / "batchgen"  # BATCHGEN_CACHE: where GGUF checkpoints are converted to
     triton_interpret: bool = False  # TRITON_INTERPRET=1: Triton's CPU interpreter (tests); CPU tensors take Triton ops
@@ -42,6 +43,7 @@ class Switches:
             fp8_skinny=env.get("BATCHGEN_FP8_SKINNY", "1") != "0",
             fp8_decode_act="bf16" if env.get("BATCHGEN_FP8_DECODE_ACT") == "bf16" else "fp8",
             fp8_decode_max_m=int(env.get("BATCHGEN_FP8_DECODE_MAX_M", "64")),
+            fp8_gemm_max_m=int(env.get("BATCHGEN_FP8_GEMM_MAX_M", str(1 << 30))),
             tp_timeout=env.get("BATCHGEN_TP_TIMEOUT", "").strip(),
             cache_dir=Path(env["BATCHGEN_CACHE"]).expanduser() if env.get("BATCHGEN_CACHE") else cls.cache_dir,
             triton_interpret=env.get("TRITON_INTERPRET") == "1",

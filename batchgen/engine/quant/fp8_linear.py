@@ -6,7 +6,8 @@ forward(x), on a CUDA device with FP8 tensor cores (capability >= 8.9):
     which also gives the fused decode layer its epilogues (normed / add_to, as
     linear_layout.InputMajorLinear);
   - larger x: x quantized per token (kernels/fp8_quant.quantize_fp8, fp8.quantize_activation's codes),
-    then torch._scaled_mm with row-wise scales (x's [M, 1], the weight's [1, N]) in its epilogue;
+    then the Triton FP8 GEMM (kernels/fp8_gemm.py: both scales and a residual add in its epilogue), or
+    above BATCHGEN_FP8_GEMM_MAX_M rows torch._scaled_mm with row-wise scales (x's [M, 1], the weight's [1, N]);
 anywhere else (the CPU, older GPUs, shapes _scaled_mm refuses): the same numerics emulated, both operands
 dequantized and multiplied in float32. _scaled_mm and the emulation quantize alike, so they differ only in
 accumulation order; fp8.emulate_skinny is the decode kernel's recipe in float32.
@@ -98,12 +99,15 @@ class Fp8Linear(nn.Module):
         """The paths for where the weight is now: _scaled_mm or the emulation, and the decode kernel."""
         self.uses_tensor_cores = self._tensor_cores_here()
         self.skinny: DecodeConfig | None = None  # the FP8 skinny GEMM's config, None = not used here
-        self._skinny_max_m = 0
+        self._skinny_max_m = self._gemm_max_m = 0
         sw = switches()
         if self.uses_tensor_cores and sw.fp8_skinny:  # triton is imported only where it is used
             from ..kernels import fp8_quant, fp8_skinny_gemm as kernel
 
+            from ..kernels.fp8_gemm import fp8_gemm
+
             self._kernel, self._skinny_max_m = kernel.fp8_skinny_gemm, max(0, min(sw.fp8_decode_max_m, kernel.MAX_M))
+            self._gemm, self._gemm_max_m = fp8_gemm, sw.fp8_gemm_max_m
             self._rms_norm_fp8, self._quantize_fp8 = fp8_quant.rms_norm_fp8, fp8_quant.quantize_fp8
             self._quantize_on_load_rows = kernel.MAX_M_QUANTIZE_ON_LOAD
             self._act_fp8 = sw.fp8_decode_act == "fp8"
@@ -164,11 +168,22 @@ class Fp8Linear(nn.Module):
         """residual += x @ W.T (+ bias), in place; in the GEMM's epilogue for decode-sized x."""
         if self._skinny_rows(x):
             return self._decode(x, residual.dtype, residual=residual, out=residual)
+        if self._gemm_rows(x):
+            return self._triton_gemm(x, residual=residual, out=residual)
         return residual.add_(self(x))
+
+    def _gemm_rows(self, x: torch.Tensor | fp8.Fp8Rows) -> bool:
+        return isinstance(x, torch.Tensor) and x.is_cuda and x.shape[0] <= self._gemm_max_m and x.dtype in (torch.bfloat16, torch.float16)
+
+    def _triton_gemm(self, x: torch.Tensor, **epilogue) -> torch.Tensor:
+        xq, xs = self._quantize_fp8(x.contiguous(), per_group=False)
+        return self._gemm(xq, xs, self.weight, self.weight_scale, self.bias, dtype=x.dtype, **epilogue)
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.new_empty(0, self.out_features)
+        if self._gemm_rows(x):
+            return self._triton_gemm(x)
         x = x.contiguous()
         # one Triton launch where it can (the same codes and scales as the torch ops)
         xq, xs = self._quantize_fp8(x, per_group=False) if self.skinny is not None else fp8.quantize_activation(x)
