@@ -153,31 +153,30 @@ def attention_bench(a) -> None:
         for name, kc, vc, extra in (("bf16", kc16, vc16, {}), ("fp8-bf16dot", kc8, vc8, {"fp8_dot_f16": False}),
                                     ("fp8", kc8, vc8, {})):
             nbytes = B * L * KVH * D * 2 * kc.element_size()
-            for swap in (False, True):
-                for bn, w, st, splits in a.configs:
-                    if name == "fp8-bf16dot" and (bn, w, st, splits) != a.configs[0]:
-                        continue
-                    kw = dict(block_n=bn, num_warps=w, num_stages=st, k_scale=4.0, v_scale=4.0, swap=swap,
-                              num_splits=splits or None, **extra)
+            for bn, w, st, splits in a.configs:
+                if name == "fp8-bf16dot" and (bn, w, st, splits) != a.configs[0]:
+                    continue
+                kw = dict(block_n=bn, num_warps=w, num_stages=st, k_scale=4.0, v_scale=4.0,
+                          num_splits=splits or None, **extra)
 
-                    def f():
-                        for i in range(sets):
-                            decode.paged_decode(q, kc, vc, tables[i], sl, qsl, 4096, D ** -0.5, out=outs[i], **kw)
-                    tag = {"what": "attention", "B": B, "L": L, "kv": name, "swap": swap, "bn": bn, "w": w, "st": st,
-                           "splits": splits}
-                    try:
-                        f()
-                        us = tt.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3 / sets
-                    except Exception as e:  # out of shared memory etc.
-                        print(json.dumps({**tag, "skip": str(e)[:160]}), flush=True)
-                        continue
-                    err = None
-                    if name != "bf16":
-                        if ref8 is None:
-                            ref8 = outs[0].float().clone()
-                        err = ((outs[0].float() - ref8).norm() / ref8.norm()).item()
-                    print(json.dumps({**tag, "us": round(us, 2), "TBps": round(nbytes / us / 1e6, 3),
-                                      "rel_to_first_fp8": err}), flush=True)
+                def f():
+                    for i in range(sets):
+                        decode.paged_decode(q, kc, vc, tables[i], sl, qsl, 4096, D ** -0.5, out=outs[i], **kw)
+                tag = {"what": "attention", "B": B, "L": L, "kv": name, "bn": bn, "w": w, "st": st,
+                       "splits": splits}
+                try:
+                    f()
+                    us = tt.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3 / sets
+                except Exception as e:  # out of shared memory etc.
+                    print(json.dumps({**tag, "skip": str(e)[:160]}), flush=True)
+                    continue
+                err = None
+                if name != "bf16":
+                    if ref8 is None:
+                        ref8 = outs[0].float().clone()
+                    err = ((outs[0].float() - ref8).norm() / ref8.norm()).item()
+                print(json.dumps({**tag, "us": round(us, 2), "TBps": round(nbytes / us / 1e6, 3),
+                                  "rel_to_first_fp8": err}), flush=True)
         del kc16, vc16, kc8, vc8
         torch.cuda.empty_cache()
 

@@ -4,7 +4,7 @@ The numerics of torch._scaled_mm with row-wise scales (and of Fp8Linear's float3
 per token (fp8_quant.quantize_fp8, per_group=False: one fp32 scale a row), the weight per output channel,
 the dot accumulated in fp32 and both scales applied once in the epilogue. Why not _scaled_mm itself: on
 the H200 (torch 2.11 + cu130) it ran at 0.4-0.6 of bf16 cuBLAS's speed for M = 128-352 on the 8B shape's
-projections (benchmarks/results/2026-12-03-h200-fp8-breakdown.jsonl), which made FP8 steps of 352 sequences
+projections (benchmarks/results/2026-12-02-h200-fp8-breakdown.jsonl), which made FP8 steps of 352 sequences
 slower than bf16 ones.
 
 Tiles BM x BN over the output, grouped GROUP_M tiles down M so neighbouring programs share weight tiles in
@@ -73,11 +73,15 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, M, 
 
 
 def default_config(M: int, N: int, K: int) -> Fp8GemmConfig:
-    """Tiles by the number of rows (to be swept on the H200: benchmarks/fp8_gemm_sweep.py --big)."""
-    if M <= 64:
-        return 64, 128, 128, 8, 4, 4
-    if M <= 256:
-        return 128, 128, 128, 8, 8, 4
+    """Tiles by the number of rows, from the H200 sweep over the 8B shape's projections (benchmarks/
+    fp8_gemm_sweep.py --big; benchmarks/results/2026-12-02-h200-fp8-gemm-big.jsonl): at 128 rows 64 x 128 tiles
+    (13.9 / 12.7 us for qkv / o against 16.7 / 20.7 with _scaled_mm); up to 512 rows 128 x 256 for the wide
+    projections and 64 x 256 for the 4096-wide ones; above, 128 x 256 (prefill chunks: 1,190 TFLOP/s for
+    gate_up at 8192 rows)."""
+    if M <= 128:
+        return 64, 128, 128, 8, 4, 5
+    if M <= 512:
+        return (128, 256, 128, 8, 8, 4) if N >= 6144 else (64, 256, 128, 8, 4, 4)
     return 128, 256, 128, 8, 8, 3
 
 

@@ -33,6 +33,7 @@ from ..quant.fp8 import Fp8Rows
 
 MAX_M = 256  # the kernel's limit; Fp8Linear takes it up to BATCHGEN_FP8_DECODE_MAX_M rows (default 64)
 MAX_M_QUANTIZE_ON_LOAD = 64  # above this x is quantized once (fp8_quant.quantize_fp8), not by every program
+SMEM_BUDGET = 200_000  # bytes of shared memory the pipelined tiles may take (the H100 / H200 have 227 KiB)
 ACT_GROUP = 128  # W8A8: columns of x per activation scale; the kernel's BK is this group
 E4M3_MAX = tl.constexpr(448.0)  # a constexpr global: the kernel can read it
 
@@ -188,6 +189,9 @@ def fp8_skinny_gemm(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.T
     if M == 0:
         return Fp8Rows(y, ys) if out_fp8 else y
     BM = max(16, triton.next_power_of_2(M))
+    x_bytes = 1 if (xq is not None or act_fp8) else xt.element_size()
+    while stages > 2 and stages * BK * (BN * (2 if gated else 1) + BM * x_bytes) > SMEM_BUDGET:
+        stages -= 1  # large M: the x tiles outgrow shared memory at the decode configs' depth
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)  # no empty splits
     part = torch.empty((split, BM, N), dtype=torch.float32, device=w.device) if split > 1 else y

@@ -12,9 +12,10 @@ which measured slower and was removed).
 No host reads of device values: the grid depends only on B, kv_heads and the host bound
 max_seq_len; programs past a sequence's end exit early.
 
-An FP8 cache (kv_fp8.py) is read as codes converted to the query's dtype (exact: every e4m3 value is a
-bf16 / fp16 / fp32 value), its k scale folded into the softmax scale and its v scale into the output:
-the same sums as attention over the dequantized K/V, with half the bytes read.
+An FP8 cache (kv_fp8.py) is read as codes converted to fp16 (exact: every e4m3 value is an fp16 value; the
+query is rounded to fp16 too, clamped into its range, and p is fp16, finer than bf16 on [0, 1]; with an fp32
+query the dots stay fp32), its k scale folded into the softmax scale and its v scale into the output: the
+same sums as attention over the dequantized K/V, with half the bytes read.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def _decode_split_kernel(
     stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    KV_FP8: tl.constexpr, FP8_DOT_F16: tl.constexpr, SWAP: tl.constexpr, SOFTCAP: tl.constexpr, USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_DOT_F16: tl.constexpr, SOFTCAP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # see pdl.py: every program waits before touching anything, the next kernel launches
         tl.extra.cuda.gdc_wait()  # once all programs are past their main loop
@@ -88,61 +89,31 @@ def _decode_split_kernel(
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    if SWAP:  # transposed: scores [BLOCK_N, G_PAD] = K q^T, acc^T [HEAD_DIM, G_PAD] = V^T P^T (tokens on the
-        # tensor core's M side, the few heads on N)
-        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
-        acc_t = tl.zeros([HEAD_DIM, G_PAD], tl.float32)
-        q_t = tl.trans(q)
-        for n0 in range(lo, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < hi
-            blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-            tok = offs_n % BLOCK_SIZE
-            k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + tok[:, None] * stride_kt + kvh * stride_kh
-                        + d[None, :], mask=nmask[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vt + kvh * stride_vh
-                        + d[None, :], mask=nmask[:, None], other=0.0)
-            if KV_FP8:
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            qk = tl.dot(k, q_t, input_precision=DOT_PREC) * scale_log2
-            if SOFTCAP:
-                qk = softcap_log2(qk, cap_log2)
-            qk = tl.where(nmask[:, None], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PREC)
-            m_i = m_new
-        acc = tl.trans(acc_t)
-    else:
-        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < hi
-            blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-            tok = offs_n % BLOCK_SIZE
-            k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + tok[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-                        mask=nmask[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vt + kvh * stride_vh + d[None, :],
-                        mask=nmask[:, None], other=0.0)
-            if KV_FP8:
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            if SOFTCAP:
-                qk = softcap_log2(qk, cap_log2)
-            qk = tl.where(nmask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < hi
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        tok = offs_n % BLOCK_SIZE
+        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + tok[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+                    mask=nmask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vt + kvh * stride_vh + d[None, :],
+                    mask=nmask[:, None], other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        if SOFTCAP:
+            qk = softcap_log2(qk, cap_log2)
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     acc = acc / l_i[:, None]
@@ -183,8 +154,10 @@ def _decode_split_kernel(
             tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
 
 
-FP8_DOT_F16 = True  # FP8 caches: dots in fp16 (H200, B=352 L=1100: 347 us against 363 with bf16 dots; B=32 L=768: 25.5 against 29.5)
-SWAP = False  # the transposed dots (to be measured on the H200)
+# FP8 caches: dots in fp16, not the query's bf16 (e4m3 -> fp16 is one cvt per two codes, -> bf16 several). H200,
+# 8B heads, us per layer: B=32 L=768 25.5 against 29.5; B=352 L=1100 347 against 363. Transposing the dots (tokens
+# on the tensor core's M side) measured slower for both cache dtypes (32.7 / 42.8 us at B=32) and was dropped.
+FP8_DOT_F16 = True
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -215,14 +188,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  window: int | None = None, out: torch.Tensor | None = None,
                  num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-                 softcap: float = 0.0, fp8_dot_f16: bool | None = None, swap: bool | None = None) -> torch.Tensor:
+                 softcap: float = 0.0, fp8_dot_f16: bool | None = None) -> torch.Tensor:
     """q: [T, H, D] with sequence b's query at row query_start_loc[b]; returns out [T, H, D] (rows of
     sequences b < B written; other rows untouched). max_seq_len: host upper bound of seq_lens.
     With num_splits > 1 the last split program of each (sequence, kv head) merges the partial results.
     k_scale / v_scale: an FP8 cache's scales (read value = code * scale); ignored for other caches.
     softcap > 0: scores soft-capped, tanh(s / softcap) * softcap (0: off, the kernels of every other model).
-    fp8_dot_f16: an FP8 cache's dots in fp16 rather than the query's dtype (None: FP8_DOT_F16).
-    swap: the dots transposed, tokens on the tensor core's M side (None: SWAP)."""
+    fp8_dot_f16: an FP8 cache's dots in fp16 rather than the query's dtype (None: FP8_DOT_F16)."""
     T, H, D = q.shape
     B = seq_lens.shape[0]
     nb, bs, kvh, d2 = k_cache.shape
@@ -265,8 +237,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_SIZE=bs,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=use_window,
         DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8,
-        FP8_DOT_F16=kv_fp8 and not fp32 and (FP8_DOT_F16 if fp8_dot_f16 is None else fp8_dot_f16),
-        SWAP=SWAP if swap is None else swap, SOFTCAP=softcap > 0, num_warps=num_warps, **extra,
+        FP8_DOT_F16=kv_fp8 and not fp32 and (FP8_DOT_F16 if fp8_dot_f16 is None else fp8_dot_f16), SOFTCAP=softcap > 0, num_warps=num_warps, **extra,
         **pdl.launch_options(q.device),
     )
     return out
