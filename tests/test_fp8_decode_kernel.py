@@ -214,8 +214,9 @@ def test_cuda_fp8_gemm_matches_the_emulation(M, N, K, config, bias, residual) ->
     y = fp8_gemm(xq, xs, wq, ws, b, residual=out, out=out, config=config)
     assert y.shape == (M, N) and y.dtype == torch.bfloat16 and (out is None or y.data_ptr() == out.data_ptr())
     assert rel_err(y, want) < 8e-3
-    ref = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=torch.bfloat16)
-    assert rel_err(fp8_gemm(xq, xs, wq, ws, config=config), ref) < 8e-3  # and _scaled_mm's result
+    if K % 16 == 0 and N % 16 == 0:  # the shapes _scaled_mm takes
+        ref = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=torch.bfloat16)
+        assert rel_err(fp8_gemm(xq, xs, wq, ws, config=config), ref) < 8e-3  # and _scaled_mm's result
 
 
 # ------------------------------------------------------------------ the kernels in Triton's CPU interpreter

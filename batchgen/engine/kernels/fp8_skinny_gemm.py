@@ -189,7 +189,7 @@ def fp8_skinny_gemm(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.T
     if M == 0:
         return Fp8Rows(y, ys) if out_fp8 else y
     BM = max(16, triton.next_power_of_2(M))
-    x_bytes = 1 if (xq is not None or act_fp8) else xt.element_size()
+    x_bytes = xt.element_size()  # act_fp8 loads 16-bit x and quantizes it in registers
     while stages > 2 and stages * BK * (BN * (2 if gated else 1) + BM * x_bytes) > SMEM_BUDGET:
         stages -= 1  # large M: the x tiles outgrow shared memory at the decode configs' depth
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
