@@ -154,8 +154,9 @@ def test_cuda_gate_up_hands_down_proj_quantized_rows(M: int) -> None:
     h = fused_ops.rms_norm(x, norm_w, 1e-6)
     act = _expected(h, wq, ws, None, None, I, True, True).bfloat16()
     want = res.float() + fp8.emulate_skinny(act, dq, ds, True)
-    # the epilogue's codes are act's own (a bf16 rounding flip moves a code now and then)
-    assert rel_err(mid.dequantize(), fp8.Fp8Rows(*fp8.quantize_activation_groups(act)).dequantize()) < 1e-2
+    # the epilogue's codes are act's own (a bf16 rounding flip in the GEMM moves a code by one e4m3 step, 6-12%,
+    # now and then: 1.4% over the tensor measured on the H200)
+    assert rel_err(mid.dequantize(), fp8.Fp8Rows(*fp8.quantize_activation_groups(act)).dequantize()) < 3e-2
     assert rel_err(y - res, want - res.float()) < 2e-2
 
 

@@ -22,7 +22,9 @@ E4M3_MIN_NORMAL = 2.0 ** -6  # below this (in scaled units) e4m3 is subnormal: a
 def row_scales(t: torch.Tensor) -> torch.Tensor:
     """fp32 scale per row of `t` ([..., K] -> [..., 1]): amax(|row|) / 448."""
     amax = t.abs().amax(dim=-1, keepdim=True).float()
-    return (amax / E4M3_MAX).clamp_(min=MIN_SCALE)
+    # a divisor on the tensor's device: CUDA torch turns division by a Python number into a multiply by its
+    # reciprocal (an ulp off now and then), the CPU and the Triton kernels divide (IEEE): one recipe everywhere
+    return (amax / amax.new_full((), E4M3_MAX)).clamp_(min=MIN_SCALE)
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
