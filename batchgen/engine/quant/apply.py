@@ -29,12 +29,12 @@ class Fp8Summary:
 
     @property
     def tensor_cores(self) -> bool:
-        """Every projection on torch._scaled_mm (FP8 tensor cores)."""
+        """Every projection on FP8 tensor cores (the Triton FP8 GEMMs, torch._scaled_mm above BATCHGEN_FP8_GEMM_MAX_M)."""
         return self.emulated == 0
 
     def describe(self) -> str:
-        how = ("FP8 tensor cores (decode: Triton FP8 GEMM, activations per token per 128 columns; "
-               "larger steps: torch._scaled_mm, per-token activations)" if self.tensor_cores else "emulated in float32"
+        how = ("FP8 tensor cores (decode: Triton FP8 skinny GEMM, activations per token per 128 columns; "
+               "larger steps: Triton FP8 GEMM, per-token activations)" if self.tensor_cores else "emulated in float32"
                if self.emulated == self.projections else f"{self.emulated} emulated in float32")
         experts = f"; the experts of {self.moe_layers} MoE layers in the model dtype" if self.moe_layers else ""
         return f"weights fp8 e4m3 ({self.projections} projections, per-channel scales, {how}){experts}"
