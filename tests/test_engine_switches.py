@@ -14,6 +14,7 @@ def test_defaults_and_parsing():
     assert d == S.Switches() and d.pdl and d.fused_decode and d.skinny == ("qkv_proj", "gate_up_proj")
     assert d.skinny_prefetch == 256 and d.skinny_configs is None and not d.triton_interpret
     assert d.cache_dir == Path.home() / ".cache" / "batchgen"
+    assert d.fp8_gemm_max_m == 1 << 30 and S.Switches.from_env({"BATCHGEN_FP8_GEMM_MAX_M": "64"}).fp8_gemm_max_m == 64
     s = S.Switches.from_env({"BATCHGEN_PDL": "0", "BATCHGEN_SKINNY": "o_proj,,down_proj", "BATCHGEN_FUSED_DECODE": "0",
                              "BATCHGEN_SKINNY_PREFETCH": "0", "BATCHGEN_SKINNY_CONFIGS": "/x.json",
                              "BATCHGEN_CACHE": "/tmp/c", "TRITON_INTERPRET": "1"})
