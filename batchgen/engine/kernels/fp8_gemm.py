@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .launch import launch_fitting
 
 Fp8GemmConfig = tuple[int, int, int, int, int, int]  # BM, BN, BK, GROUP_M, num_warps, num_stages
 
@@ -102,9 +103,8 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
     BM, BN, BK, group, warps, stages = config or default_config(M, N, K)
     res = residual if residual is not None else y
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    _fp8_gemm_kernel[grid](xq, xs, w, ws, bias if bias is not None else ws, res, y, M, N, K,
-                           xq.stride(0), w.stride(0), res.stride(0), y.stride(0),
-                           BM=BM, BN=BN, BK=BK, GROUP_M=group, HAS_BIAS=bias is not None,
-                           HAS_RES=residual is not None, EVEN_K=K % BK == 0, **pdl.launch_options(w.device),
-                           num_warps=warps, num_stages=stages)
+    launch_fitting(_fp8_gemm_kernel, grid, warps, stages, xq, xs, w, ws, bias if bias is not None else ws, res, y,
+                   M, N, K, xq.stride(0), w.stride(0), res.stride(0), y.stride(0),
+                   BM=BM, BN=BN, BK=BK, GROUP_M=group, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                   EVEN_K=K % BK == 0, **pdl.launch_options(w.device))
     return y

@@ -28,12 +28,12 @@ import triton.language as tl
 
 from . import pdl
 from .counters import zeroed_counters
+from .launch import launch_fitting
 from .fused import silu_mul
 from ..quant.fp8 import Fp8Rows
 
 MAX_M = 256  # the kernel's limit; Fp8Linear takes it up to BATCHGEN_FP8_DECODE_MAX_M rows (default 64)
 MAX_M_QUANTIZE_ON_LOAD = 64  # above this x is quantized once (fp8_quant.quantize_fp8), not by every program
-SMEM_BUDGET = 200_000  # bytes of shared memory the pipelined tiles may take (the H100 / H200 have 227 KiB)
 ACT_GROUP = 128  # W8A8: columns of x per activation scale; the kernel's BK is this group
 E4M3_MAX = tl.constexpr(448.0)  # a constexpr global: the kernel can read it
 
@@ -189,9 +189,6 @@ def fp8_skinny_gemm(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.T
     if M == 0:
         return Fp8Rows(y, ys) if out_fp8 else y
     BM = max(16, triton.next_power_of_2(M))
-    x_bytes = xt.element_size()  # act_fp8 loads 16-bit x and quantizes it in registers
-    while stages > 2 and stages * BK * (BN * (2 if gated else 1) + BM * x_bytes) > SMEM_BUDGET:
-        stages -= 1  # large M: the x tiles outgrow shared memory at the decode configs' depth
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)  # no empty splits
     part = torch.empty((split, BM, N), dtype=torch.float32, device=w.device) if split > 1 else y
@@ -200,10 +197,12 @@ def fp8_skinny_gemm(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.T
     xs = xq.scales if xq is not None else w_scale
     pdl_opts = pdl.launch_options(w.device)
     lines = triton.next_power_of_2(max(1, min(prefetch, k_per // 128))) if pdl_opts["USE_PDL"] and prefetch > 0 else 0
-    _fp8_skinny_kernel[(tiles, split)](
+    # launch_fitting: at large M (or on a GPU with less shared memory) the x tiles outgrow the decode depth
+    launch_fitting(
+        _fp8_skinny_kernel, (tiles, split), warps, stages,
         xt, xs, w, w_scale, bias if bias is not None else w_scale, res, y, ys, part, sem,
         M, N, K, k_per, xt.stride(0), xs.stride(0), w.stride(0), res.stride(0), y.stride(0), ys.stride(0),
         BM=BM, BN=BN, BK=BK, SPLIT_K=split, GATED=gated, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, X_MODE=2 if xq is not None else 1 if act_fp8 else 0, OUT_FP8=out_fp8,
-        DTYPE=_TL_DTYPES[dtype], PREFETCH=lines, **pdl_opts, num_warps=warps, num_stages=stages)
+        DTYPE=_TL_DTYPES[dtype], PREFETCH=lines, **pdl_opts)
     return Fp8Rows(y, ys) if out_fp8 else y

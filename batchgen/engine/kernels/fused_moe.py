@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .fused import silu_mul
+from .launch import launch_fitting
 
 
 @triton.jit
@@ -220,33 +221,13 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     (bn1, bk1, w1, s1), (bn2, bk2, w2, s2) = config or CONFIGS[bm]
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     hidden = torch.empty(nb * bm, inter, dtype=x.dtype, device=x.device)
-    _launch(_gate_up_kernel, (nb, triton.cdiv(inter, bn1)), w1, s1,
-            x, gate_up, hidden, sorted_ids, block_expert, block_rows, H, inter, topk,
-            x.stride(0), gate_up.stride(0), gate_up.stride(1), hidden.stride(0),
-            BM=bm, BN=bn1, BK=bk1, DOT_PREC=prec)
+    launch_fitting(_gate_up_kernel, (nb, triton.cdiv(inter, bn1)), w1, s1,
+                   x, gate_up, hidden, sorted_ids, block_expert, block_rows, H, inter, topk,
+                   x.stride(0), gate_up.stride(0), gate_up.stride(1), hidden.stride(0),
+                   BM=bm, BN=bn1, BK=bk1, DOT_PREC=prec)
     out = torch.empty(n, H, dtype=x.dtype, device=x.device)
-    _launch(_down_kernel, (nb, triton.cdiv(H, bn2)), w2, s2,
-            hidden, down, weights.reshape(-1).float().contiguous(), out, sorted_ids, block_expert, block_rows, H, inter,
-            hidden.stride(0), down.stride(0), down.stride(1), out.stride(0),
-            BM=bm, BN=bn2, BK=bk2, DOT_PREC=prec)
+    launch_fitting(_down_kernel, (nb, triton.cdiv(H, bn2)), w2, s2,
+                   hidden, down, weights.reshape(-1).float().contiguous(), out, sorted_ids, block_expert, block_rows, H, inter,
+                   hidden.stride(0), down.stride(0), down.stride(1), out.stride(0),
+                   BM=bm, BN=bn2, BK=bk2, DOT_PREC=prec)
     return out.view(T, topk, H).sum(dim=1)
-
-
-_STAGES: dict[tuple, int] = {}  # (kernel, constexprs, warps, stages asked) -> the stages that fit this GPU
-
-
-def _launch(kernel, grid: tuple[int, int], warps: int, stages: int, *args, **constexprs) -> None:
-    """Launch with `stages` pipeline stages, or fewer where their shared memory does not fit this GPU (an
-    Ada or Ampere part has less than an H100): the first launch finds out (eagerly: the engine's warm-up
-    runs each decode shape before its CUDA graph is captured) and later launches take that count."""
-    key = (id(kernel), tuple(sorted(constexprs.items())), warps, stages)
-    s = _STAGES.get(key, stages)
-    while True:
-        try:
-            kernel[grid](*args, **constexprs, num_warps=warps, num_stages=s)
-            _STAGES[key] = s
-            return
-        except triton.runtime.errors.OutOfResources:
-            if s <= 1:
-                raise
-            s -= 1

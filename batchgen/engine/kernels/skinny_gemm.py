@@ -26,6 +26,7 @@ import triton.language as tl
 from . import pdl
 from .counters import zeroed_counters
 from .fused import silu_mul
+from .launch import launch_fitting
 from ..switches import switches
 
 
@@ -162,12 +163,13 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     part = torch.empty((split, BM, N), dtype=torch.float32, device=x.device) if split > 1 else y
     sem = zeroed_counters("skinny_gemm", tiles, x.device) if split > 1 else y
     res = residual if residual is not None else y
-    _skinny_gemm_kernel[(tiles, split)](
+    launch_fitting(
+        _skinny_gemm_kernel, (tiles, split), warps, stages,
         x, w, bias if bias is not None else y, res, y, part, sem,
         M, N, K, k_per, x.stride(0), w.stride(0), res.stride(0), y.stride(0),
         BM=BM, WN=WN, BK=BK, SPLIT_K=split, SILU_MUL=silu_mul, GATED=gated,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         PREFETCH=_prefetch_rows(prefetch, k_per, x.device), PF_COLS=max(BN // 64, 2 if gated else 1),
-        **pdl.launch_options(x.device), num_warps=warps, num_stages=stages)
+        **pdl.launch_options(x.device))
     return y

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ...kernels import pdl
 from ...kernels.counters import zeroed_counters
+from ...kernels.launch import TRITON_DEFAULT_STAGES, launch_fitting
 
 _LOG2E = 1.4426950408889634
 
@@ -219,14 +220,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if num_splits is None:
         num_splits = choose_num_splits(B, kvh, max_len, q.device, block_n)
     use_window = bool(window)
-    extra = {} if num_stages is None else {"num_stages": num_stages}
     if num_splits > 1:
         part_out = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
     sem = zeroed_counters("decode", B * kvh, q.device, 1 << 14) if num_splits > 1 else seq_lens
-    _decode_split_kernel[(B, kvh, num_splits)](
+    launch_fitting(
+        _decode_split_kernel, (B, kvh, num_splits), num_warps, num_stages or TRITON_DEFAULT_STAGES,
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         out, part_out, part_lse, sem,
         scale * _LOG2E * k_scale, float(v_scale), window or 0, float(softcap) * _LOG2E,
@@ -237,7 +238,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_SIZE=bs,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=use_window,
         DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8,
-        FP8_DOT_F16=kv_fp8 and not fp32 and (FP8_DOT_F16 if fp8_dot_f16 is None else fp8_dot_f16), SOFTCAP=softcap > 0, num_warps=num_warps, **extra,
-        **pdl.launch_options(q.device),
+        FP8_DOT_F16=kv_fp8 and not fp32 and (FP8_DOT_F16 if fp8_dot_f16 is None else fp8_dot_f16),
+        SOFTCAP=softcap > 0, **pdl.launch_options(q.device),
     )
     return out

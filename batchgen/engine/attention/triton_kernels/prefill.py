@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...kernels.launch import TRITON_DEFAULT_STAGES, launch_fitting
 from .decode import softcap_log2
 
 _LOG2E = 1.4426950408889634
@@ -179,9 +180,9 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     num_warps = num_warps or dw
     block_m = max(block_m, 16, G_PAD)
     block_q = block_m // G_PAD
-    extra = {} if num_stages is None else {"num_stages": num_stages}
     grid = (T // block_q + B, kvh)
-    _prefill_kernel[grid](
+    launch_fitting(
+        _prefill_kernel, grid, num_warps, num_stages or TRITON_DEFAULT_STAGES,
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
         scale * _LOG2E * k_scale, float(v_scale), window or 0, B, float(softcap) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -190,6 +191,5 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         block_tables.stride(0),
         G=G, G_PAD=G_PAD, HEAD_DIM=D, BLOCK_SIZE=bs, BLOCK_Q=block_q, BLOCK_N=block_n,
         USE_WINDOW=bool(window), DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8, SOFTCAP=softcap > 0,
-        num_warps=num_warps, **extra,
     )
     return out
