@@ -188,7 +188,7 @@ cmd_fp8() {  # issue 13's figures: seed bf16 / fp8 / fp8 + fp8 KV, then the long
   for wl in ${FP8_LONG:-isl128-osl2048:352 isl1000-osl1000:384}; do
     for v in ${LONG_VARIANTS:-"fp8-kv:--quantization=fp8+--kv-cache-dtype=fp8"}; do
       printf '%s %s max_num_seqs %s: ' "${wl%%:*}" "${v%%:*}" "${wl#*:}"
-      BENCH_TIMEOUT=${LONG_TIMEOUT:-280} tagged_run "$OUT/ab.jsonl" "${v%%:*}" "${v#*:}" \
+      BENCH_TIMEOUT=${LONG_TIMEOUT:-420} tagged_run "$OUT/ab.jsonl" "${v%%:*}" "${v#*:}" \
         --workload "${wl%%:*}" --max-num-seqs "${wl#*:}"
     done
   done
