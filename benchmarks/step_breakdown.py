@@ -153,17 +153,17 @@ def attention_bench(a) -> None:
         for name, kc, vc, extra in (("bf16", kc16, vc16, {}), ("fp8-bf16dot", kc8, vc8, {"fp8_dot_f16": False}),
                                     ("fp8", kc8, vc8, {})):
             nbytes = B * L * KVH * D * 2 * kc.element_size()
-            for bn, w, st, splits in a.configs:
-                if name == "fp8-bf16dot" and (bn, w, st, splits) != a.configs[0]:
+            for bn, w, st, splits, regs in a.configs:
+                if name == "fp8-bf16dot" and (bn, w, st, splits, regs) != a.configs[0]:
                     continue
                 kw = dict(block_n=bn, num_warps=w, num_stages=st, k_scale=4.0, v_scale=4.0,
-                          num_splits=splits or None, **extra)
+                          num_splits=splits or None, maxnreg=regs or None, **extra)
 
                 def f():
                     for i in range(sets):
                         decode.paged_decode(q, kc, vc, tables[i], sl, qsl, 4096, D ** -0.5, out=outs[i], **kw)
                 tag = {"what": "attention", "B": B, "L": L, "kv": name, "bn": bn, "w": w, "st": st,
-                       "splits": splits}
+                       "splits": splits, "maxnreg": regs}
                 try:
                     f()
                     us = tt.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3 / sets
@@ -193,11 +193,11 @@ def main() -> None:
     e.add_argument("--kv-cache-dtype", default=None)
     t = sub.add_parser("attention")
     t.add_argument("--cases", default="32x768,352x1100")
-    t.add_argument("--configs", default="128:4:2:0,128:4:3:0,128:4:4:0,256:4:2:0,64:4:3:0,128:8:3:0,128:4:3:2",
-                   help="BLOCK_N:warps:stages:splits (0 = the heuristic), comma-separated")
+    t.add_argument("--configs", default="128:4:2:0:0,128:4:2:0:168,128:4:2:0:128,128:4:3:0:168,64:4:2:0:128,"
+                   "128:8:2:0:0", help="BLOCK_N:warps:stages:splits:maxnreg (0 = the heuristic / no cap), comma-separated")
     a = ap.parse_args()
     if a.what == "attention":
-        a.configs = [tuple(int(v) for v in c.split(":")) for c in a.configs.split(",")]
+        a.configs = [tuple(int(v) for v in (c + ":0").split(":")[:5]) for c in a.configs.split(",")]
     (engine_breakdown if a.what == "engine" else attention_bench)(a)
 
 

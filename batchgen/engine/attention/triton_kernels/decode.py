@@ -189,13 +189,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  window: int | None = None, out: torch.Tensor | None = None,
                  num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-                 softcap: float = 0.0, fp8_dot_f16: bool | None = None) -> torch.Tensor:
+                 softcap: float = 0.0, fp8_dot_f16: bool | None = None, maxnreg: int | None = None) -> torch.Tensor:
     """q: [T, H, D] with sequence b's query at row query_start_loc[b]; returns out [T, H, D] (rows of
     sequences b < B written; other rows untouched). max_seq_len: host upper bound of seq_lens.
     With num_splits > 1 the last split program of each (sequence, kv head) merges the partial results.
     k_scale / v_scale: an FP8 cache's scales (read value = code * scale); ignored for other caches.
     softcap > 0: scores soft-capped, tanh(s / softcap) * softcap (0: off, the kernels of every other model).
-    fp8_dot_f16: an FP8 cache's dots in fp16 rather than the query's dtype (None: FP8_DOT_F16)."""
+    fp8_dot_f16: an FP8 cache's dots in fp16 rather than the query's dtype (None: FP8_DOT_F16).
+    maxnreg: a register cap per thread (sweeps: the FP8 kernel at BLOCK_N 128 takes ~205, two programs an SM)."""
     T, H, D = q.shape
     B = seq_lens.shape[0]
     nb, bs, kvh, d2 = k_cache.shape
@@ -239,6 +240,6 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=use_window,
         DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8,
         FP8_DOT_F16=kv_fp8 and not fp32 and (FP8_DOT_F16 if fp8_dot_f16 is None else fp8_dot_f16),
-        SOFTCAP=softcap > 0, **pdl.launch_options(q.device),
+        SOFTCAP=softcap > 0, **pdl.launch_options(q.device), **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
