@@ -22,7 +22,8 @@ def launch_fitting(kernel, grid: tuple[int, ...], num_warps: int, num_stages: in
     if num_stages is None:
         kernel[grid](*args, **kwargs, num_warps=num_warps)
         return
-    key = (id(kernel), tuple(sorted(kwargs.items(), key=lambda kv: kv[0])), num_warps, num_stages)
+    # a call site passes its keywords in one order: no sort on the launch path
+    key = (id(kernel), tuple(kwargs.items()), num_warps, num_stages)
     s = _STAGES.get(key, num_stages)
     while True:
         try:
