@@ -3,9 +3,9 @@
 The numerics of torch._scaled_mm with row-wise scales (and of Fp8Linear's float32 emulation): x quantized
 per token (fp8_quant.quantize_fp8, per_group=False: one fp32 scale a row), the weight per output channel,
 the dot accumulated in fp32 and both scales applied once in the epilogue. Why not _scaled_mm itself: on the
-H200 this kernel is as fast or faster on the 8B shape's projections (1.2-1.6x for q/k/v and o at 128 rows,
-within 10% either way at 352 and above: benchmarks/results/2026-12-02-h200-fp8-gemm-big.jsonl), and its
-epilogue adds the residual in place, which saves o_proj and down_proj an add kernel each.
+H200 this kernel is 1.15-1.6x faster on the 8B shape's projections at 128 rows and within 10% either way at
+352 and above, about even over a layer (benchmarks/results/2026-12-02-h200-fp8-gemm-big.jsonl); its tiles and
+epilogues are ours to tune and fuse (the residual epilogue serves Fp8Linear.add_to at any size).
 
 Tiles BM x BN over the output, grouped GROUP_M tiles down M so neighbouring programs share weight tiles in
 L2; K in BK = 128 steps, both operands K-contiguous (the layout FP8 wgmma reads). Epilogues: bias, and
