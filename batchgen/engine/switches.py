@@ -23,7 +23,7 @@ class Switches:
     skinny_configs: str | None = None  # BATCHGEN_SKINNY_CONFIGS: JSON file of swept configs {"K,N": [5 ints]}
     skinny_prefetch: int = 256  # BATCHGEN_SKINNY_PREFETCH: weight rows each skinny GEMM program prefetches (0 = off)
     fused_decode: bool = True  # BATCHGEN_FUSED_DECODE=0: decode steps take the unfused layer path (ablation)
-    fp8_skinny: bool = True  # BATCHGEN_FP8_SKINNY=0: FP8 decode GEMMs on torch._scaled_mm, not the Triton kernel
+    fp8_skinny: bool = True  # BATCHGEN_FP8_SKINNY=0: every FP8 GEMM on torch._scaled_mm, neither Triton kernel
     fp8_decode_act: str = "fp8"  # BATCHGEN_FP8_DECODE_ACT: bf16 = W8A16 decode GEMMs (x not quantized), fp8 = W8A8
     fp8_decode_max_m: int = 64  # BATCHGEN_FP8_DECODE_MAX_M: largest step (tokens, <= 256) on the FP8 decode GEMM
     fp8_gemm_max_m: int = 1 << 30  # BATCHGEN_FP8_GEMM_MAX_M: larger FP8 steps on torch._scaled_mm, not kernels/fp8_gemm.py
