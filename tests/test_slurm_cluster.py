@@ -270,6 +270,11 @@ def test_array_job_requeued_mid_run_is_exact(slurm_cluster, tiny_checkpoint, tmp
 # array task mid-run reaches its supervisor (the batch shell), which stops both its workers and
 # requeues the array task once; the restarted task resumes its two tasks
 # --------------------------------------------------------------------------------------------
+# the signal needs both tasks of the array task mid-run at once: rows three times the other tests' length
+# keep that window open for seconds, whatever skew the two workers start with
+DP_NEW_TOKENS = 48
+
+
 def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -289,7 +294,7 @@ def test_array_tasks_run_data_parallel_and_requeue_as_one(slurm_cluster, tiny_ch
         f"model:\n  path: {ckpt}\n"
         "input:\n  files: [in.parquet]\n  id_column: rid\n"
         "prompt:\n  column: prompt\n  chat_template: false\n"
-        f"sampling:\n  max_new_tokens: 16\n  temperature: 0.8\n  n: {N_SAMPLES}\n  seed: 1\n  ignore_eos: true\n"
+        f"sampling:\n  max_new_tokens: {DP_NEW_TOKENS}\n  temperature: 0.8\n  n: {N_SAMPLES}\n  seed: 1\n  ignore_eos: true\n"
         "output:\n  path: out\n  rows_per_shard: 2\n  flush_seconds: 1\n  stop_grace_seconds: 2\n"
         "engine:\n  device: cpu\n  max_num_seqs: 2\n  cuda_graphs: false\n  overlap: false\n"
     )
@@ -342,7 +347,13 @@ def test_array_tasks_run_data_parallel_and_requeue_as_one(slurm_cluster, tiny_ch
     assert "restart 1" in log1 and "done: all 2 tasks" in log1
     for t in (2, 3):
         wlog = (out / ".batchgen" / "logs" / f"task-{t:05d}.log").read_text()
-        assert "stopped by SIGUSR1" in wlog and "resuming" in wlog and "requeued" not in wlog, wlog
+        assert "requeued" not in wlog, wlog  # the supervisor requeues, never a worker
+        # each worker stops mid-task and resumes; one whose in-flight rows were its task's last finishes the
+        # task within the grace period instead, which is correct too (seen on CI with 16-token rows: the
+        # signal came with 3 rows left)
+        resumed = "stopped by SIGUSR1" in wlog and "resuming" in wlog
+        finished_in_grace = "stopping: finishing" in wlog and "nothing to do" in wlog
+        assert resumed or finished_in_grace, wlog
 
     keys: list[tuple[str, int]] = []
     for p in sorted(out.glob("*.parquet")):
