@@ -37,8 +37,8 @@ class EventLog:
     def wrap(self, fn, name_of):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
-            name = "/".join(self.stack + [name_of(*args)])
             self.stack.append(name_of(*args))
+            name = "/".join(self.stack)
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             try:

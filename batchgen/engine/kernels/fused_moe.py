@@ -227,7 +227,8 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
                    BM=bm, BN=bn1, BK=bk1, DOT_PREC=prec)
     out = torch.empty(n, H, dtype=x.dtype, device=x.device)
     launch_fitting(_down_kernel, (nb, triton.cdiv(H, bn2)), w2, s2,
-                   hidden, down, weights.reshape(-1).float().contiguous(), out, sorted_ids, block_expert, block_rows, H, inter,
+                   hidden, down, weights.reshape(-1).float().contiguous(), out, sorted_ids, block_expert, block_rows,
+                   H, inter,
                    hidden.stride(0), down.stride(0), down.stride(1), out.stride(0),
                    BM=bm, BN=bn2, BK=bk2, DOT_PREC=prec)
     return out.view(T, topk, H).sum(dim=1)

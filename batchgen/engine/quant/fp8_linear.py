@@ -96,14 +96,13 @@ class Fp8Linear(nn.Module):
         return aligned and fp8_tensor_cores(self.weight.device)
 
     def _place(self) -> None:
-        """The paths for where the weight is now: _scaled_mm or the emulation, and the decode kernel."""
+        """The paths for where the weight is now: the Triton FP8 GEMMs and _scaled_mm, or the emulation."""
         self.uses_tensor_cores = self._tensor_cores_here()
         self.skinny: DecodeConfig | None = None  # the FP8 skinny GEMM's config, None = not used here
         self._skinny_max_m = self._gemm_max_m = 0
         sw = switches()
         if self.uses_tensor_cores and sw.fp8_skinny:  # triton is imported only where it is used
             from ..kernels import fp8_quant, fp8_skinny_gemm as kernel
-
             from ..kernels.fp8_gemm import fp8_gemm
 
             self._kernel, self._skinny_max_m = kernel.fp8_skinny_gemm, max(0, min(sw.fp8_decode_max_m, kernel.MAX_M))
@@ -132,6 +131,8 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self._skinny_rows(x2):
             y = self._decode(x2, x.dtype)
+        elif self._gemm_rows(x2):
+            y = self._triton_gemm(x2)
         else:
             y = self._scaled_mm(x2) if x.is_cuda and self.uses_tensor_cores else self._emulated(x2)
         return y.view(*lead, self.out_features)
@@ -173,7 +174,8 @@ class Fp8Linear(nn.Module):
         return residual.add_(self(x))
 
     def _gemm_rows(self, x: torch.Tensor | fp8.Fp8Rows) -> bool:
-        return isinstance(x, torch.Tensor) and x.is_cuda and x.shape[0] <= self._gemm_max_m and x.dtype in (torch.bfloat16, torch.float16)
+        return (isinstance(x, torch.Tensor) and x.is_cuda and 0 < x.shape[0] <= self._gemm_max_m
+                and x.dtype in (torch.bfloat16, torch.float16))
 
     def _triton_gemm(self, x: torch.Tensor, **epilogue) -> torch.Tensor:
         xq, xs = self._quantize_fp8(x.contiguous(), per_group=False)
@@ -182,8 +184,6 @@ class Fp8Linear(nn.Module):
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.new_empty(0, self.out_features)
-        if self._gemm_rows(x):
-            return self._triton_gemm(x)
         x = x.contiguous()
         # one Triton launch where it can (the same codes and scales as the torch ops)
         xq, xs = self._quantize_fp8(x, per_group=False) if self.skinny is not None else fp8.quantize_activation(x)

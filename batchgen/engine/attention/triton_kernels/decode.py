@@ -89,10 +89,10 @@ def _decode_split_kernel(
     elif FP8_DOT_F16:  # or to fp16 (one cvt per two codes, bf16 takes several); q clamped into fp16's range
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
-    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < hi
