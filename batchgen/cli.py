@@ -41,6 +41,12 @@ class _LazyGroup(click.Group):
 @click.version_option(package_name="batchgen", message="batchgen %(version)s")
 def cli() -> None:
     """Offline batch generation: a job file in, sharded Parquet out, resumable exactly once."""
+    from .engine.switches import SwitchError, switches  # standard library only: no torch here
+
+    try:  # a bad BATCHGEN_* variable is one line now, not a traceback from inside a kernel later
+        switches()
+    except SwitchError as e:
+        _fail(str(e))
 
 
 def _fail(msg: str, code: int = 2) -> None:

@@ -41,3 +41,32 @@ def test_no_environment_reads_outside_the_registry():
         text = path.read_text()
         assert not re.search(r"os\.environ|os\.getenv", text), f"{path.relative_to(ENGINE)} reads the environment"
         assert "BATCHGEN_ROPE_KV" not in text and "BATCHGEN_DECODE=" not in text and "NORM_IN_GEMM" not in text
+
+
+def test_bad_integer_switches_name_the_variable():
+    for name, raw, says in (("BATCHGEN_FP8_DECODE_MAX_M", "abc", "must be an integer, got 'abc'"),
+                            ("BATCHGEN_FP8_DECODE_MAX_M", "1e3", "must be an integer"),
+                            ("BATCHGEN_FP8_DECODE_MAX_M", "300", "between 0 and 256, got 300"),
+                            ("BATCHGEN_FP8_GEMM_MAX_M", "-1", ">= 0, got -1"),
+                            ("BATCHGEN_SKINNY_PREFETCH", "nan", "must be an integer, got 'nan'")):
+        try:
+            S.Switches.from_env({name: raw})
+        except S.SwitchError as e:
+            assert str(e).startswith(name) and says in str(e), str(e)
+        else:
+            raise AssertionError(f"{name}={raw!r} was accepted")
+    assert S.Switches.from_env({"BATCHGEN_FP8_DECODE_MAX_M": " 32 "}).fp8_decode_max_m == 32
+    assert S.Switches.from_env({"BATCHGEN_FP8_GEMM_MAX_M": ""}).fp8_gemm_max_m == 1 << 30
+
+
+def test_cli_refuses_a_bad_switch_in_one_line(tmp_path):
+    """Every command checks the switches first: exit 2 and one line, before a job file is even read."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BATCHGEN_SKINNY_PREFETCH": "lots"}
+    r = subprocess.run([sys.executable, "-m", "batchgen.cli", "run", str(tmp_path / "job.yaml")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "error: BATCHGEN_SKINNY_PREFETCH must be an integer, got 'lots'", r.stderr

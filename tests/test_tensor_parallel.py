@@ -273,3 +273,14 @@ def test_tp2_constrained_and_text_requests_equal_tp1(tiny_checkpoint):
             engine.close()
     assert got[1] == got[0]
     assert got[0][1][1] in ("yes", "no", "maybe") and got[0][2][1].isdigit()
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-5", "nan", "inf", "1e300"])
+def test_tp_timeout_refuses_what_timedelta_cannot_hold(monkeypatch, raw: str) -> None:
+    from batchgen.engine.parallel import group
+
+    monkeypatch.setenv("BATCHGEN_TP_TIMEOUT", raw)
+    with pytest.raises(TensorParallelError, match="BATCHGEN_TP_TIMEOUT"):
+        group.timeout()
+    monkeypatch.setenv("BATCHGEN_TP_TIMEOUT", "90")
+    assert group.timeout().total_seconds() == 90

@@ -16,6 +16,25 @@ from pathlib import Path
 DEFAULT_SKINNY = ("qkv_proj", "gate_up_proj")
 
 
+class SwitchError(ValueError):
+    """An environment switch with a value the engine can't use; the message names the variable."""
+
+
+def _int_switch(env: Mapping[str, str], name: str, default: int, lo: int, hi: int | None = None) -> int:
+    """env[name] as an integer in [lo, hi] (absent or empty: default); SwitchError names the variable."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SwitchError(f"{name} must be an integer, got {raw!r}") from None
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise SwitchError(f"{name} must be {bound}, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Switches:
     pdl: bool = True  # BATCHGEN_PDL=0: no programmatic dependent launch (ablation; off before sm_90 anyway)
@@ -33,17 +52,18 @@ class Switches:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Switches":
+        """SwitchError for a value that can't be used (a non-integer count, a negative row count)."""
         skinny = env.get("BATCHGEN_SKINNY")
         return cls(
             pdl=env.get("BATCHGEN_PDL", "1") != "0",
             skinny=DEFAULT_SKINNY if skinny is None else tuple(p for p in skinny.split(",") if p and p != "0"),
             skinny_configs=env.get("BATCHGEN_SKINNY_CONFIGS") or None,
-            skinny_prefetch=int(env.get("BATCHGEN_SKINNY_PREFETCH", "256")),
+            skinny_prefetch=_int_switch(env, "BATCHGEN_SKINNY_PREFETCH", 256, 0),
             fused_decode=env.get("BATCHGEN_FUSED_DECODE", "1") != "0",
             fp8_skinny=env.get("BATCHGEN_FP8_SKINNY", "1") != "0",
             fp8_decode_act="bf16" if env.get("BATCHGEN_FP8_DECODE_ACT") == "bf16" else "fp8",
-            fp8_decode_max_m=int(env.get("BATCHGEN_FP8_DECODE_MAX_M", "64")),
-            fp8_gemm_max_m=int(env.get("BATCHGEN_FP8_GEMM_MAX_M", str(1 << 30))),
+            fp8_decode_max_m=_int_switch(env, "BATCHGEN_FP8_DECODE_MAX_M", 64, 0, 256),
+            fp8_gemm_max_m=_int_switch(env, "BATCHGEN_FP8_GEMM_MAX_M", 1 << 30, 0),
             tp_timeout=env.get("BATCHGEN_TP_TIMEOUT", "").strip(),
             cache_dir=Path(env["BATCHGEN_CACHE"]).expanduser() if env.get("BATCHGEN_CACHE") else cls.cache_dir,
             triton_interpret=env.get("TRITON_INTERPRET") == "1",

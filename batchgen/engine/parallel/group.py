@@ -25,8 +25,8 @@ def timeout() -> timedelta:
         seconds = float(raw) if raw else 600.0
     except ValueError:
         raise TensorParallelError(f"BATCHGEN_TP_TIMEOUT={raw!r}: expected a number of seconds") from None
-    if not seconds > 0:
-        raise TensorParallelError(f"BATCHGEN_TP_TIMEOUT={raw!r}: expected a number of seconds > 0")
+    if not 0 < seconds < 10**9:  # NaN, infinity and the absurd too: timedelta can't hold them
+        raise TensorParallelError(f"BATCHGEN_TP_TIMEOUT={raw!r}: expected a number of seconds > 0 (and < 1e9)")
     return timedelta(seconds=seconds)
 
 

@@ -1,0 +1,177 @@
+"""Prototype: FP8-cache decode attention on Hopper's FP8 tensor cores (wgmma), against the engine's kernel.
+
+    python benchmarks/decode_fp8_mma_proto.py [--cases 32x768,352x1100] [--compile-only]
+
+Triton (3.6) only emits FP8 MMAs as wgmma, whose M side is 64 rows a warpgroup: the engine's kernel
+(16 padded query rows, mma.sync) converts every K and V code to fp16 instead, which bounds it by
+arithmetic at 2.3 TB/s (notes/KERNELS.md). Here the G query heads of a kv head are padded to 64 rows,
+q is quantized per row (amax / 448) and Q K^T runs on e4m3 codes; P V runs either in fp16 (V converted,
+PV=16) or on e4m3 too (p * 256 quantized, PV=8; FA3's choice). More exp2 over the padding, no K conversion.
+One JSON line per case and variant: us, TB/s of the K/V bytes, error against the fp32 reference.
+--compile-only: compile for sm_90a on any machine (the triton wheel carries ptxas) and report registers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_w64_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, out_ptr, scale_log2, v_scale,
+                       stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt,
+                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, PV: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq_len = tl.load(sl_ptr + b)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    heads = kvh * G + g
+    gmask = g < G
+    q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    q = q.to(tl.float32)
+    qs = tl.maximum(tl.max(tl.abs(q), 1) / 448.0, 1e-12)
+    q8 = (q / qs[:, None]).to(tl.float8e4nv)
+    row_scale = qs * scale_log2
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    for n0 in range(0, seq_len, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < seq_len
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        tok = offs_n % BLOCK_SIZE
+        off = blk[:, None] * stride_kb + tok[:, None] * stride_kt + kvh * stride_kh + d[None, :]
+        k = tl.load(k_ptr + off, mask=nmask[:, None], other=0.0)
+        v = tl.load(v_ptr + off, mask=nmask[:, None], other=0.0)
+        qk = tl.dot(q8, tl.trans(k)) * row_scale[:, None]
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if PV == 8:
+            acc = acc * alpha[:, None] + tl.dot((p * 256.0).to(tl.float8e4nv), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
+        m_i = m_new
+    if PV == 8:
+        l_i = l_i * 256.0
+    acc = acc / l_i[:, None] * v_scale
+    tl.store(out_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=gmask[:, None])
+
+
+def decode_w64(q, kc, vc, tables, sl, scale, k_scale, v_scale, out, pv: int, block_n=128, warps=4, stages=2,
+               maxnreg=None):
+    B = sl.shape[0]
+    H, D = q.shape[1], q.shape[2]
+    kvh = kc.shape[2]
+    kw = {"maxnreg": maxnreg} if maxnreg else {}
+    _decode_w64_kernel[(B, kvh)](q, kc, vc, tables, sl, out, scale * _LOG2E * k_scale, v_scale,
+                                 q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
+                                 G=H // kvh, G_PAD=64, D=D, BLOCK_SIZE=kc.shape[1], BLOCK_N=block_n, PV=pv,
+                                 num_warps=warps, num_stages=stages, **kw)
+    return out
+
+
+def compile_only() -> None:
+    import re
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = {"q_ptr": "*bf16", "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "bt_ptr": "*i32", "sl_ptr": "*i32",
+           "out_ptr": "*bf16", "scale_log2": "fp32", "v_scale": "fp32"}
+    sig.update({f"stride_{n}": "i32" for n in ("qt", "qh", "kb", "kt", "kh", "bt")})
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n.startswith("stride_")}
+    for pv in (16, 8):
+        for bn, stages in ((128, 2), (64, 3)):
+            consts = dict(G=4, G_PAD=64, D=128, BLOCK_SIZE=16, BLOCK_N=bn, PV=pv)
+            s = dict(sig, **{c: "constexpr" for c in consts})
+            k = triton.compile(ASTSource(fn=_decode_w64_kernel, signature=s, constexprs=consts, attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
+            ptx = k.asm["ptx"]
+            print(json.dumps({"pv": pv, "bn": bn, "stages": stages, "shared": k.metadata.shared,
+                              "wgmma": sorted(set(re.findall(r"wgmma\.mma_async[a-z0-9.]*", ptx))),
+                              "cvt_e4m3_f16x2": len(re.findall(r"cvt\.rn\.f16x2\.e4m3x2", ptx)),
+                              "cp_async": len(re.findall(r"cp\.async", ptx)),
+                              "regs": k.n_regs if hasattr(k, "n_regs") else None,
+                              "spills": getattr(k, "n_spills", None)}))
+
+
+def bench(cases: str) -> None:
+    import triton.testing as tt
+
+    from batchgen.engine.attention.triton_kernels import decode
+
+    H, KVH, D, bs = 32, 8, 128, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for case in cases.split(","):
+        B, L = (int(v) for v in case.split("x"))
+        nblk = -(-L // bs)
+        sets = 3
+        total = B * nblk * sets + 8
+        kc = (torch.randn(total, KVH, bs, D, device="cuda", generator=g) / 4).to(torch.float8_e4m3fn).permute(0, 2, 1, 3)
+        vc = (torch.randn(total, KVH, bs, D, device="cuda", generator=g) / 4).to(torch.float8_e4m3fn).permute(0, 2, 1, 3)
+        perm = torch.randperm(total, device="cuda", generator=g).to(torch.int32)
+        tables = []
+        for i in range(sets):
+            t = torch.zeros(B, 4096 // bs, dtype=torch.int32, device="cuda")
+            t[:, :nblk] = perm[i * B * nblk:(i + 1) * B * nblk].view(B, nblk)
+            tables.append(t)
+        sl = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        qsl = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+        q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        # fp32 reference over the dequantized cache, for the first 8 sequences
+        nref = min(B, 8)
+        kr = kc[tables[0][:nref, :nblk].long()].reshape(nref, nblk * bs, KVH, D)[:, :L].float() * 4.0
+        vr = vc[tables[0][:nref, :nblk].long()].reshape(nref, nblk * bs, KVH, D)[:, :L].float() * 4.0
+        kr = kr.repeat_interleave(H // KVH, dim=2)
+        vr = vr.repeat_interleave(H // KVH, dim=2)
+        s = torch.einsum("bhd,blhd->bhl", q[:nref].float(), kr) * D ** -0.5
+        ref = torch.einsum("bhl,blhd->bhd", s.softmax(-1), vr)
+        nbytes = B * L * KVH * D * 2
+        outs = [torch.empty_like(q) for _ in range(sets)]
+        variants = [("engine-f16dot", None, {}), ("engine-f16dot-r168", None, {"maxnreg": 168}),
+                    ("w64-pv16", 16, {}), ("w64-pv8", 8, {}), ("w64-pv8-bn64", 8, {"block_n": 64, "stages": 3}),
+                    ("w64-pv16-bn64", 16, {"block_n": 64, "stages": 3})]
+        for name, pv, kw in variants:
+            def f():
+                for i in range(sets):
+                    if pv is None:
+                        decode.paged_decode(q, kc, vc, tables[i], sl, qsl, 4096, D ** -0.5, out=outs[i],
+                                            k_scale=4.0, v_scale=4.0, num_splits=1, **kw)
+                    else:
+                        decode_w64(q, kc, vc, tables[i], sl, D ** -0.5, 4.0, 4.0, outs[i], pv, **kw)
+            tag = {"what": "attention-proto", "B": B, "L": L, "variant": name}
+            try:
+                f()
+                torch.cuda.synchronize()
+                us = tt.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3 / sets
+            except Exception as e:
+                print(json.dumps({**tag, "skip": str(e)[:200]}), flush=True)
+                continue
+            err = ((outs[0][:nref].float() - ref).norm() / ref.norm()).item()
+            print(json.dumps({**tag, "us": round(us, 2), "TBps": round(nbytes / us / 1e6, 3), "rel_err": err}),
+                  flush=True)
+        del kc, vc
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="32x768,352x1100")
+    ap.add_argument("--compile-only", action="store_true")
+    a = ap.parse_args()
+    compile_only() if a.compile_only else bench(a.cases)
