@@ -165,3 +165,34 @@ def test_interrupted_step_ends_every_request_with_an_error(path, monkeypatch):
         check_complete(eng.generate(reqs), reqs)
     finally:
         eng.close()
+
+
+def test_overlap_schedules_the_synchronous_batches_when_lengths_end_requests(path):
+    """A sequence that reaches max_new_tokens gives its slot and blocks back when the overlapped loop schedules
+    past it (its last token still in flight), where the synchronous loop frees them: both loops admit the same
+    requests at the same steps, so every step computes the same batch. (Before, the overlapped loop admitted a
+    step later: other batches, other GEMM shapes, and in bf16 with an FP8 cache other tokens on the GPU.)"""
+    rng = random.Random(7)
+    vocab = R.model_info(path)[0]
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 60))] for _ in range(24)]
+    params = [SamplingParams(max_new_tokens=rng.randint(1, 24), ignore_eos=True) for _ in prompts]
+    batches, texts = [], []
+    for overlap in (False, True):
+        eng = R.make_engine(path, max_num_seqs=6, kv_cache_tokens=4096, max_batch_tokens=64, overlap=overlap)
+        steps: list[tuple[int, ...]] = []
+        schedule = eng.scheduler.schedule
+
+        def logged(schedule=schedule, steps=steps):
+            batch = schedule()
+            if batch is not None:
+                steps.append(tuple(batch.lens))
+            return batch
+        eng.scheduler.schedule = logged
+        outs = eng.generate(prompts, params)
+        batches.append(steps)
+        texts.append([o.outputs[0].token_ids for o in outs])
+        assert eng.stats.preemptions == 0
+        check_engine_idle(eng)
+        eng.close()
+    assert texts[0] == texts[1]
+    assert batches[0] == batches[1]

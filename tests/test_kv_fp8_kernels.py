@@ -196,6 +196,17 @@ def test_fp8_decode_cuda(dtype, gqa, num_splits):
 
 
 @cuda_fp8
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_decode_register_capped_cuda(dtype):
+    """Enough sequences that the FP8 kernel runs with its register cap (decode.fp8_register_cap): same sums."""
+    from batchgen.engine.attention.triton_kernels import decode
+
+    seqs = [(n, 1) for n in ([1, 17, 300, 1100, 2000] * 30)[:150]]
+    assert decode.fp8_register_cap(len(seqs) * 8, torch.device("cuda"))[0] == decode.FP8_REGISTER_CAP
+    check_fp8_attention(seqs, 32, 8, 128, 16, dtype, "cuda", head_major=True, max_seq_len=4096)
+
+
+@cuda_fp8
 @pytest.mark.parametrize("window", [1, 64, 1000])
 def test_fp8_decode_window_cuda(window):
     check_fp8_attention([(n, 1) for n in (3, 100, 2000)], 32, 8, 128, 16, torch.bfloat16, "cuda", window=window,

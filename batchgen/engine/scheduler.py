@@ -72,8 +72,9 @@ class Scheduler:
         while i < n_run and budget > 0:  # the hot loop: kept flat, one pass per running sequence
             seq = running[i]
             nc, nt = seq.num_computed, seq.num_tokens
-            if nt >= seq.max_tokens and nc >= nt - 1:  # capped: waits for its last results
-                i += 1
+            if nt >= seq.max_tokens and nc >= nt - 1:  # capped, its last token on the device (overlap only)
+                self._retire(i)
+                n_run -= 1
                 continue
             n = nt - nc if nt - nc <= budget else budget
             need = (nc + n + bs - 1) // bs - len(seq.blocks)
@@ -172,6 +173,18 @@ class Scheduler:
     def _unmatch(self, seq: Sequence) -> None:
         self.bm.release(seq.blocks)
         seq.blocks, seq.num_computed, seq.num_hashed, seq.last_hash = [], 0, 0, 0
+
+    def _retire(self, i: int) -> None:
+        """running[i] has its last token in the step in flight (the overlapped loop schedules before it sees
+        it): its slot and blocks go back now, where the synchronous loop, which has the token already, frees
+        them, so both loops admit the same sequences at the same steps and compute the same batches. The step
+        in flight touches them only on the device's stream, before any later step does. The token is still
+        appended when it arrives; finish() then ends the sequence."""
+        seq = self.running.pop(i)
+        self.free_slots.append(seq.slot)
+        seq.slot = -1
+        self._unmatch(seq)
+        seq.status = Status.RETIRING
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

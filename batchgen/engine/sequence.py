@@ -12,6 +12,7 @@ class Status(enum.Enum):
     WAITING = 0
     RUNNING = 1
     FINISHED = 2
+    RETIRING = 3  # at its length cap, its last token still on the device; slot and blocks already given back
 
 
 @dataclass(eq=False)

@@ -184,6 +184,21 @@ def choose_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.dev
     return 1 << (n.bit_length() - 1)  # power of 2, rounded down (fewer compiled variants)
 
 
+# FP8 caches at large batches: the kernel (205 registers a thread, two programs an SM) is bound by its arithmetic
+# (notes/KERNELS.md), so cap the registers at 168 for a third program an SM, with 3 stages. H200, 8B heads,
+# BLOCK_N 128, us per layer: B=352 L=1100 290 against 347; B=32 L=768 26.0 against 25.4 (too few programs to fill
+# a third slot), so the cap only applies once the grid holds more than FP8_CAP_MIN_WAVES two-program waves.
+FP8_REGISTER_CAP = 168
+FP8_CAP_MIN_WAVES = 2
+
+
+def fp8_register_cap(programs: int, device: torch.device) -> tuple[int | None, int | None]:
+    """(maxnreg, num_stages) for the FP8-cache decode kernel with `programs` programs: the cap, or (None, None)."""
+    if programs > FP8_CAP_MIN_WAVES * 2 * _sm_count(device):
+        return FP8_REGISTER_CAP, 3
+    return None, None
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_seq_len: int, scale: float,
                  window: int | None = None, out: torch.Tensor | None = None,
@@ -215,11 +230,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         block_n = (16 if fp32 else 64) if D > 128 else (32 if fp32 else 128)
     if num_warps is None:
         num_warps = 4
-    if num_stages is None and not fp32:
-        num_stages = 2
     max_len = min(max_seq_len, window) if window else max_seq_len
     if num_splits is None:
         num_splits = choose_num_splits(B, kvh, max_len, q.device, block_n)
+    if maxnreg is None and num_stages is None and kv_fp8 and not fp32 and D <= 128:
+        maxnreg, num_stages = fp8_register_cap(B * kvh * num_splits, q.device)
+    if num_stages is None and not fp32:
+        num_stages = 2
     use_window = bool(window)
     if num_splits > 1:
         part_out = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
