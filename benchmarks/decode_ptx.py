@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def compile_decode(kv: str, block_n: int, warps: int, stages: int, maxnreg: int | None, fp8_dot_f16: bool,
-                   heads: int = 32, kv_heads: int = 8, head_dim: int = 128, int_cvt: int = 0):
+                   heads: int = 32, kv_heads: int = 8, head_dim: int = 128):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -38,8 +38,7 @@ def compile_decode(kv: str, block_n: int, warps: int, stages: int, maxnreg: int 
     g = heads // kv_heads
     consts = dict(G=g, G_PAD=max(16, triton.next_power_of_2(g)), HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_N=block_n,
                   NUM_SPLITS=1, USE_WINDOW=False, DOT_PREC="tf32", KV_FP8=kv == "fp8",
-                  FP8_DOT_F16=kv == "fp8" and fp8_dot_f16,
-                  FP8_INT_CVT=int_cvt if kv == "fp8" and fp8_dot_f16 else 0, SOFTCAP=False, USE_PDL=True)
+                  FP8_DOT_F16=kv == "fp8" and fp8_dot_f16, SOFTCAP=False, USE_PDL=True)
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n.startswith("stride_")}
     sig.update({k: "constexpr" for k in consts})
@@ -74,13 +73,11 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--bf16-dots", action="store_true", help="FP8 cache: dots in bf16 (FP8_DOT_F16 off)")
-    ap.add_argument("--int-cvt", type=int, default=0, help="FP8 cache: codes converted on the integer ALUs (1: V, 2: K+V)")
     a = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("decode_ptx.py compiles for the GPU: unset TRITON_INTERPRET")
-    k = compile_decode(a.kv, a.block_n, a.warps, a.stages, a.maxnreg, not a.bf16_dots, int_cvt=a.int_cvt)
-    print({"kv": a.kv, "block_n": a.block_n, "warps": a.warps, "stages": a.stages, "maxnreg": a.maxnreg,
-           "int_cvt": a.int_cvt, **report(k)})
+    k = compile_decode(a.kv, a.block_n, a.warps, a.stages, a.maxnreg, not a.bf16_dots)
+    print({"kv": a.kv, "block_n": a.block_n, "warps": a.warps, "stages": a.stages, "maxnreg": a.maxnreg, **report(k)})
 
 
 if __name__ == "__main__":

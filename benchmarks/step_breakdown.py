@@ -149,25 +149,21 @@ def attention_bench(a) -> None:
         qsl = torch.arange(B + 1, dtype=torch.int32, device="cuda")
         q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
         outs = [torch.empty_like(q) for _ in range(sets)]
-        ref8 = ref_cvt = None
+        ref8 = None
         for name, kc, vc, extra in (("bf16", kc16, vc16, {}), ("fp8-bf16dot", kc8, vc8, {"fp8_dot_f16": False}),
                                     ("fp8", kc8, vc8, {})):
             nbytes = B * L * KVH * D * 2 * kc.element_size()
-            for bn, w, st, splits, regs, icvt in a.configs:
-                if name == "fp8-bf16dot" and (bn, w, st, splits, regs, icvt) != a.configs[0]:
-                    continue
-                if name == "bf16" and icvt:  # integer conversion: FP8 codes only
+            for bn, w, st, splits, regs in a.configs:
+                if name == "fp8-bf16dot" and (bn, w, st, splits, regs) != a.configs[0]:
                     continue
                 kw = dict(block_n=bn, num_warps=w, num_stages=st, k_scale=4.0, v_scale=4.0,
                           num_splits=splits or None, maxnreg=regs or None, **extra)
-                if name == "fp8":
-                    kw["fp8_int_cvt"] = icvt
 
                 def f():
                     for i in range(sets):
                         decode.paged_decode(q, kc, vc, tables[i], sl, qsl, 4096, D ** -0.5, out=outs[i], **kw)
                 tag = {"what": "attention", "B": B, "L": L, "kv": name, "bn": bn, "w": w, "st": st,
-                       "splits": splits, "maxnreg": regs, "int_cvt": icvt}
+                       "splits": splits, "maxnreg": regs}
                 try:
                     f()
                     us = tt.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3 / sets
@@ -179,10 +175,6 @@ def attention_bench(a) -> None:
                     if ref8 is None:
                         ref8 = outs[0].float().clone()
                     err = ((outs[0].float() - ref8).norm() / ref8.norm()).item()
-                    if name == "fp8":  # against the plain conversion's output: the integer one is bit-identical
-                        if ref_cvt is None:
-                            ref_cvt = outs[0].clone()
-                        tag["same_as_cvt"] = bool(torch.equal(outs[0], ref_cvt))
                 print(json.dumps({**tag, "us": round(us, 2), "TBps": round(nbytes / us / 1e6, 3),
                                   "rel_to_first_fp8": err}), flush=True)
         del kc16, vc16, kc8, vc8
@@ -201,12 +193,11 @@ def main() -> None:
     e.add_argument("--kv-cache-dtype", default=None)
     t = sub.add_parser("attention")
     t.add_argument("--cases", default="32x768,352x1100")
-    t.add_argument("--configs", default="128:4:2:0:0:0,128:4:3:0:168:0,128:4:2:0:0:1,128:4:2:0:0:2,128:4:3:0:0:2,"
-                   "128:4:3:0:168:2,128:4:3:0:128:2,64:4:3:0:0:2",
-                   help="BLOCK_N:warps:stages:splits:maxnreg:int_cvt (0 = the heuristic / no cap / cvt), comma-separated")
+    t.add_argument("--configs", default="128:4:2:0:0,128:4:2:0:168,128:4:2:0:128,128:4:3:0:168,64:4:2:0:128,"
+                   "128:8:2:0:0", help="BLOCK_N:warps:stages:splits:maxnreg (0 = the heuristic / no cap), comma-separated")
     a = ap.parse_args()
     if a.what == "attention":
-        a.configs = [tuple(int(v) for v in (c + ":0:0").split(":")[:6]) for c in a.configs.split(",")]
+        a.configs = [tuple(int(v) for v in (c + ":0").split(":")[:5]) for c in a.configs.split(",")]
     (engine_breakdown if a.what == "engine" else attention_bench)(a)
 
 

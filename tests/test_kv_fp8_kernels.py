@@ -207,33 +207,6 @@ def test_fp8_decode_register_capped_cuda(dtype):
 
 
 @cuda_fp8
-@pytest.mark.parametrize("int_cvt", [1, 2])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_fp8_decode_integer_conversion_is_bit_identical_cuda(int_cvt, num_splits):
-    """e4m3_to_f16_scaled (codes widened on the integer ALUs, 2^8 moved into the scales) gives the cvt
-    conversion's output bit for bit, every code included (a cache of all 254 finite codes, both signs)."""
-    from batchgen.engine.attention.triton_kernels import cache_ops, decode
-
-    case = make_case([(n, 1) for n in (1, 17, 300, 1100)], 32, 8, 128, 16, torch.float16, "cuda", seed=5)
-    meta = case["meta"]
-    codes = torch.arange(256, dtype=torch.uint8, device="cuda")
-    codes = codes[(codes & 0x7F) != 0x7F]  # e4m3's two NaN codes
-    kc, vc = fp8_copy(case["k_cache"], K_SCALE), fp8_copy(case["v_cache"], V_SCALE)
-    cache_ops.write_kv(case["k"], case["v"], kc, vc, meta.slot_mapping, K_SCALE, V_SCALE)
-    for c in (kc, vc):  # every finite code somewhere in every tile
-        flat = c.view(torch.uint8).view(-1)
-        flat.copy_(codes.repeat(flat.numel() // codes.numel() + 1)[:flat.numel()])
-    outs = []
-    for cvt in (0, int_cvt):
-        out = torch.empty_like(case["q"])
-        decode.paged_decode(case["q"], kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                            meta.max_seq_len, 128 ** -0.5, out=out, num_splits=num_splits, k_scale=K_SCALE,
-                            v_scale=V_SCALE, fp8_int_cvt=cvt)
-        outs.append(out)
-    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
-
-
-@cuda_fp8
 @pytest.mark.parametrize("window", [1, 64, 1000])
 def test_fp8_decode_window_cuda(window):
     check_fp8_attention([(n, 1) for n in (3, 100, 2000)], 32, 8, 128, 16, torch.bfloat16, "cuda", window=window,

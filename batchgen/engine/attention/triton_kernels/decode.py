@@ -39,29 +39,6 @@ def softcap_log2(x, cap_log2):
 
 
 @triton.jit
-def e4m3_to_f16_scaled(x):
-    """e4m3 codes -> fp16 values times 2^-8, on the integer ALUs instead of the conversion unit (cvt): each code's
-    exponent and mantissa bits moved into an fp16 one place right of the sign. Exact for every finite code (e4m3's
-    subnormals land on fp16's); the NaN codes become finite. 4 codes a register: 2 byte permutes, 2 shifts, 4
-    logic ops. The caller multiplies the 2^8 back into a scale (powers of two: the same sums bit for bit)."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 d0, d1, t0, t1;
-        prmt.b32 d0, $2, 0, 0x1404;
-        prmt.b32 d1, $2, 0, 0x3424;
-        shr.b32 t0, d0, 1;
-        shr.b32 t1, d1, 1;
-        and.b32 t0, t0, 0x3F803F80;
-        and.b32 t1, t1, 0x3F803F80;
-        and.b32 d0, d0, 0x80008000;
-        and.b32 d1, d1, 0x80008000;
-        or.b32 $0, t0, d0;
-        or.b32 $1, t1, d1;
-        }""",
-        constraints="=r,=r,r", args=[x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
 def _split_range(seq_len, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
     """A sequence's attended range [start, seq_len), its length, and the length of each of its
     NUM_SPLITS pieces (whole BLOCK_N tiles)."""
@@ -83,8 +60,7 @@ def _decode_split_kernel(
     stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    KV_FP8: tl.constexpr, FP8_DOT_F16: tl.constexpr, FP8_INT_CVT: tl.constexpr, SOFTCAP: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_DOT_F16: tl.constexpr, SOFTCAP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # see pdl.py: every program waits before touching anything, the next kernel launches
         tl.extra.cuda.gdc_wait()  # once all programs are past their main loop
@@ -126,9 +102,9 @@ def _decode_split_kernel(
                     mask=nmask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vt + kvh * stride_vh + d[None, :],
                     mask=nmask[:, None], other=0.0)
-        if KV_FP8:  # FP8_INT_CVT (fp16 dots only): 1 converts V on the integer ALUs, 2 K and V (scales x 2^8)
-            k = e4m3_to_f16_scaled(k) if FP8_INT_CVT >= 2 else k.to(q.dtype)
-            v = e4m3_to_f16_scaled(v) if FP8_INT_CVT >= 1 else v.to(q.dtype)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         if SOFTCAP:
             qk = softcap_log2(qk, cap_log2)
@@ -183,7 +159,6 @@ def _decode_split_kernel(
 # 8B heads, us per layer: B=32 L=768 25.5 against 29.5; B=352 L=1100 347 against 363. Transposing the dots (tokens
 # on the tensor core's M side) measured slower for both cache dtypes (32.7 / 42.8 us at B=32) and was dropped.
 FP8_DOT_F16 = True
-FP8_INT_CVT = 0  # codes converted on the integer ALUs (e4m3_to_f16_scaled): 0 none, 1 V, 2 K and V (A/B: step_breakdown)
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -229,16 +204,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  window: int | None = None, out: torch.Tensor | None = None,
                  num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-                 softcap: float = 0.0, fp8_dot_f16: bool | None = None, maxnreg: int | None = None,
-                 fp8_int_cvt: int | None = None) -> torch.Tensor:
+                 softcap: float = 0.0, fp8_dot_f16: bool | None = None, maxnreg: int | None = None) -> torch.Tensor:
     """q: [T, H, D] with sequence b's query at row query_start_loc[b]; returns out [T, H, D] (rows of
     sequences b < B written; other rows untouched). max_seq_len: host upper bound of seq_lens.
     With num_splits > 1 the last split program of each (sequence, kv head) merges the partial results.
     k_scale / v_scale: an FP8 cache's scales (read value = code * scale); ignored for other caches.
     softcap > 0: scores soft-capped, tanh(s / softcap) * softcap (0: off, the kernels of every other model).
     fp8_dot_f16: an FP8 cache's dots in fp16 rather than the query's dtype (None: FP8_DOT_F16).
-    maxnreg: a register cap per thread (sweeps: the FP8 kernel at BLOCK_N 128 takes ~205, two programs an SM).
-    fp8_int_cvt: with fp16 dots, which codes convert on the integer ALUs (None: FP8_INT_CVT; see its comment)."""
+    maxnreg: a register cap per thread (sweeps: the FP8 kernel at BLOCK_N 128 takes ~205, two programs an SM)."""
     T, H, D = q.shape
     B = seq_lens.shape[0]
     nb, bs, kvh, d2 = k_cache.shape
@@ -271,14 +244,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     else:
         part_out = part_lse = out  # unused
     sem = zeroed_counters("decode", B * kvh, q.device, 1 << 14) if num_splits > 1 else seq_lens
-    dot_f16 = kv_fp8 and not fp32 and (FP8_DOT_F16 if fp8_dot_f16 is None else fp8_dot_f16)
-    int_cvt = (FP8_INT_CVT if fp8_int_cvt is None else fp8_int_cvt) if dot_f16 and q.is_cuda else 0
-    k_mult, v_mult = (256.0 if int_cvt >= 2 else 1.0), (256.0 if int_cvt >= 1 else 1.0)
     launch_fitting(
         _decode_split_kernel, (B, kvh, num_splits), num_warps, num_stages or TRITON_DEFAULT_STAGES,
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         out, part_out, part_lse, sem,
-        scale * _LOG2E * k_scale * k_mult, float(v_scale) * v_mult, window or 0, float(softcap) * _LOG2E,
+        scale * _LOG2E * k_scale, float(v_scale), window or 0, float(softcap) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -286,7 +256,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_SIZE=bs,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=use_window,
         DOT_PREC="ieee" if fp32 else "tf32", KV_FP8=kv_fp8,
-        FP8_DOT_F16=dot_f16, FP8_INT_CVT=int_cvt,
+        FP8_DOT_F16=kv_fp8 and not fp32 and (FP8_DOT_F16 if fp8_dot_f16 is None else fp8_dot_f16),
         SOFTCAP=softcap > 0, **pdl.launch_options(q.device), **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
