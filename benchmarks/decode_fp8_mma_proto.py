@@ -114,6 +114,7 @@ def bench(cases: str) -> None:
     import triton.testing as tt
 
     from batchgen.engine.attention.triton_kernels import decode
+    from step_breakdown import paged_tables  # benchmarks/ is the script's directory
 
     H, KVH, D, bs = 32, 8, 128, 16
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -124,14 +125,7 @@ def bench(cases: str) -> None:
         total = B * nblk * sets + 8
         kc = (torch.randn(total, KVH, bs, D, device="cuda", generator=g) / 4).to(torch.float8_e4m3fn).permute(0, 2, 1, 3)
         vc = (torch.randn(total, KVH, bs, D, device="cuda", generator=g) / 4).to(torch.float8_e4m3fn).permute(0, 2, 1, 3)
-        perm = torch.randperm(total, device="cuda", generator=g).to(torch.int32)
-        tables = []
-        for i in range(sets):
-            t = torch.zeros(B, 4096 // bs, dtype=torch.int32, device="cuda")
-            t[:, :nblk] = perm[i * B * nblk:(i + 1) * B * nblk].view(B, nblk)
-            tables.append(t)
-        sl = torch.full((B,), L, dtype=torch.int32, device="cuda")
-        qsl = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+        tables, sl, qsl = paged_tables(B, L, bs, sets, total, g)
         q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
         # fp32 reference over the dequantized cache, for the first 8 sequences
         nref = min(B, 8)

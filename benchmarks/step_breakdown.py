@@ -124,6 +124,21 @@ def engine_breakdown(a) -> None:
     eng.close()
 
 
+def paged_tables(B: int, L: int, bs: int, sets: int, total: int, g: torch.Generator):
+    """`sets` block tables of B sequences of L tokens over disjoint random blocks of a `total`-block cache (so
+    the timed repeats read cold KV), with the seq_lens and query_start_loc of one decode token each."""
+    nblk = -(-L // bs)
+    perm = torch.randperm(total, device="cuda", generator=g).to(torch.int32)
+    tables = []
+    for i in range(sets):
+        t = torch.zeros(B, 4096 // bs, dtype=torch.int32, device="cuda")
+        t[:, :nblk] = perm[i * B * nblk:(i + 1) * B * nblk].view(B, nblk)
+        tables.append(t)
+    sl = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+    return tables, sl, qsl
+
+
 def attention_bench(a) -> None:
     import triton.testing as tt
 
@@ -139,14 +154,7 @@ def attention_bench(a) -> None:
         kc16 = torch.randn(total, KVH, bs, D, device="cuda", dtype=torch.bfloat16, generator=g).permute(0, 2, 1, 3)
         vc16 = torch.randn(total, KVH, bs, D, device="cuda", dtype=torch.bfloat16, generator=g).permute(0, 2, 1, 3)
         kc8, vc8 = (c.float().div(4).clamp(-448, 448).to(torch.float8_e4m3fn) for c in (kc16, vc16))
-        perm = torch.randperm(total, device="cuda", generator=g).to(torch.int32)
-        tables = []
-        for i in range(sets):
-            t = torch.zeros(B, 4096 // bs, dtype=torch.int32, device="cuda")
-            t[:, :nblk] = perm[i * B * nblk:(i + 1) * B * nblk].view(B, nblk)
-            tables.append(t)
-        sl = torch.full((B,), L, dtype=torch.int32, device="cuda")
-        qsl = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+        tables, sl, qsl = paged_tables(B, L, bs, sets, total, g)
         q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
         outs = [torch.empty_like(q) for _ in range(sets)]
         ref8 = None

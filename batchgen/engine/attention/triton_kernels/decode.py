@@ -233,7 +233,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     max_len = min(max_seq_len, window) if window else max_seq_len
     if num_splits is None:
         num_splits = choose_num_splits(B, kvh, max_len, q.device, block_n)
-    if maxnreg is None and num_stages is None and kv_fp8 and not fp32 and D <= 128:
+    if maxnreg is None and num_stages is None and kv_fp8 and not fp32 and D <= 128 and q.is_cuda:
         maxnreg, num_stages = fp8_register_cap(B * kvh * num_splits, q.device)
     if num_stages is None and not fp32:
         num_stages = 2
