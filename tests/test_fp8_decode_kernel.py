@@ -174,6 +174,55 @@ def test_cuda_quantize_fp8_gives_the_torch_codes(per_group: bool, M: int, K: int
 
 
 @needs_fp8_gpu
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("M,I", [(1, 14336), (352, 14336), (9, 300), (3, 20000)])
+def test_cuda_act_and_mul_quantize_gives_the_two_kernels_codes(gelu: bool, M: int, I: int) -> None:
+    """One kernel for down_proj's input above decode size: bit for bit quantize_fp8(silu_and_mul(x))."""
+    from batchgen.engine import fused_ops
+    from batchgen.engine.kernels.fp8_quant import act_and_mul_quantize_fp8, quantize_fp8
+
+    x = (torch.randn(M, 2 * I, device="cuda") * 3).bfloat16()
+    x[0, :5] = 0.0
+    act = fused_ops.gelu_tanh_and_mul(x) if gelu else fused_ops.silu_and_mul(x)
+    want_codes, want_scales = quantize_fp8(act, per_group=False)
+    codes, scales = act_and_mul_quantize_fp8(x, gelu)
+    assert torch.equal(scales, want_scales) and torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("gemm_max_m", [None, "128"])
+def test_cuda_fp8_down_proj_of_gated_is_the_unfused_mlp(monkeypatch: pytest.MonkeyPatch, gemm_max_m) -> None:
+    """Fp8Linear.of_gated (the MLP's down_proj): the same output as down_proj(silu_and_mul(gate_up)) at every
+    size, decode rows, the Triton FP8 GEMM and (BATCHGEN_FP8_GEMM_MAX_M=128) _scaled_mm; GeGLU too."""
+    from batchgen.engine import fused_ops, switches
+
+    if gemm_max_m:
+        monkeypatch.setenv("BATCHGEN_FP8_GEMM_MAX_M", gemm_max_m)
+    switches.reload()
+    try:
+        down = Fp8Linear.from_linear(nn.Linear(1024, 512, bias=False, device="cuda", dtype=torch.bfloat16))
+        for m in (16, 100, 300):
+            gu = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+            assert torch.equal(down.of_gated(gu), down(fused_ops.silu_and_mul(gu)))
+            assert torch.equal(down.of_gated(gu, gelu=True), down(fused_ops.gelu_tanh_and_mul(gu)))
+    finally:
+        monkeypatch.delenv("BATCHGEN_FP8_GEMM_MAX_M", raising=False)
+        switches.reload()
+
+
+def test_fp8_down_proj_of_gated_off_the_gpu_is_the_unfused_mlp() -> None:
+    """Where the Triton kernels do not run (here: the CPU emulation), of_gated is down_proj(act(gate_up))."""
+    from batchgen.engine import fused_ops
+
+    torch.manual_seed(0)
+    down = Fp8Linear.from_linear(nn.Linear(256, 96, bias=True))
+    gu = torch.randn(7, 2, 512)
+    assert torch.equal(down.of_gated(gu), down(fused_ops.silu_and_mul(gu)))
+    assert torch.equal(down.of_gated(gu, gelu=True), down(fused_ops.gelu_tanh_and_mul(gu)))
+    assert down.of_gated(gu).shape == (7, 2, 96)
+
+
+@needs_fp8_gpu
 def test_cuda_fp8_linear_decode_rows_follow_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     """BATCHGEN_FP8_DECODE_MAX_M=256: steps up to 256 rows on the decode kernel (x quantized once above 64)."""
     from batchgen.engine import switches
@@ -228,7 +277,7 @@ def interpreter_suite() -> None:
     from test_kv_fp8_kernels import _patch_fp8_interpreter
 
     from batchgen.engine.kernels.fp8_gemm import fp8_gemm
-    from batchgen.engine.kernels.fp8_quant import quantize_fp8, rms_norm_fp8
+    from batchgen.engine.kernels.fp8_quant import act_and_mul_quantize_fp8, quantize_fp8, rms_norm_fp8
     from batchgen.engine.kernels.fp8_skinny_gemm import fp8_skinny_gemm
 
     _patch_interpreter()
@@ -242,6 +291,14 @@ def interpreter_suite() -> None:
         assert torch.equal(scales, want[1]) and torch.equal(codes.view(torch.uint8), want[0].view(torch.uint8))
         codes, scales = quantize_fp8(x, per_group=False)
         assert torch.equal(scales, fp8.quantize_activation(x)[1])
+        from batchgen.engine import fused_ops
+
+        gu = torch.randn(5, 2 * 300, dtype=dt) * 3
+        for gelu in (False, True):
+            act = fused_ops.gelu_tanh_and_mul(gu) if gelu else fused_ops.silu_and_mul(gu)
+            want = quantize_fp8(act, per_group=False)
+            got = act_and_mul_quantize_fp8(gu, gelu)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
         wq, ws = fp8.quantize_weight(torch.randn(96, 300))
         for act in (False, True):
             for split, res in ((1, False), (2, True)):

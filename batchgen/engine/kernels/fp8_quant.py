@@ -9,6 +9,10 @@ the norm rounded to the model dtype exactly as fused.rms_norm writes it, then qu
 quantize_fp8: x -> e4m3 codes with one scale per token (torch._scaled_mm's row-wise recipe,
 quant.fp8.quantize_activation) or per token per 128 columns (Fp8Rows), in one launch where the torch
 ops take five (abs, amax, divide, clamp, cast) and a float32 copy of x.
+
+act_and_mul_quantize_fp8: down_proj's input above decode size, SiLU(gate) * up (or Gemma's GeGLU) of the
+gate_up GEMM's output as fused.silu_and_mul writes it in the model dtype, quantized per token like
+quantize_fp8: one launch for the two, and the [M, I] 16-bit product is never written or read back.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .fused import gelu_tanh_mul, silu_mul
 from ..quant.fp8 import Fp8Rows
 
 GROUP = 128
@@ -98,4 +103,47 @@ def quantize_fp8(x: torch.Tensor, per_group: bool) -> tuple[torch.Tensor, torch.
         _quantize_fp8_kernel[(M,)](x, codes, scales, K, x.stride(0), codes.stride(0), scales.stride(0),
                                    GROUPS=triton.next_power_of_2(groups), GROUP_N=GROUP, PER_GROUP=per_group,
                                    num_warps=8 if K >= 4096 else 4, **pdl.launch_options(x.device))
+    return codes, scales
+
+
+@triton.jit
+def _act_mul_quantize_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, stride_q, stride_s,
+                             GROUPS: tl.constexpr, GROUP_N: tl.constexpr, GELU: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, GROUPS)
+    c = tl.arange(0, GROUP_N)
+    cols = g[:, None] * GROUP_N + c[None, :]
+    mask = cols < I
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0)
+    if GELU:
+        y = gelu_tanh_mul(gate, up)
+    else:
+        y = silu_mul(gate, up)
+    y = y.to(gate.dtype).to(tl.float32)  # the product as silu_and_mul stores it; the padding is 0
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(tl.abs(y), 1), 0), E4M3_MAX), 1e-12)  # quantize_fp8's row
+    codes = tl.clamp(tl.math.div_rn(y, scale), -E4M3_MAX, E4M3_MAX)
+    tl.store(s_ptr + row * stride_s, scale)
+    tl.store(q_ptr + row * stride_q + cols, codes.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def act_and_mul_quantize_fp8(x: torch.Tensor, gelu: bool = False,
+                             num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = gate | up [M, 2I] (16-bit, rows contiguous) -> (e4m3 [M, I], fp32 scales [M, 1]): the codes and scales
+    of quantize_fp8(silu_and_mul(x), per_group=False), bit for bit; gelu: of gelu_tanh(gate) * up.
+    num_warps: a program's (one row's) warps, for sweeps."""
+    M, I2 = x.shape
+    assert x.stride(-1) == 1 and I2 % 2 == 0
+    I = I2 // 2
+    groups = triton.next_power_of_2(triton.cdiv(I, GROUP))
+    codes = torch.empty((M, I), dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if M:  # the row lives in registers: 16 warps above 16k columns keep it at <= 64 values a thread
+        warps = num_warps or (16 if groups * GROUP > 16384 else 8 if I >= 4096 else 4)
+        _act_mul_quantize_kernel[(M,)](x, codes, scales, I, x.stride(0), codes.stride(0), scales.stride(0),
+                                       GROUPS=groups, GROUP_N=GROUP, GELU=gelu, num_warps=warps,
+                                       **pdl.launch_options(x.device))
     return codes, scales

@@ -66,7 +66,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if hasattr(self.down_proj, "of_gated"):  # quant.Fp8Linear: the product comes quantized for it
+            return self.down_proj.of_gated(gate_up)
+        return self.down_proj(fused_ops.silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):

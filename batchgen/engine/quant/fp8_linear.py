@@ -108,6 +108,7 @@ class Fp8Linear(nn.Module):
             self._kernel, self._skinny_max_m = kernel.fp8_skinny_gemm, max(0, min(sw.fp8_decode_max_m, kernel.MAX_M))
             self._gemm, self._gemm_max_m = fp8_gemm, sw.fp8_gemm_max_m
             self._rms_norm_fp8, self._quantize_fp8 = fp8_quant.rms_norm_fp8, fp8_quant.quantize_fp8
+            self._act_and_mul_quantize = fp8_quant.act_and_mul_quantize_fp8
             self._quantize_on_load_rows = kernel.MAX_M_QUANTIZE_ON_LOAD
             self._act_fp8 = sw.fp8_decode_act == "fp8"
             sms = torch.cuda.get_device_properties(self.weight.device).multi_processor_count
@@ -173,6 +174,22 @@ class Fp8Linear(nn.Module):
             return self._triton_gemm(x, residual=residual, out=residual)
         return residual.add_(self(x))
 
+    def of_gated(self, gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """self(silu(gate) * up) for gate_up = gate | up (gelu: Gemma's gelu_tanh(gate) * up), the MLP's
+        down projection. Above decode size on FP8 tensor cores the product comes quantized from one kernel
+        (fp8_quant.act_and_mul_quantize_fp8, the same codes as quantizing silu_and_mul's output)."""
+        g2 = gate_up.reshape(-1, gate_up.shape[-1])
+        if (self.skinny is None or not g2.is_cuda or g2.shape[0] <= self._skinny_max_m
+                or g2.dtype not in (torch.bfloat16, torch.float16)):
+            act = fused_ops.gelu_tanh_and_mul if gelu else fused_ops.silu_and_mul
+            return self(act(gate_up))
+        xq, xs = self._act_and_mul_quantize(g2.contiguous(), gelu)
+        if g2.shape[0] <= self._gemm_max_m:
+            y = self._gemm(xq, xs, self.weight, self.weight_scale, self.bias, dtype=g2.dtype)
+        else:
+            y = self._scaled_mm_quantized(xq, xs, g2.dtype)
+        return y.view(*gate_up.shape[:-1], self.out_features)
+
     def _gemm_rows(self, x: torch.Tensor | fp8.Fp8Rows) -> bool:
         return (isinstance(x, torch.Tensor) and x.is_cuda and 0 < x.shape[0] <= self._gemm_max_m
                 and x.dtype in (torch.bfloat16, torch.float16))
@@ -187,12 +204,15 @@ class Fp8Linear(nn.Module):
         x = x.contiguous()
         # one Triton launch where it can (the same codes and scales as the torch ops)
         xq, xs = self._quantize_fp8(x, per_group=False) if self.skinny is not None else fp8.quantize_activation(x)
+        return self._scaled_mm_quantized(xq, xs, x.dtype)
+
+    def _scaled_mm_quantized(self, xq: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # second operand column-major: the row-major [N, K] weight's transpose; scales [M, 1] and [1, N]
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
                              out_dtype=torch.bfloat16)
         if self.bias is not None:  # after the GEMM: row-wise _scaled_mm takes no bias on every build
             y = y + self.bias
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return y if y.dtype == dtype else y.to(dtype)
 
     def _emulated(self, x: torch.Tensor) -> torch.Tensor:
         """The same numerics in float32: per-token quantize, dequantize both, matmul, cast."""
