@@ -22,8 +22,9 @@ install:
 $(STAMP):
 	$(MAKE) install
 
+# one pytest worker per CPU (-n auto); the Slurm tests stay on one worker (their xdist_group)
 test: | $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 demo: install
 	$(VENV)/bin/batchgen run jobs/demo.yaml

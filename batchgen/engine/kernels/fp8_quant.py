@@ -141,8 +141,8 @@ def act_and_mul_quantize_fp8(x: torch.Tensor, gelu: bool = False,
     groups = triton.next_power_of_2(triton.cdiv(I, GROUP))
     codes = torch.empty((M, I), dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty((M, 1), dtype=torch.float32, device=x.device)
-    if M:  # the row lives in registers: 16 warps above 16k columns keep it at <= 64 values a thread
-        warps = num_warps or (16 if groups * GROUP > 16384 else 8 if I >= 4096 else 4)
+    if M:  # the row lives in registers: 16 warps from 8k columns keep it at <= 64 values a thread
+        warps = num_warps or (16 if I >= 8192 else 8 if I >= 4096 else 4)  # H200: 16 warps 14.3 us, 8 18.4 (M=352)
         _act_mul_quantize_kernel[(M,)](x, codes, scales, I, x.stride(0), codes.stride(0), scales.stride(0),
                                        GROUPS=groups, GROUP_N=GROUP, GELU=gelu, num_warps=warps,
                                        **pdl.launch_options(x.device))
