@@ -339,12 +339,12 @@ def test_smollm2_fp8_kv_cache_nll_within_two_percent(smollm2_dir: Path) -> None:
               f"vs float32, {100 * (nll[k] / nll['bfloat16'] - 1):+.2f}% vs bfloat16); top-1 agreement "
               f"{float((v.argmax(-1) == logits['float32'].argmax(-1)).float().mean()):.1%} with float32, "
               f"{float((v.argmax(-1) == logits['bfloat16'].argmax(-1)).float().mean()):.1%} with bfloat16")
-    for ref in ("bfloat16", "float32"):  # measured vs bfloat16: KV +0.16%, weights +0.90%, both +1.17%
+    for ref in ("bfloat16", "float32"):  # vs bfloat16 on two CPUs: KV +0.16/+0.27%, weights +0.90/+0.55%, both +1.17/+1.29%
         assert abs(nll["fp8 KV"] / nll[ref] - 1) <= 0.01
         assert abs(nll["fp8 weights"] / nll[ref] - 1) <= 0.02
         assert abs(nll["fp8 weights + fp8 KV"] / nll[ref] - 1) <= 0.02
     both = logits["fp8 weights + fp8 KV"].argmax(-1)
-    assert float((both == logits["bfloat16"].argmax(-1)).float().mean()) >= 0.8  # measured 89.4%
+    assert float((both == logits["bfloat16"].argmax(-1)).float().mean()) >= 0.8  # measured 89.4-89.6%
 
 
 # ------------------------------------------------------------------ CUDA (FP8 tensor cores)
