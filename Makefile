@@ -22,9 +22,8 @@ install:
 $(STAMP):
 	$(MAKE) install
 
-# one pytest worker per CPU (-n auto); the Slurm tests stay on one worker (their xdist_group)
 test: | $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadgroup
+	$(PY) -m pytest -q
 
 demo: install
 	$(VENV)/bin/batchgen run jobs/demo.yaml

@@ -5,7 +5,6 @@ The builder's names stay importable from here (`from conftest import build_token
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,6 @@ from checkpoints import (  # noqa: F401 - re-exported for the test files
     build_checkpoint,
     build_tokenizer,
 )
-
-
-def _share_the_cpus_between_workers() -> None:
-    """Under pytest-xdist (make test: -n auto), each worker's torch takes its share of the CPUs: two workers
-    with a thread per CPU each oversubscribe a 2-core CI machine. Subprocesses keep their own defaults."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        import torch
-
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
-
-
-_share_the_cpus_between_workers()
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 try:
     from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 except ImportError:  # tests/ imported as a package
     from tests.slurm_cluster import slurm_cluster  # noqa: F401
-
-# one pytest-xdist worker runs every test here (make test: --dist loadgroup): they share munged and one node name
-pytestmark = pytest.mark.xdist_group("slurm")
 
 
 def test_cluster_runs_an_array(slurm_cluster, tmp_path):

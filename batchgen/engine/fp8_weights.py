@@ -15,7 +15,6 @@ import torch
 from .fp8_checkpoint import Fp8CheckpointError, Fp8Scheme, ScaleKind
 
 log = logging.getLogger("batchgen.engine")
-_KV_SCALES = (".k_scale", ".v_scale")  # FP8 KV cache scales (the engine reads them with kv_fp8.read_kv_scales)
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,6 @@ class QuantizedWeights:
     scheme: Fp8Scheme
     dequantized: int  # FP8 weights dequantized into the model
     linears: dict[str, QuantizedLinear] = field(default_factory=dict)  # by checkpoint name; keep_quantized only
-    kv_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint name -> float32 scale
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, kind: ScaleKind,
@@ -62,9 +60,9 @@ class Fp8Reader:
 
     def __init__(self, scheme: Fp8Scheme, files: list[Path], device: torch.device, keep: bool) -> None:
         self.scheme, self.device, self.keep = scheme, device, keep
-        self.small = _small_tensors(files, (f".{scheme.scale_suffix}", ".input_scale", *_KV_SCALES))
-        self.out = QuantizedWeights(scheme=scheme, dequantized=0,
-                                    kv_scales={n: t.float() for n, t in self.small.items() if n.endswith(_KV_SCALES)})
+        # (an FP8 KV cache's k_scale / v_scale are the engine's to read: kv_fp8.read_kv_scales)
+        self.small = _small_tensors(files, (f".{scheme.scale_suffix}", ".input_scale"))
+        self.out = QuantizedWeights(scheme=scheme, dequantized=0)
 
     def get(self, st: Any, name: str, target: str, rows: tuple[int, int] | None) -> torch.Tensor:
         t = st.get_tensor(name)
