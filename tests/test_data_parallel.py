@@ -104,6 +104,32 @@ def committed_by(out: Path, task: int, pid: int) -> int:
     return int(p.get("rows_done", 0)) if p.get("pid") == pid and p.get("state") == "running" else 0
 
 
+def freeze_both_mid_run(out: Path, p: subprocess.Popen, log: Path) -> dict[int, int]:
+    """The two workers' pids, each frozen (SIGSTOP) as soon as it has committed 2 rows in this run: a worker
+    that started seconds before the other cannot finish its share first, however the machine schedules
+    them (on a loaded 2-core box it did). The caller stops the supervisor, then continue_workers()."""
+    pids: dict[int, int] = {}
+    frozen: set[int] = set()
+
+    def both_frozen() -> bool:
+        for t in (0, 1):
+            prog = progress(out, t)
+            if prog.get("pid"):
+                pids[t] = int(prog["pid"])
+            if t in pids and t not in frozen and committed_by(out, t, pids[t]) >= 2:
+                os.kill(pids[t], signal.SIGSTOP)
+                frozen.add(t)
+        return len(frozen) == 2
+
+    assert wait_for(both_frozen, p, log), log.read_text()[-3000:]
+    return pids
+
+
+def continue_workers(pids: dict[int, int]) -> None:
+    for pid in pids.values():
+        os.kill(pid, signal.SIGCONT)
+
+
 @pytest.fixture(scope="module")
 def reference(workdir: Path) -> dict[tuple, dict]:
     """A plain run: one process, one task."""
@@ -181,17 +207,11 @@ def test_sigterm_stops_every_worker_and_one_worker_resumes(workdir: Path, refere
     job = job_file(workdir, "term")
     out, log = workdir / "term", workdir / "term.log"
     p = start(job, log, "--data-parallel", "2")
-    pids: dict[int, int] = {}
-
-    def both_committed() -> bool:
-        for t in (0, 1):
-            prog = progress(out, t)
-            if prog.get("pid"):
-                pids[t] = int(prog["pid"])
-        return len(pids) == 2 and all(committed_by(out, t, pids[t]) >= 2 for t in (0, 1))
-
-    assert wait_for(both_committed, p, log), log.read_text()[-3000:]
+    pids = freeze_both_mid_run(out, p, log)
     p.send_signal(signal.SIGTERM)
+    # the supervisor forwards it to both (pending while they are stopped), then they go on and see it
+    assert wait_for(lambda: "stopping 2 worker(s)" in log.read_text(errors="replace"), p, log), log.read_text()[-3000:]
+    continue_workers(pids)
     assert p.wait(timeout=600) == 143, log.read_text()[-3000:]
     text = log.read_text()
     assert "stopped by SIGTERM: stopping 2 worker(s)" in text
@@ -216,18 +236,10 @@ def test_a_killed_supervisor_stops_its_workers_gracefully(workdir: Path, referen
     job = job_file(workdir, "orphans")
     out, log = workdir / "orphans", workdir / "orphans.log"
     p = start(job, log, "--data-parallel", "2")
-    pids: dict[int, int] = {}
-
-    def both_committed() -> bool:
-        for t in (0, 1):
-            prog = progress(out, t)
-            if prog.get("pid"):
-                pids[t] = int(prog["pid"])
-        return len(pids) == 2 and all(committed_by(out, t, pids[t]) >= 2 for t in (0, 1))
-
-    assert wait_for(both_committed, p, log), log.read_text()[-3000:]
+    pids = freeze_both_mid_run(out, p, log)
     p.kill()
     assert p.wait() == -signal.SIGKILL
+    continue_workers(pids)  # their PR_SET_PDEATHSIG TERM waited while they were stopped
     deadline = time.monotonic() + 300  # only catches a hang: they stop within their grace
     while any(alive(pid) for pid in pids.values()):
         assert time.monotonic() < deadline, "a worker ran on after its supervisor died"
