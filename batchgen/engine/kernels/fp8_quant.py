@@ -67,6 +67,14 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Fp8Rows:
 
 
 @triton.jit
+def _row_scale_codes(x):
+    """A row (float32, any 2-D shape) with one scale: amax / 448 (at least 1e-12) and its e4m3 code values.
+    IEEE divisions: torch's codes (quant.fp8.quantize_activation), bit for bit."""
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(tl.abs(x), 1), 0), E4M3_MAX), 1e-12)
+    return scale, tl.clamp(tl.math.div_rn(x, scale), -E4M3_MAX, E4M3_MAX)
+
+
+@triton.jit
 def _quantize_fp8_kernel(x_ptr, q_ptr, s_ptr, N, stride_x, stride_q, stride_s,
                          GROUPS: tl.constexpr, GROUP_N: tl.constexpr, PER_GROUP: tl.constexpr,
                          USE_PDL: tl.constexpr):
@@ -79,14 +87,12 @@ def _quantize_fp8_kernel(x_ptr, q_ptr, s_ptr, N, stride_x, stride_q, stride_s,
     cols = g[:, None] * GROUP_N + c[None, :]
     mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), 1)  # [GROUPS]
     if PER_GROUP:
-        scale = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), 1e-12)  # IEEE divisions: torch's codes, bit for bit
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 1), E4M3_MAX), 1e-12)  # IEEE divisions: torch's codes, bit for bit
         codes = tl.clamp(tl.math.div_rn(x, scale[:, None]), -E4M3_MAX, E4M3_MAX)
         tl.store(s_ptr + row * stride_s + g, scale, mask=g * GROUP_N < N)
     else:  # one scale for the row
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, 0), E4M3_MAX), 1e-12)
-        codes = tl.clamp(tl.math.div_rn(x, scale), -E4M3_MAX, E4M3_MAX)
+        scale, codes = _row_scale_codes(x)
         tl.store(s_ptr + row * stride_s, scale)
     tl.store(q_ptr + row * stride_q + cols, codes.to(q_ptr.dtype.element_ty), mask=mask)
 
@@ -124,8 +130,7 @@ def _act_mul_quantize_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, stride_q, stride_
     else:
         y = silu_mul(gate, up)
     y = y.to(gate.dtype).to(tl.float32)  # the product as silu_and_mul stores it; the padding is 0
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(tl.abs(y), 1), 0), E4M3_MAX), 1e-12)  # quantize_fp8's row
-    codes = tl.clamp(tl.math.div_rn(y, scale), -E4M3_MAX, E4M3_MAX)
+    scale, codes = _row_scale_codes(y)
     tl.store(s_ptr + row * stride_s, scale)
     tl.store(q_ptr + row * stride_q + cols, codes.to(q_ptr.dtype.element_ty), mask=mask)
 
