@@ -121,7 +121,12 @@ def freeze_both_mid_run(out: Path, p: subprocess.Popen, log: Path) -> dict[int, 
                 frozen.add(t)
         return len(frozen) == 2
 
-    assert wait_for(both_frozen, p, log), log.read_text()[-3000:]
+    try:
+        reached = wait_for(both_frozen, p, log)
+    finally:  # never leave a worker stopped behind a failed wait
+        if len(frozen) < 2:
+            continue_workers({t: pids[t] for t in frozen})
+    assert reached, log.read_text()[-3000:]
     return pids
 
 
@@ -210,8 +215,11 @@ def test_sigterm_stops_every_worker_and_one_worker_resumes(workdir: Path, refere
     pids = freeze_both_mid_run(out, p, log)
     p.send_signal(signal.SIGTERM)
     # the supervisor forwards it to both (pending while they are stopped), then they go on and see it
-    assert wait_for(lambda: "stopping 2 worker(s)" in log.read_text(errors="replace"), p, log), log.read_text()[-3000:]
-    continue_workers(pids)
+    try:
+        forwarded = wait_for(lambda: "stopping 2 worker(s)" in log.read_text(errors="replace"), p, log)
+    finally:
+        continue_workers(pids)
+    assert forwarded, log.read_text()[-3000:]
     assert p.wait(timeout=600) == 143, log.read_text()[-3000:]
     text = log.read_text()
     assert "stopped by SIGTERM: stopping 2 worker(s)" in text
