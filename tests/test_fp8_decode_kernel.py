@@ -190,6 +190,128 @@ def test_cuda_act_and_mul_quantize_gives_the_two_kernels_codes(gelu: bool, M: in
 
 
 @needs_fp8_gpu
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("M,N,dtype", [(1, 4096, torch.bfloat16), (4099, 4096, torch.bfloat16),
+                                       (97, 1000, torch.bfloat16), (2053, 2304, torch.float16)])
+def test_cuda_rms_norm_quantize_gives_the_two_kernels_codes(residual: bool, offset: bool, M: int, N: int,
+                                                            dtype: torch.dtype) -> None:
+    """The FP8 GEMM's input from the norm's own kernel: bit for bit quantize_fp8(rms_norm(x [+ r])) and the same
+    new residual, Llama's rounding and Gemma's (offset); x's rows strided. Thousands of rows: a sum of squares
+    added in another order than fused.rms_norm's flips some 16-bit norm output, and so some code."""
+    from batchgen.engine import fused_ops
+    from batchgen.engine.kernels.fp8_quant import quantize_fp8, rms_norm_quantize_fp8
+
+    g = torch.Generator(device="cuda").manual_seed(M + N + 2 * residual + offset)
+    x = (torch.randn(M, N + 8, generator=g, device="cuda") * 3).to(dtype)[:, :N]
+    x[0, :5] = 0.0
+    r = torch.randn(M, N, generator=g, device="cuda").to(dtype) if residual else None
+    w = (torch.randn(N, generator=g, device="cuda") * 0.5 + (0.0 if offset else 1.0)).to(dtype)
+    codes, scales, new_r = rms_norm_quantize_fp8(x, w, 1e-5, r, offset)
+    out = fused_ops.rms_norm(x, w, 1e-5, r, offset=offset)
+    h, want_r = out if residual else (out, None)
+    want_codes, want_scales = quantize_fp8(h, per_group=False)
+    assert scales.shape == (M, 1) and torch.equal(scales, want_scales)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+    assert (new_r is None) if not residual else torch.equal(new_r, want_r)
+
+
+def _tiny_layer(family: str):
+    """One decoder layer of a small Llama / Gemma 2 shape on the GPU in bf16, random weights, FP8 projections."""
+    from batchgen.engine.models.config import ModelConfig
+    from batchgen.engine.models.gemma import GemmaDecoderLayer
+    from batchgen.engine.models.llama import DecoderLayer
+
+    shape = dict(model_type=family, num_hidden_layers=1, vocab_size=256, num_attention_heads=8, num_key_value_heads=4)
+    if family == "llama":
+        cfg = ModelConfig.from_hf(dict(shape, hidden_size=2048, intermediate_size=5632))
+        layer = DecoderLayer(cfg, qkv_bias=False, window=None)
+    else:  # Gemma 2's sandwich norms; hidden 2304 is off the power-of-two grid
+        cfg = ModelConfig.from_hf(dict(shape, hidden_size=2304, intermediate_size=4608, head_dim=256))
+        layer = GemmaDecoderLayer(cfg, window=None, local=False)
+    torch.manual_seed(0)
+    layer = layer.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("layernorm.weight"):  # Llama scales by w, Gemma by 1 + w
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if family == "llama" else 0.0))
+    attn, mlp = layer.self_attn, layer.mlp
+    attn.qkv_proj, attn.o_proj = Fp8Linear.from_linear(attn.qkv_proj), Fp8Linear.from_linear(attn.o_proj)
+    mlp.gate_up_proj, mlp.down_proj = Fp8Linear.from_linear(mlp.gate_up_proj), Fp8Linear.from_linear(mlp.down_proj)
+    return layer, cfg
+
+
+def _two_step_layer(layer: nn.Module, x, residual, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer as it ran before Fp8Linear.from_norm: each norm writes 16-bit rows, the projection after it
+    quantizes them (Attention.forward, MLP.forward)."""
+    h, residual = (layer.input_layernorm(x), x) if residual is None else layer.input_layernorm(x, residual)
+    h = layer.self_attn(h, *args)
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma
+        h, residual = layer.pre_feedforward_layernorm(layer.post_attention_layernorm(h), residual)
+        return layer.post_feedforward_layernorm(layer.mlp(h)), residual
+    h, residual = layer.post_attention_layernorm(h, residual)
+    return layer.mlp(h), residual
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("T", [40, 65, 301])
+def test_cuda_fp8_layer_with_the_fused_norm_quantize_is_the_two_step_layer(family: str, T: int) -> None:
+    """DecoderLayer.forward (and Gemma's) with FP8 projections: above decode size (64 rows) qkv_proj and gate_up_proj
+    take their input from the norm's own kernel; the output and residual stream are the two-step path's, bit for bit.
+    40 rows: the decode kernel's size, where nothing changes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from batchgen.engine.attention.base import AttentionMetadata
+    from batchgen.engine.attention.torch_backend import TorchAttention
+    from batchgen.engine.models.rope import cos_sin_table
+
+    layer, cfg = _tiny_layer(family)
+    dev = torch.device("cuda")
+    blocks = -(-T // 16)
+    meta = AttentionMetadata(slot_mapping=torch.arange(T, device=dev),
+                             query_start_loc=torch.tensor([0, T], dtype=torch.int32, device=dev),
+                             seq_lens=torch.tensor([T], dtype=torch.int32, device=dev),
+                             block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+                             max_query_len=T, max_seq_len=T, decode_only=False)
+    cos_sin = cos_sin_table(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings).to(dev)
+
+    def step_args():  # a fresh KV cache each run: both write the same K and V into it
+        kv = tuple(torch.zeros(blocks, 16, cfg.num_kv_heads, cfg.head_dim, device=dev, dtype=torch.bfloat16)
+                   for _ in range(2))
+        return torch.arange(T, device=dev), cos_sin, kv, meta, TorchAttention()
+
+    x = torch.randn(T, cfg.hidden_size, device=dev).bfloat16()
+    r = torch.randn(T, cfg.hidden_size, device=dev).bfloat16()
+    with torch.no_grad():
+        for residual in (None, r):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                out, new_residual = layer(x, residual, *step_args())
+                torch.cuda.synchronize()
+            want, want_residual = _two_step_layer(layer, x, residual, *step_args())
+            assert torch.equal(out, want) and torch.equal(new_residual, want_residual)
+            fused = sum("_rms_norm_quantize_kernel" in e.name for e in prof.events())
+            assert fused == (2 if T > 64 else 0), fused  # qkv_proj's norm and gate_up_proj's
+
+
+def test_fp8_from_norm_off_the_gpu_is_the_norm_then_the_projection() -> None:
+    """Where the Triton kernels do not run (here: the CPU emulation), from_norm is self(rms_norm(x [+ r])) and that
+    norm's new residual (x itself without one), for Llama's norm and Gemma's, above decode size too."""
+    from batchgen.engine import fused_ops
+
+    torch.manual_seed(0)
+    f = Fp8Linear.from_linear(nn.Linear(256, 96, bias=True))
+    x, r = torch.randn(5, 30, 256), torch.randn(5, 30, 256)
+    w = torch.rand(256) + 0.5
+    for offset in (False, True):
+        y, res = f.from_norm(x, w, 1e-5, offset=offset)
+        assert res is x and torch.equal(y, f(fused_ops.rms_norm(x, w, 1e-5, offset=offset)))
+        y, res = f.from_norm(x, w, 1e-5, r, offset=offset)
+        h, want_res = fused_ops.rms_norm(x, w, 1e-5, r, offset=offset)
+        assert y.shape == (5, 30, 96) and torch.equal(y, f(h)) and torch.equal(res, want_res)
+
+
+@needs_fp8_gpu
 @pytest.mark.parametrize("gemm_max_m", [None, "128"])
 def test_cuda_fp8_down_proj_of_gated_is_the_unfused_mlp(monkeypatch: pytest.MonkeyPatch, gemm_max_m) -> None:
     """Fp8Linear.of_gated (the MLP's down_proj): the same output as down_proj(silu_and_mul(gate_up)) at every
@@ -277,7 +399,8 @@ def interpreter_suite() -> None:
     from test_kv_fp8_kernels import _patch_fp8_interpreter
 
     from batchgen.engine.kernels.fp8_gemm import fp8_gemm
-    from batchgen.engine.kernels.fp8_quant import act_and_mul_quantize_fp8, quantize_fp8, rms_norm_fp8
+    from batchgen.engine.kernels.fp8_quant import (act_and_mul_quantize_fp8, quantize_fp8, rms_norm_fp8,
+                                                   rms_norm_quantize_fp8)
     from batchgen.engine.kernels.fp8_skinny_gemm import fp8_skinny_gemm
 
     _patch_interpreter()
@@ -299,6 +422,18 @@ def interpreter_suite() -> None:
             want = quantize_fp8(act, per_group=False)
             got = act_and_mul_quantize_fp8(gu, gelu)
             assert torch.equal(got[1], want[1]) and torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+        for n in (4096, 1000):  # the norm's own quantize: quantize_fp8(rms_norm(x [+ r])) bit for bit, 37 rows
+            xn, rn = torch.randn(37, n, dtype=dt) * 3, torch.randn(37, n, dtype=dt)
+            wn = torch.randn(n, dtype=dt) * 0.5 + 1.0
+            for res in (None, rn):
+                for offset in (False, True):
+                    codes, scales, new_r = rms_norm_quantize_fp8(xn, wn, 1e-5, res, offset)
+                    out = fused_ops.rms_norm(xn, wn, 1e-5, res, offset=offset)
+                    h, want_r = out if res is not None else (out, None)
+                    want = quantize_fp8(h, per_group=False)
+                    assert torch.equal(scales, want[1]) and torch.equal(codes.view(torch.uint8),
+                                                                        want[0].view(torch.uint8))
+                    assert (new_r is None) if res is None else torch.equal(new_r, want_r)
         wq, ws = fp8.quantize_weight(torch.randn(96, 300))
         for act in (False, True):
             for split, res in ((1, False), (2, True)):

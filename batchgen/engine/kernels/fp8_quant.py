@@ -6,6 +6,10 @@ per token per 128 columns (quant.fp8.Fp8Rows) instead of 16-bit rows: the GEMM a
 activation bytes and quantizes nothing itself. The values are quantize_activation_groups(rms_norm(x)):
 the norm rounded to the model dtype exactly as fused.rms_norm writes it, then quantized.
 
+rms_norm_quantize_fp8: the same for the FP8 GEMM above decode size (kernels/fp8_gemm.py): the optional residual
+add, the norm (Llama's or Gemma's rounding) and one scale per token in one launch, bit for bit
+quantize_fp8(fused.rms_norm(x [+ residual]), per_group=False): the 16-bit norm output is never written.
+
 quantize_fp8: x -> e4m3 codes with one scale per token (torch._scaled_mm's row-wise recipe,
 quant.fp8.quantize_activation) or per token per 128 columns (Fp8Rows), in one launch where the torch
 ops take five (abs, amax, divide, clamp, cast) and a float32 copy of x.
@@ -72,6 +76,69 @@ def _row_scale_codes(x):
     IEEE divisions: torch's codes (quant.fp8.quantize_activation), bit for bit."""
     scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(tl.abs(x), 1), 0), E4M3_MAX), 1e-12)
     return scale, tl.clamp(tl.math.div_rn(x, scale), -E4M3_MAX, E4M3_MAX)
+
+
+@triton.jit
+def _rms_norm_quantize_kernel(x_ptr, r_ptr, w_ptr, res_out_ptr, q_ptr, s_ptr, N, eps,
+                              stride_x, stride_r, stride_ro, stride_q,
+                              BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr, OFFSET: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    row = tl.program_id(0).to(tl.int64)
+    # [1, BLOCK_N] with fused.rms_norm's BLOCK_N and warps: a row spread over the threads as there, so its sum
+    # of squares adds in the same order; the arithmetic below is fused._rms_norm_kernel's, op for op
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    dtype = x.dtype
+    x = x.to(tl.float32)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        x = (x + r).to(dtype)  # the residual stream in the model dtype
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+        x = x.to(tl.float32)
+    var = tl.sum(x * x, 1) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if OFFSET:  # Gemma: x * rstd * (1 + w) in fp32, rounded once
+        h = x * rstd[:, None]
+        w = w + 1.0
+    else:  # Llama: normalised in fp32, rounded, then scaled by the weight
+        h = (x * rstd[:, None]).to(dtype).to(tl.float32)
+    y = (h * w).to(dtype).to(tl.float32)  # the norm's 16-bit output; the padding is 0
+    scale, codes = _row_scale_codes(y)
+    tl.store(s_ptr + row, scale)
+    # 8 codes a thread, as the 16-bit loads: left to itself the compiler lays the whole row out for 16-byte code
+    # stores (16 a thread), and the sum of squares above adds in another order than fused.rms_norm's
+    q_cols = tl.max_contiguous(cols, [1, 8])
+    tl.store(q_ptr + row * stride_q + q_cols, codes.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_quantize_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                          offset: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [M, N] (16-bit) -> (e4m3 [M, N], fp32 scales [M, 1], x + residual or None): the codes and scales of
+    quantize_fp8(h, per_group=False) for h, new_residual = fused.rms_norm(x, weight, eps, residual, offset=offset),
+    bit for bit, and that new_residual."""
+    M, N = x.shape
+    assert weight.numel() == N and (residual is None or residual.shape == x.shape)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    codes = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r = residual if residual.stride(-1) == 1 else residual.contiguous()
+        res_out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        r = res_out = x
+    if M:
+        block_n = triton.next_power_of_2(N)
+        warps = 8 if block_n >= 4096 else 4 if block_n >= 1024 else 2  # fused.rms_norm's: its reduction order
+        _rms_norm_quantize_kernel[(M,)](x, r, weight, res_out, codes, scales, N, eps,
+                                        x.stride(0), r.stride(0), res_out.stride(0), codes.stride(0),
+                                        BLOCK_N=block_n, HAS_RES=residual is not None, OFFSET=offset,
+                                        num_warps=warps, **pdl.launch_options(x.device))
+    return codes, scales, res_out if residual is not None else None
 
 
 @triton.jit

@@ -21,10 +21,13 @@ from torch import nn
 from .. import fused_ops
 from ..attention.base import AttentionBackend, AttentionMetadata
 from .config import ModelConfig
+from .llama import norm_then
 from .rope import cos_sin_table
 
 
 class GemmaRMSNorm(nn.Module):
+    offset = True  # scales by 1 + weight (Fp8Linear.from_norm reads it)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim))
@@ -51,8 +54,13 @@ class GemmaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.o_proj(self.attend(self.qkv_proj(x), positions, cos_sin, kv, meta, backend))
+
+    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+               kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        """Packed q|k|v [T, ...] -> attention output [T, heads * head_dim] (before o_proj)."""
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.heads, self.head_dim)
         k = k.view(T, self.kv_heads, self.head_dim)
         v = v.view(T, self.kv_heads, self.head_dim)
@@ -60,7 +68,7 @@ class GemmaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         out = backend.forward_rope(q, k, v, positions, cos_sin, kv[0], kv[1], meta, self.scale, self.window,
                                    softcap=self.softcap)
-        return self.o_proj(out.reshape(T, self.q_size))
+        return out.reshape(T, self.q_size)
 
 
 class GemmaMLP(nn.Module):
@@ -70,7 +78,10 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down_proj(gelu_tanh(gate) * up) of gate_up_proj's output."""
         if hasattr(self.down_proj, "of_gated"):  # quant.Fp8Linear: the product comes quantized for it
             return self.down_proj.of_gated(gate_up, gelu=True)
         return self.down_proj(fused_ops.gelu_tanh_and_mul(gate_up))
@@ -88,14 +99,14 @@ class GemmaDecoderLayer(nn.Module):
         self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
 
     def forward(self, x, residual, positions, cos_sin, kv, meta, backend) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this layer's normed MLP output, the residual stream before it): the add is fused into the next norm."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.post_attention_layernorm(self.self_attn(h, positions, cos_sin, kv, meta, backend))
-        h, residual = self.pre_feedforward_layernorm(h, residual)
-        return self.post_feedforward_layernorm(self.mlp(h)), residual
+        """(this layer's normed MLP output, the residual stream before it): the add is fused into the next norm.
+        The norms before qkv_proj and gate_up_proj take the residual add, as in llama.py (norm_then); the
+        sandwich norms after o_proj and down_proj feed no projection."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = norm_then(self.input_layernorm, attn.qkv_proj, x, residual)
+        h = self.post_attention_layernorm(attn.o_proj(attn.attend(qkv, positions, cos_sin, kv, meta, backend)))
+        gate_up, residual = norm_then(self.pre_feedforward_layernorm, mlp.gate_up_proj, h, residual)
+        return self.post_feedforward_layernorm(mlp.down(gate_up)), residual
 
 
 class GemmaModel(nn.Module):

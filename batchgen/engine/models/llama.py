@@ -17,6 +17,8 @@ from .rope import cos_sin_table
 
 
 class RMSNorm(nn.Module):
+    offset = False  # weight, not Gemma's 1 + weight (Fp8Linear.from_norm reads it)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -66,10 +68,26 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down_proj(silu(gate) * up) of gate_up_proj's output."""
         if hasattr(self.down_proj, "of_gated"):  # quant.Fp8Linear: the product comes quantized for it
             return self.down_proj.of_gated(gate_up)
         return self.down_proj(fused_ops.silu_and_mul(gate_up))
+
+
+def norm_then(norm: nn.Module, proj: nn.Module, x: torch.Tensor,
+              residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(proj(norm(x + residual)), x + residual); without a residual (proj(norm(x)), x). proj: the projection
+    after the norm (or any module of the normed rows); a quant.Fp8Linear above decode size takes the norm's
+    output quantized from the norm's own kernel (Fp8Linear.from_norm)."""
+    if hasattr(proj, "from_norm"):
+        return proj.from_norm(x, norm.weight, norm.eps, residual, offset=norm.offset)
+    if residual is None:
+        return proj(norm(x)), x
+    h, residual = norm(x, residual)
+    return proj(h), residual
 
 
 class DecoderLayer(nn.Module):
@@ -82,13 +100,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, positions, cos_sin, kv, meta, backend) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it): the add is fused into the next norm."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, cos_sin, kv, meta, backend)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = norm_then(self.input_layernorm, attn.qkv_proj, x, residual)
+        h = attn.o_proj(attn.attend(qkv, positions, cos_sin, kv, meta, backend))
+        if not isinstance(mlp, MLP):  # a sparse layer's SparseMoeBlock, on the normed rows
+            return norm_then(self.post_attention_layernorm, mlp, h, residual)
+        gate_up, residual = norm_then(self.post_attention_layernorm, mlp.gate_up_proj, h, residual)
+        return mlp.down(gate_up), residual
 
     def forward_fused(self, h, positions, cos_sin, kv, meta, backend) -> torch.Tensor:
         """Decode-sized steps (linear_layout.fused_decode_rows): each residual add inside the GEMM

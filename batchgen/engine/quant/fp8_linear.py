@@ -8,6 +8,7 @@ forward(x), on a CUDA device with FP8 tensor cores (capability >= 8.9):
   - larger x: x quantized per token (kernels/fp8_quant.quantize_fp8, fp8.quantize_activation's codes),
     then the Triton FP8 GEMM (kernels/fp8_gemm.py: both scales and a residual add in its epilogue), or
     above BATCHGEN_FP8_GEMM_MAX_M rows torch._scaled_mm with row-wise scales (x's [M, 1], the weight's [1, N]);
+    from_norm (the unfused layer's qkv_proj / gate_up_proj) has the norm before it write those codes itself;
 anywhere else (the CPU, older GPUs, shapes _scaled_mm refuses): the same numerics emulated, both operands
 dequantized and multiplied in float32. _scaled_mm and the emulation quantize alike, so they differ only in
 accumulation order; fp8.emulate_skinny is the decode kernel's recipe in float32.
@@ -108,6 +109,7 @@ class Fp8Linear(nn.Module):
             self._kernel, self._skinny_max_m = kernel.fp8_skinny_gemm, max(0, min(sw.fp8_decode_max_m, kernel.MAX_M))
             self._gemm, self._gemm_max_m = fp8_gemm, sw.fp8_gemm_max_m
             self._rms_norm_fp8, self._quantize_fp8 = fp8_quant.rms_norm_fp8, fp8_quant.quantize_fp8
+            self._rms_norm_quantize = fp8_quant.rms_norm_quantize_fp8
             self._act_and_mul_quantize = fp8_quant.act_and_mul_quantize_fp8
             self._quantize_on_load_rows = kernel.MAX_M_QUANTIZE_ON_LOAD
             self._act_fp8 = sw.fp8_decode_act == "fp8"
@@ -189,6 +191,23 @@ class Fp8Linear(nn.Module):
         else:
             y = self._scaled_mm_quantized(xq, xs, g2.dtype)
         return y.view(*gate_up.shape[:-1], self.out_features)
+
+    def from_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                  offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(h), new_residual) for h, new_residual = fused_ops.rms_norm(x, norm_weight, eps, residual,
+        offset=offset); without a residual new_residual is x (the layer's residual stream either way). On the
+        Triton FP8 GEMM's rows (above decode size) the norm writes h's codes and scales itself
+        (fp8_quant.rms_norm_quantize_fp8, quantize_fp8(h)'s bit for bit): one launch where there were two."""
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= self._skinny_max_m or not self._gemm_rows(x2):  # decode rows, _scaled_mm's, the emulation
+            if residual is None:
+                return self(fused_ops.rms_norm(x, norm_weight, eps, offset=offset)), x
+            h, residual = fused_ops.rms_norm(x, norm_weight, eps, residual, offset=offset)
+            return self(h), residual
+        r2 = residual.reshape(x2.shape) if residual is not None else None
+        xq, xs, new_residual = self._rms_norm_quantize(x2, norm_weight, eps, r2, offset)
+        y = self._gemm(xq, xs, self.weight, self.weight_scale, self.bias, dtype=x.dtype)
+        return y.view(*x.shape[:-1], self.out_features), x if residual is None else new_residual.view(x.shape)
 
     def _gemm_rows(self, x: torch.Tensor | fp8.Fp8Rows) -> bool:
         return (isinstance(x, torch.Tensor) and x.is_cuda and 0 < x.shape[0] <= self._gemm_max_m
