@@ -391,6 +391,24 @@ def test_cuda_fp8_gemm_matches_the_emulation(M, N, K, config, bias, residual) ->
         assert rel_err(fp8_gemm(xq, xs, wq, ws, config=config), ref) < 8e-3  # and _scaled_mm's result
 
 
+@pytest.mark.parametrize("M,N,K,tiles", [
+    (128, 6144, 4096, (64, 128)), (128, 28672, 4096, (128, 256)), (256, 6144, 4096, (128, 128)),
+    (352, 6144, 4096, (128, 256)), (352, 28672, 4096, (128, 256)), (1024, 6144, 4096, (128, 128)),
+    (1024, 4096, 14336, (128, 256)), (8192, 28672, 4096, (128, 256)),
+])
+def test_fp8_gemm_tiles_are_the_fewest_waves_the_sweep_measured_fastest(M, N, K, tiles) -> None:
+    """kernels/fp8_gemm.default_config against the H200 sweep's fastest tiles for the 8B shape's projections
+    (benchmarks/results/2026-12-04-h200-fp8-stream-k.jsonl): e.g. qkv_proj at 256 rows 14.3 us on 128 x 128
+    against 23.2 on the 128 x 256 the row-count rule took before."""
+    pytest.importorskip("triton")
+    from batchgen.engine.kernels.fp8_gemm import default_config
+
+    bm, bn, bk, _, warps, stages = default_config(M, N, K, sm_count=132)
+    assert (bm, bn) == tiles and bk == 128 and warps == (4 if bm == 64 else 8)
+    assert stages == (5 if bn == 128 else 4 if M <= 512 else 3)
+    assert default_config(M, N, K, sm_count=78)[:2] in ((64, 128), (128, 128), (128, 256))  # any GPU: a kernel config
+
+
 # ------------------------------------------------------------------ the kernels in Triton's CPU interpreter
 def interpreter_suite() -> None:
     """The FP8 kernels' logic on the CPU (float32 and bf16 inputs; the interpreter's fp8 and bf16 roundings

@@ -73,17 +73,24 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, M, 
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
-def default_config(M: int, N: int, K: int) -> Fp8GemmConfig:
-    """Tiles by the number of rows, from the H200 sweep over the 8B shape's projections (benchmarks/
-    fp8_gemm_sweep.py --big; benchmarks/results/2026-12-02-h200-fp8-gemm-big.jsonl): at 128 rows 64 x 128 tiles
-    (13.9 / 12.7 us for qkv / o against 16.7 / 20.7 with _scaled_mm); up to 512 rows 128 x 256 for the wide
-    projections and 64 x 256 for the 4096-wide ones; above, 128 x 256 (prefill chunks: 1,190 TFLOP/s for
-    gate_up at 8192 rows)."""
-    if M <= 128:
-        return 64, 128, 128, 8, 4, 5
-    if M <= 512:
-        return (128, 256, 128, 8, 8, 4) if N >= 6144 else (64, 256, 128, 8, 4, 4)
-    return 128, 256, 128, 8, 8, 3
+# (BM, BN, num_warps, TFLOP/s of one such program on one SM): H200, the 8B shape's projections, x given quantized
+# (benchmarks/results/2026-12-04-h200-fp8-stream-k.jsonl, the tile-a-program rows)
+_TILES = ((64, 128, 4, 5.9), (128, 128, 8, 9.4), (128, 256, 8, 11.3))
+
+
+def default_config(M: int, N: int, K: int, sm_count: int = 132) -> Fp8GemmConfig:
+    """The tiles whose waves take least time: ceil(tiles / SMs) waves, each one tile's FLOPs at its rate (_TILES;
+    ties go to the larger tile). Between decode and prefill sizes the tile count decides: qkv_proj at 256 rows
+    takes 14.3 us on 128 x 128 tiles (96, one wave) against 23.2 on 128 x 256 (48: one wave too, each tile twice
+    the work); gate_up_proj at 128 rows 36.6 on 128 x 256 (112 tiles) against 55.4 on 64 x 128 (448: four
+    waves). On the 8B shape this picks the sweep's fastest tiles, or ones within 5% of them, at every measured
+    size from 128 to 8192 rows. Stages: 5 on 128-column tiles, 4 on 128 x 256 up to 512 rows, 3 above."""
+    def waves_time(tile: tuple[int, int, int, float]) -> float:
+        bm, bn, _, rate = tile
+        waves = -(-(-(-M // bm) * -(-N // bn)) // sm_count)
+        return waves * bm * bn / rate
+    bm, bn, warps, _ = min(reversed(_TILES), key=waves_time)
+    return bm, bn, 128, 8, warps, 5 if bn == 128 else 4 if M <= 512 else 3
 
 
 def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
@@ -100,7 +107,7 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
     y = out if out is not None else torch.empty((M, N), dtype=dtype, device=w.device)
     if M == 0:
         return y
-    BM, BN, BK, group, warps, stages = config or default_config(M, N, K)
+    BM, BN, BK, group, warps, stages = config or default_config(M, N, K, _sm_count(w.device))
     res = residual if residual is not None else y
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     launch_fitting(_fp8_gemm_kernel, grid, warps, stages, xq, xs, w, ws, bias if bias is not None else ws, res, y,
@@ -108,3 +115,12 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
                    BM=BM, BN=BN, BK=BK, GROUP_M=group, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
                    EVEN_K=K % BK == 0, **pdl.launch_options(w.device))
     return y
+
+
+_SMS: dict[torch.device, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return _SMS[device]
