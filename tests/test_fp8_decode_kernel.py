@@ -82,6 +82,7 @@ def _expected(x, wq, ws, b, r, N: int, gated: bool, act_fp8: bool) -> torch.Tens
     (512, 4096, (64, 128, 4, 4, 4), False, False, True),   # a K split with the residual in its merge
     (256, 1024, (128, 128, 1, 8, 3), True, False, False),  # gated: gate | up, SiLU-and-mul
     (192, 512, (64, 128, 1, 4, 4), True, True, False),
+    (256, 1000, (128, 128, 3, 8, 3), True, True, False),   # gated with a K split: the last split's epilogue
 ])
 def test_cuda_fp8_skinny_gemm_matches_its_recipe(act_fp8, M, N, K, config, gated, bias, residual) -> None:
     from batchgen.engine.kernels.fp8_skinny_gemm import fp8_skinny_gemm
@@ -466,6 +467,15 @@ def interpreter_suite() -> None:
         act_out = (nn.functional.silu(pre[:, :128].to(dt).float()).to(dt).float() * pre[:, 128:].to(dt).float()).to(dt)
         act_q = fp8.Fp8Rows(*fp8.quantize_activation_groups(act_out)).dequantize()  # the codes of act_out
         errs.append(((mid.dequantize() - act_q).norm() / act_q.norm()).item())
+        # the same with K split 3 ways (300 columns: 128 + 128 + 44): the last split sums gate and up, then runs
+        # SiLU-and-mul and the quantize; and gated with a bias into 16-bit rows
+        mid3 = fp8_skinny_gemm(rows, gq, gs, gated=True, out_fp8=True, dtype=dt, config=(128, 128, 3, 4, 2))
+        errs.append(((mid3.dequantize() - act_q).norm() / act_q.norm()).item())
+        gb = torch.randn(2 * 128, dtype=dt)
+        y3 = fp8_skinny_gemm(rows, gq, gs, gb, gated=True, dtype=dt, config=(64, 128, 2, 4, 2))
+        pre_b = pre + gb.float()
+        want3 = nn.functional.silu(pre_b[:, :128].to(dt).float()).to(dt).float() * pre_b[:, 128:].to(dt).float()
+        errs.append(((y3.float() - want3).norm() / want3.norm()).item())
         norm_w = torch.rand(300, dtype=dt) + 0.5
         from batchgen.engine import fused_ops
 

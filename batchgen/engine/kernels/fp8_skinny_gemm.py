@@ -16,7 +16,8 @@ as small as 16. Activations (X_MODE):
 fp8.emulate_skinny() computes both in float32 on any device: the CUDA tests compare against it.
 
 Fusions as in skinny_gemm.py: gated (w is gate | up, [2I, K]; SiLU-and-mul in the epilogue), residual
-(y = residual + x @ w, in place) and a K split whose last program per N tile sums the partials. With
+(y = residual + x @ w, in place) and a K split whose last program per N tile sums the partials (in split
+order) and runs the same epilogue, gated and out_fp8 included. With
 PDL (pdl.py) each program prefetches the first lines of its weight slice while the kernel before it
 is still running.
 """
@@ -100,41 +101,55 @@ def _fp8_skinny_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, y
     acc *= tl.load(ws_ptr + rn, mask=nmask, other=0.0)[:, None]
     if GATED:
         acc_up *= tl.load(ws_ptr + N + rn, mask=nmask, other=0.0)[:, None]
-    ymask = nmask[:, None] & mmask[None, :]
-    y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]  # [BN, BM]: y is written transposed
-    res_ptrs = res_ptr + rm.to(tl.int64)[None, :] * stride_rm + rn[:, None]
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-            if GATED:
-                acc_up += tl.load(bias_ptr + N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-        if GATED:  # on gate and up rounded to the model dtype, as HF computes them
-            acc = silu_mul(acc.to(DTYPE), acc_up.to(DTYPE))
-        if HAS_RES:
-            acc += tl.load(res_ptrs, mask=ymask, other=0.0).to(tl.float32)
-        if OUT_FP8:  # the model-dtype output, quantized per token over this tile's 128 columns
-            acc = acc.to(DTYPE).to(tl.float32)
-            ys = tl.maximum(tl.max(tl.abs(acc), axis=0) / E4M3_MAX, 1e-12)  # [BM]
-            tl.store(ys_ptr + rm.to(tl.int64) * stride_ysm + pn, ys, mask=mmask)
-            acc = tl.clamp(tl.math.div_rn(acc, ys[None, :]), -E4M3_MAX, E4M3_MAX)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        _epilogue(acc, acc_up, rm, rn, pn, mmask, nmask, bias_ptr, res_ptr, y_ptr, ys_ptr, N, stride_rm, stride_ym,
+                  stride_ysm, GATED, HAS_BIAS, HAS_RES, OUT_FP8, DTYPE)
     else:
-        # partials laid out [SPLIT_K, BM, N]; the last split of this N tile to arrive sums them
-        part = part_ptr + rm[None, :] * N + rn[:, None]
-        tl.store(part + pk * BM * N, acc, mask=ymask)
+        # partials laid out [SPLIT_K, BM, N] (GATED: [SPLIT_K, BM, 2N], up after gate); the last split of this
+        # N tile to arrive sums them in split order, so the sum does not depend on who arrives last
+        wide = N * (2 if GATED else 1)
+        part = part_ptr + rm[None, :] * wide + rn[:, None]
+        pmask = nmask[:, None] & mmask[None, :]
+        tl.store(part + pk * BM * wide, acc, mask=pmask)
+        if GATED:
+            tl.store(part + pk * BM * wide + N, acc_up, mask=pmask)
         tl.debug_barrier()  # every thread's partial store precedes the counter's release
         sem = sem_ptr + pn
         cnt = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
         if cnt == SPLIT_K - 1:
             total = tl.zeros([BN, BM], tl.float32)
+            total_up = tl.zeros([BN, BM], tl.float32)  # GATED only
             for j in range(0, SPLIT_K):
-                total += tl.load(part + j * BM * N, mask=ymask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-            if HAS_RES:
-                total += tl.load(res_ptrs, mask=ymask, other=0.0).to(tl.float32)
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=ymask)
+                total += tl.load(part + j * BM * wide, mask=pmask, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    total_up += tl.load(part + j * BM * wide + N, mask=pmask, other=0.0, cache_modifier=".cg")
+            _epilogue(total, total_up, rm, rn, pn, mmask, nmask, bias_ptr, res_ptr, y_ptr, ys_ptr, N, stride_rm,
+                      stride_ym, stride_ysm, GATED, HAS_BIAS, HAS_RES, OUT_FP8, DTYPE)
             tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _epilogue(acc, acc_up, rm, rn, pn, mmask, nmask, bias_ptr, res_ptr, y_ptr, ys_ptr, N, stride_rm, stride_ym,
+              stride_ysm, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_FP8: tl.constexpr,
+              DTYPE: tl.constexpr):
+    """y[rm, rn] (written transposed from the [BN, BM] tile) from the scaled products: bias, SiLU-and-mul
+    (GATED), the residual, and OUT_FP8's per-token quantize over this tile's 128 columns (scales at ys[:, pn])."""
+    ymask = nmask[:, None] & mmask[None, :]
+    y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]  # [BN, BM]: y is written transposed
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        if GATED:
+            acc_up += tl.load(bias_ptr + N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    if GATED:  # on gate and up rounded to the model dtype, as HF computes them
+        acc = silu_mul(acc.to(DTYPE), acc_up.to(DTYPE))
+    if HAS_RES:
+        acc += tl.load(res_ptr + rm.to(tl.int64)[None, :] * stride_rm + rn[:, None], mask=ymask, other=0.0).to(tl.float32)
+    if OUT_FP8:  # the model-dtype output, quantized per token over this tile's 128 columns
+        acc = acc.to(DTYPE).to(tl.float32)
+        ys = tl.maximum(tl.max(tl.abs(acc), axis=0) / E4M3_MAX, 1e-12)  # [BM]
+        tl.store(ys_ptr + rm.to(tl.int64) * stride_ysm + pn, ys, mask=mmask)
+        acc = tl.clamp(tl.math.div_rn(acc, ys[None, :]), -E4M3_MAX, E4M3_MAX)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
 Fp8SkinnyConfig = tuple[int, int, int, int, int]  # BN, BK, SPLIT_K, num_warps, num_stages
@@ -143,7 +158,7 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 
 def default_config(N: int, K: int, sm_count: int, gated: bool = False) -> Fp8SkinnyConfig:
     """(BN, BK, SPLIT_K, num_warps, num_stages): 128 weight rows per program, K split until there are
-    ~2 programs per SM; gated never splits (its epilogue needs whole rows)."""
+    ~2 programs per SM; gated does not split by default (it can: the last split runs the epilogue; untimed)."""
     BN, BK = 128, ACT_GROUP
     tiles = triton.cdiv(N, BN)
     split = 1
@@ -175,8 +190,6 @@ def fp8_skinny_gemm(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.T
     if (act_fp8 or xq is not None or out_fp8) and BK != ACT_GROUP:
         raise ValueError(f"fp8_skinny_gemm: FP8 activations come in groups of {ACT_GROUP} columns, so BK must be "
                          f"{ACT_GROUP}, got config {config}")
-    if gated and split > 1:
-        raise ValueError(f"fp8_skinny_gemm: gated needs a config without a K split, got {config}")
     if out_fp8 and not (gated and BN == ACT_GROUP and residual is None):
         raise ValueError(f"fp8_skinny_gemm: out_fp8 needs gated, no residual and BN = {ACT_GROUP}, got {config}")
     tiles = triton.cdiv(N, BN)
@@ -191,7 +204,7 @@ def fp8_skinny_gemm(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.T
     BM = max(16, triton.next_power_of_2(M))
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)  # no empty splits
-    part = torch.empty((split, BM, N), dtype=torch.float32, device=w.device) if split > 1 else y
+    part = torch.empty((split, BM, Nw), dtype=torch.float32, device=w.device) if split > 1 else y
     sem = zeroed_counters("fp8_skinny_gemm", tiles, w.device) if split > 1 else y
     res = residual if residual is not None else y
     xs = xq.scales if xq is not None else w_scale

@@ -155,7 +155,7 @@ class Fp8Linear(nn.Module):
     @property
     def can_gate(self) -> bool:
         """Whether decode steps can fold SiLU-and-mul into this (gate | up) projection's epilogue."""
-        return self.skinny is not None and self._gate_config[2] == 1
+        return self.skinny is not None
 
     def normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                gated: bool = False) -> torch.Tensor | fp8.Fp8Rows:
