@@ -51,7 +51,7 @@ def _sweep(shape: str, name: str, K: int, N: int, ms: list[int], cands: list[tup
         _emit({**base, "M": M, "variant": "scaled_mm", "us": round(t, 2), "TBps": round(mb / t, 3)})
         for act in acts:
             dflt = default_config(N // 2 if gated else N, K, sms, gated)
-            configs = [c for c in cands if not (gated and c[2] > 1)] if M == 32 else [tuple(best.get(f"{K},{N},{int(act)}", dflt))]
+            configs = cands if M == 32 else [tuple(best.get(f"{K},{N},{int(act)}", dflt))]
             results = []
             xin = fp8.Fp8Rows(*fp8.quantize_activation_groups(x)) if act == 2 else x  # 2: rows come quantized
             for cfg in dict.fromkeys([tuple(dflt)] + configs):
