@@ -31,6 +31,28 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _q_e4m3(q_ptr, b, heads, gmask, d, stride_qt, stride_qh):
+    """The kv head's query rows [G_PAD, D] in e4m3, one scale a row (amax / 448), and those scales."""
+    q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    q = q.to(tl.float32)
+    qs = tl.maximum(tl.max(tl.abs(q), 1) / 448.0, 1e-12)
+    return (q / qs[:, None]).to(tl.float8e4nv), qs
+
+
+@triton.jit
+def _kv_tile(k_ptr, v_ptr, bt_row, n0, seq_len, kvh, d, stride_kb, stride_kt, stride_kh,
+             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens [n0, n0 + BLOCK_N) of the paged K and V caches for kv head kvh ([BLOCK_N, D] e4m3), and the mask
+    of those below seq_len."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs_n < seq_len
+    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+    off = blk[:, None] * stride_kb + (offs_n % BLOCK_SIZE)[:, None] * stride_kt + kvh * stride_kh + d[None, :]
+    k = tl.load(k_ptr + off, mask=nmask[:, None], other=0.0)
+    return k, tl.load(v_ptr + off, mask=nmask[:, None], other=0.0), nmask
+
+
+@triton.jit
 def _decode_w64_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, out_ptr, scale_log2, v_scale,
                        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt,
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -42,23 +64,15 @@ def _decode_w64_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, out_ptr, scale_log2,
     d = tl.arange(0, D)
     heads = kvh * G + g
     gmask = g < G
-    q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
-    q = q.to(tl.float32)
-    qs = tl.maximum(tl.max(tl.abs(q), 1) / 448.0, 1e-12)
-    q8 = (q / qs[:, None]).to(tl.float8e4nv)
+    q8, qs = _q_e4m3(q_ptr, b, heads, gmask, d, stride_qt, stride_qh)
     row_scale = qs * scale_log2
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     for n0 in range(0, seq_len, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < seq_len
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        tok = offs_n % BLOCK_SIZE
-        off = blk[:, None] * stride_kb + tok[:, None] * stride_kt + kvh * stride_kh + d[None, :]
-        k = tl.load(k_ptr + off, mask=nmask[:, None], other=0.0)
-        v = tl.load(v_ptr + off, mask=nmask[:, None], other=0.0)
+        k, v, nmask = _kv_tile(k_ptr, v_ptr, bt_row, n0, seq_len, kvh, d, stride_kb, stride_kt, stride_kh,
+                               BLOCK_SIZE, BLOCK_N)
         qk = tl.dot(q8, tl.trans(k)) * row_scale[:, None]
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -93,10 +107,7 @@ def _decode_tm_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, out_ptr, scale_log2, 
     d = tl.arange(0, D)
     heads = kvh * G + g
     gmask = g < G
-    q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
-    q = q.to(tl.float32)
-    qs = tl.maximum(tl.max(tl.abs(q), 1) / 448.0, 1e-12)
-    q8 = (q / qs[:, None]).to(tl.float8e4nv)
+    q8, qs = _q_e4m3(q_ptr, b, heads, gmask, d, stride_qt, stride_qh)
     col_scale = qs * scale_log2
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -106,13 +117,8 @@ def _decode_tm_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, out_ptr, scale_log2, 
         acc = tl.zeros([G_PAD, D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     for n0 in range(0, seq_len, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < seq_len
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        tok = offs_n % BLOCK_SIZE
-        off = blk[:, None] * stride_kb + tok[:, None] * stride_kt + kvh * stride_kh + d[None, :]
-        k = tl.load(k_ptr + off, mask=nmask[:, None], other=0.0)
-        v = tl.load(v_ptr + off, mask=nmask[:, None], other=0.0)
+        k, v, nmask = _kv_tile(k_ptr, v_ptr, bt_row, n0, seq_len, kvh, d, stride_kb, stride_kt, stride_kh,
+                               BLOCK_SIZE, BLOCK_N)
         st = tl.dot(k, tl.trans(q8)) * col_scale[None, :]  # [BLOCK_N, G_PAD]
         st = tl.where(nmask[:, None], st, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(st, 0))
@@ -132,30 +138,28 @@ def _decode_tm_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, out_ptr, scale_log2, 
              mask=gmask[:, None])
 
 
-def decode_tm(q, kc, vc, tables, sl, scale, k_scale, v_scale, out, pv_t: bool, block_n=128, warps=4, stages=2,
-              maxnreg=None):
-    B = sl.shape[0]
-    H, D = q.shape[1], q.shape[2]
+def _launch(kernel, g_pad: int, q, kc, vc, tables, sl, scale, k_scale, v_scale, out, block_n, warps, stages,
+            maxnreg, **variant):
+    B, H, D = sl.shape[0], q.shape[1], q.shape[2]
     kvh = kc.shape[2]
     kw = {"maxnreg": maxnreg} if maxnreg else {}
-    _decode_tm_kernel[(B, kvh)](q, kc, vc, tables, sl, out, scale * _LOG2E * k_scale, v_scale,
-                                q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
-                                G=H // kvh, G_PAD=16, D=D, BLOCK_SIZE=kc.shape[1], BLOCK_N=block_n, PV_T=int(pv_t),
-                                num_warps=warps, num_stages=stages, **kw)
+    kernel[(B, kvh)](q, kc, vc, tables, sl, out, scale * _LOG2E * k_scale, v_scale,
+                     q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
+                     G=H // kvh, G_PAD=g_pad, D=D, BLOCK_SIZE=kc.shape[1], BLOCK_N=block_n,
+                     num_warps=warps, num_stages=stages, **variant, **kw)
     return out
+
+
+def decode_tm(q, kc, vc, tables, sl, scale, k_scale, v_scale, out, pv_t: bool, block_n=128, warps=4, stages=2,
+              maxnreg=None):
+    return _launch(_decode_tm_kernel, 16, q, kc, vc, tables, sl, scale, k_scale, v_scale, out, block_n, warps,
+                   stages, maxnreg, PV_T=int(pv_t))
 
 
 def decode_w64(q, kc, vc, tables, sl, scale, k_scale, v_scale, out, pv: int, block_n=128, warps=4, stages=2,
                maxnreg=None):
-    B = sl.shape[0]
-    H, D = q.shape[1], q.shape[2]
-    kvh = kc.shape[2]
-    kw = {"maxnreg": maxnreg} if maxnreg else {}
-    _decode_w64_kernel[(B, kvh)](q, kc, vc, tables, sl, out, scale * _LOG2E * k_scale, v_scale,
-                                 q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
-                                 G=H // kvh, G_PAD=64, D=D, BLOCK_SIZE=kc.shape[1], BLOCK_N=block_n, PV=pv,
-                                 num_warps=warps, num_stages=stages, **kw)
-    return out
+    return _launch(_decode_w64_kernel, 64, q, kc, vc, tables, sl, scale, k_scale, v_scale, out, block_n, warps,
+                   stages, maxnreg, PV=pv)
 
 
 def compile_only() -> None:
@@ -228,7 +232,8 @@ def bench(cases: str) -> None:
                     ("w64-pv16", 16, {}), ("w64-pv8", 8, {}), ("w64-pv8-bn64", 8, {"block_n": 64, "stages": 3}),
                     ("w64-pv16-bn64", 16, {"block_n": 64, "stages": 3}),
                     ("tm-pv", "tm0", {}), ("tm-pvt", "tm1", {}), ("tm-pvt-bn64", "tm1", {"block_n": 64, "stages": 3}),
-                    ("tm-pvt-bn64-s4", "tm1", {"block_n": 64, "stages": 4}), ("tm-pv-bn64", "tm0", {"block_n": 64, "stages": 3})]
+                    ("tm-pvt-bn64-s4", "tm1", {"block_n": 64, "stages": 4}),
+                    ("tm-pv-bn64", "tm0", {"block_n": 64, "stages": 3})]
         for name, pv, kw in variants:
             def f():
                 for i in range(sets):

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .launch import launch_fitting
+from .launch import launch_fitting, sm_count as device_sm_count
 
 Fp8GemmConfig = tuple[int, int, int, int, int, int]  # BM, BN, BK, GROUP_M, num_warps, num_stages
 
@@ -87,7 +87,7 @@ def default_config(M: int, N: int, K: int, sm_count: int = 132) -> Fp8GemmConfig
     size from 128 to 8192 rows. Stages: 5 on 128-column tiles, 4 on 128 x 256 up to 512 rows, 3 above."""
     def waves_time(tile: tuple[int, int, int, float]) -> float:
         bm, bn, _, rate = tile
-        waves = -(-(-(-M // bm) * -(-N // bn)) // sm_count)
+        waves = triton.cdiv(triton.cdiv(M, bm) * triton.cdiv(N, bn), sm_count)
         return waves * bm * bn / rate
     bm, bn, warps, _ = min(reversed(_TILES), key=waves_time)
     return bm, bn, 128, 8, warps, 5 if bn == 128 else 4 if M <= 512 else 3
@@ -107,7 +107,7 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
     y = out if out is not None else torch.empty((M, N), dtype=dtype, device=w.device)
     if M == 0:
         return y
-    BM, BN, BK, group, warps, stages = config or default_config(M, N, K, _sm_count(w.device))
+    BM, BN, BK, group, warps, stages = config or default_config(M, N, K, device_sm_count(w.device))
     res = residual if residual is not None else y
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     launch_fitting(_fp8_gemm_kernel, grid, warps, stages, xq, xs, w, ws, bias if bias is not None else ws, res, y,
@@ -115,12 +115,3 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
                    BM=BM, BN=BN, BK=BK, GROUP_M=group, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
                    EVEN_K=K % BK == 0, **pdl.launch_options(w.device))
     return y
-
-
-_SMS: dict[torch.device, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return _SMS[device]

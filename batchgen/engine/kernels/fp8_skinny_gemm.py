@@ -143,7 +143,8 @@ def _epilogue(acc, acc_up, rm, rn, pn, mmask, nmask, bias_ptr, res_ptr, y_ptr, y
     if GATED:  # on gate and up rounded to the model dtype, as HF computes them
         acc = silu_mul(acc.to(DTYPE), acc_up.to(DTYPE))
     if HAS_RES:
-        acc += tl.load(res_ptr + rm.to(tl.int64)[None, :] * stride_rm + rn[:, None], mask=ymask, other=0.0).to(tl.float32)
+        res_ptrs = res_ptr + rm.to(tl.int64)[None, :] * stride_rm + rn[:, None]
+        acc += tl.load(res_ptrs, mask=ymask, other=0.0).to(tl.float32)
     if OUT_FP8:  # the model-dtype output, quantized per token over this tile's 128 columns
         acc = acc.to(DTYPE).to(tl.float32)
         ys = tl.maximum(tl.max(tl.abs(acc), axis=0) / E4M3_MAX, 1e-12)  # [BM]

@@ -10,6 +10,7 @@ search happens outside capture (a refused launch enqueues nothing, so it would b
 """
 from __future__ import annotations
 
+import torch
 import triton
 
 TRITON_DEFAULT_STAGES = 3  # what Triton's CUDA backend takes when a launch names no num_stages
@@ -35,3 +36,16 @@ def launch_fitting(kernel, grid: tuple[int, ...], num_warps: int, num_stages: in
             continue
         _STAGES[key] = s
         return
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The device's SM count, read once per GPU (132 off CUDA: the interpreter and host-side heuristics)."""
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]

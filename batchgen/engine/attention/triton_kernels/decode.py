@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ...kernels import pdl
 from ...kernels.counters import zeroed_counters
-from ...kernels.launch import TRITON_DEFAULT_STAGES, launch_fitting
+from ...kernels.launch import TRITON_DEFAULT_STAGES, launch_fitting, sm_count
 
 _LOG2E = 1.4426950408889634
 
@@ -159,18 +159,6 @@ def _decode_split_kernel(
 # 8B heads, us per layer: B=32 L=768 25.5 against 29.5; B=352 L=1100 347 against 363. Transposing the dots (tokens
 # on the tensor core's M side) measured slower for both cache dtypes (32.7 / 42.8 us at B=32) and was dropped.
 FP8_DOT_F16 = True
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def choose_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device,
                       block_n: int, programs_per_sm: int = 2, min_part: int = 128) -> int:
     """Host-only heuristic: split only when batch * kv_heads programs leave the GPU short of about
@@ -178,7 +166,7 @@ def choose_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.dev
     H100, llama heads 32/8, ctx 768, bf16 (notes/KERNELS.md): B=8 -> 4, B=16 -> 2, B>=32 -> 1 measured best;
     splitting at B=32 (S=4, the old choice) cost 15% (46.2 vs 39.3 us)."""
     base = max(batch * kv_heads, 1)
-    want = max(programs_per_sm * _sm_count(device) // base, 1)
+    want = max(programs_per_sm * sm_count(device) // base, 1)
     cap = max(-(-max_len // max(min_part, block_n)), 1)
     n = max(1, min(want, cap, 64))
     return 1 << (n.bit_length() - 1)  # power of 2, rounded down (fewer compiled variants)
@@ -194,7 +182,7 @@ FP8_CAP_MIN_WAVES = 2
 
 def fp8_register_cap(programs: int, device: torch.device) -> tuple[int | None, int | None]:
     """(maxnreg, num_stages) for the FP8-cache decode kernel with `programs` programs: the cap, or (None, None)."""
-    if programs > FP8_CAP_MIN_WAVES * 2 * _sm_count(device):
+    if programs > FP8_CAP_MIN_WAVES * 2 * sm_count(device):
         return FP8_REGISTER_CAP, 3
     return None, None
 
