@@ -66,7 +66,8 @@ def build(seq_lens, q_lens, H, KVH, D, bs, dtype, dev, seed=0):
 def bench(fn, graph: bool):
     import triton.testing as tt
 
-    if graph:
+    if graph:  # its own stream does not wait for the default stream's setup kernels: sync first
+        torch.cuda.synchronize()
         return tt.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
     return tt.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e3
 

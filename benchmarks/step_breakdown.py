@@ -157,6 +157,10 @@ def attention_bench(a) -> None:
         tables, sl, qsl = paged_tables(B, L, bs, sets, total, g)
         q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
         outs = [torch.empty_like(q) for _ in range(sets)]
+        # do_bench_cudagraph runs on a stream of its own, which does not wait for this default-stream setup:
+        # without the sync its first launch read half-written block tables (the "illegal address" on the case
+        # after the first, 2026-12-02..04; never under compute-sanitizer, which serialises the streams)
+        torch.cuda.synchronize()
         ref8 = None
         for name, kc, vc, extra in (("bf16", kc16, vc16, {}), ("fp8-bf16dot", kc8, vc8, {"fp8_dot_f16": False}),
                                     ("fp8", kc8, vc8, {})):
