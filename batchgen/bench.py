@@ -97,7 +97,7 @@ def synthetic_tokenizer() -> Any:
 def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attention: str,
                  max_num_seqs: int, max_batch_tokens: int, block_size: int = 16,
                  constraint: str = "none", quantization: str | None = None,
-                 kv_cache_dtype: str = "auto") -> dict[str, Any]:
+                 kv_cache_dtype: str = "auto", quantize_lm_head: bool = False) -> dict[str, Any]:
     import torch
 
     from .engine.engine import Engine
@@ -115,7 +115,7 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
     engine = Engine(None, model=model, device=str(device), max_num_seqs=max_num_seqs,
                     max_batch_tokens=max_batch_tokens, overlap=overlap, cuda_graphs=cuda_graphs,
                     attention=attention, max_model_len=4096, prefix_caching=False, block_size=block_size,
-                    quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+                    quantization=quantization, kv_cache_dtype=kv_cache_dtype, quantize_lm_head=quantize_lm_head)
     startup = time.perf_counter() - t0
     extra: dict[str, Any] = {}
     if constraint == "json":
@@ -146,7 +146,8 @@ def run_batchgen(wl: str, shape: str, overlap: bool, cuda_graphs: bool, attentio
         torch.cuda.empty_cache()
     return _record("batchgen", wl, shape, figures, overlap=engine.overlap, cuda_graphs=engine.cuda_graphs,
                    max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, block_size=block_size,
-                   constraint=constraint, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+                   constraint=constraint, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                   **({"quantize_lm_head": True} if quantize_lm_head else {}))
 
 
 def _figures(engine: Any, prompts: list[list[int]], out_tokens: int, wall: float, startup: float) -> dict[str, Any]:
@@ -246,14 +247,19 @@ def run_transformers(wl: str, shape: str, max_batch_tokens: int = 4096) -> dict[
               help="fp8: the projections' weights quantized to FP8 at load (Engine(quantization='fp8'))")
 @click.option("--kv-cache-dtype", type=click.Choice(["auto", "bfloat16", "fp8"]), default="auto", show_default=True,
               help="fp8: an e4m3 KV cache, twice the tokens per GiB (Engine(kv_cache_dtype='fp8'))")
+@click.option("--quantize-lm-head", is_flag=True,
+              help="with --quantization fp8: lm_head in FP8 too (Engine(quantize_lm_head=True))")
 def bench_command(wl: str, shape: str | None, no_overlap: bool, no_cuda_graphs: bool, attention: str,
                   max_num_seqs: int, max_batch_tokens: int, block_size: int, compare: str | None,
-                  json_path: str | None, constraint: str, quantization: str, kv_cache_dtype: str) -> None:
+                  json_path: str | None, constraint: str, quantization: str, kv_cache_dtype: str,
+                  quantize_lm_head: bool) -> None:
     """Throughput on random weights of a named shape (nothing is downloaded)."""
     shape = shape or DEFAULT_SHAPE[wl]
+    if quantize_lm_head and quantization == "none":
+        raise click.UsageError("--quantize-lm-head needs --quantization fp8")
     records = [run_batchgen(wl, shape, not no_overlap, not no_cuda_graphs, attention, max_num_seqs,
                             max_batch_tokens, block_size, constraint,
-                            None if quantization == "none" else quantization, kv_cache_dtype)]
+                            None if quantization == "none" else quantization, kv_cache_dtype, quantize_lm_head)]
     click.echo(json.dumps(records[0]))
     if compare == "transformers":
         records.append(run_transformers(wl, shape))

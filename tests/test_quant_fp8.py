@@ -239,6 +239,86 @@ def test_bad_quantization_is_one_line(tiny_checkpoint, bad, kind) -> None:
     assert str(e.value) == f"Engine: quantization must be None or 'fp8', got {bad!r}"
 
 
+@pytest.mark.parametrize("family", ["llama", "smollm2"])  # an lm_head of its own, one tied to the embeddings
+def test_fp8_lm_head_engine_generates_what_its_model_computes(tiny_checkpoint, family: str) -> None:
+    """quantize_lm_head=True: lm_head becomes FP8 (per vocabulary row scales; the tiny vocabulary of 531 padded
+    to 544 rows) next to the projections, the embeddings keep their float32 values (a tied head gets its own e4m3
+    copy), and the engine's greedy tokens are what that model computes; without it lm_head stays an nn.Linear."""
+    from batchgen import Engine, SamplingParams
+    from batchgen.engine.loader import load_model
+    from batchgen.engine.quant.apply import Fp8LmHead
+
+    from reference import random_prompts
+
+    path = tiny_checkpoint(family)
+    plain, _ = load_model(path, torch.device("cpu"), "float32")
+    engine = Engine(path, device="cpu", quantization="fp8", quantize_lm_head=True, kv_cache_tokens=8192)
+    head, model = engine.model.lm_head, engine.model
+    vocab = model.cfg.vocab_size
+    assert isinstance(head, Fp8LmHead) and head.fp8.weight.dtype == E4M3 and head.vocab == vocab
+    assert vocab % 16 and head.fp8.out_features == vocab + (-vocab % 16)  # padded with zero rows
+    assert not head.fp8.weight[vocab:].float().any()
+    assert model.cfg.tie_word_embeddings == (family == "smollm2")
+    assert torch.equal(model.embed_tokens.weight, plain.embed_tokens.weight)  # the lookup is not quantized
+    assert model.embed_tokens.weight.dtype == torch.float32
+    assert rel_err(head.fp8.dequantized_weight()[:vocab], plain.lm_head.weight) < 0.04
+    assert "lm_head included" in engine.describe() and engine.quantize_lm_head
+    prompts = random_prompts(16, vocab, max_len=40)
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+    check_greedy_is_the_models(engine, prompts, [o.outputs[0].token_ids for o in outs], tie=1e-3)
+    fp8_head = full_forward_logits(model, prompts[0], engine.device)
+    assert fp8_head.shape == (len(prompts[0]), vocab)
+    float_head = full_forward_logits(_with_float_head(model, head), prompts[0], engine.device)
+    assert not torch.equal(fp8_head, float_head)  # its activations are quantized too: the FP8 GEMM's numerics
+    assert rel_err(fp8_head, float_head) < 0.05
+    engine.close()
+
+
+def _with_float_head(model: nn.Module, head) -> nn.Module:
+    """A copy of model whose lm_head multiplies by the dequantized weight with x unquantized (float32)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    twin.lm_head = nn.Linear(head.in_features, head.vocab, bias=False)
+    twin.lm_head.weight.data = head.fp8.dequantized_weight()[:head.vocab]
+    return twin
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(quantize_lm_head=True), "Engine: quantize_lm_head=True needs quantization='fp8'"),
+    (dict(quantization="fp8", quantize_lm_head="yes"), "Engine: quantize_lm_head must be True or False, got 'yes'"),
+    (dict(quantization="fp8", quantize_lm_head=1), "Engine: quantize_lm_head must be True or False, got 1"),
+])
+def test_bad_quantize_lm_head_is_one_line(tiny_checkpoint, kwargs, message) -> None:
+    from batchgen import Engine
+    from batchgen.engine.validation import EngineArgumentError
+
+    with pytest.raises(EngineArgumentError) as e:
+        Engine(tiny_checkpoint("llama"), device="cpu", **kwargs)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_fp8_lm_head_padding_changes_no_logit() -> None:
+    """The padded head's logits are the unpadded FP8 head's: rows are quantized one by one, and the padding's
+    logits are cut off (a vocabulary of 500 on 512 rows; 512 itself is not padded)."""
+    from batchgen.engine.quant.apply import quantize_lm_head
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 64)
+    for vocab in (500, 512):
+        holder = nn.Module()
+        holder.lm_head = nn.Linear(64, vocab, bias=False)
+        w = holder.lm_head.weight.detach().clone()
+        head = quantize_lm_head(holder)
+        assert holder.lm_head is head and head.fp8.out_features == 512
+        codes, scale = quantize_weight(w)
+        unpadded = Fp8Linear(codes, scale)(x)
+        got = head(x)
+        assert got.shape == (7, vocab) and got.is_contiguous()
+        torch.testing.assert_close(got, unpadded, rtol=1e-6, atol=1e-6)
+        assert quantize_lm_head(holder) is head  # once
+
+
 # ------------------------------------------------------------------ job file, dry run, bench
 JOB = """\
 model: {{path: {model}, quantization: {q}}}
@@ -271,12 +351,27 @@ def test_job_key_round_trips(tmp_path: Path, tiny_checkpoint) -> None:
     with pytest.raises(ConfigError) as e:
         load_job(_job(tmp_path, model, "int8"))
     assert "model.quantization" in str(e.value) and "\n" not in str(e.value)
+    _job(tmp_path, model, "null")
     out = io.StringIO()
     dry_run(fp8, preview=0, stream=out)
     assert "precision: weights fp8" in out.getvalue()
     out = io.StringIO()
     dry_run(plain, preview=0, stream=out)
     assert "precision" not in out.getvalue()
+    # model.quantize_lm_head: false (the default) keeps the identity; true is another job, and needs fp8
+    assert "quantize_lm_head" not in job_identity(fp8)["model"] and not fp8.model.quantize_lm_head
+    head = load_job(tmp_path / "job.yaml", ["model.quantization=fp8", "model.quantize_lm_head=true"])
+    assert head.model.quantize_lm_head and engine_kwargs(head)["quantize_lm_head"] is True
+    assert job_identity(head)["model"]["quantize_lm_head"] is True and job_fingerprint(head) != job_fingerprint(fp8)
+    out = io.StringIO()
+    dry_run(head, preview=0, stream=out)
+    assert "lm_head fp8 too" in out.getvalue()
+    with pytest.raises(ConfigError) as e:
+        load_job(tmp_path / "job.yaml", ["model.quantize_lm_head=yes"])
+    assert "model.quantize_lm_head" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError) as e:  # without fp8: the engine's rule, named by the job's key
+        load_job(tmp_path / "job.yaml", ["model.quantize_lm_head=true"])
+    assert "model.quantize_lm_head" in str(e.value) and "needs quantization" in str(e.value)
 
 
 def test_bench_runs_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,6 +385,8 @@ def test_bench_runs_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
     rec = bench.run_batchgen("seed", "tiny", False, False, "torch", 4, 256, quantization="fp8")
     assert rec["quantization"] == "fp8" and rec["precision"].startswith("weights fp8")
     assert rec["output_tokens"] == 12
+    rec = bench.run_batchgen("seed", "tiny", False, False, "torch", 4, 256, quantization="fp8", quantize_lm_head=True)
+    assert rec["quantize_lm_head"] is True and "lm_head included" in rec["precision"]
 
 
 # ------------------------------------------------------------------ SmolLM2 (real weights)
@@ -319,6 +416,7 @@ def test_smollm2_fp8_kv_cache_nll_within_two_percent(smollm2_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     from batchgen.engine.loader import load_model
+    from batchgen.engine.quant.apply import quantize_lm_head
     from test_kv_fp8 import engine_model_logits
 
     ids = AutoTokenizer.from_pretrained(str(smollm2_dir))(LONG_TEXT).input_ids
@@ -332,6 +430,9 @@ def test_smollm2_fp8_kv_cache_nll_within_two_percent(smollm2_dir: Path) -> None:
     apply_fp8(model)
     logits["fp8 weights"] = full_forward_logits(model, ids, cpu)
     logits["fp8 weights + fp8 KV"] = engine_model_logits(model, ids, one, one)
+    quantize_lm_head(model)
+    logits["fp8 weights and lm_head"] = full_forward_logits(model, ids, cpu)
+    logits["fp8 weights and lm_head + fp8 KV"] = engine_model_logits(model, ids, one, one)
     logits = {k: v[:-1].float() for k, v in logits.items()}  # position i predicts token i + 1
     nll = {k: float(nn.functional.cross_entropy(v, target)) for k, v in logits.items()}
     for k, v in logits.items():
@@ -343,6 +444,8 @@ def test_smollm2_fp8_kv_cache_nll_within_two_percent(smollm2_dir: Path) -> None:
         assert abs(nll["fp8 KV"] / nll[ref] - 1) <= 0.01
         assert abs(nll["fp8 weights"] / nll[ref] - 1) <= 0.02
         assert abs(nll["fp8 weights + fp8 KV"] / nll[ref] - 1) <= 0.02
+        assert abs(nll["fp8 weights and lm_head"] / nll[ref] - 1) <= 0.02
+        assert abs(nll["fp8 weights and lm_head + fp8 KV"] / nll[ref] - 1) <= 0.02
     both = logits["fp8 weights + fp8 KV"].argmax(-1)
     assert float((both == logits["bfloat16"].argmax(-1)).float().mean()) >= 0.8  # measured 89.4-89.6%
 
@@ -367,9 +470,11 @@ def test_cuda_scaled_mm_matches_emulation(m: int, bias: bool) -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_cuda_fp8_engine_greedy(tmp_path: Path) -> None:
-    """bf16 model, FP8 projections on the GPU (tensor cores where it has them): greedy tokens are its own
-    model's argmax over the full sequence, overlapped == synchronous, decode graphs included."""
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_cuda_fp8_engine_greedy(tmp_path: Path, lm_head: bool) -> None:
+    """bf16 model, FP8 projections (and lm_head, its vocabulary padded to 16 rows) on the GPU (tensor cores
+    where it has them): greedy tokens are its own model's argmax over the full sequence, overlapped ==
+    synchronous, decode graphs included."""
     from batchgen import Engine, SamplingParams
 
     from reference import random_prompts
@@ -380,8 +485,9 @@ def test_cuda_fp8_engine_greedy(tmp_path: Path) -> None:
     runs = []
     for overlap in (True, False):
         engine = Engine(path, device="cuda", dtype="bfloat16", quantization="fp8", overlap=overlap,
-                        max_num_seqs=16, kv_cache_tokens=16384)
+                        max_num_seqs=16, kv_cache_tokens=16384, quantize_lm_head=lm_head)
         assert ("FP8 tensor cores" in engine.describe()) == FP8_GPU
+        assert ("lm_head included" in engine.describe()) == lm_head
         # with FP8 tensor cores, decode steps take the fused layer on the FP8 skinny GEMM
         assert engine.model.fused_rows == (64 if FP8_GPU else 0)
         prompts = random_prompts(16, engine.model.cfg.vocab_size, max_len=80)
@@ -399,8 +505,8 @@ def test_cuda_fp8_engine_greedy(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU with FP8 tensor cores (capability >= 8.9)")
 def test_cuda_smollm2_fp8_nll_matches_emulation(smollm2_dir: Path) -> None:
-    """Item 5 on the GPU: bf16 SmolLM2 with FP8 projections on the tensor cores, teacher-forced NLL within 2%
-    of bf16's and within 1% of the float32 CPU emulation's (the same codes, another accumulation)."""
+    """Item 5 on the GPU: bf16 SmolLM2 with FP8 projections (then lm_head too) on the tensor cores, teacher-forced
+    NLL within 2% of bf16's and within 1% of the float32 CPU emulation's (the same codes, another accumulation)."""
     from transformers import AutoTokenizer
 
     from batchgen.engine.loader import load_model
@@ -409,16 +515,19 @@ def test_cuda_smollm2_fp8_nll_matches_emulation(smollm2_dir: Path) -> None:
     target = torch.tensor(ids[1:])
     nll = {}
     runs = (("bf16", "cuda", "bfloat16"), ("fp8", "cuda", "bfloat16"), ("emulated", "cpu", "float32"))
+    runs += tuple((name + " lm_head", device, dtype) for name, device, dtype in runs[1:])
     for name, device, dtype in runs:
         model, _ = load_model(smollm2_dir, torch.device(device), dtype)
         if name != "bf16":
-            assert apply_fp8(model).tensor_cores == (device == "cuda")
+            assert apply_fp8(model, lm_head=name.endswith("lm_head")).tensor_cores == (device == "cuda")
         logits = full_forward_logits(model, ids, torch.device(device))[:-1].cpu()
         nll[name] = float(nn.functional.cross_entropy(logits, target))
-    print(f"SmolLM2-135M on the GPU: NLL bf16 {nll['bf16']:.4f}, fp8 {nll['fp8']:.4f} "
-          f"({100 * (nll['fp8'] / nll['bf16'] - 1):+.2f}%), float32 emulation {nll['emulated']:.4f}")
-    assert abs(nll["fp8"] / nll["bf16"] - 1) <= 0.02
-    assert abs(nll["fp8"] / nll["emulated"] - 1) <= 0.01
+    for head in ("", " lm_head"):
+        fp8, emulated = nll["fp8" + head], nll["emulated" + head]
+        print(f"SmolLM2-135M on the GPU: NLL bf16 {nll['bf16']:.4f}, fp8{head} {fp8:.4f} "
+              f"({100 * (fp8 / nll['bf16'] - 1):+.2f}%), float32 emulation {emulated:.4f}")
+        assert abs(fp8 / nll["bf16"] - 1) <= 0.02
+        assert abs(fp8 / emulated - 1) <= 0.01
 
 
 @pytest.mark.slow

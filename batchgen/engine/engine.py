@@ -64,13 +64,14 @@ class Engine:
                  overlap: bool | str = "auto", cuda_graphs: bool = True, attention: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, threads: int | None = None,
                  quantization: str | None = None, kv_cache_dtype: str = "auto", model: Any = None,
-                 tensor_parallel: int = 1) -> None:
+                 tensor_parallel: int = 1, quantize_lm_head: bool = False) -> None:
         spec = {k: v for k, v in locals().items() if k not in ("self", "model_dir", "model")}  # for the ranks
         check_engine_args(device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                           kv_cache_tokens=kv_cache_tokens, block_size=block_size, prefix_caching=prefix_caching,
                           gpu_memory_fraction=gpu_memory_fraction, overlap=overlap, cuda_graphs=cuda_graphs,
                           attention=attention, max_model_len=max_model_len, seed=seed, threads=threads,
-                          quantization=quantization, kv_cache_dtype=kv_cache_dtype, tensor_parallel=tensor_parallel)
+                          quantization=quantization, kv_cache_dtype=kv_cache_dtype, tensor_parallel=tensor_parallel,
+                          quantize_lm_head=quantize_lm_head)
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.device = _pick_device(device)
         self._tp = None  # parallel.ranks.Ranks with tensor_parallel > 1: rank 0 forwards its calls to the others
@@ -90,6 +91,7 @@ class Engine:
 
             self.threads = apply_cpu_threads(threads)
         self.quantization = quantization  # None | "fp8": weights quantized at load (engine/quant)
+        self.quantize_lm_head = quantize_lm_head  # with "fp8": lm_head in e4m3 too (else the model dtype)
         self.precision = ""  # how the quantized weights run here, for describe() ("" unquantized)
         self.model, raw_config = self._load_model(model, dtype)
         problem = self.backend.softcap_problem(getattr(self.model, "attn_softcap", 0.0))  # Gemma 2
@@ -174,7 +176,7 @@ class Engine:
 
         stored = checkpoint_linears(model) if keep_fp8 else {}
         if self.quantization == "fp8" or (stored and covers_every_projection(model, stored)):
-            summary = apply_fp8(model, prequantized=stored)
+            summary = apply_fp8(model, prequantized=stored, lm_head=self.quantize_lm_head)
             self.precision = summary.describe() + (" from the checkpoint's FP8 weights" if stored else "")
         elif stored:  # some projections of the checkpoint are not FP8: all of them run dequantized
             log.info("FP8 checkpoint: not every projection is FP8, so all run dequantized to %s",

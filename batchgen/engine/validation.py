@@ -180,7 +180,7 @@ def check_engine_args(*, device: Any = "auto", dtype: Any = "auto", max_num_seqs
                       prefix_caching: Any = True, gpu_memory_fraction: Any = 0.9, overlap: Any = "auto",
                       cuda_graphs: Any = True, attention: Any = "auto", max_model_len: Any = None,
                       seed: Any = 0, threads: Any = None, quantization: Any = None,
-                      kv_cache_dtype: Any = "auto", tensor_parallel: Any = 1) -> None:
+                      kv_cache_dtype: Any = "auto", tensor_parallel: Any = 1, quantize_lm_head: Any = False) -> None:
     """Check the Engine constructor's arguments (defaults: the Engine's, so tests can pass one)."""
     e = "Engine: "
     _check_device(device)
@@ -199,6 +199,7 @@ def check_engine_args(*, device: Any = "auto", dtype: Any = "auto", max_num_seqs
     _int(e + "seed", seed)
     _opt_int(e + "threads", threads, 1)
     _check_quantization(quantization)
+    check_quantize_lm_head(quantize_lm_head, quantization)
     _check_kv_cache_dtype(kv_cache_dtype)
     _int(e + "tensor_parallel", tensor_parallel, 1)
 
@@ -259,6 +260,14 @@ def _check_quantization(quantization: object) -> None:
     if quantization is not None and not (isinstance(quantization, str) and quantization in QUANTIZATIONS):
         _fail("Engine: quantization", "None or " + " or ".join(map(repr, QUANTIZATIONS)), quantization,
               not isinstance(quantization, str))
+
+
+def check_quantize_lm_head(quantize_lm_head: object, quantization: object) -> None:
+    """A bool, and True only with a quantization (it names the format lm_head takes too)."""
+    _bool("Engine: quantize_lm_head", quantize_lm_head)
+    if quantize_lm_head and quantization is None:
+        raise EngineArgumentError("Engine: quantize_lm_head=True needs quantization='fp8' (lm_head is quantized "
+                                  "the way the projections are)")
 
 
 def _check_kv_cache_dtype(kv_cache_dtype: object) -> None:

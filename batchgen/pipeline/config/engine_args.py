@@ -80,7 +80,7 @@ def engine_config_error(cfg: JobConfig, error: BaseException) -> ConfigError:
 
 def engine_checks(cfg: JobConfig) -> None:
     """The sampling section through the engine's own SamplingParams checks, and the Engine
-    arguments that need no torch (block_size, kv_cache_tokens; the rest are checked by the rules
+    arguments that need no torch (block_size, kv_cache_tokens, quantize_lm_head; the rest are checked by the rules
     with the same bounds, device/dtype/attention by name; preflight() runs the full check_engine_args)."""
     from ...engine.request import SamplingParams
 
@@ -88,5 +88,6 @@ def engine_checks(cfg: JobConfig) -> None:
         SamplingParams(**sampling_kwargs(cfg.sampling))
         engine_rules._check_block_size(cfg.engine.block_size)
         engine_rules._check_kv_cache_tokens(cfg.engine.kv_cache_tokens, cfg.engine.block_size)
+        engine_rules.check_quantize_lm_head(cfg.model.quantize_lm_head, cfg.model.quantization)
     except engine_rules.EngineArgumentError as e:
         raise engine_config_error(cfg, e) from None

@@ -37,6 +37,8 @@ def job_identity(cfg: JobConfig) -> dict[str, Any]:
     model = asdict(cfg.model)
     if model.get("quantization") is None:  # unquantized: the identity (and fingerprint) of jobs from before the key
         model.pop("quantization", None)
+    if not model.get("quantize_lm_head"):  # the default: the identity of jobs from before the key
+        model.pop("quantize_lm_head", None)
     identity = {
         "model": model,
         "input": inp,

@@ -22,6 +22,8 @@ class ModelSection:
                          doc="auto | float32 | float16 | bfloat16")
     quantization: str | None = setting(None, kind="str", nullable=True, choices=engine_rules.QUANTIZATIONS,
                                        doc="null | fp8: the projections' weights quantized to FP8 at load")
+    quantize_lm_head: bool = setting(False, kind="bool",
+                                     doc="with quantization fp8: lm_head in FP8 too (one scale per vocabulary row)")
 
 
 @dataclass

@@ -60,8 +60,9 @@ def dry_run(cfg: JobConfig, *, task_id: int = 0, num_tasks: int = 1, preview: in
     if cfg.model.quantization == "fp8":
         print(f"precision: weights fp8 (e4m3, per-channel weight scales, activation scales per token (per token "
               f"per 128 columns in decode steps); FP8 tensor cores on CUDA capability 8.9+, emulated in float32 "
-              f"elsewhere), embeddings and lm_head "
-              f"in model.dtype ({cfg.model.dtype})", file=out)
+              f"elsewhere), " + ("lm_head fp8 too (one scale per vocabulary row), embeddings "
+                                 if cfg.model.quantize_lm_head else "embeddings and lm_head ")
+              + f"in model.dtype ({cfg.model.dtype})", file=out)
     if cfg.engine.kv_cache_dtype != "auto":
         print(f"KV cache: {_kv_line(cfg.engine.kv_cache_dtype)}", file=out)
     s, shown_errors = _preview(cfg, source, builder, preview, max(sample, preview), out)
