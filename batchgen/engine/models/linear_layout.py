@@ -24,13 +24,14 @@ from .. import fused_ops
 from ..switches import Switches, switches
 
 SkinnyConfig = tuple[int, int, int, int, int]  # BN, BK, SPLIT_K, num_warps, num_stages
-# best at M=32 on H100 (benchmarks/gemm_sweep.py), keyed by (in, out): llama-3.1-8b's projections.
-# Alone each is within 2% of cuBLAS; in the step they gain because they launch early (pdl.py) and
-# prefetch their weights. o_proj / down_proj stay on cuBLAS by default: their Triton versions are
-# 1-2 us slower, which the early launch only pays back (seed workload, notes/KERNELS.md).
+# best at M=32 on the H200 (benchmarks/gemm_sweep.py --no-silu, 2026-12-04), keyed by (in, out): llama-3.1-8b's
+# projections. Alone, gate_up 57.8 us against cuBLAS's 60.0 (4.06 TB/s) and qkv 18.0 against 16.0; in the step
+# they launch early (pdl.py) and prefetch their weights: seed 5,742 tok/s against 5,660 all on cuBLAS and 5,638
+# with the H100's configs. o_proj / down_proj (12.0 / 32.2 us alone, 1.13x / 1.03x cuBLAS) stay on cuBLAS by
+# default: on the skinny GEMM too the step was no faster (5,746 / 5,631; notes/KERNELS.md).
 TUNED: dict[tuple[int, int], SkinnyConfig] = {
-    (4096, 6144): (64, 128, 1, 4, 5), (4096, 28672): (256, 64, 1, 4, 3),
-    (4096, 4096): (32, 256, 1, 4, 4), (14336, 4096): (64, 128, 2, 4, 5),
+    (4096, 6144): (128, 128, 2, 4, 4), (4096, 28672): (128, 64, 1, 4, 3),
+    (4096, 4096): (64, 256, 2, 8, 4), (14336, 4096): (64, 256, 2, 8, 4),
 }
 
 
