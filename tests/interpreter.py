@@ -18,12 +18,33 @@ interpreter_test = pytest.mark.skipif(
     reason="needs triton (its CPU interpreter) and no GPU (there the CUDA tests run the kernels)")
 
 
+# The subprocess: the NumPy shim below, then the test file as __main__ with --interpret.
+_RUN_SUITE = ("import runpy, sys, interpreter; interpreter.numpy_index_shim(); "
+              "sys.argv = [sys.argv[1], '--interpret']; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def numpy_index_shim() -> None:
+    """Triton 3.6's interpreter holds a scalar kernel argument as a one-element 1-D array and takes int() of it
+    where the kernel uses it as an index (`range(0, n, BLOCK)`); NumPy 2.4 refuses int() of a 1-D array. The
+    same value through .item(), which takes any one-element array (the compiled kernels never run this)."""
+    from triton.runtime import interpreter as triton_interpreter
+
+    patch_tensor = triton_interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    triton_interpreter._patch_lang_tensor = patched
+
+
 def run_interpreter_suite(test_file: str, ok_line: str) -> None:
-    """`python test_file --interpret` with TRITON_INTERPRET=1 and no GPU; it must exit 0 and print ok_line."""
+    """`python test_file --interpret` with TRITON_INTERPRET=1 and no GPU (and numpy_index_shim); it must exit 0
+    and print ok_line."""
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, test_file, "--interpret"], env=env, cwd=root,
+    proc = subprocess.run([sys.executable, "-c", _RUN_SUITE, test_file], env=env, cwd=root,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert ok_line in proc.stdout
