@@ -266,8 +266,8 @@ def check_quantize_lm_head(quantize_lm_head: object, quantization: object) -> No
     """A bool, and True only with a quantization (it names the format lm_head takes too)."""
     _bool("Engine: quantize_lm_head", quantize_lm_head)
     if quantize_lm_head and quantization is None:
-        raise EngineArgumentError("Engine: quantize_lm_head=True needs quantization='fp8' (lm_head is quantized "
-                                  "the way the projections are)")
+        raise EngineArgumentError("Engine: quantize_lm_head must stay off unless quantization is 'fp8' (lm_head "
+                                  "is quantized the way the projections are)")
 
 
 def _check_kv_cache_dtype(kv_cache_dtype: object) -> None:
