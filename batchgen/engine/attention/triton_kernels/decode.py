@@ -39,6 +39,28 @@ def softcap_log2(x, cap_log2):
 
 
 @triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, bt_row, offs_n, nmask, kvh, d, stride_kb, stride_kt, stride_kh,
+                 stride_vb, stride_vt, stride_vh, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+    """The K and V rows of tokens offs_n of one kv head through the sequence's block table row: [N, HEAD_DIM]
+    each, in the cache's dtype. MASKED: tokens where nmask is False read block 0 and load zeros (the tail tile);
+    else every token is in range (no predicates)."""
+    if MASKED:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
+    tok = offs_n % BLOCK_SIZE
+    if MASKED:
+        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + tok[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+                    mask=nmask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vt + kvh * stride_vh + d[None, :],
+                    mask=nmask[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + tok[:, None] * stride_kt + kvh * stride_kh + d[None, :])
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vt + kvh * stride_vh + d[None, :])
+    return k, v
+
+
+@triton.jit
 def _split_range(seq_len, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
     """A sequence's attended range [start, seq_len), its length, and the length of each of its
     NUM_SPLITS pieces (whole BLOCK_N tiles)."""
@@ -96,12 +118,8 @@ def _decode_split_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < hi
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        tok = offs_n % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + tok[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-                    mask=nmask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vt + kvh * stride_vh + d[None, :],
-                    mask=nmask[:, None], other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt_row, offs_n, nmask, kvh, d, stride_kb, stride_kt, stride_kh,
+                            stride_vb, stride_vt, stride_vh, BLOCK_SIZE, True)
         if KV_FP8:
             k = k.to(q.dtype)
             v = v.to(q.dtype)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ...kernels.launch import TRITON_DEFAULT_STAGES, launch_fitting
-from .decode import softcap_log2
+from .decode import load_kv_tile, softcap_log2
 
 _LOG2E = 1.4426950408889634
 
@@ -93,10 +93,8 @@ def _prefill_kernel(
     full_hi = lo + ((full_hi - lo) // BLOCK_N) * BLOCK_N
     for n0 in range(lo, full_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
-        tk = offs_n % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + tk[:, None] * stride_kt + kvh * stride_kh + d[None, :])
-        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tk[:, None] * stride_vt + kvh * stride_vh + d[None, :])
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt_row, offs_n, offs_n < hi, kvh, d, stride_kb, stride_kt,
+                            stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, False)
         if KV_FP8:
             k = k.to(q.dtype)
             v = v.to(q.dtype)
@@ -112,12 +110,8 @@ def _prefill_kernel(
     for n0 in range(full_hi, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < hi
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        tk = offs_n % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + tk[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-                    mask=nmask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tk[:, None] * stride_vt + kvh * stride_vh + d[None, :],
-                    mask=nmask[:, None], other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt_row, offs_n, nmask, kvh, d, stride_kb, stride_kt, stride_kh,
+                            stride_vb, stride_vt, stride_vh, BLOCK_SIZE, True)
         if KV_FP8:
             k = k.to(q.dtype)
             v = v.to(q.dtype)
