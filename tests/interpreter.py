@@ -29,7 +29,9 @@ def numpy_index_shim() -> None:
     same value through .item(), which takes any one-element array (the compiled kernels never run this)."""
     from triton.runtime import interpreter as triton_interpreter
 
-    patch_tensor = triton_interpreter._patch_lang_tensor
+    patch_tensor = getattr(triton_interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None:  # another Triton: its interpreter as it is
+        return
 
     def patched(tensor, scope) -> None:
         patch_tensor(tensor, scope)
