@@ -83,6 +83,8 @@ def _expected(x, wq, ws, b, r, N: int, gated: bool, act_fp8: bool) -> torch.Tens
     (256, 1024, (128, 128, 1, 8, 3), True, False, False),  # gated: gate | up, SiLU-and-mul
     (192, 512, (64, 128, 1, 4, 4), True, True, False),
     (256, 1000, (128, 128, 3, 8, 3), True, True, False),   # gated with a K split: the last split's epilogue
+    (6144, 4096, (64, 128, 2, 4, 6), False, False, False),  # the 8B shapes' FP8_TUNED picks: q/k/v
+    (4096, 14336, (128, 128, 4, 8, 6), False, False, True),  # down_proj, its residual in the split merge
 ])
 def test_cuda_fp8_skinny_gemm_matches_its_recipe(act_fp8, M, N, K, config, gated, bias, residual) -> None:
     from batchgen.engine.kernels.fp8_skinny_gemm import fp8_skinny_gemm

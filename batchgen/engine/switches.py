@@ -40,10 +40,13 @@ class Switches:
     pdl: bool = True  # BATCHGEN_PDL=0: no programmatic dependent launch (ablation; off before sm_90 anyway)
     skinny: tuple[str, ...] = DEFAULT_SKINNY  # BATCHGEN_SKINNY: projections on the Triton skinny GEMM ("0": none)
     skinny_configs: str | None = None  # BATCHGEN_SKINNY_CONFIGS: JSON file of swept configs {"K,N": [5 ints]}
+    # (FP8 decode GEMMs: keys "fp8:K,N")
     skinny_prefetch: int = 256  # BATCHGEN_SKINNY_PREFETCH: weight rows each skinny GEMM program prefetches (0 = off)
     fused_decode: bool = True  # BATCHGEN_FUSED_DECODE=0: decode steps take the unfused layer path (ablation)
     fp8_skinny: bool = True  # BATCHGEN_FP8_SKINNY=0: every FP8 GEMM on torch._scaled_mm, neither Triton kernel
     fp8_decode_act: str = "fp8"  # BATCHGEN_FP8_DECODE_ACT: bf16 = W8A16 decode GEMMs (x not quantized), fp8 = W8A8
+    fp8_skinny_prefetch: int = 2  # BATCHGEN_FP8_SKINNY_PREFETCH: 128-byte lines of each weight row an FP8 decode GEMM
+    # program pulls into L2 before its PDL wait (0 = off)
     fp8_decode_max_m: int = 64  # BATCHGEN_FP8_DECODE_MAX_M: largest step (tokens, <= 256) on the FP8 decode GEMM
     fp8_gemm_max_m: int = 1 << 30  # BATCHGEN_FP8_GEMM_MAX_M: larger FP8 steps on torch._scaled_mm, not kernels/fp8_gemm.py
     tp_timeout: str = ""  # BATCHGEN_TP_TIMEOUT: seconds a tensor-parallel group's init / collective waits (parallel/group.py)
@@ -62,6 +65,7 @@ class Switches:
             fused_decode=env.get("BATCHGEN_FUSED_DECODE", "1") != "0",
             fp8_skinny=env.get("BATCHGEN_FP8_SKINNY", "1") != "0",
             fp8_decode_act="bf16" if env.get("BATCHGEN_FP8_DECODE_ACT") == "bf16" else "fp8",
+            fp8_skinny_prefetch=_int_switch(env, "BATCHGEN_FP8_SKINNY_PREFETCH", 2, 0, 64),
             fp8_decode_max_m=_int_switch(env, "BATCHGEN_FP8_DECODE_MAX_M", 64, 0, 256),
             fp8_gemm_max_m=_int_switch(env, "BATCHGEN_FP8_GEMM_MAX_M", 1 << 30, 0),
             tp_timeout=env.get("BATCHGEN_TP_TIMEOUT", "").strip(),

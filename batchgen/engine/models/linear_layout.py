@@ -87,14 +87,14 @@ def skinny_config(name: str, in_features: int, out_features: int, sw: Switches |
         return None
     tuned = sw.skinny_configs  # BATCHGEN_SKINNY_CONFIGS: JSON {"K,N": [BN, BK, SPLIT_K, warps, stages]} (sweeps)
     if tuned:
-        config = _config_from_file(tuned, f"{in_features},{out_features}")
+        config = config_from_file(tuned, f"{in_features},{out_features}")
         if config is not None:
             return config
     # shapes not swept stay on cuBLAS: an untuned split can cost more than the whole gain
     return TUNED.get((in_features, out_features))
 
 
-def _config_from_file(path: str, key: str) -> SkinnyConfig | None:
+def config_from_file(path: str, key: str) -> SkinnyConfig | None:
     import json
 
     try:

@@ -29,13 +29,25 @@ from ..switches import switches
 
 _ALIGN = 16  # _scaled_mm needs K and N multiples of 16
 DecodeConfig = tuple[int, int, int, int, int]  # the FP8 skinny GEMM's BN, BK, SPLIT_K, num_warps, num_stages
-# swept at M=32 on the H200 (benchmarks/gemm_sweep.py --fp8), keyed by (in, out); others take the default
-# (W8A8; the fastest at M=8 too but for qkv_proj, where it ties). gate_up's BN = 128 lets its epilogue hand
-# down_proj quantized rows (one 128-column group per program).
+# swept at M=32 on the H200 (benchmarks/gemm_sweep.py --fp8, kernels alone), keyed by (in, out); others take the
+# default (W8A8; the fastest at M=8 too but for qkv_proj, where it ties). gate_up's BN = 128 lets its epilogue
+# hand down_proj quantized rows (one 128-column group per program). q/k/v and down_proj then A/B'd in the whole
+# seed step (BATCHGEN_SKINNY_CONFIGS "fp8:K,N" entries; results/2026-12-04-h200-fp8-decode-configs.jsonl): fewer,
+# deeper programs than their fastest alone (down split 4 / 6 stages: 4.059 ms a step against 4.110 with split 8 /
+# 4 stages; q/k/v split 2 / 6 stages on top: 4.050).
 FP8_TUNED: dict[tuple[int, int], DecodeConfig] = {
-    (4096, 6144): (64, 128, 4, 4, 4), (4096, 4096): (128, 128, 4, 8, 6),
-    (4096, 28672): (128, 128, 1, 8, 4), (14336, 4096): (128, 128, 8, 8, 4),
+    (4096, 6144): (64, 128, 2, 4, 6), (4096, 4096): (128, 128, 4, 8, 6),
+    (4096, 28672): (128, 128, 1, 8, 4), (14336, 4096): (128, 128, 4, 8, 6),
 }
+
+
+def _swept(sw, in_features: int, out_features: int) -> DecodeConfig | None:
+    """A swept decode config from BATCHGEN_SKINNY_CONFIGS's "fp8:K,N" entry (benchmarks), else None."""
+    if not sw.skinny_configs:
+        return None
+    from ..models.linear_layout import config_from_file
+
+    return config_from_file(sw.skinny_configs, f"fp8:{in_features},{out_features}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +126,8 @@ class Fp8Linear(nn.Module):
             self._quantize_on_load_rows = kernel.MAX_M_QUANTIZE_ON_LOAD
             self._act_fp8 = sw.fp8_decode_act == "fp8"
             sms = torch.cuda.get_device_properties(self.weight.device).multi_processor_count
-            tuned = FP8_TUNED.get((self.in_features, self.out_features))
+            tuned = _swept(sw, self.in_features, self.out_features) or FP8_TUNED.get((self.in_features, self.out_features))
+            self._prefetch = sw.fp8_skinny_prefetch
             self.skinny = tuned or kernel.default_config(self.out_features, self.in_features, sms)
             self._gate_config = tuned or kernel.default_config(self.out_features // 2, self.in_features, sms, gated=True)
 
@@ -150,7 +163,7 @@ class Fp8Linear(nn.Module):
         if self._act_fp8 and not isinstance(x, fp8.Fp8Rows) and x.shape[0] > self._quantize_on_load_rows:
             x = fp8.Fp8Rows(*self._quantize_fp8(x, per_group=True))  # once, not by every program of the GEMM
         return self._kernel(x, self.weight, self.weight_scale, self.bias, act_fp8=self._act_fp8, config=config,
-                            dtype=dtype, **epilogue)
+                            dtype=dtype, prefetch=self._prefetch, **epilogue)
 
     @property
     def can_gate(self) -> bool:
