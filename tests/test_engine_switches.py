@@ -13,6 +13,7 @@ def test_defaults_and_parsing():
     d = S.Switches.from_env({})
     assert d == S.Switches() and d.pdl and d.fused_decode and d.skinny == ("qkv_proj", "gate_up_proj")
     assert d.skinny_prefetch == 256 and d.skinny_configs is None and not d.triton_interpret
+    assert d.fp8_skinny_prefetch == 2 and S.Switches.from_env({"BATCHGEN_FP8_SKINNY_PREFETCH": "0"}).fp8_skinny_prefetch == 0
     assert d.cache_dir == Path.home() / ".cache" / "batchgen"
     assert d.fp8_gemm_max_m == 1 << 30 and S.Switches.from_env({"BATCHGEN_FP8_GEMM_MAX_M": "64"}).fp8_gemm_max_m == 64
     s = S.Switches.from_env({"BATCHGEN_PDL": "0", "BATCHGEN_SKINNY": "o_proj,,down_proj", "BATCHGEN_FUSED_DECODE": "0",
@@ -48,7 +49,9 @@ def test_bad_integer_switches_name_the_variable():
                             ("BATCHGEN_FP8_DECODE_MAX_M", "1e3", "must be an integer"),
                             ("BATCHGEN_FP8_DECODE_MAX_M", "300", "between 0 and 256, got 300"),
                             ("BATCHGEN_FP8_GEMM_MAX_M", "-1", ">= 0, got -1"),
-                            ("BATCHGEN_SKINNY_PREFETCH", "nan", "must be an integer, got 'nan'")):
+                            ("BATCHGEN_SKINNY_PREFETCH", "nan", "must be an integer, got 'nan'"),
+                            ("BATCHGEN_FP8_SKINNY_PREFETCH", "65", "between 0 and 64, got 65"),
+                            ("BATCHGEN_FP8_SKINNY_PREFETCH", "-2", "between 0 and 64, got -2")):
         try:
             S.Switches.from_env({name: raw})
         except S.SwitchError as e:
@@ -57,6 +60,29 @@ def test_bad_integer_switches_name_the_variable():
             raise AssertionError(f"{name}={raw!r} was accepted")
     assert S.Switches.from_env({"BATCHGEN_FP8_DECODE_MAX_M": " 32 "}).fp8_decode_max_m == 32
     assert S.Switches.from_env({"BATCHGEN_FP8_GEMM_MAX_M": ""}).fp8_gemm_max_m == 1 << 30
+
+
+def test_swept_configs_file_keeps_fp8_and_16_bit_entries_apart(tmp_path):
+    """BATCHGEN_SKINNY_CONFIGS: "K,N" entries are the 16-bit skinny GEMM's, "fp8:K,N" the FP8 decode GEMM's; a bad
+    FP8 entry is refused with the file named."""
+    import json
+
+    import pytest
+
+    from batchgen.engine.models.linear_layout import skinny_config
+    from batchgen.engine.quant.fp8_linear import swept_decode_config
+
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"fp8:4096,6144": [64, 128, 2, 4, 6], "4096,4096": [64, 256, 2, 8, 4]}))
+    sw = S.Switches.from_env({"BATCHGEN_SKINNY_CONFIGS": str(path), "BATCHGEN_SKINNY": "qkv_proj,o_proj"})
+    assert swept_decode_config(sw, 4096, 6144) == (64, 128, 2, 4, 6)
+    assert swept_decode_config(sw, 4096, 4096) is None  # the 16-bit entry is not the FP8 kernel's
+    assert skinny_config("o_proj", 4096, 4096, sw) == (64, 256, 2, 8, 4)
+    assert skinny_config("qkv_proj", 4096, 6144, sw) != (64, 128, 2, 4, 6)  # nor the FP8 entry the 16-bit one's
+    assert swept_decode_config(S.Switches.from_env({}), 4096, 6144) is None
+    path.write_text(json.dumps({"fp8:4096,6144": [64, 128, 2, 4]}))
+    with pytest.raises(ValueError, match=r"BATCHGEN_SKINNY_CONFIGS=.*configs\.json: entry 'fp8:4096,6144'"):
+        swept_decode_config(sw, 4096, 6144)
 
 
 def test_cli_refuses_a_bad_switch_in_one_line(tmp_path):
