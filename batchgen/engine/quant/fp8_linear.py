@@ -25,7 +25,7 @@ from torch import nn
 
 from . import fp8
 from .. import fused_ops
-from ..switches import switches
+from ..switches import Switches, switches
 
 _ALIGN = 16  # _scaled_mm needs K and N multiples of 16
 DecodeConfig = tuple[int, int, int, int, int]  # the FP8 skinny GEMM's BN, BK, SPLIT_K, num_warps, num_stages
@@ -41,7 +41,7 @@ FP8_TUNED: dict[tuple[int, int], DecodeConfig] = {
 }
 
 
-def swept_decode_config(sw, in_features: int, out_features: int) -> DecodeConfig | None:
+def swept_decode_config(sw: Switches, in_features: int, out_features: int) -> DecodeConfig | None:
     """A swept decode config from BATCHGEN_SKINNY_CONFIGS's "fp8:K,N" entry (benchmarks), else None."""
     if not sw.skinny_configs:
         return None
@@ -126,7 +126,8 @@ class Fp8Linear(nn.Module):
             self._quantize_on_load_rows = kernel.MAX_M_QUANTIZE_ON_LOAD
             self._act_fp8 = sw.fp8_decode_act == "fp8"
             sms = torch.cuda.get_device_properties(self.weight.device).multi_processor_count
-            tuned = swept_decode_config(sw, self.in_features, self.out_features) or FP8_TUNED.get((self.in_features, self.out_features))
+            shape = (self.in_features, self.out_features)
+            tuned = swept_decode_config(sw, *shape) or FP8_TUNED.get(shape)
             self._prefetch = sw.fp8_skinny_prefetch
             self.skinny = tuned or kernel.default_config(self.out_features, self.in_features, sms)
             self._gate_config = tuned or kernel.default_config(self.out_features // 2, self.in_features, sms, gated=True)
