@@ -125,7 +125,7 @@ class Fp8Linear(nn.Module):
             self._act_and_mul_quantize = fp8_quant.act_and_mul_quantize_fp8
             self._quantize_on_load_rows = kernel.MAX_M_QUANTIZE_ON_LOAD
             self._act_fp8 = sw.fp8_decode_act == "fp8"
-            self._fused_norm = self._act_fp8 and sw.fp8_fused_norm
+            self._norm_in_gemm = self._act_fp8 and sw.fp8_norm_in_gemm
             sms = torch.cuda.get_device_properties(self.weight.device).multi_processor_count
             shape = (self.in_features, self.out_features)
             tuned = swept_decode_config(sw, *shape) or FP8_TUNED.get(shape)
@@ -177,9 +177,9 @@ class Fp8Linear(nn.Module):
         """rms_norm(x) @ W.T for decode-sized x (the fused layer); gated (needs can_gate): W is gate | up and
         the result SiLU(gate) * up, handed on as Fp8Rows where the epilogue can quantize it (W8A8, BN = 128).
         W8A8: the norm writes its output quantized (kernels/fp8_quant.py), or runs inside the GEMM
-        (BATCHGEN_FP8_FUSED_NORM: one launch fewer; 1/rms applied to the product, fp8_skinny_gemm's norm)."""
+        (BATCHGEN_FP8_NORM_IN_GEMM: one launch fewer; 1/rms applied to the product, fp8_skinny_gemm's norm)."""
         w8a8 = self._act_fp8 and self._skinny_rows(x)
-        if w8a8 and self._fused_norm and x.shape[0] <= self._quantize_on_load_rows:
+        if w8a8 and self._norm_in_gemm and x.shape[0] <= self._quantize_on_load_rows:
             out_fp8 = gated and self._gate_config[0] == 128
             return self._kernel(x, self.weight, self.weight_scale, self.bias, act_fp8=True, dtype=x.dtype,
                                 config=self._gate_config if gated else self.skinny, prefetch=self._prefetch,
