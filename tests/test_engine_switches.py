@@ -13,7 +13,6 @@ def test_defaults_and_parsing():
     d = S.Switches.from_env({})
     assert d == S.Switches() and d.pdl and d.fused_decode and d.skinny == ("qkv_proj", "gate_up_proj")
     assert d.skinny_prefetch == 256 and d.skinny_configs is None and not d.triton_interpret
-    assert not d.fp8_norm_in_gemm and S.Switches.from_env({"BATCHGEN_FP8_NORM_IN_GEMM": "1"}).fp8_norm_in_gemm
     assert d.fp8_skinny_prefetch == 2 and S.Switches.from_env({"BATCHGEN_FP8_SKINNY_PREFETCH": "0"}).fp8_skinny_prefetch == 0
     assert d.cache_dir == Path.home() / ".cache" / "batchgen"
     assert d.fp8_gemm_max_m == 1 << 30 and S.Switches.from_env({"BATCHGEN_FP8_GEMM_MAX_M": "64"}).fp8_gemm_max_m == 64

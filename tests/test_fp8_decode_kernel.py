@@ -23,19 +23,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def normed_product(x: torch.Tensor, norm_w: torch.Tensor, eps: float, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-    """What the FP8 decode GEMM computes with the norm inside (fp8_skinny_gemm's norm=), in float32: x * norm_w
-    quantized per token per 128 columns and multiplied, then each token's 1 / rms(x)."""
-    xf = x.float()
-    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return fp8.emulate_skinny(xf * norm_w.float(), wq, ws, True) * inv
-
-
-def silu_mul_rounded(pre: torch.Tensor, n: int, dt: torch.dtype) -> torch.Tensor:
-    """SiLU(gate) * up on gate | up rounded to dt first, as HF's MLP and the gated epilogue compute it."""
-    return (nn.functional.silu(pre[:, :n].to(dt).float()).to(dt).float() * pre[:, n:].to(dt).float()).to(dt)
-
-
 def test_group_quantization_has_one_scale_per_token_per_128_columns() -> None:
     x = torch.randn(3, 300)
     x[1, 130] = 1000.0  # only row 1's second group gets the large scale
@@ -113,35 +100,6 @@ def test_cuda_fp8_skinny_gemm_matches_its_recipe(act_fp8, M, N, K, config, gated
     again = fp8_skinny_gemm(x, wq, ws, b, gated=gated, residual=r.clone() if r is not None else None,
                             act_fp8=act_fp8, config=config)
     assert torch.equal(again, y)  # deterministic (the split merge order is fixed too)
-
-
-@needs_fp8_gpu
-@pytest.mark.parametrize("M", [1, 32, 64])
-@pytest.mark.parametrize("N,K,config,gated", [
-    (6144, 4096, (64, 128, 2, 4, 6), False),   # q/k/v of the 8B shape: a K split merges the sums of squares
-    (320, 1000, (64, 128, 3, 4, 3), False),    # K off the 128 grid
-    (14336, 4096, (128, 128, 1, 8, 4), True),  # gate_up into quantized rows for down_proj
-])
-def test_cuda_fp8_skinny_gemm_with_the_norm_inside(M, N, K, config, gated) -> None:
-    """norm=(weight, eps): the decode layer's RMSNorm inside the GEMM is its recipe (normed_product), and the
-    norm kernel followed by the GEMM up to that kernel's 16-bit rounding of the normed rows."""
-    from batchgen.engine.kernels.fp8_quant import rms_norm_fp8
-    from batchgen.engine.kernels.fp8_skinny_gemm import fp8_skinny_gemm
-
-    g = torch.Generator(device="cuda").manual_seed(M + N)
-    x = (torch.randn(M, K, generator=g, device="cuda") * 3).bfloat16()
-    nw = (torch.rand(K, generator=g, device="cuda") + 0.5).bfloat16()
-    wq, ws = fp8.quantize_weight(torch.randn(2 * N if gated else N, K, generator=g, device="cuda") * 0.02)
-    got = fp8_skinny_gemm(x, wq, ws, gated=gated, out_fp8=gated, act_fp8=True, config=config, norm=(nw, 1e-5))
-    unfused = fp8_skinny_gemm(rms_norm_fp8(x, nw, 1e-5), wq, ws, gated=gated, out_fp8=gated, config=config)
-    pre = normed_product(x, nw, 1e-5, wq, ws)
-    if gated:
-        want = fp8.Fp8Rows(*fp8.quantize_activation_groups(silu_mul_rounded(pre, N, torch.bfloat16))).dequantize()
-        got, unfused = got.dequantize(), unfused.dequantize()
-    else:
-        want = pre
-    assert rel_err(got, want) < (2e-2 if gated else 8e-3)  # gated: a code that flips in the output quantize
-    assert rel_err(got, unfused) < 3e-2
 
 
 @needs_fp8_gpu
@@ -526,16 +484,6 @@ def interpreter_suite() -> None:
         q = rms_norm_fp8(x, norm_w, 1e-5)
         want = fp8.quantize_activation_groups(fused_ops.rms_norm(x, norm_w, 1e-5))
         errs.append(((q.dequantize() - fp8.Fp8Rows(*want).dequantize()).norm() / want[0].float().norm()).item())
-        # the norm inside the GEMM (norm=): x * norm_w quantized, 1/rms on the product, whole K or split 3 ways
-        # (each split's sum of squares merged by the last program); gated into quantized rows too
-        for split in (1, 3):
-            yn = fp8_skinny_gemm(x * 3, wq, ws, act_fp8=True, dtype=dt, config=(64, 128, split, 4, 2),
-                                 norm=(norm_w, 1e-5))
-            errs.append(rel_err(yn, normed_product(x * 3, norm_w, 1e-5, wq, ws)))
-            midn = fp8_skinny_gemm(x, gq, gs, gated=True, out_fp8=True, act_fp8=True, dtype=dt,
-                                   config=(128, 128, split, 4, 2), norm=(norm_w, 1e-5))
-            act_n = silu_mul_rounded(normed_product(x, norm_w, 1e-5, gq, gs), 128, dt)
-            errs.append(rel_err(midn.dequantize(), fp8.Fp8Rows(*fp8.quantize_activation_groups(act_n)).dequantize()))
         # kernels/fp8_gemm.py: rows and columns past the tiles, K off the 128 grid, bias and residual epilogues
         xb = torch.randn(70, 300, dtype=dt)
         xq, xs = quantize_fp8(xb, per_group=False)

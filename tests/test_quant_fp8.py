@@ -470,18 +470,12 @@ def test_cuda_scaled_mm_matches_emulation(m: int, bias: bool) -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("lm_head,norm_in_gemm", [(False, False), (True, False), (False, True)])
-def test_cuda_fp8_engine_greedy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lm_head: bool,
-                                norm_in_gemm: bool) -> None:
-    """bf16 model, FP8 projections (and lm_head, its vocabulary padded to 16 rows; or the decode layer's norms
-    inside the FP8 GEMMs, BATCHGEN_FP8_NORM_IN_GEMM) on the GPU (tensor cores where it has them): greedy tokens
-    are its own model's argmax over the full sequence, overlapped == synchronous, decode graphs included."""
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_cuda_fp8_engine_greedy(tmp_path: Path, lm_head: bool) -> None:
+    """bf16 model, FP8 projections (and lm_head, its vocabulary padded to 16 rows) on the GPU (tensor cores
+    where it has them): greedy tokens are its own model's argmax over the full sequence, overlapped ==
+    synchronous, decode graphs included."""
     from batchgen import Engine, SamplingParams
-    from batchgen.engine import switches
-
-    monkeypatch.setattr(switches, "_CURRENT", None)  # the process's own switches come back after the test
-    monkeypatch.setenv("BATCHGEN_FP8_NORM_IN_GEMM", "1" if norm_in_gemm else "0")
-    switches.reload()
 
     from reference import random_prompts
 

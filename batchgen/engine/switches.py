@@ -47,7 +47,6 @@ class Switches:
     fp8_decode_act: str = "fp8"  # BATCHGEN_FP8_DECODE_ACT: bf16 = W8A16 decode GEMMs (x not quantized), fp8 = W8A8
     fp8_skinny_prefetch: int = 2  # BATCHGEN_FP8_SKINNY_PREFETCH: 128-byte lines of each weight row an FP8 decode GEMM
     # program pulls into L2 before its PDL wait (0 = off)
-    fp8_norm_in_gemm: bool = False  # BATCHGEN_FP8_NORM_IN_GEMM=1: the decode layer's RMSNorms inside the FP8 GEMMs
     fp8_decode_max_m: int = 64  # BATCHGEN_FP8_DECODE_MAX_M: largest step (tokens, <= 256) on the FP8 decode GEMM
     fp8_gemm_max_m: int = 1 << 30  # BATCHGEN_FP8_GEMM_MAX_M: larger FP8 steps on torch._scaled_mm, not kernels/fp8_gemm.py
     tp_timeout: str = ""  # BATCHGEN_TP_TIMEOUT: seconds a tensor-parallel group's init / collective waits (parallel/group.py)
@@ -67,7 +66,6 @@ class Switches:
             fp8_skinny=env.get("BATCHGEN_FP8_SKINNY", "1") != "0",
             fp8_decode_act="bf16" if env.get("BATCHGEN_FP8_DECODE_ACT") == "bf16" else "fp8",
             fp8_skinny_prefetch=_int_switch(env, "BATCHGEN_FP8_SKINNY_PREFETCH", 2, 0, 64),
-            fp8_norm_in_gemm=env.get("BATCHGEN_FP8_NORM_IN_GEMM", "0") == "1",
             fp8_decode_max_m=_int_switch(env, "BATCHGEN_FP8_DECODE_MAX_M", 64, 0, 256),
             fp8_gemm_max_m=_int_switch(env, "BATCHGEN_FP8_GEMM_MAX_M", 1 << 30, 0),
             tp_timeout=env.get("BATCHGEN_TP_TIMEOUT", "").strip(),

@@ -41,18 +41,13 @@ E4M3_MAX = tl.constexpr(448.0)  # a constexpr global: the kernel can read it
 
 @triton.jit
 def _fp8_skinny_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, ys_ptr, part_ptr, sem_ptr,
-                       nw_ptr, ss_ptr, eps, M, N, K, k_per_split,
-                       stride_xm, stride_xsm, stride_wn, stride_rm, stride_ym, stride_ysm,
+                       M, N, K, k_per_split, stride_xm, stride_xsm, stride_wn, stride_rm, stride_ym, stride_ysm,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                        GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, X_MODE: tl.constexpr,
-                       NORM: tl.constexpr, OUT_FP8: tl.constexpr, DTYPE: tl.constexpr, PREFETCH: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+                       OUT_FP8: tl.constexpr, DTYPE: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
     # X_MODE 0: x in 16 bits, the weight widened (W8A16); 1: x quantized here per 128 columns; 2: x given
     # quantized (e4m3 codes and one scale per token per 128 columns at xs). OUT_FP8 (GATED, BN = 128): y
     # written quantized the same way, codes at y and this tile's scales at ys[:, program]. DTYPE: the model's.
-    # NORM (X_MODE 1): y = rms_norm(x) * nw @ w.T with the norm's 1/rms, one scalar a token, taken out of the
-    # product: x * nw is quantized and multiplied, the sum of x^2 gathered on the way, and the accumulator scaled
-    # by 1/rms in the epilogue (a K split's programs leave their sums at ss for the merging one).
     pn = tl.program_id(0)
     pk = tl.program_id(1)
     rm = tl.arange(0, BM)
@@ -77,7 +72,6 @@ def _fp8_skinny_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, y
     xs_rows = xs_ptr + rm.to(tl.int64) * stride_xsm  # X_MODE 2 only
     acc = tl.zeros([BN, BM], tl.float32)
     acc_up = tl.zeros([BN, BM], tl.float32)  # GATED only
-    ss = tl.zeros([BM], tl.float32)  # NORM only: this split's sum of x^2 per token
     for k0 in range(0, k_per_split, BK):  # bounds independent of the program id (the interpreter needs that)
         kk = k_lo + k0 + rk
         kmask = kk < K
@@ -92,9 +86,6 @@ def _fp8_skinny_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, y
         else:
             if X_MODE == 1:
                 a32 = a.to(tl.float32)
-                if NORM:
-                    ss += tl.sum(a32 * a32, axis=1)
-                    a32 = a32 * tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
                 xs = tl.maximum(tl.max(tl.abs(a32), axis=1) / E4M3_MAX, 1e-12)  # [BM]: this group's scale per token
                 # the fast division: this runs on every x tile of every program (the epilogue's is IEEE)
                 aq = tl.clamp(a32 / xs[:, None], -E4M3_MAX, E4M3_MAX).to(w.dtype)
@@ -111,8 +102,6 @@ def _fp8_skinny_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, y
     if GATED:
         acc_up *= tl.load(ws_ptr + N + rn, mask=nmask, other=0.0)[:, None]
     if SPLIT_K == 1:
-        if NORM:
-            acc, acc_up = _times_inv_rms(acc, acc_up, ss, K, eps, GATED)
         _epilogue(acc, acc_up, rm, rn, pn, mmask, nmask, bias_ptr, res_ptr, y_ptr, ys_ptr, N, stride_rm, stride_ym,
                   stride_ysm, GATED, HAS_BIAS, HAS_RES, OUT_FP8, DTYPE)
     else:
@@ -124,8 +113,6 @@ def _fp8_skinny_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, y
         tl.store(part + pk * BM * wide, acc, mask=pmask)
         if GATED:
             tl.store(part + pk * BM * wide + N, acc_up, mask=pmask)
-        if NORM:  # [SPLIT_K, tiles, BM]: every tile's programs keep their own, ordered by this tile's counter
-            tl.store(ss_ptr + (pk * tl.num_programs(0) + pn) * BM + rm, ss)
         tl.debug_barrier()  # every thread's partial store precedes the counter's release
         sem = sem_ptr + pn
         cnt = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
@@ -136,24 +123,9 @@ def _fp8_skinny_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, y_ptr, y
                 total += tl.load(part + j * BM * wide, mask=pmask, other=0.0, cache_modifier=".cg")
                 if GATED:
                     total_up += tl.load(part + j * BM * wide + N, mask=pmask, other=0.0, cache_modifier=".cg")
-            if NORM:
-                ss_all = tl.zeros([BM], tl.float32)
-                for j in range(0, SPLIT_K):
-                    ss_all += tl.load(ss_ptr + (j * tl.num_programs(0) + pn) * BM + rm, cache_modifier=".cg")
-                total, total_up = _times_inv_rms(total, total_up, ss_all, K, eps, GATED)
             _epilogue(total, total_up, rm, rn, pn, mmask, nmask, bias_ptr, res_ptr, y_ptr, ys_ptr, N, stride_rm,
                       stride_ym, stride_ysm, GATED, HAS_BIAS, HAS_RES, OUT_FP8, DTYPE)
             tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _times_inv_rms(acc, acc_up, ss, K, eps, GATED: tl.constexpr):
-    """The [BN, BM] accumulators times each token's 1 / rms (ss: its sum of x^2 over all K columns)."""
-    inv = 1.0 / tl.sqrt_rn(ss / K + eps)
-    acc = acc * inv[None, :]
-    if GATED:
-        acc_up = acc_up * inv[None, :]
-    return acc, acc_up
 
 
 @triton.jit
@@ -196,31 +168,18 @@ def default_config(N: int, K: int, sm_count: int, gated: bool = False) -> Fp8Ski
     return BN, BK, split, 8, 4
 
 
-def _split_scratch(split: int, BM: int, Nw: int, tiles: int, norm: bool,
-                   y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A K split's fp32 partials [split, BM, Nw], its counters (one a tile) and, with the norm, each program's sum of
-    x^2 [split, tiles, BM]; y stands in for what a launch does not use."""
-    if split == 1:
-        return y, y, y
-    part = torch.empty((split, BM, Nw), dtype=torch.float32, device=y.device)
-    ss = torch.empty((split, tiles, BM), dtype=torch.float32, device=y.device) if norm else y
-    return part, zeroed_counters("fp8_skinny_gemm", tiles, y.device), ss
-
-
 def fp8_skinny_gemm(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.Tensor,
                     bias: torch.Tensor | None = None, *, gated: bool = False, residual: torch.Tensor | None = None,
                     out: torch.Tensor | None = None, act_fp8: bool = False, out_fp8: bool = False,
                     dtype: torch.dtype = torch.bfloat16, config: Fp8SkinnyConfig | None = None,
-                    sm_count: int = 132, prefetch: int = 2,
-                    norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor | Fp8Rows:
+                    sm_count: int = 132, prefetch: int = 2) -> torch.Tensor | Fp8Rows:
     """y = x @ (w * w_scale[:, None]).T (+ bias) for w [N, K] e4m3, y in `dtype` (the model's). x is
     [M, K] in that dtype (act_fp8: quantized per token per 128 columns here, on FP8 tensor cores; else the
     weight is widened) or an Fp8Rows already quantized that way (quant.fp8.Fp8Rows).
     gated: w is [2I, K] (gate | up) and y = silu(x @ gate.T) * (x @ up.T), [M, I]; with out_fp8 (needs
     BN = 128) y comes back as Fp8Rows, ready for the next FP8 GEMM;
     residual: y = residual + x @ w.T, one rounding; out=residual updates it in place;
-    prefetch: 128-byte lines of each weight row a program pulls into L2 before it waits (PDL only);
-    norm (weight, eps), with act_fp8 and x in 16 bits: y = (rms_norm(x) * weight) @ w.T, the norm inside the GEMM."""
+    prefetch: 128-byte lines of each weight row a program pulls into L2 before it waits (PDL only)."""
     xq = x if isinstance(x, Fp8Rows) else None
     xt = xq.codes if xq is not None else x
     M, K = xt.shape
@@ -234,8 +193,6 @@ def fp8_skinny_gemm(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.T
                          f"{ACT_GROUP}, got config {config}")
     if out_fp8 and not (gated and BN == ACT_GROUP and residual is None):
         raise ValueError(f"fp8_skinny_gemm: out_fp8 needs gated, no residual and BN = {ACT_GROUP}, got {config}")
-    if norm is not None and not (act_fp8 and xq is None):
-        raise ValueError("fp8_skinny_gemm: norm needs act_fp8 and x in 16 bits (it is quantized after the norm here)")
     tiles = triton.cdiv(N, BN)
     if out_fp8:
         y = torch.empty((M, N), dtype=w.dtype, device=w.device)
@@ -248,8 +205,8 @@ def fp8_skinny_gemm(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.T
     BM = max(16, triton.next_power_of_2(M))
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)  # no empty splits
-    part, sem, ss = _split_scratch(split, BM, Nw, tiles, norm is not None, y)
-    nw, eps = norm if norm is not None else (w_scale, 0.0)
+    part = torch.empty((split, BM, Nw), dtype=torch.float32, device=w.device) if split > 1 else y
+    sem = zeroed_counters("fp8_skinny_gemm", tiles, w.device) if split > 1 else y
     res = residual if residual is not None else y
     xs = xq.scales if xq is not None else w_scale
     pdl_opts = pdl.launch_options(w.device)
@@ -257,10 +214,9 @@ def fp8_skinny_gemm(x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.T
     # launch_fitting: at large M (or on a GPU with less shared memory) the x tiles outgrow the decode depth
     launch_fitting(
         _fp8_skinny_kernel, (tiles, split), warps, stages,
-        xt, xs, w, w_scale, bias if bias is not None else w_scale, res, y, ys, part, sem, nw, ss, float(eps),
+        xt, xs, w, w_scale, bias if bias is not None else w_scale, res, y, ys, part, sem,
         M, N, K, k_per, xt.stride(0), xs.stride(0), w.stride(0), res.stride(0), y.stride(0), ys.stride(0),
         BM=BM, BN=BN, BK=BK, SPLIT_K=split, GATED=gated, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, X_MODE=2 if xq is not None else 1 if act_fp8 else 0, NORM=norm is not None,
-        OUT_FP8=out_fp8,
+        HAS_RES=residual is not None, X_MODE=2 if xq is not None else 1 if act_fp8 else 0, OUT_FP8=out_fp8,
         DTYPE=_TL_DTYPES[dtype], PREFETCH=lines, **pdl_opts)
     return Fp8Rows(y, ys) if out_fp8 else y

@@ -125,7 +125,6 @@ class Fp8Linear(nn.Module):
             self._act_and_mul_quantize = fp8_quant.act_and_mul_quantize_fp8
             self._quantize_on_load_rows = kernel.MAX_M_QUANTIZE_ON_LOAD
             self._act_fp8 = sw.fp8_decode_act == "fp8"
-            self._norm_in_gemm = self._act_fp8 and sw.fp8_norm_in_gemm
             sms = torch.cuda.get_device_properties(self.weight.device).multi_processor_count
             shape = (self.in_features, self.out_features)
             tuned = swept_decode_config(sw, *shape) or FP8_TUNED.get(shape)
@@ -176,14 +175,8 @@ class Fp8Linear(nn.Module):
                gated: bool = False) -> torch.Tensor | fp8.Fp8Rows:
         """rms_norm(x) @ W.T for decode-sized x (the fused layer); gated (needs can_gate): W is gate | up and
         the result SiLU(gate) * up, handed on as Fp8Rows where the epilogue can quantize it (W8A8, BN = 128).
-        W8A8: the norm writes its output quantized (kernels/fp8_quant.py), or runs inside the GEMM
-        (BATCHGEN_FP8_NORM_IN_GEMM: one launch fewer; 1/rms applied to the product, fp8_skinny_gemm's norm)."""
+        W8A8: the norm writes its output quantized (kernels/fp8_quant.py)."""
         w8a8 = self._act_fp8 and self._skinny_rows(x)
-        if w8a8 and self._norm_in_gemm and x.shape[0] <= self._quantize_on_load_rows:
-            out_fp8 = gated and self._gate_config[0] == 128
-            return self._kernel(x, self.weight, self.weight_scale, self.bias, act_fp8=True, dtype=x.dtype,
-                                config=self._gate_config if gated else self.skinny, prefetch=self._prefetch,
-                                gated=gated, out_fp8=out_fp8, norm=(norm_weight, eps))
         h = self._rms_norm_fp8(x, norm_weight, eps) if w8a8 else fused_ops.rms_norm(x, norm_weight, eps)
         if not gated:
             return self._decode(h, x.dtype) if self._skinny_rows(h) else self(h)
