@@ -61,6 +61,32 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, bt_row, offs_n, nmask, kvh, d, stride
 
 
 @triton.jit
+def tile_scores(q, k, scale_log2, cap_log2, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """q [M, HEAD_DIM] against a K tile [N, HEAD_DIM] in q's dtype: scores [M, N] in the log2 domain, soft-capped
+    when SOFTCAP (the callers mask them)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+    if SOFTCAP:
+        qk = softcap_log2(qk, cap_log2)
+    return qk
+
+
+@triton.jit
+def online_softmax_update(qk, v, m_i, l_i, acc, ROWS_MAY_BE_EMPTY: tl.constexpr, DOT_PREC: tl.constexpr):
+    """A tile's scores qk [M, N] (masked ones -inf) and values v [N, HEAD_DIM] into the running row maxima m_i,
+    sums l_i and unnormalised output acc [M, HEAD_DIM]; returns them updated. ROWS_MAY_BE_EMPTY: a row may have
+    had no score yet (its -inf maximum must not make NaNs)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = m_new
+    if ROWS_MAY_BE_EMPTY:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(qk - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _split_range(seq_len, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
     """A sequence's attended range [start, seq_len), its length, and the length of each of its
     NUM_SPLITS pieces (whole BLOCK_N tiles)."""
@@ -123,16 +149,9 @@ def _decode_split_kernel(
         if KV_FP8:
             k = k.to(q.dtype)
             v = v.to(q.dtype)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        if SOFTCAP:
-            qk = softcap_log2(qk, cap_log2)
-        qk = tl.where(nmask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        qk = tl.where(nmask[None, :], tile_scores(q, k, scale_log2, cap_log2, SOFTCAP, DOT_PREC), float("-inf"))
+        # a program starts at a token of its sequence: every row has a score from the first tile on
+        m_i, l_i, acc = online_softmax_update(qk, v, m_i, l_i, acc, False, DOT_PREC)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     acc = acc / l_i[:, None]

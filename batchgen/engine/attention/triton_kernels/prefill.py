@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ...kernels.launch import TRITON_DEFAULT_STAGES, launch_fitting
-from .decode import load_kv_tile, softcap_log2
+from .decode import load_kv_tile, online_softmax_update, tile_scores
 
 _LOG2E = 1.4426950408889634
 
@@ -98,15 +98,8 @@ def _prefill_kernel(
         if KV_FP8:
             k = k.to(q.dtype)
             v = v.to(q.dtype)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        if SOFTCAP:
-            qk = softcap_log2(qk, cap_log2)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        qk = tile_scores(q, k, scale_log2, cap_log2, SOFTCAP, DOT_PREC)
+        m_i, l_i, acc = online_softmax_update(qk, v, m_i, l_i, acc, False, DOT_PREC)
     for n0 in range(full_hi, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < hi
@@ -115,20 +108,12 @@ def _prefill_kernel(
         if KV_FP8:
             k = k.to(q.dtype)
             v = v.to(q.dtype)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        if SOFTCAP:
-            qk = softcap_log2(qk, cap_log2)
+        qk = tile_scores(q, k, scale_log2, cap_log2, SOFTCAP, DOT_PREC)
         allowed = nmask[None, :] & (offs_n[None, :] <= pos[:, None])
         if USE_WINDOW:
             allowed = allowed & (offs_n[None, :] > pos[:, None] - window)
-        qk = tl.where(allowed, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        # padded rows, and rows whose window starts past this tile, have no score here yet
+        m_i, l_i, acc = online_softmax_update(tl.where(allowed, qk, float("-inf")), v, m_i, l_i, acc, True, DOT_PREC)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if KV_FP8:
         acc = acc * v_scale
