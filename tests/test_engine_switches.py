@@ -80,9 +80,10 @@ def test_swept_configs_file_keeps_fp8_and_16_bit_entries_apart(tmp_path):
     assert skinny_config("o_proj", 4096, 4096, sw) == (64, 256, 2, 8, 4)
     assert skinny_config("qkv_proj", 4096, 6144, sw) != (64, 128, 2, 4, 6)  # nor the FP8 entry the 16-bit one's
     assert swept_decode_config(S.Switches.from_env({}), 4096, 6144) is None
-    path.write_text(json.dumps({"fp8:4096,6144": [64, 128, 2, 4]}))
-    with pytest.raises(ValueError, match=r"BATCHGEN_SKINNY_CONFIGS=.*configs\.json: entry 'fp8:4096,6144'"):
-        swept_decode_config(sw, 4096, 6144)
+    for bad, says in (([64, 128, 2, 4], "not 5 positive integers"), ([64, 64, 2, 4, 4], "BK .* must be 128")):
+        path.write_text(json.dumps({"fp8:4096,6144": bad}))
+        with pytest.raises(ValueError, match=rf"BATCHGEN_SKINNY_CONFIGS=.*configs\.json: entry 'fp8:4096,6144' .*{says}"):
+            swept_decode_config(sw, 4096, 6144)
 
 
 def test_cli_refuses_a_bad_switch_in_one_line(tmp_path):

@@ -47,7 +47,12 @@ def swept_decode_config(sw: Switches, in_features: int, out_features: int) -> De
         return None
     from ..models.linear_layout import config_from_file
 
-    return config_from_file(sw.skinny_configs, f"fp8:{in_features},{out_features}")
+    key = f"fp8:{in_features},{out_features}"
+    config = config_from_file(sw.skinny_configs, key)
+    if config is not None and config[1] != 128:  # the kernel's BK is the activations' 128-column group
+        raise ValueError(f"BATCHGEN_SKINNY_CONFIGS={sw.skinny_configs}: entry {key!r} is {list(config)}, but the FP8 "
+                         "decode GEMM's BK (the second number) must be 128")
+    return config
 
 
 @functools.lru_cache(maxsize=None)
