@@ -99,6 +99,7 @@ def test_too_long_for_max_model_len(path, prompts):
     eng = R.make_engine(path, max_model_len=256, max_num_seqs=8, kv_cache_tokens=16384)
     try:
         assert eng.max_model_len == 256
+        assert eng.model.cos_sin.shape[0] == 256  # the rope table holds the positions a sequence can reach
         pool = R.random_prompts_for(path, 1, seed=5, min_len=300, max_len=300)[0]
         batch = [prompts[1], pool[:250], pool[:300], prompts[4], pool[:200]]
         params = [SamplingParams(max_new_tokens=10, ignore_eos=True),

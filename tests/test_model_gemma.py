@@ -227,6 +227,29 @@ def test_rope_tables_equal_transformers_rotary_embedding(tiny_checkpoint):
     assert not torch.equal(model.cos_sin, model.cos_sin_local)
 
 
+def test_engine_keeps_the_rope_rows_its_sequences_reach(tiny_checkpoint):
+    """Gemma 3's two tables cut to max_model_len rows (positions beyond are never read), the rows kept as they were;
+    greedy tokens still transformers'."""
+    from batchgen.engine.loader import build_model, read_config
+
+    path = str(tiny_checkpoint("gemma3"))
+    _, cfg = read_config(path)
+    full = build_model(cfg, torch.device("cpu"), torch.float32, qkv_bias=False)
+    eng = R.make_engine(path, max_model_len=400, max_num_seqs=4, kv_cache_tokens=4096)
+    try:
+        assert cfg.max_position_embeddings > 400
+        for name in ("cos_sin", "cos_sin_local"):
+            table = getattr(eng.model, name)
+            assert table.shape[0] == 400 and torch.equal(table, getattr(full, name)[:400]), name
+        prompts = R.random_prompts_for(path, 3, max_len=300)
+        outs = eng.generate(prompts, R.greedy_params([20, 60, 99]))
+        failures, _ = R.compare_greedy(R.get_reference(path), prompts, [o.outputs[0].token_ids for o in outs],
+                                       R.cached_greedy(path, prompts, [20, 60, 99]))
+        assert not failures, R.format_failures(failures, "gemma3 max_model_len 400")
+    finally:
+        eng.close()
+
+
 # ------------------------------------------------------------------ numerics of the Gemma pieces
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

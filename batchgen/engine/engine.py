@@ -27,6 +27,7 @@ from .attention import get_backend
 from .constraints import ConstraintError, Grammars, constraint_of
 from .kv_cache import BlockManager
 from .loader import load_model
+from .models.rope import trim_rope_tables
 from .parallel.ranks import stops_ranks_on_error
 from .request import GenerationRequest, RequestOutput, SamplingParams
 from .runner import ModelRunner, StepHandle
@@ -103,6 +104,7 @@ class Engine:
         self.eos_token_ids = self._eos_ids(raw_config)
         cfg_len = self.model.cfg.max_position_embeddings
         self.max_model_len = min(cfg_len, max_model_len or cfg_len)
+        trim_rope_tables(self.model, self.max_model_len)
         self.block_size, self.seed = block_size, seed
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
         self._build_runtime(self._num_blocks(kv_cache_tokens, gpu_memory_fraction), prefix_caching)

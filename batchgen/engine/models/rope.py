@@ -99,3 +99,16 @@ def _longrope_table(dim: int, theta: float, s: dict, max_positions: int) -> torc
 def cos_sin_from_inv_freq(inv_freq: torch.Tensor, max_positions: int, attn_scale: float = 1.0) -> torch.Tensor:
     freqs = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()[None, :]
     return torch.cat([freqs.cos() * attn_scale, freqs.sin() * attn_scale], dim=-1)
+
+
+ROPE_TABLES = ("cos_sin", "cos_sin_local")  # the buffers models keep their tables in (Gemma 3: a local one too)
+
+
+def trim_rope_tables(model: torch.nn.Module, positions: int) -> None:
+    """Keep the first `positions` rows of the model's cos/sin tables: the engine admits no sequence longer than
+    its max_model_len, and a table's rows depend on their position alone (longrope's switch included), so the rest
+    is never read. A 131k-position table is 67 MB at head_dim 128 and 134 MB at Gemma's 256, per table."""
+    for name in ROPE_TABLES:
+        table = getattr(model, name, None)
+        if isinstance(table, torch.Tensor) and table.shape[0] > positions:
+            setattr(model, name, table[:positions].clone())  # a copy: the full table's memory goes back
