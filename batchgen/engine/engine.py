@@ -102,9 +102,7 @@ class Engine:
         self.kv_dtype, self.kv_scales = self._kv_setup()
         self._load_tokenizer()
         self.eos_token_ids = self._eos_ids(raw_config)
-        cfg_len = self.model.cfg.max_position_embeddings
-        self.max_model_len = min(cfg_len, max_model_len or cfg_len)
-        trim_rope_tables(self.model, self.max_model_len)
+        self.max_model_len = self._fit_model_len(max_model_len)
         self.block_size, self.seed = block_size, seed
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
         self._build_runtime(self._num_blocks(kv_cache_tokens, gpu_memory_fraction), prefix_caching)
@@ -122,6 +120,14 @@ class Engine:
         # otherwise stalls the host for 0.1-0.4 s, and the GPU with it. close() unfreezes.
         gc.collect()
         gc.freeze()
+
+    def _fit_model_len(self, asked: int | None) -> int:
+        """The longest sequence (prompt + new tokens) this engine runs: the model's limit or less when asked; the rope
+        tables keep only the rows such sequences reach."""
+        limit = self.model.cfg.max_position_embeddings
+        length = min(limit, asked or limit)
+        trim_rope_tables(self.model, length)
+        return length
 
     def describe(self) -> str:
         """One line on what was set up: model, device, attention, KV cache, overlap, CUDA graph capture time."""
