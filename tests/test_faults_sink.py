@@ -8,12 +8,14 @@ directory (shards committed by the run being signalled); a task is held still wi
 by hoping it is slow."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -213,6 +215,52 @@ def test_symlinks_inside_the_output_are_never_followed(workdir: Path, reference:
     assert r.returncode == 2, r.stderr[-3000:]
     assert f"{lock} is a symbolic link" in one_line_error(r)
     assert victim.read_text() == "do not truncate me\n"
+
+
+# --------------------------------------------------------------------------- case 7b
+@pytest.mark.parametrize("where", ["shard", "ledger", "task lock", "manifest", "progress", "card temp file"])
+def test_fifos_where_batchgen_keeps_its_files_never_block_a_run(workdir: Path, reference: dict, where: str) -> None:
+    """A FIFO (as hostile as a file gets: opening it to read blocks until someone writes) where a committed shard,
+    the ledger, a lock, the manifest, a progress file or the dataset card's temp file goes: the run and
+    `status --verify` end (one line naming it, or going on where the file is batchgen's to replace), nothing is
+    read through it and no row is lost."""
+    name = f"fifo-{where.replace(' ', '-')}"
+    if where == "card temp file":  # a fresh run: the card is written when the job finishes
+        out = workdir / name
+        out.mkdir()
+        job = job_file(workdir, name)
+        job.write_text(job.read_text().replace("compression: zstd", "compression: zstd, dataset_card: true"))
+    else:  # a finished output, verified when the run starts
+        out = copy_of_reference(workdir, reference, name)
+        job = workdir / f"{name}.yaml"
+    victim = {"shard": out / (shards(out) or ["-"])[0], "ledger": out / ".batchgen/ledger/task-00000.jsonl",
+              "task lock": out / ".batchgen/locks/task-00000.lock", "manifest": out / ".batchgen/manifest.json",
+              "progress": out / ".batchgen/progress/task-00000.json", "card temp file": out / ".README.md.tmp"}[where]
+    saved = victim.read_bytes() if victim.exists() else None
+    with contextlib.suppress(FileNotFoundError):
+        victim.unlink()
+    os.mkfifo(victim)
+    r = subprocess.run(cmd(job), cwd=str(workdir), env=env(), capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    if where in ("shard", "ledger", "task lock"):  # what it cannot trust or hold: refused, for the user to look at
+        assert r.returncode == 2, r.stderr[-3000:]
+        line = one_line_error(r)
+        assert f"{victim} is not a regular file" in line and "move it away" in line, line
+        problems = verify_output(out)  # the same without blocking, as a list of problems (the data's: not a lock)
+        if where == "task lock":
+            assert problems == [], problems
+        else:
+            assert any(f"{victim}" in p and "not a regular file" in p for p in problems), problems
+        victim.unlink()
+        victim.write_bytes(saved)  # moved away and put back: the output is whole again
+        assert verify_output(out) == []
+    else:  # batchgen's to rewrite (the manifest, a progress file) or to remove (its own temp name)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert not victim.exists() if where == "card temp file" else stat.S_ISREG(os.lstat(victim).st_mode)
+        if where == "card temp file":
+            assert "written by batchgen" in (out / "README.md").read_text()
+            (out / "README.md").unlink()  # not a shard: the dataset reader below takes every file
+    assert read(out) == reference
 
 
 # --------------------------------------------------------------------------- case 12

@@ -504,6 +504,34 @@ def test_progress_log_lines(tmp_path: Path, shared: Callable[..., Tap]) -> None:
     assert "rows            10 (20 samples)" in text
 
 
+def test_open_regular_refuses_what_is_not_a_regular_file_without_blocking(tmp_path: Path) -> None:
+    """files.open_regular: a FIFO (for reading: the open would block; for writing with no reader: ENXIO), a directory,
+    a device are refused with NotRegularError naming them; a link is never followed (ELOOP); a file opens, blocking."""
+    import errno
+    import os
+
+    from batchgen.pipeline.files import NotRegularError, open_regular, read_json_checked
+
+    fifo, d, f, link = tmp_path / "fifo", tmp_path / "dir", tmp_path / "file.json", tmp_path / "link"
+    os.mkfifo(fifo)
+    d.mkdir()
+    f.write_text('{"a": 1}')
+    link.symlink_to(f)
+    for path, flags in ((fifo, os.O_RDONLY), (fifo, os.O_WRONLY | os.O_APPEND), (fifo, os.O_RDWR | os.O_CREAT),
+                        (d, os.O_RDONLY), (Path("/dev/null"), os.O_RDONLY)):
+        with pytest.raises(NotRegularError, match=f"{path} is not a regular file"):
+            open_regular(path, flags)
+    with pytest.raises(OSError) as e:
+        open_regular(link)
+    assert e.value.errno == errno.ELOOP
+    fd = open_regular(f)
+    try:
+        assert os.get_blocking(fd) and os.read(fd, 100) == b'{"a": 1}'
+    finally:
+        os.close(fd)
+    assert read_json_checked(fifo) == (None, "not a regular file") and read_json_checked(f) == ({"a": 1}, None)
+
+
 def test_interval_set() -> None:
     s = IntervalSet.from_points([0, 1, 2, 5, 6, 9])
     assert s.ranges() == [[0, 3], [5, 7], [9, 10]] and s.prefix_end() == 3 and len(s) == 6

@@ -30,6 +30,10 @@ class LinkError(OutputError):
     """A path batchgen would write, truncate, rename onto or delete is a symbolic link."""
 
 
+class NotRegularError(OutputError):
+    """Something that is not a regular file (a FIFO, a device, a directory) where batchgen keeps one of its files."""
+
+
 class WriteError(OutputError):
     """Writing batchgen's files failed (the file system said no)."""
 
@@ -53,6 +57,36 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- regular files only
+NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def not_regular_error(p: str | os.PathLike[str]) -> NotRegularError:
+    return NotRegularError(f"{p} is not a regular file (batchgen keeps only files by that name): move it away")
+
+
+def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """os.open(path, flags) for one of batchgen's own files, never through a link (O_NOFOLLOW: ELOOP) and only onto
+    a regular file: a FIFO put in its place would block the open, and the run with it, until someone writes to it
+    (a device or a directory would be read as data). Opened non-blocking, checked with fstat, then made blocking;
+    NotRegularError names anything else. FileNotFoundError and ELOOP come as os.open raises them."""
+    try:
+        fd = os.open(path, flags | NOFOLLOW | CLOEXEC | NONBLOCK, mode)
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO with no reader opened for writing; a directory
+            raise not_regular_error(path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise not_regular_error(path)
+        if NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # --------------------------------------------------------------------------- never through a link
@@ -181,9 +215,11 @@ def read_json(path: Path) -> Any:
 def read_json_checked(path: Path) -> tuple[Any, str | None]:
     """(data, None), or (None, why): "missing", or "unreadable (reason)"."""
     try:
-        fd = os.open(path, os.O_RDONLY | NOFOLLOW | CLOEXEC)
+        fd = open_regular(path)
     except FileNotFoundError:
         return None, "missing"
+    except NotRegularError:
+        return None, "not a regular file"
     except OSError as e:
         return None, "a symbolic link" if e.errno == errno.ELOOP else f"unreadable ({e.strerror or e})"
     try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..files import CLOEXEC, META_DIR, NOFOLLOW, link_error, make_dirs, now_iso, write_error
+from ..files import META_DIR, NotRegularError, link_error, make_dirs, now_iso, open_regular, write_error
 from .plan import Slot
 
 LOG_DIR = f"{META_DIR}/logs"
@@ -38,7 +38,9 @@ def open_log(out: Path, task: int) -> int:
     path = log_path(out, task)
     make_dirs(Path(out), path.parent)
     try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o644)
+        return open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except NotRegularError:
+        raise
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise link_error(path) from None
@@ -114,7 +116,7 @@ class Worker:
     def tail(self, lines: int = TAIL_LINES) -> list[str]:
         """The last lines of its log (the end of a big log only)."""
         try:
-            with open(self.log, "rb") as f:
+            with os.fdopen(open_regular(self.log), "rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - 64 * 1024))
                 text = f.read().decode("utf-8", "replace")

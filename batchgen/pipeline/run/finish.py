@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..files import write_json_atomic
+from ..files import OutputError, write_json_atomic
 from ..sink.verify import repeated_ids
 from ...engine.stats import EngineStats
 from ..config import CONSTRAINT_KEYS, JobConfig
@@ -122,7 +122,7 @@ class Finisher:
         try:
             write_card(self.od.path, Path(self.cfg.source_path).stem if self.cfg.source_path else "batchgen output",
                        footer, summ)
-        except OSError as e:
+        except (OSError, OutputError) as e:  # a FIFO where its temp file goes, a full disk: the rows are done
             self.say(f"warning: the dataset card {self.od.path / 'README.md'} was not written: {e}")
 
     def done_line(self, summ: dict) -> str:

@@ -6,10 +6,14 @@ A README.md that batchgen did not write (no marker line) is left alone: the card
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
+
+from ..files import open_regular
 
 MARKER = "<!-- written by batchgen: rewritten when the job finishes again -->"
 
@@ -57,16 +61,28 @@ def render_card(name: str, footer: dict[str, Any], summary: dict[str, Any]) -> s
     return header + "\n" + "\n".join(body)
 
 
+def _ours_or_absent(path: Path) -> bool:
+    """Whether README.md is missing or a regular file batchgen wrote (its marker near the top)."""
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:
+            return MARKER in f.read(4096).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return True
+    except OSError:  # not a regular file, a link, unreadable: not ours to replace
+        return False
+
+
 def write_card(out: Path, name: str, footer: dict[str, Any], summary: dict[str, Any]) -> Path | None:
     """Write OUT/README.md atomically (temp file, fsync, rename: never through a link); None when a README
-    that is not batchgen's is there."""
+    that is not batchgen's is there (a link, a FIFO or anything but a regular file counts as not batchgen's)."""
     path = out / "README.md"
-    if path.is_symlink() or (path.exists() and MARKER not in path.read_text(errors="replace")[:4096]):
+    if path.is_symlink() or not _ours_or_absent(path):
         return None
     tmp = out / ".README.md.tmp"
-    if tmp.is_symlink():
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.lstat(tmp).st_mode):  # batchgen's own temp name: a link or FIFO there goes
+            tmp.unlink()
+    fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with os.fdopen(fd, "w") as f:
         f.write(render_card(name, footer, summary))
         f.flush()

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..files import CLOEXEC, NOFOLLOW, OutputError, fsync_dir, is_link, link_error, make_dirs, write_error
+from ..files import (NotRegularError, OutputError, fsync_dir, is_link, link_error, make_dirs, open_regular,
+                     write_error)
 from .intervals import IntervalSet, fmt_range
 from .layout import SHARD_RE
 
@@ -77,7 +78,7 @@ class LedgerFile:
         if is_link(self.path):
             raise link_error(self.path)
         try:
-            fd = os.open(self.path, os.O_RDONLY | NOFOLLOW | CLOEXEC)
+            fd = open_regular(self.path)
         except FileNotFoundError:
             return None
         with os.fdopen(fd, "rb") as f:
@@ -100,7 +101,9 @@ class LedgerFile:
         if self._fd is None:
             make_dirs(self.root, self.path.parent)
             try:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o644)
+                self._fd = open_regular(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+            except NotRegularError:
+                raise
             except OSError as e:
                 if e.errno == errno.ELOOP:
                     raise link_error(self.path) from None

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from ..files import CLOEXEC, META_DIR, NOFOLLOW, OutputError, link_error, make_dirs, write_error
+from ..files import META_DIR, NotRegularError, OutputError, link_error, make_dirs, open_regular, write_error
 from .layout import LOCK_DIR
 
 _TASK_LOCK_RE = re.compile(r"^task-(\d{5})\.lock$")
@@ -33,7 +33,9 @@ class OutputLocks:
         make_dirs(self.root, self.dir)
         p = self.dir / name
         try:
-            return os.open(p, os.O_RDWR | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o644)
+            return open_regular(p, os.O_RDWR | os.O_CREAT)
+        except NotRegularError:
+            raise
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise link_error(p) from None
@@ -127,8 +129,8 @@ class OutputLocks:
     def _holder(p: Path) -> str | None:
         """Who holds the task lock at `p` ("" when it does not say), or None when nobody does."""
         try:
-            fd = os.open(p, os.O_RDONLY | NOFOLLOW | CLOEXEC)
-        except OSError:
+            fd = open_regular(p)
+        except OSError:  # NotRegularError too: nothing holds what is not a lock file
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -11,12 +11,13 @@ from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 
-from ..files import CLOEXEC, NOFOLLOW, OutputError
+from ..files import OutputError, open_regular
 from .layout import META_KEY
 
 
 def read_shard_meta(path: str | os.PathLike[str]) -> dict:
-    md = pq.read_schema(path).metadata or {}
+    with os.fdopen(open_regular(path), "rb") as f:
+        md = pq.read_schema(f).metadata or {}
     raw = md.get(META_KEY)
     if raw is None:
         raise OutputError(f"{path} is not a batchgen shard (no batchgen metadata)")
@@ -24,8 +25,8 @@ def read_shard_meta(path: str | os.PathLike[str]) -> dict:
 
 
 def file_digest(path: Path) -> tuple[int, str]:
-    """(size, sha256 hex) of a regular file, read without following a link."""
-    fd = os.open(path, os.O_RDONLY | NOFOLLOW | CLOEXEC)
+    """(size, sha256 hex) of a regular file, read without following a link (NotRegularError for anything else)."""
+    fd = open_regular(path)
     h = hashlib.sha256()
     n = 0
     with os.fdopen(fd, "rb") as f:

@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from ..files import LinkError, OutputError, is_link
+from ..files import LinkError, NotRegularError, OutputError, is_link
 from .intervals import IntervalSet, fmt_range
 from .layout import SHARD_RE
 from .ledger import Ledger, LedgerFile, ShardRecord
@@ -51,6 +51,8 @@ def _check_task(od: OutputPaths, t: int, mine: list[str], generation: str, known
     lf = LedgerFile(out, od.ledger_path(t))
     try:
         recs = lf.read(strict=True)
+    except (LinkError, NotRegularError) as e:  # nothing to read records from
+        return problems + [str(e)]
     except OutputError as e:
         problems.append(str(e))
         recs = lf.read(strict=False)
@@ -88,10 +90,12 @@ def _check_record(out: Path, rec: ShardRecord, generation: str) -> list[str]:
         got: tuple[int, str] | None = file_digest(p)
     except FileNotFoundError:
         got = None
+    except NotRegularError as e:
+        return [str(e)]
     except OSError as e:
         return [f"{p} can't be read ({e.strerror or e})"]
     if got != (rec.bytes, rec.sha256):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, NotRegularError):
             if file_digest(out / f".{rec.name}.tmp") == (rec.bytes, rec.sha256):
                 what = "commit" if got is None else "rewrite (--retry-errors; the old shard is still in place)"
                 return [f"{p}: an interrupted {what}: its temp file holds the recorded shard; the next run of task "
