@@ -200,6 +200,21 @@ def test_corrupt_second_file_is_one_line_before_the_model_loads(d: Path, fault: 
     assert says in line, line
 
 
+@pytest.mark.parametrize("named", ["by path", "in a directory"])
+def test_a_fifo_as_input_is_one_line_instead_of_a_run_that_never_starts(d: Path, named: str) -> None:
+    """A FIFO with a .jsonl name, named or found in an input directory: opening it would block until someone writes
+    (and a resume could never read the same rows again), so it is refused in one line before the model loads."""
+    (d / "data").mkdir()
+    (d / "data" / "a.jsonl").write_text('{"prompt": "hi"}\n')
+    fifo = d / "data" / "b.jsonl"
+    os.mkfifo(fifo)
+    job(d, "files: [data/b.jsonl]" if named == "by path" else "files: [data]")
+    for args in ((), ("--dry-run",)):
+        line = one_line(run(d, *args))
+        assert f"{fifo} is not a regular file" in line and "input.files" in line, line
+    assert not (d / "out").exists() or not any((d / "out").glob("part-*"))
+
+
 def test_list_id_column_is_one_line(d: Path) -> None:
     pq.write_table(pa.table({"prompt": ["a", "b"], "k": [[1], [2]]}), d / "in.parquet")
     job(d, "files: [in.parquet], id_column: k")

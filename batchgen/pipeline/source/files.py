@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,11 @@ class _Expansion:
             self.skipped.append(p)
             return False
         try:
+            st = os.stat(p)  # a link to an input file is fine: inputs are only read
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open, and a resume needs the same bytes again
+                raise ConfigError(f"{where(self.cfg, 'input.files')}: input.files: {p} is not a regular file (a FIFO, "
+                                  "socket or device can't be read twice, and a resume reads the input again): copy "
+                                  "its rows into a file")
             self.found[p] = stat_file(p, self.base)
         except OSError as e:
             raise ConfigError(f"{where(self.cfg, 'input.files')}: input.files: can't read {p}: {e.strerror}") from None
