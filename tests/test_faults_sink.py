@@ -263,6 +263,22 @@ def test_fifos_where_batchgen_keeps_its_files_never_block_a_run(workdir: Path, r
     assert read(out) == reference
 
 
+def test_a_file_where_the_ledger_folder_goes_is_one_line(workdir: Path, reference: dict) -> None:
+    """OUT/.batchgen/ledger a file: the run refuses in one line naming it (it was a NotADirectoryError traceback), and
+    `status --verify` lists it as a problem."""
+    out = copy_of_reference(workdir, reference, "ledger-file")
+    shutil.rmtree(out / ".batchgen/ledger")
+    (out / ".batchgen/ledger").write_text("not a folder\n")
+    r = run(workdir / "ledger-file.yaml")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"{out / '.batchgen/ledger'} is not a directory" in one_line_error(r)
+    assert any("ledger is not a directory" in p for p in verify_output(out)), verify_output(out)
+    s = subprocess.run([sys.executable, "-m", "batchgen.cli", "status", str(out), "--verify"], cwd=str(workdir),
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert s.returncode == 1 and "Traceback" not in s.stderr + s.stdout, s.stderr[-3000:]
+    assert "ledger is not a directory" in s.stdout + s.stderr
+
+
 # --------------------------------------------------------------------------- case 12
 def test_full_disk_commits_what_fits_and_resumes(workdir: Path) -> None:
     """RLIMIT_FSIZE (SIGXFSZ ignored, so a write past it fails with EFBIG): the first rows' shards

@@ -74,6 +74,9 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, mode: i
     NotRegularError names anything else. FileNotFoundError and ELOOP come as os.open raises them."""
     try:
         fd = os.open(path, flags | NOFOLLOW | CLOEXEC | NONBLOCK, mode)
+    except NotADirectoryError:  # a file where one of batchgen's folders goes (OUT/.batchgen/ledger, ...)
+        raise OutputError(f"{Path(path).parent} is not a directory; batchgen keeps its own files there: "
+                          "move it away") from None
     except OSError as e:
         if e.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO with no reader opened for writing; a directory
             raise not_regular_error(path) from None
