@@ -263,6 +263,19 @@ def test_fifos_where_batchgen_keeps_its_files_never_block_a_run(workdir: Path, r
     assert read(out) == reference
 
 
+def test_a_folder_by_a_temp_shard_name_is_one_line_and_never_deleted(workdir: Path) -> None:
+    """OUT/.part-t00000-000000.parquet.tmp a directory (a crash leaves a file by that name, which goes): the run
+    refuses in one line naming it, and it is still there (it was an IsADirectoryError traceback)."""
+    out = workdir / "tmp-folder"
+    (out / ".part-t00000-000000.parquet.tmp").mkdir(parents=True)
+    (out / ".part-t00000-000000.parquet.tmp" / "keep.txt").write_text("mine\n")
+    r = run(job_file(workdir, "tmp-folder"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = one_line_error(r)
+    assert f"{out / '.part-t00000-000000.parquet.tmp'} is not a regular file" in line, line
+    assert (out / ".part-t00000-000000.parquet.tmp" / "keep.txt").read_text() == "mine\n"
+
+
 def test_a_file_where_the_ledger_folder_goes_is_one_line(workdir: Path, reference: dict) -> None:
     """OUT/.batchgen/ledger a file: the run refuses in one line naming it (it was a NotADirectoryError traceback), and
     `status --verify` lists it as a problem."""

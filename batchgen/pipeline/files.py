@@ -64,7 +64,7 @@ NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 def not_regular_error(p: str | os.PathLike[str]) -> NotRegularError:
-    return NotRegularError(f"{p} is not a regular file (batchgen keeps only files by that name): move it away")
+    return NotRegularError(f"{p} is not a regular file (batchgen writes only files by that name): move it away")
 
 
 def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
@@ -159,6 +159,8 @@ def open_new(root: Path, path: Path) -> BinaryIO:
     except FileExistsError:
         if is_link(path):
             raise link_error(path) from None
+        if stat.S_ISDIR(os.lstat(path).st_mode):  # never deleted (a FIFO or a file by this name goes: it is ours)
+            raise not_regular_error(path) from None
         os.unlink(path)
         fd = os.open(path, flags, 0o644)
     return os.fdopen(fd, "wb")

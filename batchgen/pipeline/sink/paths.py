@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 from pathlib import Path
 
-from ..files import (META_DIR, OutputError, check_no_links, fsync_dir, is_link, link_error, make_dirs, read_json,
-                     read_json_checked, write_error)
+from ..files import (META_DIR, OutputError, check_no_links, fsync_dir, is_link, link_error, make_dirs,
+                     not_regular_error, read_json, read_json_checked, write_error)
 from .layout import LEDGER_DIR, OWN_META, PROGRESS_DIR, QUARANTINE_DIR, SHARD_RE, TMP_RE
 from .ledger import LedgerFile
 
@@ -100,6 +101,8 @@ class OutputPaths:
                 if is_link(p):
                     raise link_error(p)
                 with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISDIR(os.lstat(p).st_mode):  # a folder by batchgen's temp name: never deleted
+                        raise not_regular_error(p)
                     os.unlink(p)
                     n += 1
         return n
