@@ -318,3 +318,38 @@ def test_exit_code_of_the_whole(tmp_path, codes, stopped, expect):
     sup.workers = sup.workers[:1]
     sup.queue = [1]  # a task never started (the run stopped first): not done
     assert Report(sup, 1.0).code() != 0
+
+
+def test_a_task_log_past_its_bound_is_kept_once_and_started_again(tmp_path, monkeypatch):
+    """workers.open_log: every run appends to OUT/.batchgen/logs/task-NNNNN.log; one past LOG_KEEP_BYTES moves to
+    .log.1 (the older .log.1 goes) before the next run writes, so a task's logs stay bounded; a link by the kept
+    name is refused, its target untouched."""
+    import os
+
+    from batchgen.pipeline.files import LinkError
+    from batchgen.pipeline.parallel import workers
+
+    monkeypatch.setattr(workers, "LOG_KEEP_BYTES", 100)
+    log = workers.log_path(tmp_path, 3)
+
+    def append(text: str) -> None:
+        fd = workers.open_log(tmp_path, 3)
+        os.write(fd, text.encode())
+        os.close(fd)
+
+    append("a" * 60)
+    append("b" * 60)  # 60 bytes at the start: appended
+    assert log.read_text() == "a" * 60 + "b" * 60
+    append("c")  # 120 bytes at the start: kept as .1, a new log begins
+    assert (log.parent / "task-00003.log.1").read_text() == "a" * 60 + "b" * 60 and log.read_text() == "c"
+    log.write_text("d" * 200)
+    append("e")
+    assert (log.parent / "task-00003.log.1").read_text() == "d" * 200 and log.read_text() == "e"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep\n")
+    (log.parent / "task-00003.log.1").unlink()
+    (log.parent / "task-00003.log.1").symlink_to(victim)
+    log.write_text("f" * 200)
+    with pytest.raises(LinkError):
+        workers.open_log(tmp_path, 3)
+    assert victim.read_text() == "keep\n" and log.read_text() == "f" * 200

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -21,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..files import META_DIR, NotRegularError, link_error, make_dirs, now_iso, open_regular, write_error
+from ..files import META_DIR, NotRegularError, is_link, link_error, make_dirs, now_iso, open_regular, write_error
 from .plan import Slot
 
 LOG_DIR = f"{META_DIR}/logs"
 SUPERVISOR_ENV = "BATCHGEN_SUPERVISOR_PID"  # a worker's parent: it stops when that process is gone
 TAIL_LINES = 12
+LOG_KEEP_BYTES = 32 << 20  # a task's log past this at a worker's start moves to task-NNNNN.log.1 (the one before goes)
 
 
 def log_path(out: Path, task: int) -> Path:
@@ -34,9 +36,11 @@ def log_path(out: Path, task: int) -> Path:
 
 
 def open_log(out: Path, task: int) -> int:
-    """The task's log, opened for appending (created; never through a link)."""
+    """The task's log, opened for appending (created; never through a link). Every run of the task appends to it;
+    one that has grown past LOG_KEEP_BYTES is kept as task-NNNNN.log.1 first, so a task's logs stay bounded."""
     path = log_path(out, task)
     make_dirs(Path(out), path.parent)
+    _rotate(path)
     try:
         return open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     except NotRegularError:
@@ -45,6 +49,22 @@ def open_log(out: Path, task: int) -> int:
         if e.errno == errno.ELOOP:
             raise link_error(path) from None
         raise write_error(e, path) from None
+
+
+def _rotate(path: Path) -> None:
+    """path -> path.1 (replacing the older one) when path is a regular file past LOG_KEEP_BYTES; a link or anything
+    else by these names is left for open_log to refuse."""
+    old = path.with_name(path.name + ".1")
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size <= LOG_KEEP_BYTES:
+            return
+        if is_link(old):
+            raise link_error(old)
+        try:
+            os.replace(path, old)  # renames the entries themselves: nothing is written through a link
+        except OSError as e:
+            raise write_error(e, old) from None
 
 
 def package_root() -> str:
