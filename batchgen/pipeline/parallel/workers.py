@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..files import META_DIR, NotRegularError, is_link, link_error, make_dirs, now_iso, open_regular, write_error
+from ..files import META_DIR, is_link, link_error, make_dirs, now_iso, open_regular, write_error
 from .plan import Slot
 
 LOG_DIR = f"{META_DIR}/logs"
@@ -43,8 +43,6 @@ def open_log(out: Path, task: int) -> int:
     _rotate(path)
     try:
         return open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    except NotRegularError:
-        raise
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise link_error(path) from None

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..files import open_regular
+from ..files import OutputError, open_regular
 
 MARKER = "<!-- written by batchgen: rewritten when the job finishes again -->"
 
@@ -68,7 +68,7 @@ def _ours_or_absent(path: Path) -> bool:
             return MARKER in f.read(4096).decode("utf-8", "replace")
     except FileNotFoundError:
         return True
-    except OSError:  # not a regular file, a link, unreadable: not ours to replace
+    except (OSError, OutputError):  # not a regular file, a link, unreadable: not ours to replace
         return False
 
 

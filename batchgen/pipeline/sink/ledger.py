@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..files import (NotRegularError, OutputError, fsync_dir, is_link, link_error, make_dirs, open_regular,
-                     write_error)
+from ..files import OutputError, fsync_dir, is_link, link_error, make_dirs, open_regular, write_error
 from .intervals import IntervalSet, fmt_range
 from .layout import SHARD_RE
 
@@ -102,8 +101,6 @@ class LedgerFile:
             make_dirs(self.root, self.path.parent)
             try:
                 self._fd = open_regular(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
-            except NotRegularError:
-                raise
             except OSError as e:
                 if e.errno == errno.ELOOP:
                     raise link_error(self.path) from None

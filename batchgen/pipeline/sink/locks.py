@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from ..files import META_DIR, NotRegularError, OutputError, link_error, make_dirs, open_regular, write_error
+from ..files import META_DIR, OutputError, link_error, make_dirs, open_regular, write_error
 from .layout import LOCK_DIR
 
 _TASK_LOCK_RE = re.compile(r"^task-(\d{5})\.lock$")
@@ -34,8 +34,6 @@ class OutputLocks:
         p = self.dir / name
         try:
             return open_regular(p, os.O_RDWR | os.O_CREAT)
-        except NotRegularError:
-            raise
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise link_error(p) from None
@@ -130,7 +128,7 @@ class OutputLocks:
         """Who holds the task lock at `p` ("" when it does not say), or None when nobody does."""
         try:
             fd = open_regular(p)
-        except OSError:  # NotRegularError too: nothing holds what is not a lock file
+        except (OSError, OutputError):  # not a regular file too: nothing holds what is not a lock file
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

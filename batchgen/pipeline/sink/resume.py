@@ -45,13 +45,13 @@ def open_ledger(od: OutputPaths, fingerprint: str, say: Say) -> tuple[Ledger, in
     for r in recs:
         history.setdefault(r.name, []).append(r)
     in_order = sorted(led.records.values(), key=lambda r: r.seq)
-    with ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="batchgen-verify") as pool:
-        try:  # the shards are read and hashed a few at once, checked one by one in commit order
-            digests = [pool.submit(_digest_or_none, od.path / rec.name) for rec in in_order]
-            for rec, digest in zip(in_order, digests):
-                _verify(od, rec, history[rec.name], led, lf, say, digest)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # a refusal does not wait for the rest to be hashed
+    pool = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="batchgen-verify")
+    try:  # the shards are read and hashed a few at once, checked one by one in commit order
+        digests = [pool.submit(_digest_or_none, od.path / rec.name) for rec in in_order]
+        for rec, digest in zip(in_order, digests):
+            _verify(od, rec, history[rec.name], led, lf, say, digest)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a refusal does not wait for the rest to be hashed
     removed = od.clean_tmp()
     overlap = led.first_overlap()
     if overlap:

@@ -60,8 +60,7 @@ class InputFile:
         return e
 
 
-def stat_file(path: str, base_dir: str) -> InputFile:
-    st = os.stat(path)
+def stat_file(path: str, base_dir: str, st: os.stat_result) -> InputFile:
     k = file_kind(path)
     assert k is not None
     return InputFile(path, k, st.st_size, st.st_mtime_ns, os.path.relpath(path, base_dir))
@@ -139,7 +138,7 @@ class _Expansion:
                 raise ConfigError(f"{where(self.cfg, 'input.files')}: input.files: {p} is not a regular file (a FIFO, "
                                   "socket or device can't be read twice, and a resume reads the input again): copy "
                                   "its rows into a file")
-            self.found[p] = stat_file(p, self.base)
+            self.found[p] = stat_file(p, self.base, st)
         except OSError as e:
             raise ConfigError(f"{where(self.cfg, 'input.files')}: input.files: can't read {p}: {e.strerror}") from None
         return True
